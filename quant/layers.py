@@ -1,0 +1,146 @@
+"""Quantized layers: activation (``QuantAct``), weights (``QuantConv2d`` / ``QuantLinear``) and the
+8-bit first / last layers (``Conv2d8bit`` / ``Linear8bit``).
+
+Parameter names are fixed because checkpoints and the SNN converter rely on them:
+``act_alpha`` (activation clip = the SNN threshold) and ``wgt_alpha`` (weight clip).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import (FULL_PRECISION, act_quant, check_bit, default_weight_mode, num_levels,
+                         weight_quant, weight_quant_8bit)
+
+ACT_ALPHA = "act_alpha"
+WGT_ALPHA = "wgt_alpha"
+QUANTIZER_PARAMS = (ACT_ALPHA, WGT_ALPHA)
+
+DEFAULT_ACT_ALPHA = 6.0
+DEFAULT_WGT_ALPHA = 3.0
+
+
+class QuantAct(nn.Module):
+    """Uniform ``bit``-bit quantized ReLU with one learnable clip ``act_alpha`` (bit 32: ReLU).
+
+    In the converted SNN this module becomes an IF neuron with threshold ``act_alpha`` and
+    ``T = 2**bit - 1`` steps.
+    """
+
+    def __init__(self, bit: int = FULL_PRECISION, alpha_init: float = DEFAULT_ACT_ALPHA):
+        super().__init__()
+        self.bit = check_bit(bit, what="activation bit")
+        self.alpha_init = float(alpha_init)
+        if self.bit < FULL_PRECISION:
+            self.act_alpha = nn.Parameter(torch.tensor(self.alpha_init))
+        else:
+            self.register_parameter(ACT_ALPHA, None)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bit < FULL_PRECISION
+
+    @property
+    def levels(self) -> int:
+        return num_levels(self.bit)
+
+    def reset_quantizer(self):
+        if self.act_alpha is not None:
+            with torch.no_grad():
+                self.act_alpha.fill_(self.alpha_init)
+
+    def forward(self, x):
+        return act_quant(x, self.act_alpha, self.bit)
+
+    def extra_repr(self):
+        return f"bit={self.bit}" + (f", alpha_init={self.alpha_init}" if self.quantized else "")
+
+
+class _WeightQuantMixin:
+    """Shared weight-quantizer state of QuantConv2d / QuantLinear."""
+
+    def _init_wq(self, wbit, wmode, alpha_init):
+        self.wbit = check_bit(wbit, what="weight bit")
+        self.wmode = (wmode or default_weight_mode(self.wbit)) if self.wbit < FULL_PRECISION else None
+        self.wgt_alpha_init = float(alpha_init)
+        if self.wbit < FULL_PRECISION:
+            self.wgt_alpha = nn.Parameter(torch.tensor(self.wgt_alpha_init))
+        else:
+            self.register_parameter(WGT_ALPHA, None)
+
+    def reset_quantizer(self):
+        if self.wgt_alpha is not None:
+            with torch.no_grad():
+                self.wgt_alpha.fill_(self.wgt_alpha_init)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as used in the forward pass (float weights when ``wbit == 32``)."""
+        return weight_quant(self.weight, self.wgt_alpha, self.wbit, self.wmode)
+
+    def _wq_repr(self):
+        return f", wbit={self.wbit}" + (f", wmode={self.wmode}" if self.wmode else "")
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is quantized to ``wbit`` bits (APoT / ternary / uniform)."""
+
+    def __init__(self, *args, wbit: int = FULL_PRECISION, wmode: str | None = None,
+                 wgt_alpha_init: float = DEFAULT_WGT_ALPHA, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_wq(wbit, wmode, wgt_alpha_init)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + self._wq_repr()
+
+
+class QuantLinear(_WeightQuantMixin, nn.Linear):
+    """``nn.Linear`` whose weight is quantized to ``wbit`` bits."""
+
+    def __init__(self, *args, wbit: int = FULL_PRECISION, wmode: str | None = None,
+                 wgt_alpha_init: float = DEFAULT_WGT_ALPHA, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_wq(wbit, wmode, wgt_alpha_init)
+
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + self._wq_repr()
+
+
+class Conv2d8bit(nn.Conv2d):
+    """First layer: 8-bit weights scaled by ``max|w|`` (no learnable clip)."""
+
+    wbit = 8
+
+    def quantized_weight(self):
+        return weight_quant_8bit(self.weight)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class Linear8bit(nn.Linear):
+    """Last layer (classifier): 8-bit weights scaled by ``max|w|``."""
+
+    wbit = 8
+
+    def quantized_weight(self):
+        return weight_quant_8bit(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+WEIGHT_LAYERS = (QuantConv2d, QuantLinear, Conv2d8bit, Linear8bit)
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a conv / linear module actually multiplies with (quantized where it is)."""
+    if hasattr(module, "quantized_weight"):
+        return module.quantized_weight()
+    return module.weight
