@@ -1,5 +1,5 @@
 """Shared quantizer of Fast-SNN: uniform activations with a learnable clip, APoT / ternary weights."""
-from .functional import (FULL_PRECISION, act_levels, act_quant, check_bit, default_weight_mode,
+from .functional import (FULL_PRECISION, act_levels, act_quant, act_quant_levels, check_bit, default_weight_mode,
                          num_levels, project, project_magnitude, round_half_up, standardize,
                          weight_levels, weight_magnitudes, weight_quant, weight_quant_8bit)
 from .layers import (ACT_ALPHA, DEFAULT_ACT_ALPHA, DEFAULT_WGT_ALPHA, WGT_ALPHA, WEIGHT_LAYERS,

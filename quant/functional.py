@@ -40,21 +40,19 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5)
 
 
-def act_levels(x: torch.Tensor, alpha: torch.Tensor, bit: int) -> torch.Tensor:
-    """Integer level index ``clip(floor(n*x/alpha + 1/2), 0, n)`` of the activation quantizer.
+def act_levels(x: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer level index ``clip(floor(n*x/alpha + 1/2), 0, n)`` of an ``n``-level quantizer.
 
     This exact expression (same operations, same order) is what the IF neuron's closed form uses
     for a constant input current, which makes the first spiking layer bit-identical to the ANN.
     """
-    n = num_levels(bit)
     return round_half_up(torch.clamp(x / alpha, 0.0, 1.0) * n)
 
 
 class _ActQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, alpha, bit):
-        n = num_levels(bit)
-        level = act_levels(x, alpha, bit)
+    def forward(ctx, x, alpha, n):
+        level = act_levels(x, alpha, n)
         out = level * (alpha / n)
         ctx.save_for_backward(x, alpha, level)
         ctx.n = n
@@ -64,9 +62,8 @@ class _ActQuant(torch.autograd.Function):
     def backward(ctx, g):
         x, alpha, level = ctx.saved_tensors
         grad_x = grad_alpha = None
-        inside = (x >= 0) & (x <= alpha)
         if ctx.needs_input_grad[0]:
-            grad_x = g * inside.to(g.dtype)
+            grad_x = g * ((x >= 0) & (x <= alpha)).to(g.dtype)
         if ctx.needs_input_grad[1]:
             y = torch.clamp(x, min=0.0)
             # d out / d alpha: 1 above the clip, q - y/alpha inside (0 for negative inputs)
@@ -75,11 +72,16 @@ class _ActQuant(torch.autograd.Function):
         return grad_x, grad_alpha, None
 
 
+def act_quant_levels(x: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """Quantized ReLU onto ``{0, alpha/n, ..., alpha}`` (``n = T`` levels) with the STE gradients."""
+    return _ActQuant.apply(x, alpha, int(n))
+
+
 def act_quant(x: torch.Tensor, alpha: torch.Tensor, bit: int) -> torch.Tensor:
     """Uniform b-bit quantized ReLU with learnable clip ``alpha`` (bit 32: plain ReLU)."""
     if bit >= FULL_PRECISION:
         return torch.relu(x)
-    return _ActQuant.apply(x, alpha, int(bit))
+    return _ActQuant.apply(x, alpha, num_levels(bit))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +209,7 @@ def weight_quant_8bit(w: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FULL_PRECISION", "num_levels", "check_bit", "round_half_up", "act_levels", "act_quant",
+    "act_quant_levels",
     "default_weight_mode", "weight_magnitudes", "weight_levels", "project_magnitude", "project",
     "standardize", "weight_quant", "weight_quant_8bit",
 ]

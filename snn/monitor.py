@@ -1,0 +1,234 @@
+"""Statistics of a converted SNN against its quantized ANN.
+
+Per spiking layer (one per ``QuantAct`` / IF neuron, in execution order, first layer first):
+
+* ``firing_rate``: spike events (positive and negative) per neuron per time step;
+* ``agreement``: fraction of neurons whose net spike count equals the ANN's quantized level
+  (``round(a * T / alpha)``) for the same input image;
+* ``mean_abs_error``: mean |count - level|, in spikes;
+* ``mse``: mean squared error between the SNN's rate output (count * theta / T) and the ANN activation.
+
+Whole network, per sample: ``sops`` (synaptic operations: one accumulate per spike event and per
+synapse it reaches, counted exactly from the spike trains), ``ann_macs`` (the ANN's multiply-
+accumulates), ``snn_macs`` (multiply-accumulates the SNN still does: layers driven by the analog input,
+computed once), and ``energy`` with the usual 45 nm CMOS figures (Horowitz, ISSCC 2014): 4.6 pJ per
+32-bit float MAC and 0.9 pJ per accumulate.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.functional import act_levels
+from quant.layers import QuantAct
+
+from .convert import SpikingNetwork
+from .neuron import IFNeuron
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+
+
+def _is_synaptic(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+
+
+def _macs(m: nn.Module, out: torch.Tensor) -> float:
+    """Multiply-accumulates of one call of a conv / linear layer, summed over the batch."""
+    if isinstance(m, nn.Linear):
+        return float(out.numel() * m.in_features)
+    k = 1
+    for s in m.kernel_size:
+        k *= s
+    return float(out.numel() * (m.in_channels // m.groups) * k)
+
+
+def _sops(m: nn.Module, x: torch.Tensor) -> float:
+    """Accumulates triggered by the non-zero inputs of a conv / linear layer (exact fan-out)."""
+    nz = (x != 0).to(x.dtype)
+    if isinstance(m, nn.Linear):
+        return float(nz.sum()) * m.out_features
+    if isinstance(m, nn.Conv2d):
+        ones = torch.ones(m.groups, m.in_channels // m.groups, *m.kernel_size, dtype=x.dtype, device=x.device)
+        reach = F.conv2d(nz, ones, None, m.stride, m.padding, m.dilation, m.groups)
+        return float(reach.sum()) * (m.out_channels // m.groups)
+    # other convs: approximate by the mean fan-out
+    return float(nz.sum()) * m.out_channels * _prod(m.kernel_size) / _prod(m.stride)
+
+
+def _prod(t):
+    p = 1
+    for v in t:
+        p *= v
+    return p
+
+
+class Monitor:
+    """Runs the ANN and its SNN side by side and accumulates the statistics above.
+
+    >>> mon = Monitor(ann, net)
+    >>> ann_out, snn_steps = mon.run(x)      # [B, C], [T, B, C] (cumulative mean read-out)
+    >>> stats = mon.summary()                 # plain dict, JSON-ready
+    """
+
+    def __init__(self, ann: nn.Module, net: SpikingNetwork):
+        self.ann, self.net = ann, net
+        self.neurons: Dict[str, IFNeuron] = net.neurons()
+        ann_modules = dict(ann.named_modules())
+        missing = [n for n in self.neurons if not isinstance(ann_modules.get(n), QuantAct)]
+        if missing:
+            raise ValueError(f"the SNN does not come from this ANN (no QuantAct at {missing[:3]})")
+        self._ann_in: Dict[str, torch.Tensor] = {}
+        self._hooks = []
+        for name in self.neurons:
+            self._hooks.append(ann_modules[name].register_forward_hook(self._ann_hook(name)))
+        temporal = net.temporal_modules()
+        self._sop_sum = 0.0
+        self._snn_mac_sum = 0.0
+        self._ann_mac_sum = 0.0
+        for name, m in net.net.named_modules():
+            if _is_synaptic(m):
+                self._hooks.append(m.register_forward_hook(self._snn_syn_hook(name in temporal)))
+        for name, m in ann.named_modules():
+            if _is_synaptic(m):
+                self._hooks.append(m.register_forward_hook(self._ann_syn_hook()))
+        zeros = lambda: {n: 0.0 for n in self.neurons}  # noqa: E731
+        self._n = zeros()          # neurons seen
+        self._events = zeros()
+        self._equal = zeros()
+        self._abs_err = zeros()
+        self._sq_err = zeros()
+        self._samples = 0
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _ann_hook(self, name):
+        def hook(mod, inp, out):
+            self._ann_in[name] = inp[0].detach()
+        return hook
+
+    def _snn_syn_hook(self, temporal: bool):
+        def hook(mod, inp, out):
+            if temporal:
+                self._sop_sum += _sops(mod, inp[0])
+            elif self._window_start():  # analog-input layers run once per time window
+                self._snn_mac_sum += _macs(mod, out)
+        return hook
+
+    def _window_start(self) -> bool:
+        return next(iter(self.neurons.values())).t0 == 0
+
+    def _ann_syn_hook(self):
+        def hook(mod, inp, out):
+            self._ann_mac_sum += _macs(mod, out)
+        return hook
+
+    # -- running ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, x: torch.Tensor):
+        self._ann_in.clear()
+        ann_out = self.ann(x)
+        for m in self.neurons.values():
+            m.record = True
+        try:
+            steps = self.net(x, per_step=True)
+        finally:
+            for m in self.neurons.values():
+                m.record = False
+        T = self.net.T
+        for name, m in self.neurons.items():
+            level = act_levels(self._ann_in[name], m.act_alpha, T)
+            count = m.count
+            diff = (count - level).abs()
+            self._n[name] += count.numel()
+            self._events[name] += float(m.events.sum())
+            self._equal[name] += float((diff < 0.5).sum())
+            self._abs_err[name] += float(diff.sum())
+            rate_err = (count - level) * (m.act_alpha / T)
+            self._sq_err[name] += float((rate_err ** 2).sum())
+            m.count = m.events = None
+        self._samples += x.shape[0]
+        self._ann_in.clear()
+        return ann_out, steps
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- results ---------------------------------------------------------------------------------
+    def _reduced(self):
+        names = list(self.neurons)
+        vec = [self._samples, self._sop_sum, self._snn_mac_sum, self._ann_mac_sum]
+        for d in (self._n, self._events, self._equal, self._abs_err, self._sq_err):
+            vec += [d[n] for n in names]
+        t = torch.tensor(vec, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+            t = t.to(dev)
+            dist.all_reduce(t)
+            t = t.cpu()
+        return t.tolist(), names
+
+    def summary(self) -> dict:
+        vals, names = self._reduced()
+        samples, sops, snn_macs, ann_macs = vals[:4]
+        L = len(names)
+        n, ev, eq, ab, sq = (vals[4 + i * L: 4 + (i + 1) * L] for i in range(5))
+        T = self.net.T
+        layers = []
+        for i, name in enumerate(names):
+            cnt = max(n[i], 1.0)
+            layers.append({
+                "name": name,
+                "firing_rate": ev[i] / (cnt * T),
+                "agreement": eq[i] / cnt,
+                "mean_abs_error": ab[i] / cnt,
+                "mse": sq[i] / cnt,
+                "threshold": float(self.neurons[name].act_alpha),
+            })
+        s = max(samples, 1.0)
+        sops, snn_macs, ann_macs = sops / s, snn_macs / s, ann_macs / s
+        snn_uj = (sops * E_AC_PJ + snn_macs * E_MAC_PJ) * 1e-6
+        ann_uj = ann_macs * E_MAC_PJ * 1e-6
+        return {
+            "T": T,
+            "neuron": "signed" if self.net.signed else "unsigned",
+            "samples": int(samples),
+            "layers": layers,
+            "sops": sops,
+            "snn_macs": snn_macs,
+            "ann_macs": ann_macs,
+            "energy": {
+                "e_mac_pJ": E_MAC_PJ, "e_ac_pJ": E_AC_PJ,
+                "snn_uJ": snn_uj, "ann_uJ": ann_uj,
+                "ann_over_snn": (ann_uj / snn_uj) if snn_uj > 0 else None,
+            },
+        }
+
+
+@torch.no_grad()
+def layer_errors(ann: nn.Module, net: SpikingNetwork, x: torch.Tensor) -> Dict[str, float]:
+    """Per-layer MSE between the SNN rate output and the ANN activation, for one batch."""
+    with Monitor(ann, net) as mon:
+        mon.run(x)
+        return {l["name"]: l["mse"] for l in mon.summary()["layers"]}
+
+
+def describe(summary: dict, printer=print, top: Optional[int] = None):
+    """Print a per-layer table of a :meth:`Monitor.summary`."""
+    printer(f"{'layer':40s} {'rate':>7s} {'agree':>7s} {'|err|':>7s}")
+    for l in summary["layers"][:top]:
+        printer(f"{l['name']:40s} {l['firing_rate']:7.3f} {l['agreement']:7.3f} {l['mean_abs_error']:7.3f}")
+    e = summary["energy"]
+    printer(f"SOPs/sample {summary['sops']:.3e}  ANN MACs/sample {summary['ann_macs']:.3e}  "
+            f"energy SNN {e['snn_uJ']:.2f} uJ vs ANN {e['ann_uJ']:.2f} uJ")
