@@ -40,6 +40,7 @@ _LINEAR_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten,
     nn.Dropout, nn.Dropout2d, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 ) + WEIGHT_LAYERS
 _LINEAR_FUNCTIONS = {
     operator.add, operator.sub, operator.neg, operator.getitem, operator.mul, operator.truediv,
@@ -54,6 +55,7 @@ _LINEAR_METHODS = {
     "unsqueeze", "squeeze", "add", "sub", "mul", "div", "__getitem__", "dim", "expand_as", "view_as",
     "unflatten", "float", "to", "type_as", "clone",
 }
+_LINEAR_INTERP = ("nearest", "linear", "bilinear", "trilinear", "nearest-exact")
 _MAXPOOL_HINT = ("max over spikes is not the max of firing rates; replace it with a stride-2 "
                  "convolution (as every Fast-SNN architecture does)")
 
@@ -109,6 +111,8 @@ def _check_linear(node: fx.Node, modules: Dict[str, nn.Module], kinds: Dict[fx.N
             raise ConversionError(f"unsupported module '{node.target}' ({type(m).__name__}): {_MAXPOOL_HINT}")
         if isinstance(m, IFNeuron):
             return
+        if isinstance(m, nn.Upsample) and m.mode not in _LINEAR_INTERP:
+            raise ConversionError(f"upsampling mode {m.mode!r} of '{node.target}' is not linear in the spike train")
         if not isinstance(m, _LINEAR_MODULES):
             raise ConversionError(
                 f"unsupported module '{node.target}' ({type(m).__name__}) after a spiking layer: only "
@@ -128,7 +132,7 @@ def _check_linear(node: fx.Node, modules: Dict[str, nn.Module], kinds: Dict[fx.N
                 raise ConversionError(f"product of two spike trains at {_module_path(node)} cannot be converted")
         if fn is F.interpolate:
             mode = node.kwargs.get("mode", "nearest")
-            if mode not in ("nearest", "linear", "bilinear", "trilinear", "nearest-exact"):
+            if mode not in _LINEAR_INTERP:
                 raise ConversionError(f"interpolate mode {mode!r} at {_module_path(node)} is not linear")
         return
     if node.op == "call_method":
