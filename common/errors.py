@@ -1,0 +1,86 @@
+"""User-facing errors: one line on stderr, exit status 2, no traceback.
+
+A script's ``main(argv)`` raises :class:`UserError` (or one of the library errors listed in
+:func:`user_error_types`) for anything the *user* can fix -- a bad flag, a missing data folder, a
+checkpoint that does not fit the model, a diverging loss. :func:`run_cli` turns those into::
+
+    error: <what is wrong> — <what to do>
+
+Everything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Type
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DASH = "—"
+
+
+class UserError(Exception):
+    """Something the user can fix. ``str(e)`` is ``"<what> — <hint>"`` when a hint is given."""
+
+    def __init__(self, what: str, hint: Optional[str] = None):
+        self.what, self.hint = what, hint
+        super().__init__(f"{what} {DASH} {hint}" if hint else what)
+
+
+# library errors that are the user's to fix, with the hint appended when the message has none
+_HINTS = {
+    "CheckpointMismatchError": "check that --arch / --wbit (and the dataset's number of classes) match the "
+                               "checkpoint, or pass the right --init",
+    "ConversionError": "convert a model trained with quantized activations (--bit 2/3/4/5)",
+    "FileNotFoundError": "check the path",
+    "FloatingPointError": "lower the learning rate or check the data",
+    "OutOfMemoryError": "lower -b/--batch-size (or use fewer time steps)",
+}
+
+
+def user_error_types() -> Tuple[Type[BaseException], ...]:
+    """:class:`UserError` plus the library errors that mean bad input (imported lazily)."""
+    types = [UserError, FileNotFoundError, FloatingPointError]
+    try:
+        import quant
+        types.append(quant.CheckpointMismatchError)
+    except ImportError:  # pragma: no cover - quant is part of this project
+        pass
+    try:
+        import snn
+        types.append(snn.ConversionError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+        types.append(torch.OutOfMemoryError)
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def format_error(e: BaseException) -> str:
+    """The one-line ``error: ...`` message for a user error."""
+    if isinstance(e, UserError):
+        msg = str(e)
+    elif isinstance(e, FileNotFoundError) and e.filename:
+        msg = f"{e.strerror or 'not found'}: {e.filename}"
+    else:
+        msg = str(e) or type(e).__name__
+    hint = _HINTS.get(type(e).__name__)
+    if hint and not isinstance(e, UserError) and DASH not in msg:
+        msg = f"{msg} {DASH} {hint}"
+    return "error: " + " ".join(msg.split())  # one line, whatever the message held
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)``; user errors print one line and exit 2, Ctrl-C exits 130. Returns 0."""
+    try:
+        main(argv)
+    except user_error_types() as e:
+        print(format_error(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(f"error: interrupted {DASH} rerun with --resume auto to continue from the last checkpoint",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    return 0

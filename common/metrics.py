@@ -1,0 +1,115 @@
+"""Accuracy, running meters (reduced over DDP ranks) and the metrics JSON writer."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, Iterable, List, Sequence
+
+import torch
+
+from . import dist
+from .checkpoint import _atomic
+
+
+@torch.no_grad()
+def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> List[float]:
+    """Number of samples of ``output [B, C]`` whose label is among the ``k`` highest scores, for each
+    ``k`` (clamped to the number of classes)."""
+    maxk = min(max(topk), output.shape[-1])
+    hit = output.topk(maxk, dim=-1).indices == target.unsqueeze(-1)   # [B, maxk]
+    return [float(hit[:, :min(k, maxk)].any(-1).sum()) for k in topk]
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[float]:
+    """Top-k accuracies in percent."""
+    n = max(target.numel(), 1)
+    return [100.0 * c / n for c in correct_topk(output, target, topk)]
+
+
+class AverageMeter:
+    """Running sum / count of a value (``update(value, n)``); ``avg`` over everything seen."""
+
+    def __init__(self, name: str, fmt: str = ":.4f"):
+        self.name, self.fmt = name, fmt
+        self.reset()
+
+    def reset(self):
+        self.val = self.sum = self.count = 0.0
+
+    def update(self, val: float, n: int = 1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    def __str__(self):
+        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(name=self.name, val=self.val,
+                                                                             avg=self.avg)
+
+
+def reduce_meters(meters: Iterable[AverageMeter]):
+    """Sum every meter's ``sum`` and ``count`` over DDP ranks (in place; no-op in one process)."""
+    meters = list(meters)
+    flat = dist.all_reduce_sum([v for m in meters for v in (m.sum, m.count)])
+    for i, m in enumerate(meters):
+        m.sum, m.count = flat[2 * i], flat[2 * i + 1]
+
+
+class CountMeter:
+    """Correct-prediction counters (top-k or per time step) summed over batches and ranks."""
+
+    def __init__(self, n: int):
+        self.correct = [0.0] * n
+        self.total = 0.0
+
+    def update(self, correct: Sequence[float], total: int):
+        self.correct = [a + float(b) for a, b in zip(self.correct, correct)]
+        self.total += total
+
+    def reduce(self):
+        vals = dist.all_reduce_sum(self.correct + [self.total])
+        self.correct, self.total = vals[:-1], vals[-1]
+
+    def percent(self) -> List[float]:
+        return [100.0 * c / self.total if self.total else 0.0 for c in self.correct]
+
+
+def jsonable(obj):
+    """Tensors / numpy scalars / tuples -> plain JSON types; non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.tolist()) if obj.numel() != 1 else jsonable(obj.item())
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
+        return jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def write_json(path: str, data: Dict) -> str:
+    """Write ``data`` as indented JSON, atomically (temp file + rename)."""
+    text = json.dumps(jsonable(data), indent=2)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+    _atomic(path, write)
+    return path
+
+
+def read_json(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def format_acc(top1: float, top5: float) -> str:
+    """The line every evaluation prints (the torchvision / APoT format)."""
+    return f" * Acc@1 {top1:.3f} Acc@5 {top5:.3f}"
