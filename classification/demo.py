@@ -1,0 +1,173 @@
+"""The README's demo: the whole Fast-SNN pipeline, offline, on Fashion-MNIST, in minutes on a CPU.
+
+1. a progressive 32 -> 4 -> 3 -> 2-bit ResNet-20 chain (main.py; the spec 3.1 lr / wd recipe, on a
+   fixed subset of the training images and a few epochs so it fits the time budget);
+2. SNN evaluation (snn.py) of the 3-bit (T = 7) and 2-bit (T = 3) ANNs, signed and unsigned IF neurons;
+3. layer-wise fine-tuning (snn_ft.py -n 1 --force) of the 2-bit signed SNN;
+4. a table ``bits | T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned``, ``summary.json`` and
+   figures in ``--out`` (default ``demo_out/``).
+
+Every step calls the CIFAR scripts' ``main(argv)`` -- the same code as the command line -- and prints
+the equivalent command. Data: ``<out>/data`` (Fashion-MNIST copied there from Debian's
+``dataset-fashion-mnist``, or downloaded by torchvision when online).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import time
+from typing import Dict, List, Optional
+
+from common import run_cli
+from common.cli import ArgumentParser
+from common.metrics import write_json
+
+# (bit, lr, weight decay) of the progressive chain, spec 3.1 / the seed README
+CHAIN = ((32, 0.1, 5e-4), (4, 4e-2, 1e-4), (3, 4e-2, 1e-4), (2, 4e-2, 3e-5))
+SNN_BITS = (3, 2)
+FT_BIT = 2
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Fast-SNN demo on Fashion-MNIST (CPU, offline)")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    p.add_argument("--data", default=None, help="data folder (default <out>/data)")
+    p.add_argument("--dataset", default="fashionmnist", choices=("fashionmnist", "cifar10", "folder"))
+    p.add_argument("-a", "--arch", default="resnet20")
+    p.add_argument("--train-subset", type=int, default=8000, help="training images used (default 8000)")
+    p.add_argument("--val-subset", type=int, default=1000, help="test images used (default 1000)")
+    p.add_argument("--epochs-fp", type=int, default=4, help="epochs of the 32-bit stage (default 4)")
+    p.add_argument("--epochs-q", type=int, default=2, help="epochs of each 4/3/2-bit stage (default 2)")
+    p.add_argument("--ft-batches", type=int, default=6, help="fine-tuning batches per layer (default 6)")
+    p.add_argument("--alpha-init", type=float, default=3.0,
+                   help="initial activation clip of the quantized stages (default 3: with a few epochs the "
+                        "learned clip barely moves from its start, and the models' 6 leaves most levels unused)")
+    p.add_argument("--ft-layers", default="", help="fine-tune only these layers (globs; default all)")
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
+    p.add_argument("--keep", action="store_true", help="keep earlier results in <out>/result (default: start fresh)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _step(title: str, script: str, argv: List[str], fn, log: List[dict]):
+    print(f"\n=== {title}\n$ python classification/cifar10/{script} {shlex.join(argv)}", flush=True)
+    t0 = time.time()
+    rec = fn(argv)
+    log.append({"step": title, "script": script, "argv": argv, "seconds": round(time.time() - t0, 1)})
+    print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
+    return rec
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def table(rows: List[Dict]) -> str:
+    head = ("bits", "T", "ANN top-1", "SNN signed", "SNN unsigned", "fine-tuned")
+    body = [(str(r["bits"]), "–" if r["T"] is None else str(r["T"]), _fmt(r["ann_top1"]), _fmt(r["snn_signed"]),
+             _fmt(r["snn_unsigned"]), _fmt(r["finetuned"])) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(b) for b in body])
+
+
+def _plots(out: str, snn_recs: Dict, ft_rec: Optional[Dict], train_hist: Dict) -> List[str]:
+    from common.plots import plot_accuracy_vs_t, plot_layers, plot_training
+    paths = []
+    curves = {f"{b}-bit {n} (T={r['T']})": r["per_step_top1"] for (b, n), r in snn_recs.items()}
+    if ft_rec is not None:
+        curves[f"{FT_BIT}-bit fine-tuned (T={ft_rec['T']})"] = ft_rec["per_step_top1"]
+    anns = {f"ANN {b}-bit": snn_recs[(b, "signed")]["ann_top1"] for b in SNN_BITS if (b, "signed") in snn_recs}
+    paths.append(plot_accuracy_vs_t(curves, os.path.join(out, "accuracy_vs_t.png"), anns,
+                                    "SNN top-1 vs time step (Fashion-MNIST demo)"))
+    runs = {f"{n}": r["layers"] for (b, n), r in snn_recs.items() if b == FT_BIT}
+    if ft_rec is not None:
+        runs["signed, fine-tuned"] = ft_rec["layers"]
+    if runs:
+        paths.append(plot_layers(runs, os.path.join(out, f"layers_{FT_BIT}bit.png"),
+                                 f"{FT_BIT}-bit SNN: agreement with the ANN and firing rate per layer"))
+    hist = [h for b in train_hist for h in train_hist[b]]
+    hist = [dict(h, epoch=i + 1) for i, h in enumerate(hist)]
+    if hist:
+        paths.append(plot_training(hist, os.path.join(out, "training_chain.png"),
+                                   "32 -> 4 -> 3 -> 2-bit chain (epochs concatenated)"))
+    return paths
+
+
+def _history(run: str) -> list:
+    import json
+    path = os.path.join(run, "history.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["history"]
+
+
+def main(argv=None) -> Dict:
+    args = get_parser().parse_args(argv)
+    if args.quick:
+        args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 32), min(args.val_subset, 16), 8
+        args.epochs_fp, args.epochs_q, args.ft_batches = 1, 1, 1
+        args.ft_layers = args.ft_layers or "layer1.0.*"
+    from classification.cifar10 import main as train_script
+    from classification.cifar10 import snn as snn_script
+    from classification.cifar10 import snn_ft as ft_script
+    t_start = time.time()
+    result = os.path.join(args.out, "result")
+    if os.path.isdir(result) and not args.keep:
+        shutil.rmtree(result)
+    base = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data or os.path.join(args.out, "data"),
+            "--out", result, "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
+            "-b", str(args.batch_size), "-j", str(args.workers), "--seed", str(args.seed), "--plot",
+            "--progress" if args.progress else "--no-progress", "-p", "5"]
+    steps: List[dict] = []
+    ann, prev = {}, None
+    for bit, lr, wd in CHAIN:
+        epochs = args.epochs_fp if bit == 32 else args.epochs_q
+        argv_ = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd),
+                        "--alpha-init", str(args.alpha_init)]
+        if prev:
+            argv_ += ["--init", prev]
+        ann[bit] = _step(f"train {bit}-bit ANN", "main.py", argv_, train_script.main, steps)
+        prev = os.path.join(result, f"{args.arch}_{bit}bit", "model_best.pth.tar")
+    snn_recs = {}
+    for bit in SNN_BITS:
+        for neuron in ("signed", "unsigned"):
+            argv_ = base + ["--bit", str(bit), "-e"] + (["-u"] if neuron == "unsigned" else [])
+            snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps)
+    ft = _step(f"fine-tune {FT_BIT}-bit SNN", "snn_ft.py",
+               base + ["--bit", str(FT_BIT), "-n", "1", "--force", "--max-iters", str(args.ft_batches),
+                       "--no-eval-before"] + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
+               ft_script.main, steps)
+    rows = []
+    for bit, _, _ in CHAIN:
+        s, u = snn_recs.get((bit, "signed")), snn_recs.get((bit, "unsigned"))
+        rows.append({"bits": bit, "T": s["T"] if s else (None if bit == 32 else 2 ** bit - 1),
+                     "ann_top1": ann[bit]["top1"], "snn_signed": s["top1"] if s else None,
+                     "snn_unsigned": u["top1"] if u else None, "finetuned": ft["top1"] if bit == FT_BIT else None})
+    text = table(rows)
+    hist = {b: _history(os.path.join(result, f"{args.arch}_{b}bit")) for b, _, _ in CHAIN}
+    plots = _plots(args.out, snn_recs, ft, hist)
+    wall = time.time() - t_start
+    summary = {"dataset": args.dataset, "arch": args.arch, "train_subset": args.train_subset,
+               "val_subset": args.val_subset, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
+               "plots": plots,
+               "snn": {f"{b}bit_{n}": {k: r[k] for k in ("T", "top1", "top5", "ann_top1", "per_step_top1", "sops",
+                                                         "ann_macs", "energy")} for (b, n), r in snn_recs.items()},
+               "finetuned": {k: ft[k] for k in ("T", "top1", "top5", "ann_top1", "per_step_top1")},
+               "finetune_history": ft.get("finetune")}
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    print(f"\nFast-SNN demo: {args.arch} on {args.dataset} ({args.train_subset} training / {args.val_subset} test "
+          f"images), top-1 % on the test images\n\n{text}\n")
+    print(f"wall time {wall / 60:.1f} min; summary -> {os.path.join(args.out, 'summary.json')}; "
+          f"figures -> {', '.join(plots)}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,265 @@
+"""Training and evaluation loops for image classifiers, ANN and SNN (shared by CIFAR and ImageNet).
+
+Every loop is DDP-aware: it reads :func:`common.dist.context`, reduces its counts over the ranks and
+shows progress / writes output on rank 0 only. Loaders yield ``(images, targets)`` (a DALI pipeline
+must be wrapped to yield those). Accuracies are percentages.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from common import UserError
+from common import dist
+from common.logger import TensorBoard, log, progress
+from common.metrics import AverageMeter, CountMeter, correct_topk, format_acc, reduce_meters
+
+TOPK = (1, 5)
+
+
+def _to(batch, device):
+    x, y = batch[0], batch[1]
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def set_loader_epoch(loader, epoch: int):
+    """Reshuffle a DistributedSampler for this epoch (no-op otherwise)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def check_finite(loss: torch.Tensor, epoch: int, it: int):
+    """Stop every rank with a user error when the loss is NaN / inf on any rank."""
+    bad = not bool(torch.isfinite(loss.detach()))
+    if dist.any_rank(bad):
+        what = "inf" if bad and math.isinf(loss.item()) else "NaN"
+        raise UserError(f"loss became {what} at epoch {epoch} iter {it}", "lower --lr or check the data")
+
+
+# ---------------------------------------------------------------------------------------- ANN
+def train_one_epoch(model: nn.Module, loader, criterion, optimizer, epoch: int, *, print_freq: int = 100,
+                    show_progress: bool = True, tb: Optional[TensorBoard] = None,
+                    max_iters: Optional[int] = None) -> Dict[str, float]:
+    """One epoch of SGD. ``epoch`` is 1-based (for messages). Returns train loss / top-1 / top-5."""
+    ctx = dist.context()
+    model.train()
+    set_loader_epoch(loader, epoch)
+    loss_m, top1, top5 = AverageMeter("loss"), AverageMeter("acc1", ":.2f"), AverageMeter("acc5", ":.2f")
+    n_iter = len(loader) if max_iters is None else min(len(loader), max_iters)
+    bar = progress(loader, f"train {epoch}", show_progress, total=n_iter)
+    t0 = time.time()
+    for i, batch in enumerate(bar):
+        if i >= n_iter:
+            break
+        x, y = _to(batch, ctx.device)
+        out = model(x)
+        loss = criterion(out, y)
+        check_finite(loss, epoch, i + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        c1, c5 = correct_topk(out.detach(), y, TOPK)
+        n = y.shape[0]
+        loss_m.update(loss.item(), n)
+        top1.update(100.0 * c1 / n, n)
+        top5.update(100.0 * c5 / n, n)
+        if i % print_freq == 0 or i + 1 == n_iter:
+            _report_train(bar, epoch, i, n_iter, loss_m, top1, top5, optimizer)
+            if tb is not None:
+                tb.scalars((epoch - 1) * n_iter + i, "train_iter/", loss=loss_m.val, top1=top1.val)
+    reduce_meters([loss_m, top1, top5])
+    return {"train_loss": loss_m.avg, "train_top1": top1.avg, "train_top5": top5.avg,
+            "train_seconds": time.time() - t0}
+
+
+def _report_train(bar, epoch, i, n, loss_m, top1, top5, optimizer):
+    lr = optimizer.param_groups[0]["lr"]
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{loss_m.avg:.4f}", acc1=f"{top1.avg:.2f}", lr=f"{lr:.3g}", refresh=False)
+    else:
+        log(f"Epoch: [{epoch}][{i + 1}/{n}]  {loss_m}  {top1}  {top5}  lr {lr:.4g}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, criterion=None, *, desc: str = "test", show_progress: bool = True,
+             print_result: bool = True) -> Dict[str, float]:
+    """Loss / top-1 / top-5 of an ANN over the whole loader (summed over ranks)."""
+    ctx = dist.context()
+    model.eval()
+    counts, loss_sum = CountMeter(len(TOPK)), 0.0
+    for batch in progress(loader, desc, show_progress):
+        x, y = _to(batch, ctx.device)
+        out = model(x)
+        if criterion is not None:
+            loss_sum += float(criterion(out, y)) * y.shape[0]
+        counts.update(correct_topk(out, y, TOPK), y.shape[0])
+    loss_sum = dist.all_reduce_sum([loss_sum])[0]
+    counts.reduce()
+    top1, top5 = counts.percent()
+    if print_result:
+        log(format_acc(top1, top5))
+    return {"top1": top1, "top5": top5, "loss": loss_sum / max(counts.total, 1), "samples": int(counts.total)}
+
+
+def count_macs(model: nn.Module, input_size: int, channels: int = 3) -> float:
+    """Multiply-accumulates of the conv / linear layers for one image."""
+    total = [0.0]
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.Linear):
+            total[0] += out.numel() * m.in_features
+        else:
+            k = 1
+            for s in m.kernel_size:
+                k *= s
+            total[0] += out.numel() * (m.in_channels // m.groups) * k
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, channels, input_size, input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total[0]
+
+
+# ---------------------------------------------------------------------------------------- training driver
+def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epochs: int, start_epoch: int = 0,
+        best_acc1: float = 0.0, history: Optional[List[dict]] = None,
+        on_epoch_end: Optional[Callable[[int, float, bool, List[dict]], None]] = None,
+        print_freq: int = 100, show_progress: bool = True, tb: Optional[TensorBoard] = None,
+        max_iters: Optional[int] = None) -> tuple:
+    """Train epochs ``start_epoch .. epochs-1``, evaluate after each, track the best test top-1.
+
+    ``on_epoch_end(epochs_done, best_acc1, is_best, history)`` is called on every rank after each
+    epoch (the caller saves checkpoints on rank 0). Returns ``(best_acc1, history)``.
+    """
+    history = list(history or [])
+    criterion = nn.CrossEntropyLoss()
+    for epoch in range(start_epoch, epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        log(f"epoch {epoch + 1}/{epochs}  lr {lr:.4g}")
+        tr = train_one_epoch(model, train_loader, criterion, optimizer, epoch + 1, print_freq=print_freq,
+                             show_progress=show_progress, tb=tb, max_iters=max_iters)
+        scheduler.step()
+        te = evaluate(dist.unwrap(model), val_loader, criterion, desc=f"test {epoch + 1}", show_progress=show_progress)
+        is_best = te["top1"] > best_acc1 or not history
+        best_acc1 = max(best_acc1, te["top1"]) if history else te["top1"]
+        history.append({"epoch": epoch + 1, "lr": lr, **tr, "test_loss": te["loss"], "test_top1": te["top1"],
+                        "test_top5": te["top5"], "best_acc1": best_acc1})
+        log(f"epoch {epoch + 1}/{epochs}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f} | "
+            f"test top-1 {te['top1']:.2f} top-5 {te['top5']:.2f} | best {best_acc1:.2f}")
+        if tb is not None:
+            tb.scalars(epoch + 1, "epoch/", lr=lr, train_loss=tr["train_loss"], train_top1=tr["train_top1"],
+                       test_loss=te["loss"], test_top1=te["top1"], test_top5=te["top5"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, best_acc1, is_best, history)
+    return best_acc1, history
+
+
+# ---------------------------------------------------------------------------------------- SNN
+@torch.no_grad()
+def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_progress: bool = True,
+                 print_result: bool = True) -> Dict:
+    """Run the ANN and its SNN side by side (``snn.Monitor``) over the loader.
+
+    Returns SNN ``top1`` / ``top5`` (read-out after T steps), ``ann_top1`` / ``ann_top5``,
+    ``per_step_top1`` (t = 1..T), and the Monitor's ``layers``, ``sops``, ``snn_macs``, ``ann_macs``,
+    ``energy`` (per sample), all reduced over ranks.
+    """
+    import snn
+    ctx = dist.context()
+    ann.eval()
+    net.eval()
+    snn_c, ann_c, step_c = CountMeter(len(TOPK)), CountMeter(len(TOPK)), CountMeter(net.T)
+    t0 = time.time()
+    with snn.Monitor(ann, net) as mon:
+        for batch in progress(loader, desc, show_progress):
+            x, y = _to(batch, ctx.device)
+            ann_out, steps = mon.run(x)
+            n = y.shape[0]
+            snn_c.update(correct_topk(steps[-1], y, TOPK), n)
+            ann_c.update(correct_topk(ann_out, y, TOPK), n)
+            step_c.update((steps.argmax(-1) == y.unsqueeze(0)).sum(1).tolist(), n)
+        stats = mon.summary()
+    for c in (snn_c, ann_c, step_c):
+        c.reduce()
+    top1, top5 = snn_c.percent()
+    ann_top1, ann_top5 = ann_c.percent()
+    if print_result:
+        log(format_acc(top1, top5))
+    return {"T": net.T, "neuron": "signed" if net.signed else "unsigned", "samples": int(snn_c.total),
+            "top1": top1, "top5": top5, "ann_top1": ann_top1, "ann_top5": ann_top5,
+            "per_step_top1": step_c.percent(), "layers": stats["layers"], "sops": stats["sops"],
+            "snn_macs": stats.get("snn_macs"), "ann_macs": stats["ann_macs"], "energy": stats["energy"],
+            "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def snn_top1(net, loader, *, max_batches: Optional[int] = None, desc: str = "score",
+             show_progress: bool = True) -> float:
+    """Top-1 of the whole SNN over (the first ``max_batches`` batches of) a loader -- the fine-tuner's
+    acceptance score (spec 8: on the training set, with augmentation)."""
+    ctx = dist.context()
+    net.eval()
+    counts = CountMeter(1)
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    for i, batch in enumerate(progress(loader, desc, show_progress, total=total)):
+        if i >= total:
+            break
+        x, y = _to(batch, ctx.device)
+        counts.update(correct_topk(net(x), y, (1,)), y.shape[0])
+    counts.reduce()
+    return counts.percent()[0]
+
+
+class ReshuffledLoader:
+    """Iterating it again starts a new epoch of its DistributedSampler (the fine-tuner walks the
+    training set once per layer and epoch)."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        set_loader_epoch(self.loader, self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
+
+
+def finetune_snn(ann: nn.Module, net, train_loader, *, epochs: int, lr: float, momentum: float,
+                 weight_decay: float, bn_mode: str, force: bool, score_batches: Optional[int] = None,
+                 max_batches: Optional[int] = None, layers: Optional[List[str]] = None,
+                 show_progress: bool = True, tb: Optional[TensorBoard] = None) -> List[dict]:
+    """Layer-wise fine-tuning (spec 8) via ``snn.finetune``. Without ``force`` a layer is kept only
+    when the whole SNN's train-set top-1 (over ``score_batches`` batches) improves. ``layers``:
+    only these spiking layers (neuron names)."""
+    import snn
+    ctx = dist.context()
+    loader = ReshuffledLoader(train_loader)
+    score_fn = None
+    if not force:
+        def score_fn(n):
+            return snn_top1(n, loader, max_batches=score_batches, desc="score (train top-1)",
+                            show_progress=show_progress)
+    history = snn.finetune(ann, net, loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           bn_mode=bn_mode, force=force, score_fn=score_fn, device=ctx.device, log=log,
+                           progress=show_progress, max_batches=max_batches, layers=layers)
+    if tb is not None:
+        for i, h in enumerate(history):
+            last = h["epochs"][-1] if h["epochs"] else {}
+            tb.scalars(i + 1, "finetune/", mse=last.get("loss_mean"), score=last.get("score"),
+                       accepted=float(h["accepted"]))
+    return history

@@ -1,0 +1,490 @@
+"""The three classification workflows behind the task scripts, written once for CIFAR and ImageNet.
+
+* :func:`train_ann`     (``main.py``)   -- train / evaluate a quantized ANN, checkpoints, resume;
+* :func:`evaluate_snn`  (``snn.py``)    -- convert a trained ANN and evaluate the SNN against it;
+* :func:`finetune_snn`  (``snn_ft.py``) -- layer-wise fine-tuning of the converted SNN, saved in ANN format.
+
+A :class:`Task` says what differs between datasets: the arch names, how loaders are built, the LR
+schedule. :func:`add_common_args` defines the flags every script shares (the original's flags plus
+this project's); each script adds its own and calls one workflow.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from common import UserError
+from common import dist
+from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, load_scheduler_state, \
+    plain_scheduler_state, save_checkpoint
+from common.cli import ArgumentParser, plain_args
+from common.logger import TensorBoard, log
+from common.metrics import write_json
+
+from . import engine
+
+BITS = (32, 5, 4, 3, 2)
+WBITS = (2, 3, 4, 5, 6, 7, 8, 32)
+
+
+# ---------------------------------------------------------------------------------------- task description
+@dataclass
+class Data:
+    """What a task's data builder returns."""
+
+    name: str
+    num_classes: int
+    train_loader: object
+    val_loader: object
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """Dataset-specific parts of the workflows."""
+
+    name: str                                   # "cifar10", "imagenet"
+    model_dataset: str                          # get_model(dataset=...): "cifar" / "imagenet"
+    archs: Sequence[str]
+    default_arch: str
+    build_data: Callable[[object, dist.Context], Data]
+    milestones: Callable[[int], List[int]]      # epochs -> LR decay epochs (x0.1 each)
+    input_size: int = 32
+    extra_args: Optional[Callable[[ArgumentParser], None]] = None   # task-specific flags (e.g. data paths)
+    train_script: str = "main.py"               # the script that trains the ANN (named in error hints)
+
+
+# ---------------------------------------------------------------------------------------- command line
+def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_freq_default: int,
+                    lr_default: Optional[float] = 0.1, lr_help: str = "initial learning rate",
+                    wd_default: Optional[float] = 1e-4, init_help: str = ""):
+    """The flags every classification script accepts (seed flags first)."""
+    p.add_argument("-a", "--arch", default=task.default_arch, choices=task.archs, metavar="ARCH",
+                   help=f"model: {', '.join(task.archs)} (default {task.default_arch})")
+    p.add_argument("--bit", type=int, default=bit_default, choices=BITS, metavar="BIT",
+                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+    p.add_argument("--wbit", type=int, default=None, choices=WBITS, metavar="WBIT",
+                   help="hidden-weight bits (default: the model's own rule, see classification.models)")
+    p.add_argument("--alpha-init", type=float, default=None, metavar="A",
+                   help="initial activation clip of the quantizers (default: the model's own, 8 for alex / "
+                        "vgg11, 6 otherwise); clips missing from an --init checkpoint start here")
+    dist.add_dist_args(p)
+    p.add_argument("--epochs", type=int, default=300, help="training epochs (default 300)")
+    p.add_argument("--start-epoch", type=int, default=0, help="manual epoch number to start at (LR schedule)")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process (default 128)")
+    p.add_argument("--test-batch-size", type=int, default=100, help="evaluation batch size (default 100)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=lr_default,
+                   help=f"{lr_help} (default {lr_default})")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=wd_default,
+                   help=f"weight decay (default {wd_default if wd_default is not None else 'per model'})")
+    p.add_argument("-p", "--print-freq", type=int, default=print_freq_default,
+                   help=f"progress update every N iterations (default {print_freq_default})")
+    p.add_argument("--resume", default="", metavar="PATH|auto",
+                   help="continue a killed run from its checkpoint ('auto': <out>/<arch>_<bit>bit/checkpoint.pth.tar)")
+    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate only")
+    p.add_argument("--init", default="", metavar="PATH", help=init_help or "checkpoint to initialise from")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    p.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (default 4)")
+    p.add_argument("--out", default="result", metavar="DIR",
+                   help="output root; runs go to DIR/<arch>_<bit>bit (default result/)")
+    p.add_argument("--metrics-out", default="", metavar="FILE", help="metrics JSON path (default: in the run folder)")
+    p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
+    p.add_argument("--progress", action=argparse_bool(), default=True, help="tqdm progress bars (rank 0)")
+    p.add_argument("--tensorboard", action=argparse_bool(), default=True,
+                   help="TensorBoard logs in the run folder's tb/ (rank 0)")
+    p.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
+    if task.extra_args is not None:
+        task.extra_args(p)
+    return p
+
+
+def argparse_bool():
+    """``--flag / --no-flag`` action."""
+    return argparse.BooleanOptionalAction
+
+
+def check_args(args):
+    for name in ("epochs", "batch_size", "test_batch_size", "print_freq"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1",
+                            "pass a positive number")
+    if getattr(args, "max_iters", None) is not None and args.max_iters < 1:
+        raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
+    for name in ("lr", "weight_decay", "momentum"):
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            raise UserError(f"--{name.replace('_', '-')} {v} must not be negative", "pass a value >= 0")
+
+
+def run_dir(args, suffix: str = "") -> str:
+    """``<out>/<arch>_<bit>bit<suffix>`` (the original's ``result/alex_4bit`` layout)."""
+    return os.path.join(args.out, f"{args.arch}_{args.bit}bit{suffix}")
+
+
+# ---------------------------------------------------------------------------------------- models and weights
+def build_model(args, task: Task, num_classes: int) -> nn.Module:
+    from classification.models import get_model
+    try:
+        return get_model(args.arch, bit=args.bit, wbit=args.wbit, num_classes=num_classes,
+                         dataset=task.model_dataset, alpha_init=getattr(args, "alpha_init", None))
+    except ValueError as e:
+        raise UserError(str(e), "see --help for the supported --arch / --bit / --wbit values") from None
+
+
+def _script(args) -> str:
+    """The task's ANN training script, for error hints (set by the workflow entry points)."""
+    return getattr(args, "train_script", "main.py")
+
+
+def _check_meta(ckpt: dict, args, path: str, what: str, same_bit: bool):
+    arch = ckpt.get("arch")
+    if arch is not None and arch != args.arch:
+        raise UserError(f"{what} {path} holds a {arch} model, not --arch {args.arch}",
+                        f"pass --arch {arch} or the {args.arch} checkpoint")
+    bit = ckpt.get("bit")
+    if same_bit and bit is not None and int(bit) != args.bit:
+        raise UserError(f"{what} {path} holds a {bit}-bit model but --bit {args.bit} was given",
+                        f"pass --bit {bit}, or the {args.bit}-bit checkpoint (train it with {_script(args)} --bit {args.bit})")
+
+
+def load_weights(model: nn.Module, path: str, args, *, what: str = "--init", same_bit: bool = False,
+                 hint: Optional[str] = None, ckpt: Optional[dict] = None) -> dict:
+    """Load a checkpoint into ``model`` with the ``--init`` semantics (``quant.load_init``: missing
+    clips start at their defaults). ``same_bit``: the checkpoint must be *this* model -- same bit,
+    every activation / weight clip present and none left over."""
+    import quant
+    if ckpt is None:
+        ckpt = load_checkpoint(path, what, hint)
+    _check_meta(ckpt, args, path, what, same_bit)
+    report = quant.load_init(model, ckpt["state_dict"])
+    missing, extra = report["missing_quantizer"], report["ignored_quantizer"]
+    if same_bit and any(k.endswith("act_alpha") for k in missing):
+        raise UserError(f"{what} {path} has no activation clips (act_alpha) for this {args.bit}-bit model: "
+                        "it holds a full-precision or differently built ANN",
+                        f"train the {args.bit}-bit ANN first ({_script(args)} --bit {args.bit} --init <higher-bit checkpoint>)")
+    if same_bit and (missing or extra):
+        keys = ", ".join((missing or extra)[:3])
+        raise UserError(f"{what} {path} was trained with other weight bits than this model "
+                        f"(weight clips {'missing' if missing else 'unexpected'}: {keys})",
+                        "pass the --wbit it was trained with")
+    if missing:
+        log(f"{what}: {len(missing)} quantizer clips not in the checkpoint, initialised to their defaults")
+    return ckpt
+
+
+def load_trained(args, task: Task, num_classes: int, device, path: str, what: str, hint: str,
+                 exact: bool = True):
+    """Build the model a trained checkpoint holds (``--wbit`` defaults to the checkpoint's) and load it
+    (``exact``: the same bit-widths, every clip present -- see :func:`load_weights`). Returns
+    ``(model, ckpt)``."""
+    ckpt = load_checkpoint(path, what, hint)
+    _check_meta(ckpt, args, path, what, same_bit=exact)
+    if args.wbit is None and ckpt.get("wbit") is not None and (exact or int(ckpt.get("bit", -1)) == args.bit):
+        args.wbit = int(ckpt["wbit"])
+    model = build_model(args, task, num_classes).to(device)
+    load_weights(model, path, args, what=what, same_bit=exact, ckpt=ckpt)
+    return model, ckpt
+
+
+def make_optimizer(model: nn.Module, args):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def _set_lr(optimizer, scheduler, milestones: List[int], epoch: int):
+    """Put the step schedule at ``epoch``: lr = base * 0.1^(milestones passed)."""
+    scheduler.milestones = collections.Counter(milestones)
+    scheduler.last_epoch = epoch
+    factor = scheduler.gamma ** bisect.bisect_right(sorted(milestones), epoch)
+    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        g["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+# ---------------------------------------------------------------------------------------- metrics records
+def _record(args, data: Data, model: nn.Module, result: Dict, *, script: str, checkpoint: str,
+            finetuned: bool = False, **extra) -> Dict:
+    rec = {"script": script, "dataset": data.name, "arch": args.arch, "bit": args.bit,
+           "wbit": getattr(model, "wbit", None), "num_classes": data.num_classes, "split": "test",
+           "T": None, "neuron": None, "samples": None, "top1": None, "top5": None, "ann_top1": None,
+           "ann_top5": None, "per_step_top1": [], "layers": [], "sops": None, "snn_macs": None,
+           "ann_macs": None, "energy": None}
+    rec.update(result)
+    rec.update(checkpoint=checkpoint, finetuned=finetuned, **extra)
+    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
+    return rec
+
+
+def _ann_result(model: nn.Module, task: Task, top1: float, top5: float, samples: Optional[int]) -> Dict:
+    from snn import E_MAC_PJ
+    macs = engine.count_macs(model, task.input_size)
+    return {"top1": top1, "top5": top5, "ann_top1": top1, "ann_top5": top5, "samples": samples,
+            "ann_macs": macs, "energy": {"e_mac_pJ": E_MAC_PJ, "ann_uJ": macs * E_MAC_PJ * 1e-6}}
+
+
+def _write_metrics(args, rec: Dict, default_path: str, plot: Callable[[Dict, str], object]) -> str:
+    path = args.metrics_out or default_path
+    if dist.is_main():
+        write_json(path, rec)
+        log(f"metrics -> {path}")
+        if args.plot:
+            for png in plot(rec, path) or []:
+                log(f"plot -> {png}")
+    return path
+
+
+def _plot_snn(rec, path):
+    from common.plots import plot_snn_metrics
+    return plot_snn_metrics(rec, path)
+
+
+# ---------------------------------------------------------------------------------------- main.py
+def train_ann(args, task: Task) -> Dict:
+    """``main.py``: train the ANN (or ``-e``: evaluate it). Returns the metrics record."""
+    check_args(args)
+    args.train_script = task.train_script
+    with dist.session(args.device, args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = task.build_data(args, ctx)
+        out_dir = run_dir(args)
+        if args.evaluate:
+            return _evaluate_ann(args, task, data, ctx, out_dir)
+        model = build_model(args, task, data.num_classes).to(ctx.device)
+        optimizer = make_optimizer(model, args)
+        milestones = task.milestones(args.epochs)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+        start, best, history = _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones)
+        log(f"{args.arch} {args.bit}-bit (weights {model.wbit}-bit) on {data.name}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) "
+            f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones}")
+        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None)
+
+        def on_epoch_end(done, best_acc1, is_best, hist):
+            if ctx.is_main:
+                state = {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
+                         "dataset": data.name, "epoch": done, "best_acc1": best_acc1,
+                         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": plain_scheduler_state(scheduler), "args": plain_args(args), "history": hist}
+                save_checkpoint(state, out_dir, is_best)
+                write_json(os.path.join(out_dir, "history.json"), {"arch": args.arch, "bit": args.bit,
+                                                                     "history": hist})
+        with tb:
+            best, history = engine.fit(dist.wrap_ddp(model, ctx), optimizer, scheduler, data.train_loader,
+                                       data.val_loader, epochs=args.epochs, start_epoch=start, best_acc1=best,
+                                       history=history, on_epoch_end=on_epoch_end, print_freq=args.print_freq,
+                                       show_progress=args.progress, tb=tb, max_iters=args.max_iters)
+        return _finish_training(args, task, data, model, out_dir, history)
+
+
+def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones):
+    """Returns ``(start_epoch, best_acc1, history)`` after ``--resume`` / ``--init`` / ``--start-epoch``."""
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(out_dir, CHECKPOINT)
+        if not os.path.exists(path):
+            log(f"--resume auto: no {path} yet, starting a new run")
+            path = ""
+    if path:
+        ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
+        _check_meta(ckpt, args, path, "--resume", same_bit=True)
+        if "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
+                            "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+        import quant
+        model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            load_scheduler_state(scheduler, ckpt["scheduler"])
+        start = int(ckpt["epoch"])
+        _set_lr(optimizer, scheduler, milestones, start)
+        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1', 0.0):.2f}")
+        if args.init:
+            log("--init ignored: the run continues from its checkpoint")
+        return start, float(ckpt.get("best_acc1", 0.0)), list(ckpt.get("history", []))
+    if args.init:
+        load_weights(model, args.init, args, hint="train that stage first, or check the path")
+        log(f"initialised from {args.init}")
+    if args.start_epoch:
+        _set_lr(optimizer, scheduler, milestones, args.start_epoch)
+    return args.start_epoch, 0.0, []
+
+
+def _finish_training(args, task, data, model, out_dir, history) -> Dict:
+    if not history:
+        raise UserError(f"nothing was trained (--start-epoch {args.start_epoch} >= --epochs {args.epochs})",
+                        "raise --epochs or lower --start-epoch")
+    best = max(history, key=lambda h: h["test_top1"])
+    result = _ann_result(model, task, best["test_top1"], best["test_top5"], None)
+    rec = _record(args, data, model, result, script="main.py", checkpoint=os.path.join(out_dir, BEST),
+                  best_epoch=best["epoch"], epochs=history[-1]["epoch"])
+
+    def plot(r, path):
+        from common.plots import plot_training
+        return [plot_training(history, os.path.splitext(path)[0] + "_curves.png",
+                              f"{args.arch} {args.bit}-bit on {data.name}")]
+    _write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
+    log(f"best test top-1 {best['test_top1']:.2f} (epoch {best['epoch']}) -> {os.path.join(out_dir, BEST)}")
+    return rec
+
+
+def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
+    path = args.init or (os.path.join(out_dir, CHECKPOINT) if args.resume == "auto" else args.resume) \
+        or os.path.join(out_dir, BEST)
+    # --init semantics, as the original's -e: a float / other-bit file evaluates with default clips
+    model, _ = load_trained(args, task, data.num_classes, ctx.device, path, "checkpoint",
+                            f"pass --init PATH, or train first ({task.train_script} without -e)", exact=False)
+    res = engine.evaluate(model, data.val_loader, nn.CrossEntropyLoss(), desc="test", show_progress=args.progress)
+    rec = _record(args, data, model, _ann_result(model, task, res["top1"], res["top5"], res["samples"]),
+                  script="main.py", checkpoint=path, loss=res["loss"])
+    _write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [])
+    return rec
+
+
+# ---------------------------------------------------------------------------------------- snn.py
+def _load_for_snn(args, task, data, ctx):
+    """Build the ANN, load ``--init`` (default: the run's model_best), return ``(ann, ckpt, path)``."""
+    if args.bit == 32:
+        raise UserError("--bit 32 is a full-precision ANN: it has no activation clips to become thresholds"
+                        + (" (so -u/--unsigned has nothing to act on)" if getattr(args, "unsigned", False) else ""),
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    path = args.init or os.path.join(run_dir(args), BEST)
+    model, ckpt = load_trained(args, task, data.num_classes, ctx.device, path, "--init",
+                               f"train it first ({task.train_script} --arch {args.arch} --bit {args.bit} ...) or pass --init PATH")
+    model.eval()
+    return model, ckpt, path
+
+
+def _convert(args, model, ckpt):
+    import snn
+    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
+    net = snn.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk)
+    log(f"converted {args.arch} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} "
+        f"IF neurons ({len(net.neurons())} spiking layers)")
+    return net
+
+
+def evaluate_snn(args, task: Task) -> Dict:
+    """``snn.py``: convert the ANN and evaluate the SNN on the test set (``-e`` or not)."""
+    check_args(args)
+    args.train_script = task.train_script
+    with dist.session(args.device, args.local_rank) as ctx:
+        data = task.build_data(args, ctx)
+        model, ckpt, path = _load_for_snn(args, task, data, ctx)
+        net = _convert(args, model, ckpt)
+        res = engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress)
+        log(f"SNN top-1 {res['top1']:.2f} (ANN {res['ann_top1']:.2f}); per step "
+            + " ".join(f"{a:.1f}" for a in res["per_step_top1"]))
+        finetuned = bool(ckpt.get("snn_finetuned"))
+        rec = _record(args, data, model, res, script="snn.py", checkpoint=path, finetuned=finetuned)
+        name = f"metrics_snn_{res['neuron']}_T{res['T']}.json"
+        _write_metrics(args, rec, os.path.join(run_dir(args, "_ft" if finetuned else ""), name), _plot_snn)
+        return rec
+
+
+# ---------------------------------------------------------------------------------------- snn_ft.py
+def finetune_snn(args, task: Task) -> Dict:
+    """``snn_ft.py``: layer-wise fine-tuning of the converted SNN (``-e``: only evaluate the SNN)."""
+    check_args(args)
+    args.train_script = task.train_script
+    if args.num_epochs < 1:
+        raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
+    with dist.session(args.device, args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = task.build_data(args, ctx)
+        model, ckpt, path = _load_for_snn(args, task, data, ctx)
+        net = _convert(args, model, ckpt).to(ctx.device)
+        out_dir = run_dir(args, "_ft")
+        if args.evaluate:  # the SNN on the test set (the original evaluated the ANN on the train set)
+            res = engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress)
+            rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=path,
+                          finetuned=bool(ckpt.get("snn_finetuned")))
+            _write_metrics(args, rec, os.path.join(out_dir, f"metrics_snn_{res['neuron']}_T{res['T']}.json"),
+                           _plot_snn)
+            return rec
+        return _run_finetune(args, task, data, model, net, path, out_dir)
+
+
+def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
+    bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
+    wd = args.weight_decay if args.weight_decay is not None else getattr(model, "ft_weight_decay", 1e-4)
+    before = None
+    if args.eval_before:
+        log("SNN before fine-tuning:")
+        before = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (before)",
+                                     show_progress=args.progress)
+    log(f"fine-tuning {args.arch} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, "
+        f"wd {wd}, BN {bn_mode}, {'--force (accept every layer)' if args.force else 'accept on train top-1'}")
+    t0 = time.time()
+    with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+        history = engine.finetune_snn(model, net, data.train_loader, epochs=args.num_epochs, lr=args.lr,
+                                      momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode, force=args.force,
+                                      score_batches=args.score_batches, max_batches=args.max_iters,
+                                      layers=select_layers(net, args.ft_layers), show_progress=args.progress,
+                                      tb=tb)
+    seconds = time.time() - t0
+    log("SNN after fine-tuning:")
+    res = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (after)", show_progress=args.progress)
+    ckpt_path = os.path.join(out_dir, BEST)
+    if dist.is_main():
+        atomic_save({"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
+                     "dataset": data.name, "state_dict": net.ann_state_dict(), "snn_finetuned": True,
+                     "T": net.T, "neuron": res["neuron"], "bn_mode": bn_mode, "epoch": args.num_epochs,
+                     "best_acc1": res["top1"], "top1": res["top1"], "init": init_path,
+                     "args": plain_args(args), "history": history}, ckpt_path)
+        log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
+    rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True,
+                  init=init_path, bn_mode=bn_mode, weight_decay=wd, finetune_seconds=seconds,
+                  before={k: before[k] for k in ("top1", "top5", "per_step_top1", "layers")} if before else None,
+                  finetune=history)
+    _write_metrics(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{res['neuron']}_T{res['T']}.json"),
+                   _plot_snn)
+    if before is not None:
+        log(f"SNN top-1 {before['top1']:.2f} -> {res['top1']:.2f} after fine-tuning (ANN {res['ann_top1']:.2f})")
+    return rec
+
+
+def select_layers(net, patterns: str) -> Optional[List[str]]:
+    """Spiking-layer names matching comma-separated globs (``None``: all layers)."""
+    if not patterns:
+        return None
+    import fnmatch
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    names = list(net.neurons())
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    if not chosen:
+        raise UserError(f"--ft-layers {patterns!r} matches none of the spiking layers",
+                        f"choose from {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+    return chosen
+
+
+def add_snn_args(p: ArgumentParser):
+    """Flags of snn.py and snn_ft.py."""
+    p.add_argument("-u", "--unsigned", action="store_true", help="traditional (unsigned) IF neurons; default signed")
+    p.add_argument("--T", type=int, default=None, help="time steps (default 2^bit - 1)")
+    p.add_argument("--chunk", type=int, default=None, help="simulate at most K steps at once (bounded memory)")
+
+
+def add_finetune_args(p: ArgumentParser):
+    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
+                   help="fine-tuning epochs per layer (default 1; honoured for every arch)")
+    p.add_argument("--force", action="store_true",
+                   help="accept every tuned layer (skip the train-set accuracy check)")
+    p.add_argument("--ft-lr", dest="lr", type=float, help="alias of --lr (fine-tuning learning rate)")
+    p.add_argument("--ft-bn", choices=("frozen", "recalibrate"), default=None,
+                   help="BN during fine-tuning (default: the model's ft_bn_mode)")
+    p.add_argument("--score-batches", type=int, default=None,
+                   help="without --force: judge layers on the first N training batches (default all)")
+    p.add_argument("--ft-layers", default="", metavar="PATTERNS",
+                   help="tune only the spiking layers whose names match these comma-separated globs "
+                        "(e.g. 'layer1.*,layer2.0.act2'; default: every layer from the 2nd on)")
+    p.add_argument("--eval-before", action=argparse_bool(), default=True,
+                   help="also evaluate the SNN before fine-tuning (default on)")

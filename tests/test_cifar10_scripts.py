@@ -1,0 +1,366 @@
+"""classification/cifar10/{main,snn,snn_ft}.py end to end on a fake CIFAR-10 (a few images, CPU).
+
+Most runs call ``main(argv)`` in-process (fast); a few go through the real command line
+(subprocess, torchrun) to prove the scripts work as launched.
+"""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from classification import engine
+from classification.cifar10 import main as train_script
+from classification.cifar10 import snn as snn_script
+from classification.cifar10 import snn_ft as ft_script
+from classification.models import CIFAR_ARCHS
+from common import run_cli
+from common.checkpoint import BEST, CHECKPOINT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "classification", "cifar10")
+PY = sys.executable
+SNN_KEYS = {"arch", "bit", "T", "neuron", "top1", "top5", "ann_top1", "per_step_top1", "layers", "sops",
+            "ann_macs", "energy"}
+# fine-tune only a few layers of the deep nets (the fine-tuner's cost grows with depth squared)
+FT_LAYERS = {"vgg11": "features.1.act,classifier.1.act", "resnet18": "layer1.0.*,layer2.0.act2",
+             **{a: "layer1.0.*,layer3.0.act2" for a in ("resnet32", "resnet44", "resnet56", "resnet110")}}
+
+
+def _base(data, out, *extra):
+    return ["--data", data, "--out", str(out), "-b", "4", "--test-batch-size", "4", "-j", "0",
+            "--train-subset", "8", "--val-subset", "4", "--epochs", "1", "--no-progress", "--no-tensorboard",
+            "--seed", "0", *extra]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_snn_metrics(rec, T, neuron):
+    assert SNN_KEYS <= set(rec)
+    assert rec["T"] == T and rec["neuron"] == neuron and len(rec["per_step_top1"]) == T
+    assert rec["per_step_top1"][-1] == rec["top1"]
+    assert rec["layers"][0]["agreement"] == 1.0 and rec["layers"][0]["mean_abs_error"] == 0.0
+    assert rec["sops"] > 0 and rec["ann_macs"] > 0 and rec["energy"]["snn_uJ"] > 0
+
+
+# ------------------------------------------------------------------------------------------ every arch
+@pytest.mark.parametrize("arch", CIFAR_ARCHS)
+def test_every_script_runs_for_every_arch(arch, fake_cifar, tmp_path):
+    base = _base(fake_cifar, tmp_path, "-a", arch, "--bit", "2", "--max-iters", "1")
+    rec = train_script.main(base)
+    run = tmp_path / f"{arch}_2bit"
+    assert {CHECKPOINT, BEST, "metrics_ann.json", "history.json"} <= set(os.listdir(run))
+    assert rec["T"] is None and rec["neuron"] is None and 0 <= rec["top1"] <= 100
+    s = snn_script.main(base)
+    _check_snn_metrics(s, 3, "signed")
+    assert os.path.exists(run / "metrics_snn_signed_T3.json")
+    layers = ["--ft-layers", FT_LAYERS[arch]] if arch in FT_LAYERS else []
+    f = ft_script.main(base + ["--force", "--no-eval-before", "-n", "1"] + layers)
+    assert f["finetuned"] and f["finetune"] and all(h["accepted"] for h in f["finetune"])
+    ck = torch.load(tmp_path / f"{arch}_2bit_ft" / BEST, weights_only=True)
+    assert ck["snn_finetuned"] is True and ck["arch"] == arch and ck["T"] == 3 and ck["neuron"] == "signed"
+
+
+# ------------------------------------------------------------------------------------------ the seed's chain
+@pytest.fixture(scope="module")
+def chain(fake_cifar, tmp_path_factory):
+    """resnet20 trained 32 -> 4 -> 3 -> 2 bits with --init, 2 epochs at 32 bits."""
+    out = tmp_path_factory.mktemp("chain")
+    recs = {32: train_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", "32", "--wd", "5e-4",
+                                        "--epochs", "2", "--plot", "--tensorboard"))}
+    for bit, prev, wd in ((4, 32, "1e-4"), (3, 4, "1e-4"), (2, 3, "3e-5")):
+        recs[bit] = train_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", str(bit), "--wd", wd,
+                                            "--lr", "4e-2", "--init", str(out / f"resnet20_{prev}bit" / BEST)))
+    return out, recs
+
+
+def test_chain_outputs(chain):
+    out, recs = chain
+    for bit in (32, 4, 3, 2):
+        run = out / f"resnet20_{bit}bit"
+        ck = torch.load(run / CHECKPOINT, weights_only=True)
+        assert ck["bit"] == bit and ck["arch"] == "resnet20" and isinstance(ck["args"], dict)
+        assert {"optimizer", "scheduler", "history", "best_acc1", "state_dict"} <= set(ck)
+        m = _json(run / "metrics_ann.json")
+        assert m["bit"] == bit and m["T"] is None and m["top1"] == recs[bit]["top1"]
+    assert os.path.exists(out / "resnet20_32bit" / "metrics_ann_curves.png")
+    assert any(f.startswith("events") for f in os.listdir(out / "resnet20_32bit" / "tb"))
+    h = _json(out / "resnet20_32bit" / "history.json")["history"]
+    assert [e["epoch"] for e in h] == [1, 2] and h[1]["lr"] == pytest.approx(0.01)  # x0.1 at 50 %
+
+
+def test_init_loads_the_previous_stage(chain, fake_cifar, tmp_path):
+    out, _ = chain
+    src = torch.load(out / "resnet20_3bit" / BEST, weights_only=True)["state_dict"]
+    # lr 0: the new 2-bit run keeps the 3-bit weights and clips exactly
+    train_script.main(_base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--lr", "0", "--wd", "0",
+                            "--init", str(out / "resnet20_3bit" / BEST), "--max-iters", "1"))
+    got = torch.load(tmp_path / "resnet20_2bit" / BEST, weights_only=True)["state_dict"]
+    for k in ("layer1.0.conv1.weight", "layer2.1.act2.act_alpha", "fc.weight"):
+        assert torch.equal(got[k], src[k]), k
+
+
+def test_snn_signed_and_unsigned(chain, fake_cifar):
+    out, recs = chain
+    for bit, T in ((3, 7), (2, 3)):
+        base = _base(fake_cifar, out, "-a", "resnet20", "--bit", str(bit), "-e")
+        s, u = snn_script.main(base), snn_script.main(base + ["-u"])
+        _check_snn_metrics(s, T, "signed")
+        _check_snn_metrics(u, T, "unsigned")
+        assert s["ann_top1"] == u["ann_top1"] == recs[bit]["top1"]  # same ANN, same test images
+        for n in ("signed", "unsigned"):
+            path = out / f"resnet20_{bit}bit" / f"metrics_snn_{n}_T{T}.json"
+            assert _json(path)["neuron"] == n
+        # T override
+        assert snn_script.main(base + ["--T", "5", "--chunk", "2"])["T"] == 5
+
+
+def test_metrics_out_and_plots(chain, fake_cifar, tmp_path):
+    out, _ = chain
+    dest = tmp_path / "m" / "snn.json"
+    snn_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--metrics-out", str(dest), "--plot"))
+    assert _json(dest)["bit"] == 2
+    assert os.path.exists(tmp_path / "m" / "snn_acc_vs_t.png") and os.path.exists(tmp_path / "m" / "snn_layers.png")
+
+
+def test_main_evaluate_flag(chain, fake_cifar):
+    out, recs = chain
+    rec = train_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "-e"))
+    assert rec["top1"] == recs[2]["top1"] and rec["neuron"] is None and rec["ann_macs"] > 0
+
+
+def test_snn_ft_force_then_reload(chain, fake_cifar, tmp_path):
+    out, _ = chain
+    init = str(out / "resnet20_2bit" / BEST)
+    base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--init", init)
+    f = ft_script.main(base + ["-n", "2", "--force", "--ft-layers", "layer1.*"])
+    assert [h["layer"] for h in f["finetune"]] == [f"layer1.{b}.act{i}" for b in range(3) for i in (1, 2)]
+    assert all(len(h["epochs"]) == 2 for h in f["finetune"])  # -n honoured
+    assert f["before"]["top1"] is not None and f["bn_mode"] == "recalibrate" and f["weight_decay"] == 1e-4
+    path = tmp_path / "resnet20_2bit_ft" / "metrics_snn_ft_signed_T3.json"
+    assert _json(path)["finetune"][0]["accepted"] is True
+    # snn.py accepts the fine-tuned checkpoint and reproduces its accuracy exactly
+    again = snn_script.main(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST)])
+    assert again["finetuned"] and again["top1"] == f["top1"] and again["per_step_top1"] == f["per_step_top1"]
+    # the same spike trains (agreement differs: there the reference ANN carries the tuned weights)
+    assert [l["firing_rate"] for l in again["layers"]] == [l["firing_rate"] for l in f["layers"]]
+    assert os.path.exists(tmp_path / "resnet20_2bit_ft" / "metrics_snn_signed_T3.json")
+    # snn_ft -e: the SNN on the test set (not the ANN on the training set)
+    ev = ft_script.main(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST), "-e"])
+    assert ev["top1"] == f["top1"] and ev["samples"] == 4 and ev["T"] == 3
+
+
+def test_snn_ft_without_force_scores_on_train_set(fake_cifar, tmp_path):
+    base = _base(fake_cifar, tmp_path, "-a", "alex", "--bit", "2", "--max-iters", "1")
+    train_script.main(base)
+    f = ft_script.main(base + ["--score-batches", "1", "--no-eval-before", "-u"])
+    assert f["neuron"] == "unsigned" and f["bn_mode"] == "frozen" and f["weight_decay"] == 5e-4  # alex defaults
+    for h in f["finetune"]:
+        assert "score" in h["epochs"][0] and "best_score" in h
+
+
+def test_weight_bits_follow_the_checkpoint(fake_cifar, tmp_path):
+    base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--max-iters", "1")
+    train_script.main(base + ["--wbit", "32"])
+    s = snn_script.main(base)  # no --wbit: the checkpoint's float weights are used
+    assert s["wbit"] == 32 and s["layers"][0]["agreement"] == 1.0
+
+
+def test_other_datasets_through_the_scripts(fake_folder, tmp_path):
+    base = _base(fake_folder, tmp_path / "f", "-a", "resnet20", "--bit", "2", "--max-iters", "1", "--dataset", "folder")
+    rec = train_script.main(base)
+    assert rec["num_classes"] == 3 and rec["dataset"] == "folder"
+    assert snn_script.main(base)["num_classes"] == 3
+    c100 = tmp_path / "c100" / "cifar-100-python"
+    c100.mkdir(parents=True)
+    for name, n in (("train", 8), ("test", 4)):
+        with open(c100 / name, "wb") as f:
+            pickle.dump({"data": np.zeros((n, 3072), np.uint8), "fine_labels": list(range(n))}, f)
+    rec = train_script.main(_base(str(tmp_path / "c100"), tmp_path / "o", "-a", "alex", "--bit", "2", "-ct", "100",
+                                  "--max-iters", "1"))
+    assert rec["dataset"] == "cifar100" and rec["num_classes"] == 100
+
+
+def test_start_epoch_sets_the_schedule(fake_cifar, tmp_path):
+    train_script.main(_base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "32", "--epochs", "4",
+                            "--start-epoch", "3", "--lr", "0.1", "--max-iters", "1"))
+    h = _json(tmp_path / "resnet20_32bit" / "history.json")["history"]
+    assert [e["epoch"] for e in h] == [4] and h[0]["lr"] == pytest.approx(0.001)  # past 2 and 3
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_resume_after_interrupted_run(fake_cifar, tmp_path, monkeypatch):
+    base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "32", "--epochs", "2", "--lr", "0.05")
+    real, calls = engine.train_one_epoch, []
+
+    def dies_in_epoch_2(*a, **k):
+        calls.append(a[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second epoch
+        return real(*a, **k)
+    monkeypatch.setattr(engine, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.main(base)
+    ck1 = torch.load(tmp_path / "resnet20_32bit" / CHECKPOINT, weights_only=True)
+    assert ck1["epoch"] == 1 and len(ck1["history"]) == 1
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    rec = train_script.main(base + ["--resume", "auto"])
+    ck2 = torch.load(tmp_path / "resnet20_32bit" / CHECKPOINT, weights_only=True)
+    assert ck2["epoch"] == 2 and [h["epoch"] for h in ck2["history"]] == [1, 2]
+    assert ck2["history"][0] == ck1["history"][0]
+    assert ck2["history"][1]["lr"] == pytest.approx(0.005)  # schedule restored: x0.1 from epoch 2
+    assert rec["epochs"] == 2
+    # resuming a finished run trains nothing and rewrites the metrics
+    again = train_script.main(base + ["--resume", str(tmp_path / "resnet20_32bit" / CHECKPOINT)])
+    assert again["top1"] == rec["top1"]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _bad_cases(data, ckpts, tmp):
+    corrupt = tmp / "corrupt.pth.tar"
+    corrupt.write_bytes(os.urandom(500))
+    common = _base(data, tmp / "bad")
+    return {
+        "unknown arch": (train_script, ["-a", "resnet7"] + common, "invalid choice"),
+        "bad bit": (train_script, ["--bit", "7"] + common, "invalid choice"),
+        "bad batch size": (train_script, common + ["-b", "0"], "--batch-size"),
+        "missing data folder": (train_script, common + ["--dataset", "folder", "--data", str(tmp / "nope")],
+                                "does not exist"),
+        "missing cifar": (train_script, common + ["--data", str(tmp / "empty"), "--no-download"],
+                          "cifar-10-batches-py"),
+        "missing init": (train_script, common + ["--init", str(tmp / "none.pth")], "does not exist"),
+        "corrupt init": (snn_script, common + ["--init", str(corrupt)], "corrupt"),
+        "init of another arch": (snn_script, common + ["-a", "alex", "--init", ckpts["resnet20"]], "holds a resnet20"),
+        "mismatched raw state dict": (train_script, common + ["-a", "alex", "--init", ckpts["raw"]],
+                                      "does not match the model"),
+        "snn of wrong bit": (snn_script, common + ["--bit", "3", "--init", ckpts["resnet20"]], "2-bit model"),
+        "snn of a float ANN": (snn_script, common + ["--init", ckpts["raw32"]], "no activation clips"),
+        "default init missing": (snn_script, common + ["-a", "vgg11"], "does not exist"),
+        "-u on 32-bit": (snn_script, common + ["--bit", "32", "-u"], "full-precision"),
+        "ft -u on 32-bit": (ft_script, common + ["--bit", "32", "-u"], "full-precision"),
+        "bad T": (snn_script, common + ["--init", ckpts["resnet20"], "--T", "0"], "T=0"),
+        "bad ft layers": (ft_script, common + ["--init", ckpts["resnet20"], "--ft-layers", "nope*"], "matches none"),
+        "snn of other weight bits": (snn_script, common + ["--init", ckpts["raw_w32"]], "--wbit"),
+        "resume without state": (train_script, common + ["--bit", "2", "--resume", ckpts["raw2"]], "without training"),
+        "NaN loss": (train_script, common + ["--bit", "32", "--lr", "1e38", "--train-subset", "16"],
+                     "loss became NaN at epoch 1 iter"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(fake_cifar, tmp_path_factory):
+    from classification.models import get_model
+    out = tmp_path_factory.mktemp("ckpts")
+    train_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--max-iters", "1"))
+    sd2 = torch.load(out / "resnet20_2bit" / BEST, weights_only=True)["state_dict"]
+    torch.save(sd2, out / "raw2.pth")
+    torch.save(get_model("resnet20", bit=32).state_dict(), out / "raw32.pth")
+    torch.save(get_model("resnet20", bit=2, wbit=32).state_dict(), out / "raw_w32.pth")
+    return {"raw_w32": str(out / "raw_w32.pth"), "resnet20": str(out / "resnet20_2bit" / BEST), "raw": str(out / "raw2.pth"),
+            "raw2": str(out / "raw2.pth"), "raw32": str(out / "raw32.pth")}
+
+
+@pytest.mark.parametrize("case", ["unknown arch", "bad bit", "bad batch size", "missing data folder", "missing cifar",
+                                  "missing init", "corrupt init", "init of another arch", "mismatched raw state dict",
+                                  "snn of wrong bit", "snn of a float ANN", "default init missing", "-u on 32-bit",
+                                  "ft -u on 32-bit", "bad T", "bad ft layers", "snn of other weight bits",
+                                  "resume without state", "NaN loss"])
+def test_bad_input_is_one_line_error(case, fake_cifar, bad_ckpts, tmp_path, capsys):
+    script, argv, needle = _bad_cases(fake_cifar, bad_ckpts, tmp_path)[case]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(script.main, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert needle in lines[0] and " — " in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------------ real command lines
+def _run(args, cwd, timeout=300, env=None):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_bad_arch_from_repo_root(tmp_path):
+    r = _run([PY, "classification/cifar10/main.py", "--arch", "nope", "--out", str(tmp_path)], ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_seed_style_relative_defaults(fake_cifar, tmp_path):
+    """``python snn.py --arch ... -e -u`` with data/ and result/ relative to the working directory, the
+    script's folder (which holds snn.py) first on sys.path -- the snn package must still be found."""
+    shutil.copytree(fake_cifar, tmp_path / "data")
+    common = ["-b", "4", "-j", "0", "--train-subset", "8", "--val-subset", "4", "--no-progress"]
+    r = _run([PY, os.path.join(SCRIPTS, "main.py"), "--arch", "alex", "--bit", "2", "-id", "0", "--wd", "1e-4",
+              "--epochs", "1", "--max-iters", "1"] + common, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "result" / "alex_2bit" / BEST)
+    r = _run([PY, os.path.join(SCRIPTS, "snn.py"), "--arch", "alex", "--bit", "2", "-id", "0", "-e", "-u",
+              "--init", "result/alex_2bit/model_best.pth.tar"] + common, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert " * Acc@1 " in r.stdout
+    assert _json(tmp_path / "result" / "alex_2bit" / "metrics_snn_unsigned_T3.json")["neuron"] == "unsigned"
+    r = _run([PY, os.path.join(SCRIPTS, "snn_ft.py"), "--arch", "alex", "--bit", "2", "-n", "1", "--force",
+              "--init", "result/alex_2bit/model_best.pth.tar", "--ft-layers", "features.1.act"] + common, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "result" / "alex_2bit_ft" / BEST)
+
+
+def test_torchrun_two_processes(fake_cifar, tmp_path):
+    """DDP on the CPU (gloo): training and SNN evaluation with 2 processes; counts are exact."""
+    common = ["--data", fake_cifar, "--out", str(tmp_path), "-b", "4", "-j", "0", "--train-subset", "8",
+              "--val-subset", "5", "--no-progress", "--no-tensorboard", "-a", "resnet20", "--bit", "2"]
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {"OMP_NUM_THREADS": "1"}
+    r = _run(launch + [os.path.join(SCRIPTS, "main.py"), "--epochs", "1"] + common, ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / "resnet20_2bit" / BEST, weights_only=True)
+    assert not any(k.startswith("module.") for k in ck["state_dict"])
+    r = _run(launch + [os.path.join(SCRIPTS, "snn.py")] + common, ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _json(tmp_path / "resnet20_2bit" / "metrics_snn_signed_T3.json")
+    assert m["samples"] == 5 and m["layers"][0]["agreement"] == 1.0  # 3 + 2 images, no padding
+    assert r.stdout.count(" * Acc@1") == 1  # rank 0 prints
+
+
+def test_chain_script_commands(tmp_path):
+    """scripts/cifar10_chain.sh runs the seed's recipe in order (PYTHON stubbed to record the calls)."""
+    log = tmp_path / "calls"
+    stub = tmp_path / "py"
+    stub.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+    stub.chmod(0o755)
+    r = _run(["bash", os.path.join(ROOT, "scripts", "cifar10_chain.sh"), "alex", "-id", "1"], tmp_path,
+             env={"PYTHON": str(stub), "EPOCHS": "7", "OUT": "res"})
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 9
+    assert calls[0].startswith("classification/cifar10/main.py --arch alex --bit 32 --wd 5e-4 --lr 0.1 --epochs 7")
+    assert "--bit 2 --wd 3e-5 --lr 4e-2" in calls[3] and "--init res/alex_3bit/model_best.pth.tar" in calls[3]
+    assert all(c.endswith("-id 1") for c in calls)
+    snn_calls = [c for c in calls if "snn.py" in c and "snn_ft" not in c]
+    assert [("-u" in c.split(), c.split()[c.split().index("--bit") + 1]) for c in snn_calls] == \
+        [(False, "3"), (True, "3"), (False, "2"), (True, "2")]
+    assert "snn_ft.py --arch alex --bit 2 -n 1 --force" in calls[-1]
+
+
+def test_demo_quick(tmp_path, monkeypatch, fake_fmnist_system, capsys):
+    from classification import demo
+    monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
+    s = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned" in out
+    assert [r["bits"] for r in s["table"]] == [32, 4, 3, 2] and s["table"][3]["finetuned"] is not None
+    assert s["table"][2]["T"] == 7 and s["table"][3]["T"] == 3
+    assert os.path.exists(tmp_path / "summary.json")
+    assert all(os.path.exists(p) for p in s["plots"]) and len(s["plots"]) == 3
