@@ -1,0 +1,1 @@
+"""ImageNet scripts (DDP, DALI or torchvision input pipelines): dali_main.py, snn.py, snn_ft.py."""
