@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import (FULL_PRECISION, act_quant, check_bit, default_weight_mode, num_levels,
-                         weight_quant, weight_quant_8bit)
+                         weight_quant_8bit)
 
 ACT_ALPHA = "act_alpha"
 WGT_ALPHA = "wgt_alpha"
@@ -51,6 +51,9 @@ class QuantAct(nn.Module):
                 self.act_alpha.fill_(self.alpha_init)
 
     def forward(self, x):
+        if self.act_alpha is not None:
+            from .fused import act_quant_fused  # one-pass native kernels, same values (quant/fused.py)
+            return act_quant_fused(x, self.act_alpha, self.levels)
         return act_quant(x, self.act_alpha, self.bit)
 
     def extra_repr(self):
@@ -76,7 +79,8 @@ class _WeightQuantMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as used in the forward pass (float weights when ``wbit == 32``)."""
-        return weight_quant(self.weight, self.wgt_alpha, self.wbit, self.wmode)
+        from .fused import weight_quant_fused  # native kernels, same values as weight_quant (quant/fused.py)
+        return weight_quant_fused(self.weight, self.wgt_alpha, self.wbit, self.wmode)
 
     def _wq_repr(self):
         return f", wbit={self.wbit}" + (f", wmode={self.wmode}" if self.wmode else "")

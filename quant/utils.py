@@ -108,3 +108,18 @@ def _short(keys, n=6):
 def is_full_precision(model: nn.Module) -> bool:
     bits = activation_bits(model)
     return not bits or bits == {FULL_PRECISION}
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm plausible running statistics and affine parameters (seeded) and return
+    the model in eval mode. An untrained network's BN is the identity, so its activations die out or
+    saturate; this keeps the spike trains of untrained test / benchmark models realistic."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.3)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.1)
+    return model.eval()

@@ -47,6 +47,23 @@ def if_constant(current: torch.Tensor, theta: torch.Tensor, t0: int, steps: int)
     return s.reshape(steps * current.shape[0], *current.shape[1:])
 
 
+def if_step(v: torch.Tensor, n: torch.Tensor | None, x: torch.Tensor, theta: torch.Tensor,
+            neg_level: torch.Tensor, signed: bool):
+    """One IF step: integrate ``x``, fire ``+1`` at ``v >= theta`` (reset by subtraction), and for
+    signed neurons ``-1`` at ``v < neg_level`` while the net count ``n > 0``. Returns ``(s, v, n)``.
+    The single definition of the dynamics: the reference loop and the compiled backend use it; the
+    C / Triton kernels repeat its float operations in the same order (tested bit-identical)."""
+    v = v + x
+    pos = v >= theta
+    v = torch.where(pos, v - theta, v)
+    if signed:
+        neg = (v < neg_level) & (n > 0)
+        v = torch.where(neg, v + theta, v)
+        s = pos.to(x.dtype) - neg.to(x.dtype)
+        return s, v, n + s
+    return pos.to(x.dtype), v, n
+
+
 def if_multistep(current: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, n: torch.Tensor | None,
                  signed: bool, neg_tol: float = DEFAULT_NEG_TOL):
     """Reference step loop. ``current``: ``[T, ...]``; ``v``: membrane ``[...]``; ``n``: net count
@@ -54,17 +71,7 @@ def if_multistep(current: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, n:
     out = torch.empty_like(current)
     neg_level = -neg_tol * theta
     for t in range(current.shape[0]):
-        v = v + current[t]
-        pos = v >= theta
-        v = torch.where(pos, v - theta, v)
-        if signed:
-            neg = (v < neg_level) & (n > 0)
-            v = torch.where(neg, v + theta, v)
-            s = pos.to(current.dtype) - neg.to(current.dtype)
-            n = n + s
-        else:
-            s = pos.to(current.dtype)
-        out[t] = s
+        out[t], v, n = if_step(v, n, current[t], theta, neg_level, signed)
     return out, v, n
 
 
@@ -127,7 +134,10 @@ class IFNeuron(nn.Module):
     def _run(self, cur, theta):
         if self.backend is not None:
             return self.backend(cur, theta, self.v, self.n, self.signed, self.neg_tol)
-        return if_multistep(cur, theta, self.v, self.n, self.signed, self.neg_tol)
+        # default: the fused kernel chosen by FASTSNN_KERNEL (auto: C on CPU, Triton on CUDA), which is
+        # bit-identical to if_multistep and falls back to it (snn/kernels.py)
+        from .kernels import if_steps
+        return if_steps(cur, theta, self.signed, self.neg_tol, v=self.v, n=self.n)
 
     def _record(self, spikes: torch.Tensor):
         """``spikes``: ``[steps, B, ...]`` in {-1, 0, 1}."""

@@ -227,7 +227,7 @@ def test_tiny_quantized_cnn_trains(bit):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert all(p.grad is not None for n, p in model.named_parameters() if "alpha" in n)
 
@@ -240,7 +240,7 @@ def test_init_from_float_checkpoint():
     info = quant.load_init(q, sd)
     assert sorted(info["missing_quantizer"]) == ["act1.act_alpha", "act2.act_alpha", "conv2.wgt_alpha"]
     assert torch.equal(q.conv2.weight, fp.conv2.weight)
-    assert float(q.act1.act_alpha) == 2.0
+    assert q.act1.act_alpha.item() == 2.0
     # a DataParallel-style prefix is stripped
     q2 = TinyQNet(2)
     quant.load_init(q2, {"module." + k: v for k, v in sd.items()})
@@ -250,7 +250,7 @@ def test_init_from_float_checkpoint():
     with torch.no_grad():
         q4.act1.act_alpha.fill_(5.0)
     quant.load_init(q, q4.state_dict())
-    assert float(q.act1.act_alpha) == 5.0
+    assert q.act1.act_alpha.item() == 5.0
 
 
 def test_init_mismatch_names_keys():

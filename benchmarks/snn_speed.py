@@ -1,0 +1,476 @@
+"""SNN simulation speed on CPU: our optimised SNN vs the convolution floor, the quantized ANN and
+SpikingJelly 2.0 running the same converted network.
+
+For every (arch, T) -- the ANN is built with ``bit = log2(T + 1)`` activations, random weights and
+BN statistics (dense simulation time does not depend on the values) -- all contenders run in one
+process, interleaved round-robin, after warm-up, ``--repeats`` times; medians are reported:
+
+* ``ann``: the quantized ANN's inference, optimised (``quant.fused.optimize_ann``: frozen weights,
+  BN folded, fused quantizer / residual, channels-last); ``ann_eager``: the ANN module itself in eval
+  mode under ``no_grad`` (its quantizer is the one-pass kernel, weights are re-quantized per call);
+* ``ann_convs``: the ANN's convolutions / linears alone on the batch B (best layout);
+* ``floor``: the SNN's convolutions / linears alone, each on the batch it sees in the simulation
+  (T x B for every layer after the first neurons, B for the analog-input layer), replayed one after
+  the other on preallocated inputs, best of NCHW / channels-last: the floor of exact dense simulation;
+  ``floor_chain``: the same convolutions chained as in the network (our optimised SNN with every
+  neuron a no-op, every BN an identity, no residual sums) -- what the convolutions cost inside a
+  network, where outputs stay alive and inputs are not cache-hot (``ann_chain``: the same for the ANN);
+* ``snn``: ours, ``snn.optimize(snn.convert(ann, T, signed))``;
+* ``snn_compile`` (``--compile-kernel``): the same with the neurons' time loop compiled by
+  ``torch.compile`` (inductor) instead of our C kernel;
+* ``naive`` (``--naive``): the unoptimised converted SNN with the reference PyTorch loop;
+* ``sj``: SpikingJelly 2.0 (``spikingjelly.activation_based.neuron.IFNode``, multi-step, soft reset,
+  V0 = theta/2 via its reset value) in place of our neurons in the *unoptimised* converted network
+  (same frozen quantized weights, BN modules, thresholds, default NCHW layout; the analog input's
+  current repeated T times into the first IF node). SpikingJelly has no signed IF neuron: the signed
+  rows compare with its (unsigned) IF node. Its output is compared with our unsigned reference
+  (``sj_max_abs_diff_vs_unsigned_reference``: 0 unless the first layer's step loop and our closed
+  form round a near-tie differently).
+  ``--sj-channels-last`` also times it with channels-last weights / input (``sj_cl``).
+
+Ratios: ``ratio_floor`` = snn / floor, ``ratio_t_ann`` = snn / (T x ann), ``ratio_sj`` = snn / sj
+(``speedup_sj`` = sj / snn), ``ratio_ann_convs`` = ann / ann_convs. ``peak_mb``: extra resident memory
+at the peak of one forward (VmHWM after malloc_trim), per contender.
+
+    python benchmarks/snn_speed.py --quick --json out.json       # resnet20, T = 3, 7 (< 2 min)
+    python benchmarks/snn_speed.py --json snn_speed.json         # all archs, T = 3, 7, 15
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import QUIET, fmt_table, interleaved, machine, peak_extra_mb, random_bn, write_json  # noqa: E402
+
+import snn  # noqa: E402
+from classification.models import get_model  # noqa: E402
+from quant.fused import frozen_weight_layer, is_weight_layer, optimize_ann, tune_malloc  # noqa: E402
+from snn import kernels  # noqa: E402
+from snn.neuron import IFNeuron  # noqa: E402
+
+ARCHS = {  # name -> (dataset, input size)
+    "resnet20": ("cifar", 32), "vgg11": ("cifar", 32), "alex": ("cifar", 32), "alexnet": ("imagenet", 224),
+}
+
+
+# ------------------------------------------------------------------------------------------ floors
+class ConvReplay:
+    """The conv / linear calls of a network, replayed alone on preallocated inputs in one layout."""
+
+    def __init__(self, calls, layout: str):
+        self.ops = []
+        bufs = {}
+        cl = layout == "channels_last"
+        for mod, shape in calls:
+            key = tuple(shape)
+            if key not in bufs:
+                x = torch.randn(shape)
+                bufs[key] = x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x.contiguous()
+            w = mod.weight.detach()
+            w = w.contiguous(memory_format=torch.channels_last) if cl and w.dim() == 4 else w.contiguous()
+            b = mod.bias.detach() if mod.bias is not None else None
+            self.ops.append((mod, bufs[key], w, b))
+
+    def __call__(self):
+        for mod, x, w, b in self.ops:
+            if isinstance(mod, nn.Linear):
+                F.linear(x, w, b)
+            else:
+                F.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+def conv_calls(model: nn.Module, x) -> list:
+    """(module, input shape) of every conv / linear call of one forward."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(i[0].shape))))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def best_replay(calls):
+    """The faster layout's replay (2 timed calls each after one warm-up)."""
+    best = None
+    for layout in ("channels_last", "nchw"):
+        r = ConvReplay(calls, layout)
+        r()
+        t = time.perf_counter()
+        r()
+        r()
+        dt = time.perf_counter() - t
+        if best is None or dt < best[0]:
+            best = (dt, layout, r)
+    return best[2], best[1]
+
+
+class _PassNeuron(nn.Module):
+    """A neuron that does nothing: returns its current (a constant-input one: a preallocated train)."""
+
+    def __init__(self, T: int, constant: bool, channels_last: bool = True):
+        super().__init__()
+        self.T, self.constant, self.channels_last, self.buf = T, constant, channels_last, None
+
+    def forward(self, current, residual=None):
+        if not self.constant:
+            return current
+        shape = (self.T * current.shape[0],) + tuple(current.shape[1:])
+        if self.buf is None or tuple(self.buf.shape) != shape:
+            b = torch.randn(shape)
+            self.buf = b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 and self.channels_last else b
+        return self.buf
+
+
+class _PlainConv(nn.Conv2d):
+    def forward(self, x, residual=None):
+        return super().forward(x)
+
+
+def conv_chain(net: nn.Module, T: int = 1) -> nn.Module:
+    """``net`` with every neuron / quantizer a no-op, every BN an identity and the fused residual sums
+    dropped: its convolutions / linears chained as in the network (outputs live as long as there)."""
+    from quant.fused import Conv2dAdd, FusedQuantAct
+    chain = copy.deepcopy(net)
+    root = chain.net if isinstance(chain, snn.SpikingNetwork) else chain
+    cl = getattr(net, "layout", "channels_last") == "channels_last"
+    for name, m in list(root.named_modules()):
+        if isinstance(m, IFNeuron):
+            _set(root, name, _PassNeuron(T, m.constant_input, cl))
+        elif isinstance(m, FusedQuantAct):
+            _set(root, name, _PassNeuron(1, False))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _set(root, name, nn.Identity())
+        elif isinstance(m, Conv2dAdd):
+            m.__class__ = _PlainConv
+    return chain.eval()
+
+
+# ------------------------------------------------------------------------------------------ SpikingJelly
+def sj_network(net_unsigned: snn.SpikingNetwork):
+    """The converted (unoptimised, unsigned) network with SpikingJelly IF nodes in place of ours."""
+    from spikingjelly.activation_based import neuron as sjn
+
+    class SJNeuron(nn.Module):
+        def __init__(self, src: IFNeuron, T: int):
+            super().__init__()
+            theta = float(src.act_alpha)
+            self.theta, self.T, self.constant = theta, T, src.constant_input
+            self.node = sjn.IFNode(v_threshold=theta, v_reset=None, step_mode="m")  # soft reset
+            self.node.set_reset_value("v", theta / 2)  # V0 = theta / 2 after every reset()
+            self.node.reset()
+
+        def forward(self, x):
+            if self.constant:  # analog input: the same current at every step
+                seq = x.unsqueeze(0).expand(self.T, *x.shape)
+            else:
+                seq = x.view(self.T, x.shape[0] // self.T, *x.shape[1:])
+            self.node.reset()
+            s = self.node(seq)
+            return (s * self.theta).flatten(0, 1)
+
+    sj = copy.deepcopy(net_unsigned)
+    gm = sj.net
+    for name, m in list(gm.named_modules()):
+        if isinstance(m, IFNeuron):
+            _set(gm, name, SJNeuron(m, sj.T))
+        elif is_weight_layer(m):
+            _set(gm, name, frozen_weight_layer(m, None, channels_last=False))  # same weights, computed once
+    return sj.eval()
+
+
+def _set(root, path, new):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def spike_agreement(ref: snn.SpikingNetwork, opt: snn.SpikingNetwork, x) -> float:
+    got = {}
+    hooks = []
+    for tag, net in (("r", ref), ("o", opt)):
+        for k, m in net.neurons().items():
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o, k=k, tag=tag: got.__setitem__((tag, k), o.detach().clone())))
+    try:
+        with torch.no_grad():
+            ref(x)
+            opt(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    same = total = 0
+    for k in ref.neurons():
+        same += int((got[("r", k)] == got[("o", k)]).sum())
+        total += got[("r", k)].numel()
+    return same / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------------ profile
+@contextlib.contextmanager
+def labelled_neurons():
+    """Label every neuron call in the profiler (class-level wrapper, no hooks: in-place stays on)."""
+    from snn.optimize import FusedIFNeuron
+    orig = FusedIFNeuron.forward
+
+    def fwd(self, *a, **k):
+        with torch.profiler.record_function("fused_if_neuron"):
+            return orig(self, *a, **k)
+    FusedIFNeuron.forward = fwd
+    try:
+        yield
+    finally:
+        FusedIFNeuron.forward = orig
+
+
+def profile_breakdown(fn, label: str, runs: int = 3) -> dict:
+    """Self-CPU time per op category (ms per forward): convolutions, IF kernels, everything else."""
+    with labelled_neurons(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            fn()
+    cats = {}
+    for e in prof.key_averages():
+        name = e.key
+        ms = e.self_cpu_time_total / 1e3 / runs
+        if "convolution" in name or name in ("aten::addmm", "aten::mm", "aten::linear"):
+            cat = "conv/linear"
+        elif name == "fused_if_neuron":
+            cat = "IF kernels (incl. constant-input)"
+        elif name.startswith("aten::empty") or name in ("aten::resize_",):
+            cat = "allocation"
+        else:
+            cat = "other ops"
+        cats[cat] = cats.get(cat, 0.0) + ms
+    total = sum(cats.values())
+    print(f"\n  profile of {label} (self CPU ms per forward, {runs} runs):")
+    for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"    {k:36s} {v:8.2f}  ({100 * v / max(total, 1e-9):4.1f} %)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    return {k: round(v, 3) for k, v in cats.items()}
+
+
+# ------------------------------------------------------------------------------------------ main loop
+def bench_arch(arch, Ts, neurons, args, records, log):
+    ds, size = ARCHS[arch]
+    B = args.imagenet_batch if ds == "imagenet" else args.batch
+    torch.manual_seed(0)
+    x = torch.randn(B, 3, size, size)
+    for T in Ts:
+        bit = int(round(math.log2(T + 1)))
+        if 2 ** bit - 1 != T:
+            raise SystemExit(f"T={T} is not 2**bit - 1")
+        ann = random_bn(get_model(arch, bit, dataset=ds), seed=bit)
+        for p in ann.parameters():
+            p.requires_grad_(False)
+        log(f"\n== {arch} ({ds}, batch {B}), T={T} (bit {bit})")
+        t0 = time.time()
+        ann_opt = optimize_ann(ann, example=x)  # layout: the faster on this batch
+        nets = {s: snn.convert(ann, T=T, signed=(s == "signed")) for s in neurons}
+        first = snn.optimize(nets[neurons[0]], example=x)
+        ours = {s: first if s == neurons[0] else snn.optimize(nets[s], channels_last=first.layout == "channels_last")
+                for s in neurons}
+        ann_replay, ann_layout = best_replay(conv_calls(ann_opt, x))
+        floor_replay, floor_layout = best_replay(conv_calls(first, x))
+        ann_chain = conv_chain(ann_opt)
+        floor_chain = conv_chain(first, T)
+        fns = {
+            "ann": lambda: ann_opt(x),
+            "ann_eager": lambda: ann(x),
+            "ann_convs": ann_replay,
+            "ann_chain": lambda: ann_chain(x),
+            "floor": floor_replay,
+            "floor_chain": lambda: floor_chain(x),
+        }
+        for s in neurons:
+            fns["snn_" + s] = (lambda net: (lambda: net(x)))(ours[s])
+            if args.compile_kernel:  # the same optimised network, neurons through torch.compile
+                fns["snn_compile_" + s] = (lambda net: (lambda: net(x)))(snn.optimize(
+                    nets[s], channels_last=first.layout == "channels_last", kernel="compile"))
+        sj = sj_cl = None
+        if not args.no_sj:
+            try:
+                ref_u = nets.get("unsigned") or snn.convert(ann, T=T, signed=False)
+                sj = sj_network(ref_u)
+                fns["sj"] = lambda: sj(x)
+                if args.sj_channels_last:  # the same with channels-last weights and input (not SJ's default)
+                    sj_cl = copy.deepcopy(sj).to(memory_format=torch.channels_last)
+                    x_cl = x.contiguous(memory_format=torch.channels_last)
+                    fns["sj_cl"] = lambda: sj_cl(x_cl)
+            except ImportError as e:
+                log(f"  SpikingJelly not available ({e}); pip install -r requirements-bench.txt")
+        if args.naive:
+            for s in neurons:
+                ref = kernels.enable(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
+                fns["naive_" + s] = (lambda net: (lambda: net(x)))(ref)
+        # correctness of what is timed (small batch)
+        xs = x[:4]
+        checks = {}
+        with torch.no_grad():
+            for s in neurons:
+                ref = kernels.enable(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
+                checks[s] = {"spike_agreement": spike_agreement(ref, ours[s], xs),
+                             "max_abs_diff": float((ref(xs) - ours[s](xs)).abs().max())}
+            if sj is not None:  # SpikingJelly vs our unsigned reference: equal but for the first layer, whose
+                # closed form (ours, bit-exact with the ANN) and step loop (SJ) can round differently at ties
+                ref = kernels.enable(snn.convert(ann, T=T, signed=False), "reference")
+                a, b = sj(xs), ref(xs)
+                checks["sj_max_abs_diff"] = float((a - b).abs().max())
+        log(f"  set-up {time.time() - t0:.1f} s; layouts: SNN {first.layout}, floor {floor_layout}, "
+            f"ANN {ann_opt.layout}, ANN convs {ann_layout}; checks {checks}")
+        with torch.no_grad():
+            res = interleaved(fns, repeats=args.repeats, warmup=args.warmup, log=log if args.verbose else None,
+                              quiet=not args.no_wait)
+            mem = {k: peak_extra_mb(f) for k, f in fns.items()} if not args.no_memory else {}
+            prof = None
+            if args.profile and T in args.profile_T:
+                prof = profile_breakdown(fns["snn_" + neurons[0]], f"{arch} T={T} {neurons[0]} (ours)")
+                profile_breakdown(fns["floor"], f"{arch} T={T} floor")
+        med = {k: v["median"] for k, v in res.items()}
+        for s in neurons:
+            snn_ms = med["snn_" + s]
+            rec = {
+                "arch": arch, "dataset": ds, "batch": B, "T": T, "neuron": s,
+                "ann_ms": med["ann"], "ann_eager_ms": med["ann_eager"], "ann_convs_ms": med["ann_convs"],
+                "snn_ms": snn_ms, "sj_ms": med.get("sj"), "floor_ms": med["floor"],
+                "naive_ms": med.get("naive_" + s),
+                "snn_compile_ms": med.get("snn_compile_" + s),
+                "ratio_floor_compile": med["snn_compile_" + s] / med["floor"] if "snn_compile_" + s in med else None,
+                "ratio_floor": snn_ms / med["floor"],
+                "ratio_t_ann": snn_ms / (T * med["ann"]),
+                "ratio_t_ann_eager": snn_ms / (T * med["ann_eager"]),
+                "ratio_sj": snn_ms / med["sj"] if "sj" in med else None,
+                "speedup_sj": med["sj"] / snn_ms if "sj" in med else None,
+                "sj_cl_ms": med.get("sj_cl"),
+                "speedup_sj_cl": med["sj_cl"] / snn_ms if "sj_cl" in med else None,
+                "ratio_ann_convs": med["ann"] / med["ann_convs"],
+                "ann_chain_ms": med["ann_chain"], "floor_chain_ms": med["floor_chain"],
+                "ratio_floor_chain": snn_ms / med["floor_chain"],
+                "ratio_ann_chain": med["ann"] / med["ann_chain"],
+                "ratio_ann_eager_convs": med["ann_eager"] / med["ann_convs"],
+                "peak_mb": mem.get("snn_" + s), "peak_mb_sj": mem.get("sj"), "peak_mb_floor": mem.get("floor"),
+                "peak_mb_ann": mem.get("ann"),
+                "floor_layout": floor_layout, "snn_layout": first.layout, "ann_layout": ann_opt.layout,
+                "sj_neuron": "IFNode (unsigned; SpikingJelly has no signed IF)" if s == "signed" else "IFNode",
+                "kernel": kernels._resolve(kernels.default_backend(), x),
+                "spike_agreement": checks[s]["spike_agreement"], "max_abs_diff_vs_reference": checks[s]["max_abs_diff"],
+                "sj_max_abs_diff_vs_unsigned_reference": checks.get("sj_max_abs_diff"),
+                "times_ms": {k: v["all"] for k, v in res.items() if k in ("snn_" + s, "sj", "floor", "ann")},
+            }
+            if prof is not None and s == neurons[0]:
+                rec["profile_ms"] = prof
+            records.append(rec)
+        fns = ours = nets = sj = sj_cl = ann_chain = floor_chain = None  # free before the next T
+
+
+COLS = [("arch", "arch", None), ("T", "T", None), ("neuron", "neuron", None), ("ANN ms", "ann_ms", "{:.1f}"),
+        ("ANN eager", "ann_eager_ms", "{:.1f}"), ("ANN convs", "ann_convs_ms", "{:.1f}"),
+        ("floor ms", "floor_ms", "{:.1f}"), ("SNN ms", "snn_ms", "{:.1f}"), ("SJ ms", "sj_ms", "{:.1f}"),
+        ("SNN/floor", "ratio_floor", "{:.2f}"), ("SNN/(T·ANN)", "ratio_t_ann", "{:.2f}"),
+        ("SNN/SJ", "ratio_sj", "{:.2f}"), ("SJ/SNN", "speedup_sj", "{:.2f}"), ("SJ-cl/SNN", "speedup_sj_cl", "{:.2f}"),
+        ("ANN/convs", "ratio_ann_convs", "{:.2f}"), ("chain floor", "floor_chain_ms", "{:.1f}"),
+        ("SNN/chain", "ratio_floor_chain", "{:.2f}"), ("ANN/chain", "ratio_ann_chain", "{:.2f}"),
+        ("peak MB", "peak_mb", "{:.0f}"),
+        ("SJ MB", "peak_mb_sj", "{:.0f}"), ("floor MB", "peak_mb_floor", "{:.0f}")]
+
+
+def targets(records) -> list:
+    out = []
+    for r in records:
+        if r["arch"] == "resnet20" and r["neuron"] == "signed" and r["T"] in (3, 7):
+            out.append((f"resnet20 T={r['T']} signed: SNN/floor {r['ratio_floor']:.2f} (target <= 1.25)",
+                        r["ratio_floor"] <= 1.25))
+            if r.get("speedup_sj") is not None:
+                out.append((f"resnet20 T={r['T']} signed: SJ/SNN {r['speedup_sj']:.2f}x (target >= 1.8)",
+                            r["speedup_sj"] >= 1.8))
+            out.append((f"resnet20 T={r['T']}: ANN/convs {r['ratio_ann_convs']:.2f} (target <= 1.15)",
+                        r["ratio_ann_convs"] <= 1.15))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet20,vgg11,alex,alexnet", help="comma list of " + ", ".join(ARCHS))
+    ap.add_argument("--T", default="3,7,15", help="comma list of time steps (2**bit - 1)")
+    ap.add_argument("--neurons", default="signed,unsigned")
+    ap.add_argument("--batch", type=int, default=64, help="CIFAR batch")
+    ap.add_argument("--imagenet-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="resnet20 at T = 3 and 7 only")
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--no-sj", action="store_true", help="skip SpikingJelly")
+    ap.add_argument("--sj-channels-last", action="store_true",
+                    help="also time SpikingJelly with channels-last weights / input (not its default layout)")
+    ap.add_argument("--naive", action="store_true", help="also time the unoptimised SNN with the reference loop")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile-kernel", action="store_true",
+                    help="also time our optimised network with the torch.compile neuron backend")
+    ap.add_argument("--profile", action="store_true", help="print the op breakdown of ours and of the floor")
+    ap.add_argument("--profile-T", default="3,7")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--no-malloc-tune", action="store_true",
+                    help="keep glibc's default (freed tensors go back to the OS and are page-faulted in again)")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for an idle machine before each round")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.arch, args.T = "resnet20", "3,7"
+    args.profile_T = [int(t) for t in args.profile_T.split(",")]
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    malloc_tuned = False if args.no_malloc_tune else tune_malloc()
+    archs = [a for a in args.arch.split(",") if a]
+    for a in archs:
+        if a not in ARCHS:
+            raise SystemExit(f"unknown arch {a!r}: choose from {', '.join(ARCHS)}")
+    Ts = [int(t) for t in args.T.split(",")]
+    neurons = [n for n in args.neurons.split(",") if n]
+    meta = machine()
+    meta.update({"command": " ".join(sys.argv), "batch": args.batch, "imagenet_batch": args.imagenet_batch,
+                 "repeats": args.repeats, "kernel": kernels.default_backend(),
+                 "cpp_kernel": kernels.cpp_available(), "malloc_tuned": malloc_tuned})
+    print(f"machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs, torch {meta['torch']} "
+          f"({args.threads} threads), load average {meta['load_avg']}")
+    if meta["load_avg"] and meta["load_avg"][0] > 0.5 * (os.cpu_count() or 1):
+        print("WARNING: the machine is busy (load average above); timings will be noisy")
+    records = []
+    t_start = time.time()
+    for arch in archs:
+        bench_arch(arch, Ts, neurons, args, records, print)
+        if args.json:
+            write_json(args.json, records, meta)
+    meta["seconds"] = time.time() - t_start
+    meta["waited_for_idle_s"], meta["rounds_on_busy_machine"] = QUIET["waited_s"], QUIET["busy_rounds"]
+    try:
+        meta["load_avg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    print()
+    print(fmt_table(records, COLS))
+    tg = targets(records)
+    if tg:
+        print("\ntargets:")
+        for text, ok in tg:
+            print(f"  [{'met' if ok else 'MISSED'}] {text}")
+    meta["targets"] = [{"target": t, "met": ok} for t, ok in tg]
+    if args.json:
+        write_json(args.json, records, meta)
+        print(f"\nwrote {args.json} ({len(records)} records, {meta['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
