@@ -429,7 +429,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
                                       momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode, force=args.force,
                                       score_batches=args.score_batches, max_batches=args.max_iters,
                                       layers=select_layers(net, args.ft_layers), show_progress=args.progress,
-                                      tb=tb)
+                                      cache=FT_CACHE[args.ft_cache], tb=tb)
     seconds = time.time() - t0
     log("SNN after fine-tuning:")
     res = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (after)", show_progress=args.progress)
@@ -473,6 +473,9 @@ def add_snn_args(p: ArgumentParser):
     p.add_argument("--chunk", type=int, default=None, help="simulate at most K steps at once (bounded memory)")
 
 
+FT_CACHE = {"auto": "auto", "on": True, "off": False}  # --ft-cache -> snn.finetune(cache=...)
+
+
 def add_finetune_args(p: ArgumentParser):
     p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
                    help="fine-tuning epochs per layer (default 1; honoured for every arch)")
@@ -486,5 +489,9 @@ def add_finetune_args(p: ArgumentParser):
     p.add_argument("--ft-layers", default="", metavar="PATTERNS",
                    help="tune only the spiking layers whose names match these comma-separated globs "
                         "(e.g. 'layer1.*,layer2.0.act2'; default: every layer from the 2nd on)")
+    p.add_argument("--ft-cache", choices=tuple(FT_CACHE), default="auto",
+                   help="prefix cache: draw the fine-tuning batches once and carry the frozen layers' outputs "
+                        "from one tuned layer to the next instead of recomputing them (auto: when --max-iters "
+                        "bounds the batches; on: always, reusing the same batches for every layer; default auto)")
     p.add_argument("--eval-before", action=argparse_bool(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")

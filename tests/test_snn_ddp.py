@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, cache):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -18,7 +19,7 @@ def _worker(rank, world, init_file, out_dir):
         ann, batches = _trained_tiny_resnet(steps=10)
         net = snn.convert(ann)
         mine = batches[rank::world][:4]  # each rank sees different data
-        snn.finetune(ann, net, mine, epochs=1, lr=1e-2, progress=False, log=lambda s: None)
+        snn.finetune(ann, net, mine, epochs=1, lr=1e-2, progress=False, log=lambda s: None, cache=cache)
         with snn.Monitor(ann, net) as mon:
             mon.run(mine[0][0])
             s = mon.summary()
@@ -27,9 +28,10 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_finetune_under_ddp_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])  # the prefix cache: each rank caches its own batches
+def test_finetune_under_ddp_keeps_ranks_identical(tmp_path, cache):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), cache), nprocs=world, join=True)
     r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "r1.pt", weights_only=True)
     assert r0["samples"] == r1["samples"] == 64  # summary reduced over both ranks (2 x 32)
