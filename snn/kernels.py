@@ -652,6 +652,84 @@ def disable(net: nn.Module) -> nn.Module:
     return net
 
 
+# ----------------------------------------------------------------------------------------------
+# statistics: non-zero inputs per spatial position (the Monitor's exact SOP count)
+# ----------------------------------------------------------------------------------------------
+_NZ_TEMPLATE = r"""
+/* out[j] = number of non-zero x over all rows at spatial position j.
+   NCHW: x = [rows = N*C][hw];  NHWC: x = [n][hw][c]. Per-thread int32 partial counts. */
+void fsnn_nz_nchw_$S(const $R* x, int64_t rows, int64_t hw, int64_t* out, int nt) {
+    for (int64_t j = 0; j < hw; j++) out[j] = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int32_t* acc = (int32_t*)calloc((size_t)hw, sizeof(int32_t));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const $R* p = x + r * hw;
+#pragma omp simd
+            for (int64_t j = 0; j < hw; j++) acc[j] += p[j] != ($R)0;
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < hw; j++) out[j] += acc[j];
+        free(acc);
+    }
+}
+void fsnn_nz_nhwc_$S(const $R* x, int64_t n, int64_t hw, int64_t c, int64_t* out, int nt) {
+    for (int64_t j = 0; j < hw; j++) out[j] = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int32_t* acc = (int32_t*)calloc((size_t)hw, sizeof(int32_t));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n; b++) {
+            for (int64_t j = 0; j < hw; j++) {
+                const $R* p = x + (b * hw + j) * c;
+                int32_t k = 0;
+#pragma omp simd reduction(+:k)
+                for (int64_t q = 0; q < c; q++) k += p[q] != ($R)0;
+                acc[j] += k;
+            }
+        }
+#pragma omp critical
+        for (int64_t j = 0; j < hw; j++) out[j] += acc[j];
+        free(acc);
+    }
+}
+"""
+_NZ_SRC = "#include <stdint.h>\n#include <stdlib.h>\n" + "".join(
+    string.Template(_NZ_TEMPLATE).substitute(S=s, R=r) for s, r, _ in _TYPES)
+_NZ = {}
+
+
+def _nz_lib():
+    if "lib" not in _NZ:
+        lib = build_native("fsnn_nz", _NZ_SRC)
+        if lib is not None:
+            V, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            for suf in _SUFFIX.values():
+                getattr(lib, "fsnn_nz_nchw_" + suf).argtypes = [V, I64, I64, V, I]
+                getattr(lib, "fsnn_nz_nhwc_" + suf).argtypes = [V, I64, I64, I64, V, I]
+        _NZ["lib"] = lib
+    return _NZ["lib"]
+
+
+def nonzero_per_position(x: torch.Tensor) -> torch.Tensor:
+    """Count of non-zero entries of a 4-d ``[N, C, H, W]`` tensor at each spatial position, summed
+    over N and C (int64 ``[H, W]``): one pass (C / OpenMP kernel on CPU float tensors, contiguous or
+    channels-last), else ``torch.count_nonzero``."""
+    N, C, H, W = x.shape
+    lib = _nz_lib() if default_backend() != "reference" and x.device.type == "cpu" and x.dtype in _SUFFIX else None
+    if lib is not None and x.numel() > 0:
+        out = torch.empty(H, W, dtype=torch.int64)
+        suf = _SUFFIX[x.dtype]
+        if x.is_contiguous():
+            getattr(lib, "fsnn_nz_nchw_" + suf)(ptr(x), N * C, H * W, ptr(out), num_threads(x.numel()))
+            return out
+        if x.is_contiguous(memory_format=torch.channels_last):
+            getattr(lib, "fsnn_nz_nhwc_" + suf)(ptr(x), N, H * W, C, ptr(out), num_threads(x.numel()))
+            return out
+    return torch.count_nonzero(x, dim=(0, 1))
+
+
 __all__ = ["BACKENDS", "if_steps", "if_const_steps", "make_backend", "reference_backend", "enable", "disable",
-           "cpp_available",
+           "cpp_available", "nonzero_per_position",
            "triton_kernel", "default_backend"]

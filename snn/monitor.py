@@ -47,17 +47,36 @@ def _macs(m: nn.Module, out: torch.Tensor) -> float:
     return float(out.numel() * (m.in_channels // m.groups) * k)
 
 
+_FANOUT: Dict[tuple, torch.Tensor] = {}
+
+
+def _conv_fanout(m: nn.Conv2d, hw: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``F[h, w]``: how many (output position, kernel tap) pairs read input position ``(h, w)`` --
+    the gradient of ``sum(conv(ones))`` w.r.t. its input, i.e. the transposed convolution of ones
+    (the same for every channel). Cached per geometry."""
+    key = (tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation), hw, x.dtype, x.device)
+    if key not in _FANOUT:
+        with torch.enable_grad():
+            inp = torch.ones(1, 1, *hw, dtype=x.dtype, device=x.device, requires_grad=True)
+            ones = torch.ones(1, 1, *m.kernel_size, dtype=x.dtype, device=x.device)
+            F.conv2d(inp, ones, None, m.stride, m.padding, m.dilation).sum().backward()
+        _FANOUT[key] = inp.grad[0, 0]
+    return _FANOUT[key]
+
+
 def _sops(m: nn.Module, x: torch.Tensor) -> float:
-    """Accumulates triggered by the non-zero inputs of a conv / linear layer (exact fan-out)."""
-    nz = (x != 0).to(x.dtype)
+    """Accumulates triggered by the non-zero inputs of a conv / linear layer (exact fan-out): every
+    non-zero input reaches ``out_channels / groups`` kernels at each of the ``F[h, w]`` output
+    positions / taps that read its position, so the total is ``sum_hw count_nz[h, w] * F[h, w]``
+    -- one pass over the input instead of a second convolution."""
     if isinstance(m, nn.Linear):
-        return float(nz.sum()) * m.out_features
-    if isinstance(m, nn.Conv2d):
-        ones = torch.ones(m.groups, m.in_channels // m.groups, *m.kernel_size, dtype=x.dtype, device=x.device)
-        reach = F.conv2d(nz, ones, None, m.stride, m.padding, m.dilation, m.groups)
-        return float(reach.sum()) * (m.out_channels // m.groups)
+        return float(torch.count_nonzero(x)) * m.out_features
+    if isinstance(m, nn.Conv2d) and x.dim() == 4 and m.padding_mode == "zeros":
+        from .kernels import nonzero_per_position
+        nz = nonzero_per_position(x).to(x.dtype)
+        return float((nz * _conv_fanout(m, tuple(x.shape[-2:]), x)).sum()) * (m.out_channels // m.groups)
     # other convs: approximate by the mean fan-out
-    return float(nz.sum()) * m.out_channels * _prod(m.kernel_size) / _prod(m.stride)
+    return float(torch.count_nonzero(x)) * m.out_channels * _prod(m.kernel_size) / _prod(m.stride)
 
 
 def _prod(t):
@@ -139,17 +158,21 @@ class Monitor:
             for m in self.neurons.values():
                 m.record = False
         T = self.net.T
-        for name, m in self.neurons.items():
-            level = act_levels(self._ann_in[name], m.act_alpha, T)
-            count = m.count
-            diff = (count - level).abs()
-            self._n[name] += count.numel()
-            self._events[name] += float(m.events.sum())
-            self._equal[name] += float((diff < 0.5).sum())
-            self._abs_err[name] += float(diff.sum())
-            rate_err = (count - level) * (m.act_alpha / T)
-            self._sq_err[name] += float((rate_err ** 2).sum())
+        names = list(self.neurons)
+        per_layer = []  # [events, equal, sum |err|, sum err^2] per layer, one host transfer per run
+        for name in names:
+            m = self.neurons[name]
+            err = m.count - act_levels(self._ann_in[name], m.act_alpha, T)
+            a = err.abs_().flatten()
+            self._n[name] += a.numel()
+            per_layer.append(torch.stack([m.events.sum(), (a < 0.5).sum().to(a.dtype), a.sum(),
+                                          torch.dot(a, a) * (m.act_alpha.detach() / T) ** 2]))
             m.count = m.events = None
+        for name, (ev, eq, ab, sq) in zip(names, torch.stack(per_layer).double().tolist() if names else []):
+            self._events[name] += ev
+            self._equal[name] += eq
+            self._abs_err[name] += ab
+            self._sq_err[name] += sq
         self._samples += x.shape[0]
         self._ann_in.clear()
         return ann_out, steps

@@ -448,3 +448,18 @@ def test_optimized_layouts(layout):
     fast = fused.optimize_ann(ann, channels_last=layout, example=x)
     with torch.no_grad():
         assert torch.allclose(fast(x), ann(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "float64", "strided"])
+def test_nonzero_per_position_matches_count_nonzero(layout):
+    """The Monitor's SOP count: non-zeros per spatial position, for every layout the SNN produces."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(12, 5, 7, 9, generator=g) < 0.3).float() * torch.randn(12, 5, 7, 9, generator=g).sign()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "float64":
+        x = x.double()
+    elif layout == "strided":
+        x = x[:, :, :, ::2]
+    got = kernels.nonzero_per_position(x)
+    assert got.dtype == torch.int64 and torch.equal(got, torch.count_nonzero(x, dim=(0, 1)))

@@ -415,6 +415,21 @@ def test_sops_exact_for_single_spike():
         assert mon.summary()["sops"] == 13 * 4
 
 
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=1, stride=2), dict(kernel_size=5, padding=2, dilation=2),
+                                dict(kernel_size=3, padding=1, groups=4),
+                                dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))])
+def test_sops_equal_brute_force_fanout(kw):
+    """The one-pass SOP count equals convolving the non-zero map with a kernel of ones."""
+    from snn.monitor import _sops
+    torch.manual_seed(0)
+    m = nn.Conv2d(8, 16, **kw)
+    x = (torch.rand(6, 8, 13, 11) < 0.3).float() * torch.randn(6, 8, 13, 11).sign()
+    ones = torch.ones(m.groups, 8 // m.groups, *m.kernel_size)
+    reach = F.conv2d((x != 0).float(), ones, None, m.stride, m.padding, m.dilation, m.groups)
+    assert _sops(m, x) == float(reach.sum()) * (16 // m.groups)
+
 # ------------------------------------------------------------------------------------------ fine-tuning
 def _trained_tiny_resnet(bit=2, steps=60):
     torch.manual_seed(0)
