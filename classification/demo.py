@@ -40,7 +40,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--val-subset", type=int, default=1000, help="test images used (default 1000)")
     p.add_argument("--epochs-fp", type=int, default=4, help="epochs of the 32-bit stage (default 4)")
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each 4/3/2-bit stage (default 2)")
-    p.add_argument("--ft-batches", type=int, default=6, help="fine-tuning batches per layer (default 6)")
+    p.add_argument("--ft-batches", type=int, default=63,
+                   help="fine-tuning batches per layer (default 63: one epoch of the 8000 images)")
+    p.add_argument("--ft-cache-mb", type=int, default=6144,
+                   help="memory for the fine-tuner's prefix cache (default 6144; one epoch needs ~3.6 GB)")
     p.add_argument("--alpha-init", type=float, default=3.0,
                    help="initial activation clip of the quantized stages (default 3: with a few epochs the "
                         "learned clip barely moves from its start, and the models' 6 leaves most levels unused)")
@@ -142,7 +145,8 @@ def main(argv=None) -> Dict:
             snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps)
     ft = _step(f"fine-tune {FT_BIT}-bit SNN", "snn_ft.py",
                base + ["--bit", str(FT_BIT), "-n", "1", "--force", "--max-iters", str(args.ft_batches),
-                       "--no-eval-before"] + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
+                       "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
+               + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
                ft_script.main, steps)
     rows = []
     for bit, _, _ in CHAIN:

@@ -242,7 +242,8 @@ class ReshuffledLoader:
 def finetune_snn(ann: nn.Module, net, train_loader, *, epochs: int, lr: float, momentum: float,
                  weight_decay: float, bn_mode: str, force: bool, score_batches: Optional[int] = None,
                  max_batches: Optional[int] = None, layers: Optional[List[str]] = None,
-                 cache="auto", show_progress: bool = True, tb: Optional[TensorBoard] = None) -> List[dict]:
+                 cache="auto", cache_mb: int = 2048, show_progress: bool = True,
+                 tb: Optional[TensorBoard] = None) -> List[dict]:
     """Layer-wise fine-tuning (spec 8) via ``snn.finetune``. Without ``force`` a layer is kept only
     when the whole SNN's train-set top-1 (over ``score_batches`` batches) improves. ``layers``:
     only these spiking layers (neuron names). ``cache``: the prefix cache (True / False / "auto":
@@ -257,7 +258,8 @@ def finetune_snn(ann: nn.Module, net, train_loader, *, epochs: int, lr: float, m
                             show_progress=show_progress)
     history = snn.finetune(ann, net, loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            bn_mode=bn_mode, force=force, score_fn=score_fn, device=ctx.device, log=log,
-                           progress=show_progress, max_batches=max_batches, layers=layers, cache=cache)
+                           progress=show_progress, max_batches=max_batches, layers=layers, cache=cache,
+                           cache_mb=cache_mb)
     if tb is not None:
         for i, h in enumerate(history):
             last = h["epochs"][-1] if h["epochs"] else {}

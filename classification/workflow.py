@@ -438,7 +438,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
                                       momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode, force=args.force,
                                       score_batches=args.score_batches, max_batches=args.max_iters,
                                       layers=select_layers(net, args.ft_layers), show_progress=args.progress,
-                                      cache=FT_CACHE[args.ft_cache], tb=tb)
+                                      cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb, tb=tb)
     seconds = time.time() - t0
     log("SNN after fine-tuning:")
     res = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (after)", show_progress=args.progress)
@@ -502,5 +502,8 @@ def add_finetune_args(p: ArgumentParser):
                    help="prefix cache: draw the fine-tuning batches once and carry the frozen layers' outputs "
                         "from one tuned layer to the next instead of recomputing them (auto: when --max-iters "
                         "bounds the batches; on: always, reusing the same batches for every layer; default auto)")
+    p.add_argument("--ft-cache-mb", type=int, default=2048, metavar="MB",
+                   help="memory the prefix cache may use; when the batches' cached values need more, the "
+                        "prefixes are recomputed instead (default 2048)")
     p.add_argument("--eval-before", action=argparse_bool(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")
