@@ -104,9 +104,14 @@ def session(device: Optional[str] = None, local_rank: Optional[int] = None):
     ctx = setup(device, local_rank)
     try:
         yield ctx
-    finally:
+    except BaseException:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if created and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank is done with its collectives: tear the group down together
+        dist.destroy_process_group()
 
 
 def context() -> Context:

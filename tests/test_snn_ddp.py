@@ -24,6 +24,7 @@ def _worker(rank, world, init_file, out_dir, cache):
             mon.run(mine[0][0])
             s = mon.summary()
         torch.save({"sd": net.ann_state_dict(), "samples": s["samples"]}, os.path.join(out_dir, f"r{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
 
