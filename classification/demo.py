@@ -3,7 +3,8 @@
 1. a progressive 32 -> 4 -> 3 -> 2-bit ResNet-20 chain (main.py; the spec 3.1 lr / wd recipe, on a
    fixed subset of the training images and a few epochs so it fits the time budget);
 2. SNN evaluation (snn.py) of the 3-bit (T = 7) and 2-bit (T = 3) ANNs, signed and unsigned IF neurons;
-3. layer-wise fine-tuning (snn_ft.py -n 1 --force) of the 2-bit signed SNN;
+3. layer-wise fine-tuning (snn_ft.py -n 1, each layer kept only if the train-batch top-1 improves) of the
+   2-bit signed SNN;
 4. a table ``bits | T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned``, ``summary.json`` and
    figures in ``--out`` (default ``demo_out/``).
 
@@ -42,6 +43,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each 4/3/2-bit stage (default 2)")
     p.add_argument("--ft-batches", type=int, default=63,
                    help="fine-tuning batches per layer (default 63: one epoch of the 8000 images)")
+    p.add_argument("--score-batches", type=int, default=8,
+                   help="a tuned layer is kept only if the SNN's top-1 on this many training batches improves "
+                        "(the original's accept / revert test without --force; default 8)")
     p.add_argument("--ft-cache-mb", type=int, default=6144,
                    help="memory for the fine-tuner's prefix cache (default 6144; one epoch needs ~3.6 GB)")
     p.add_argument("--alpha-init", type=float, default=3.0,
@@ -144,7 +148,8 @@ def main(argv=None) -> Dict:
             argv_ = base + ["--bit", str(bit), "-e"] + (["-u"] if neuron == "unsigned" else [])
             snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps)
     ft = _step(f"fine-tune {FT_BIT}-bit SNN", "snn_ft.py",
-               base + ["--bit", str(FT_BIT), "-n", "1", "--force", "--max-iters", str(args.ft_batches),
+               base + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
+                       "--score-batches", str(args.score_batches),
                        "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
                ft_script.main, steps)
