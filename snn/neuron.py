@@ -123,21 +123,27 @@ class IFNeuron(nn.Module):
             return out
         b = current.shape[0] // steps
         cur = current.view(steps, b, *current.shape[1:])
-        if self.t0 == 0 or self.v is None:
-            self.v = torch.full_like(cur[0], 0.5) * theta
-            self.n = torch.zeros_like(cur[0]) if self.signed else None
-        spikes, self.v, self.n = self._run(cur, theta)
+        fresh = self.t0 == 0 or self.v is None
+        if self.backend is None:
+            # the fused kernel chosen by FASTSNN_KERNEL (auto: C on CPU, Triton on CUDA), bit-identical to
+            # if_multistep and falling back to it (snn/kernels.py); it starts a fresh state itself and,
+            # unless the spikes are recorded or theta needs a gradient, writes theta * spikes directly
+            from .kernels import if_steps
+            direct = not self.record and not (torch.is_grad_enabled() and theta.requires_grad)
+            out, self.v, self.n = if_steps(cur, theta, self.signed, self.neg_tol,
+                                           v=None if fresh else self.v, n=None if fresh else self.n,
+                                           scale=theta.detach() if direct else None)
+            if direct:
+                return out.view_as(current)
+            spikes = out
+        else:
+            if fresh:
+                self.v = torch.full_like(cur[0], 0.5) * theta
+                self.n = torch.zeros_like(cur[0]) if self.signed else None
+            spikes, self.v, self.n = self.backend(cur, theta, self.v, self.n, self.signed, self.neg_tol)
         if self.record:
             self._record(spikes)
         return (spikes * theta).view_as(current)
-
-    def _run(self, cur, theta):
-        if self.backend is not None:
-            return self.backend(cur, theta, self.v, self.n, self.signed, self.neg_tol)
-        # default: the fused kernel chosen by FASTSNN_KERNEL (auto: C on CPU, Triton on CUDA), which is
-        # bit-identical to if_multistep and falls back to it (snn/kernels.py)
-        from .kernels import if_steps
-        return if_steps(cur, theta, self.signed, self.neg_tol, v=self.v, n=self.n)
 
     def _record(self, spikes: torch.Tensor):
         """``spikes``: ``[steps, B, ...]`` in {-1, 0, 1}."""
