@@ -29,4 +29,11 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } \
     || echo "[setup] warning: could not install dataset-fashion-mnist (the demo needs it, the tests do not)" >&2
 fi
+if [ ! -d /usr/share/doc/labelme-examples/examples/bbox_detection ]; then
+  echo "[setup] installing Debian's labelme-examples (real VOC / COCO files for the detection and segmentation tests)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  { $SUDO apt-get install -y -q labelme-examples >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q labelme-examples >/dev/null 2>&1; }; } \
+    || echo "[setup] warning: could not install labelme-examples (the tests that read its files are skipped)" >&2
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
