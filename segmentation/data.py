@@ -1,0 +1,593 @@
+"""Segmentation data: PASCAL VOC 2012 (and any VOC-layout root), COCO 2017 from instance annotations,
+joint image + mask transforms (torchvision transforms v2), DDP-aware loaders.
+
+Samples are ``(image, mask)``: a normalised float image ``[3, H, W]`` and an ``int64`` mask ``[H, W]``
+with class indices ``0 .. num_classes - 1`` (0 = background) and ``255`` = ignore.
+
+* :class:`VOCSegmentation` -- ``<root>/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png,
+  ImageSets/Segmentation/{train,val}.txt}``; the training split uses ``SegmentationClassAug`` +
+  ``train_aug.txt`` when both exist (the usual "trainaug" set of 10,582 images). ``root`` may be the
+  VOC2012 folder itself, its parent ``VOCdevkit`` or the folder above that (``VOC2007`` is taken when
+  there is no ``VOC2012``). Masks are palette (or grey-level) PNGs. labelme's ``labelme2voc.py``
+  output (``SegmentationClassPNG``, no ImageSets) also loads: every image with a mask, for both
+  splits. A user's own classes: ``--classes FILE`` (one name per line, background first).
+* :class:`CocoSegmentation` -- per-pixel class masks drawn from the COCO instance annotations with
+  pycocotools (larger instances first, so smaller ones stay visible on top; crowd regions = 255),
+  written once to a PNG cache and read from there afterwards. The 80 COCO things + background give 81
+  classes; category ids are mapped to 1..K in id order (a category named ``_background_`` /
+  ``background`` is background).
+
+Bad input raises :class:`common.UserError` (one line): a missing root or split file, an image that
+fails to decode, a mask whose size differs from its image, mask values outside ``0 .. classes - 1``
+other than 255.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common import UserError
+from common import dist
+from common.logger import log
+
+IGNORE = 255
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MEAN_PIXEL = tuple(int(round(255 * m)) for m in MEAN)   # pad value of the image before normalisation
+SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25 (spec 7)
+DEFAULT_TEST_SIZE = {"voc": 513, "coco": 641}
+DEFAULT_CROP = 513
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
+MASK_DIRS = ("SegmentationClass", "SegmentationClassPNG")   # VOC / labelme2voc
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------- class lists
+def read_classes(path: str) -> List[str]:
+    """Class names from a text file, one per line (background first); blank lines and ``#`` comments
+    are skipped, and labelme's ``__ignore__`` line (the 255 label) too."""
+    if not os.path.isfile(path):
+        raise UserError(f"--classes {path} does not exist", "pass a text file with one class name per line, "
+                                                            "background first")
+    with open(path, encoding="utf-8") as f:
+        names = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+    names = [n for n in names if n != "__ignore__"]
+    if len(names) < 2:
+        raise UserError(f"--classes {path} lists {len(names)} class(es)",
+                        "list the background and at least one class, one per line")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"--classes {path} names {', '.join(dup)} twice", "list every class once")
+    if len(names) > IGNORE:
+        raise UserError(f"--classes {path} lists {len(names)} classes, more than a PNG mask can hold with 255 "
+                        "as the ignore label", "use at most 255 classes")
+    return names
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map, ``[256, 3]`` uint8 (imgviz's ``label_colormap``)."""
+    import imgviz
+    return np.asarray(imgviz.label_colormap(), dtype=np.uint8)[:256]
+
+
+# ---------------------------------------------------------------------------------------- file reading
+def read_image(path: str) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]``; a file that does not decode is a user error."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist", "check the data root and the split list") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"image {path} cannot be decoded ({type(e).__name__})",
+                        "replace or remove the file (and its line in the split list)") from None
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Class-index mask ``int64 [H, W]`` from a palette / grey-level PNG (palette PNGs hold indices)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGB", "RGBA"):
+                raise UserError(f"mask {path} is a colour ({im.mode}) image, not class indices",
+                                "save masks as palette ('P') or grey-level PNGs whose pixel values are the class "
+                                "indices (labelme2voc's SegmentationClassPNG is such a format)")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise UserError(f"mask {path} does not exist", "check the data root and the split list") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"mask {path} cannot be decoded ({type(e).__name__})", "replace the file") from None
+    if arr.ndim != 2:
+        raise UserError(f"mask {path} has shape {arr.shape}, not H x W", "save one class index per pixel")
+    return arr.astype(np.int64)
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """``(width, height)`` from the file header only."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist", "check the data root and the split list") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path} cannot be decoded ({type(e).__name__})", "replace or remove the file") from None
+
+
+def check_mask(mask: np.ndarray, num_classes: int, path: str, image_hw: Optional[Tuple[int, int]] = None):
+    """Raise a user error for a mask of the wrong size or with labels outside ``0 .. num_classes - 1``
+    other than 255."""
+    if image_hw is not None and tuple(mask.shape) != tuple(image_hw):
+        raise UserError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{image_hw[1]}x{image_hw[0]}", "masks must have their image's size; re-export the mask")
+    vals = np.unique(mask)
+    bad = vals[((vals < 0) | (vals >= num_classes)) & (vals != IGNORE)]
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:5]) + (" ..." if bad.size > 5 else "")
+        raise UserError(f"mask {path} has label(s) {shown} outside the class range 0..{num_classes - 1} "
+                        f"(255 = ignore)", "pass --classes FILE listing every class (background first), or fix "
+                                           "the mask")
+
+
+# ---------------------------------------------------------------------------------------- transforms
+class RandomScale:
+    """Resize image and mask together by a factor drawn from ``scales`` (bilinear / nearest)."""
+
+    def __init__(self, scales: Sequence[float] = SCALES):
+        self.scales = tuple(float(s) for s in scales)
+
+    def __call__(self, image, mask):
+        from torchvision.transforms.v2 import functional as TF
+        s = self.scales[int(torch.randint(len(self.scales), ()))]
+        h, w = image.shape[-2:]
+        size = [max(1, int(round(h * s))), max(1, int(round(w * s)))]
+        return TF.resize(image, size, antialias=True), TF.resize(mask, size)  # Mask -> nearest
+
+    def __repr__(self):
+        return f"RandomScale({self.scales})"
+
+
+class PadTo:
+    """Test transform: pad right / bottom to ``size x size`` (image: the mean pixel, mask: 255), so
+    the original pixels keep their place. A larger image is first scaled down (aspect kept) to fit --
+    its mask too, nearest -- and evaluated at that size."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, image, mask):
+        from torchvision.transforms.v2 import functional as TF
+        h, w = image.shape[-2:]
+        if max(h, w) > self.size:
+            dist.warn_once(f"images larger than the test size {self.size} are scaled down to fit "
+                           "(pass a larger --test_size to evaluate them at full size)")
+            s = self.size / max(h, w)
+            size = [min(self.size, max(1, int(round(h * s)))), min(self.size, max(1, int(round(w * s))))]
+            image, mask = TF.resize(image, size, antialias=True), TF.resize(mask, size)
+            h, w = size
+        pad = [0, 0, self.size - w, self.size - h]
+        return TF.pad(image, pad, fill=list(MEAN_PIXEL)), TF.pad(mask, pad, fill=IGNORE)
+
+    def __repr__(self):
+        return f"PadTo({self.size})"
+
+
+def _finish():
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(MEAN, STD)]
+
+
+def train_transforms(crop: int, scales: Sequence[float] = SCALES, flip: bool = True):
+    """Random scale (0.5-2.0 step 0.25), pad to ``crop`` if needed (mean pixel / 255), random crop
+    ``crop x crop``, horizontal flip, to float, ImageNet normalisation -- on image and mask together."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    ops = [RandomScale(scales),
+           v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: list(MEAN_PIXEL), tv_tensors.Mask: IGNORE})]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops + _finish())
+
+
+def test_transforms(size: int):
+    """Pad to ``size x size`` (see :class:`PadTo`), to float, normalise."""
+    from torchvision.transforms import v2
+    return v2.Compose([PadTo(size)] + _finish())
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """Normalised ``[3, H, W]`` -> ``uint8 [H, W, 3]``."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    x = (image.detach().cpu().float() * std + mean).clamp(0, 1)
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- datasets
+class SegmentationDataset(Dataset):
+    """``items``: ``(image path, mask source)`` pairs; ``_mask(i)`` reads the mask."""
+
+    def __init__(self, items: Sequence[Tuple[str, object]], class_names: Sequence[str],
+                 transforms: Optional[Callable] = None, name: str = "segmentation"):
+        self.items = list(items)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.transforms = transforms
+        self.name = name
+
+    def __len__(self):
+        return len(self.items)
+
+    def _mask(self, i: int) -> np.ndarray:
+        return read_mask(self.items[i][1])
+
+    def _mask_name(self, i: int) -> str:
+        return str(self.items[i][1])
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The raw ``(uint8 [H, W, 3], int64 [H, W])`` pair, checked."""
+        img = read_image(self.items[i][0])
+        mask = self._mask(i)
+        check_mask(mask, self.num_classes, self._mask_name(i), img.shape[:2])
+        return img, mask
+
+    def __getitem__(self, i: int):
+        from torchvision import tv_tensors
+        img, mask = self.load(i)
+        image = tv_tensors.Image(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
+        target = tv_tensors.Mask(torch.from_numpy(mask))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor).long()
+
+    def check_sizes(self, limit: Optional[int] = None):
+        """Compare every mask's size with its image's from the file headers (fast; before training)."""
+        for i in range(len(self) if limit is None else min(limit, len(self))):
+            src = self.items[i][1]
+            if not isinstance(src, str):
+                continue
+            iw, ih = image_size(self.items[i][0])
+            mw, mh = image_size(src)
+            if (iw, ih) != (mw, mh):
+                raise UserError(f"mask {src} is {mw}x{mh} but its image is {iw}x{ih}",
+                                "masks must have their image's size; re-export the mask")
+
+
+def find_voc_root(data_root: str) -> str:
+    """The folder holding ``JPEGImages``: ``data_root`` itself, ``data_root/VOC2012`` (or VOC2007),
+    or ``data_root/VOCdevkit/VOC2012`` (or VOC2007)."""
+    if not data_root or not os.path.isdir(data_root):
+        raise UserError(f"data root {data_root!r} does not exist",
+                        "pass --data_root DIR holding VOCdevkit/VOC2012 (or a VOC-layout folder)")
+    for cand in (data_root, os.path.join(data_root, "VOC2012"), os.path.join(data_root, "VOCdevkit", "VOC2012"),
+                 os.path.join(data_root, "VOC2007"), os.path.join(data_root, "VOCdevkit", "VOC2007")):
+        if os.path.isdir(os.path.join(cand, "JPEGImages")):
+            return cand
+    raise UserError(f"no VOC layout under {data_root} (no JPEGImages in it, VOC2012/ or VOCdevkit/VOC2012/)",
+                    "pass --data_root DIR with VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets}")
+
+
+def _image_path(root: str, img_id: str) -> str:
+    for ext in IMAGE_EXTS:
+        p = os.path.join(root, "JPEGImages", img_id + ext)
+        if os.path.exists(p):
+            return p
+    return os.path.join(root, "JPEGImages", img_id + ".jpg")
+
+
+def _read_list(path: str, root: str, mask_dir: str) -> List[Tuple[str, str]]:
+    items = []
+    with open(path) as f:
+        for ln in f:
+            parts = ln.split()
+            if not parts:
+                continue
+            if len(parts) >= 2:  # "/JPEGImages/x.jpg /SegmentationClassAug/x.png" (trainaug lists)
+                items.append((os.path.join(root, parts[0].lstrip("/")), os.path.join(root, parts[1].lstrip("/"))))
+            else:
+                items.append((_image_path(root, parts[0]), os.path.join(root, mask_dir, parts[0] + ".png")))
+    if not items:
+        raise UserError(f"split list {path} is empty", "list one image id per line")
+    return items
+
+
+def voc_items(root: str, split: str) -> Tuple[List[Tuple[str, str]], str]:
+    """``(image, mask) paths`` of a VOC split (``train`` / ``val`` / ``trainval``), and a description."""
+    sets = os.path.join(root, "ImageSets", "Segmentation")
+    if split == "train":
+        aug_list, aug_dir = os.path.join(sets, "train_aug.txt"), os.path.join(root, "SegmentationClassAug")
+        if os.path.isfile(aug_list) and os.path.isdir(aug_dir):
+            return _read_list(aug_list, root, "SegmentationClassAug"), "train_aug.txt + SegmentationClassAug"
+    mask_dir = next((d for d in MASK_DIRS if os.path.isdir(os.path.join(root, d))
+                     and any(f.endswith(".png") for f in os.listdir(os.path.join(root, d)))), None)
+    if mask_dir is None:
+        raise UserError(f"no SegmentationClass folder with PNG masks in {root}",
+                        "a VOC-layout root needs SegmentationClass/<id>.png masks")
+    lst = os.path.join(sets, f"{split}.txt")
+    if os.path.isfile(lst):
+        return _read_list(lst, root, mask_dir), f"{split}.txt + {mask_dir}"
+    if os.path.isdir(sets):
+        raise UserError(f"split list {lst} does not exist", f"add ImageSets/Segmentation/{split}.txt (one id per line)")
+    # no ImageSets at all (labelme2voc output): every image that has a mask, for either split
+    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(root, mask_dir)) if f.endswith(".png"))
+    if not ids:
+        raise UserError(f"no masks in {os.path.join(root, mask_dir)}", "add <id>.png masks")
+    dist.warn_once(f"{root} has no ImageSets/Segmentation: all {len(ids)} masked images are used for training "
+                   "and for evaluation")
+    return [(_image_path(root, i), os.path.join(root, mask_dir, i + ".png")) for i in ids], f"all of {mask_dir}"
+
+
+class VOCSegmentation(SegmentationDataset):
+    """PASCAL VOC (or a VOC-layout root). ``class_names``: default the 21 VOC classes, or the root's
+    ``classes_seg.txt`` / ``class_names.txt`` when it has one."""
+
+    def __init__(self, data_root: str, split: str = "train", class_names: Optional[Sequence[str]] = None,
+                 transforms: Optional[Callable] = None):
+        root = find_voc_root(data_root)
+        items, how = voc_items(root, split)
+        if class_names is None:
+            class_names = default_voc_classes(data_root, root)
+        super().__init__(items, class_names, transforms, name="voc")
+        self.root, self.split, self.source = root, split, how
+
+
+def default_voc_classes(data_root: str, root: str) -> List[str]:
+    """A classes file next to the data (the scene set's ``classes_seg.txt``, labelme's
+    ``class_names.txt``), else the 21 VOC classes."""
+    for folder in (data_root, root):
+        for name in ("classes_seg.txt", "class_names.txt"):
+            p = os.path.join(folder, name)
+            if os.path.isfile(p):
+                return read_classes(p)
+    return list(VOC_CLASSES)
+
+
+class CocoSegmentation(SegmentationDataset):
+    """Class masks drawn from COCO instance annotations (``ann_file``), images in ``image_dir``,
+    masks cached as PNGs in ``cache_dir`` (drawn on first use, atomically written)."""
+
+    def __init__(self, image_dir: str, ann_file: str, cache_dir: str, class_names: Optional[Sequence[str]] = None,
+                 transforms: Optional[Callable] = None):
+        if not os.path.isfile(ann_file):
+            raise UserError(f"COCO annotation file {ann_file} does not exist",
+                            "pass --data_root DIR holding annotations/instances_{train,val}2017.json")
+        if not os.path.isdir(image_dir):
+            raise UserError(f"COCO image folder {image_dir} does not exist",
+                            "pass --data_root DIR holding train2017/ and val2017/")
+        from pycocotools.coco import COCO
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco = COCO(ann_file)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
+                            "pass an instances_*.json file") from None
+        cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        things = [c for c in cats if c["name"] not in BACKGROUND_NAMES]
+        if class_names is None:
+            class_names = ["background"] + [c["name"] for c in things]
+            self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(things)}
+        else:
+            index = {n: i for i, n in enumerate(class_names)}
+            unknown = [n for n in class_names[1:] if n not in {c["name"] for c in things}]
+            if unknown:
+                raise UserError(f"--classes names {', '.join(unknown[:5])} that {ann_file} has no category for",
+                                "use the COCO category names (background first)")
+            self.cat_to_label = {c["id"]: index[c["name"]] for c in things if c["name"] in index}
+        self.coco, self.image_dir, self.cache_dir, self.ann_file = coco, image_dir, cache_dir, ann_file
+        ids = sorted(coco.getImgIds())
+        items = [(os.path.join(image_dir, coco.imgs[i]["file_name"]), i) for i in ids]
+        if not items:
+            raise UserError(f"{ann_file} lists no images", "pass a non-empty annotation file")
+        super().__init__(items, class_names, transforms, name="coco")
+        self.source = f"{os.path.basename(ann_file)}, masks cached in {cache_dir}"
+
+    def draw(self, img_id: int) -> np.ndarray:
+        """The class mask of one image (uint8), drawn from its instances."""
+        info = self.coco.imgs[img_id]
+        mask = np.zeros((int(info["height"]), int(info["width"])), dtype=np.uint8)
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id], iscrowd=None))
+        crowd = []
+        for a in sorted(anns, key=lambda a: -float(a.get("area", 0.0))):
+            if a["category_id"] not in self.cat_to_label or not a.get("segmentation"):
+                continue
+            m = self.coco.annToMask(a).astype(bool)
+            if a.get("iscrowd"):
+                crowd.append(m)
+            else:
+                mask[m] = self.cat_to_label[a["category_id"]]
+        for m in crowd:
+            mask[m & (mask == 0)] = IGNORE
+        return mask
+
+    def _cache_path(self, img_id: int) -> str:
+        return os.path.join(self.cache_dir, f"{img_id}.png")
+
+    def _mask_name(self, i: int) -> str:
+        return f"{self._cache_path(self.items[i][1])} (image id {self.items[i][1]} of {self.ann_file})"
+
+    def _mask(self, i: int) -> np.ndarray:
+        img_id = self.items[i][1]
+        path = self._cache_path(img_id)
+        if os.path.isfile(path):
+            return read_mask(path)
+        mask = self.draw(img_id)
+        self._write(path, mask)
+        return mask.astype(np.int64)
+
+    def _write(self, path: str, mask: np.ndarray):
+        from PIL import Image
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            im = Image.fromarray(mask, mode="P")
+            im.putpalette(voc_palette().reshape(-1).tolist())
+            im.save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"cannot write the COCO mask cache {self.cache_dir} ({e.strerror or e})",
+                            "pass --mask_cache DIR in a writable place") from None
+
+    def build_cache(self, show_progress: bool = True):
+        """Draw every missing mask now (rank 0; the others wait)."""
+        from common.logger import progress
+        if dist.is_main():
+            todo = [i for i, (_, img_id) in enumerate(self.items) if not os.path.isfile(self._cache_path(img_id))]
+            if todo:
+                log(f"drawing {len(todo)} COCO class masks into {self.cache_dir} (once)")
+            for i in progress(todo, "coco masks", show_progress):
+                img_id = self.items[i][1]
+                self._write(self._cache_path(img_id), self.draw(img_id))
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------- loaders
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank ``r`` of ``w`` takes indices ``r, r + w, ...`` -- no padding, so no
+    image is counted twice in the confusion matrix reduced over the ranks."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+class UnwrapWorkerErrors:
+    """Iterate a DataLoader; a :class:`UserError` raised in a worker process arrives as a
+    ``UserError`` whose message holds the worker's traceback -- re-raise it as its own one line."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as e:
+                msg = str(e)
+                if "Traceback" in msg:
+                    last = [ln for ln in msg.strip().splitlines() if "UserError:" in ln]
+                    msg = last[-1].split("UserError:", 1)[1].strip() if last else msg.strip().splitlines()[-1]
+                    raise UserError(msg) from None
+                raise
+            yield batch
+
+
+def _seed_worker(worker_id: int):
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int, ctx=None, seed: Optional[int] = None,
+                drop_last: Optional[bool] = None) -> UnwrapWorkerErrors:
+    """A DataLoader: training -- shuffled (``DistributedSampler`` under DDP), drop the last partial
+    batch when there is more than one; evaluation -- in order, sharded without padding."""
+    ctx = ctx or dist.context()
+    g = torch.Generator()
+    if seed is not None:
+        g.manual_seed(seed + ctx.rank)
+    if train:
+        if ctx.distributed:
+            from torch.utils.data.distributed import DistributedSampler
+            sampler, shuffle = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True,
+                                                  seed=seed or 0), None
+        else:
+            sampler, shuffle = None, True
+        if drop_last is None:
+            drop_last = len(ds) // max(ctx.world_size, 1) > batch_size
+    else:
+        sampler, shuffle, drop_last = ShardSampler(len(ds), ctx.rank, ctx.world_size), None, False
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+                        pin_memory=ctx.device.type == "cuda", drop_last=bool(drop_last), generator=g,
+                        worker_init_fn=_seed_worker, persistent_workers=False)
+    return UnwrapWorkerErrors(loader)
+
+
+@dataclass
+class SegData:
+    """What :func:`build_datasets` returns."""
+
+    name: str
+    class_names: List[str]
+    train: Optional[SegmentationDataset]
+    val: SegmentationDataset
+    info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def build_datasets(dataset: str, data_root: str, *, crop_size: int, test_size: int, classes: Optional[str] = None,
+                   mask_cache: Optional[str] = None, train: bool = True, scales: Sequence[float] = SCALES,
+                   train_subset: Optional[int] = None, val_subset: Optional[int] = None,
+                   check: bool = True) -> SegData:
+    """The training (``train=True``) and validation sets of ``dataset`` (``voc`` / ``coco``)."""
+    names = read_classes(classes) if classes else None
+    tr_tf, te_tf = train_transforms(crop_size, scales), test_transforms(test_size)
+    if dataset == "voc":
+        val = VOCSegmentation(data_root, "val", names, te_tf)
+        tr = VOCSegmentation(data_root, "train", val.class_names, tr_tf) if train else None
+        info = {"root": val.root, "val": val.source, "train": tr.source if tr else None}
+    elif dataset == "coco":
+        if not data_root or not os.path.isdir(data_root):
+            raise UserError(f"data root {data_root!r} does not exist",
+                            "pass --data_root DIR holding train2017/, val2017/ and annotations/")
+        cache = mask_cache or os.path.join(data_root, "seg_masks")
+
+        def coco(split, tf, names_):
+            return CocoSegmentation(os.path.join(data_root, f"{split}2017"),
+                                    os.path.join(data_root, "annotations", f"instances_{split}2017.json"),
+                                    os.path.join(cache, f"{split}2017"), names_, tf)
+        val = coco("val", te_tf, names)
+        tr = coco("train", tr_tf, val.class_names) if train else None
+        info = {"root": data_root, "val": val.source, "train": tr.source if tr else None}
+    else:
+        raise UserError(f"unknown dataset {dataset!r}", "pass -d voc or -d coco")
+    for ds, n in ((tr, train_subset), (val, val_subset)):
+        if ds is not None and n is not None:
+            ds.items = ds.items[:max(1, int(n))]
+    if check:
+        for ds in (tr, val):
+            if ds is not None:
+                ds.check_sizes()
+        if dataset == "coco":
+            for ds in (val, tr):
+                if ds is not None:
+                    ds.build_cache()
+    return SegData(dataset, list(val.class_names), tr, val, info)
+
+
+__all__ = ["IGNORE", "MEAN", "STD", "SCALES", "VOC_CLASSES", "DEFAULT_TEST_SIZE", "DEFAULT_CROP", "read_classes",
+           "read_image", "read_mask", "check_mask", "voc_palette", "RandomScale", "PadTo", "train_transforms",
+           "test_transforms", "denormalize", "SegmentationDataset", "VOCSegmentation", "CocoSegmentation",
+           "find_voc_root", "voc_items", "ShardSampler", "UnwrapWorkerErrors", "make_loader", "SegData",
+           "build_datasets"]

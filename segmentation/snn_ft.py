@@ -1,0 +1,47 @@
+"""Layer-wise fine-tuning of a converted segmenter SNN (spec 8; the original has none for segmentation).
+
+    python segmentation/snn_ft.py -d voc -m deeplabv1_vgg9 --bit 2 -n 1 --force \
+        --init work_dirs/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
+    python segmentation/snn_ft.py -d voc -m deeplabv1_vgg9 --bit 2 -n 1 --score-batches 4 --max-iters 20
+
+Each spiking layer from the second on is tuned against the quantized ANN's activation (layer-local
+MSE, straight-through gradient at the SNN's input rates). Without --force a tuned layer is kept only
+if the SNN's mIoU on the first --score-batches training batches (un-augmented, padded to --crop_size)
+improves. Saves <save_folder>/<dataset>/<model>_<bit>bit_ft/model_best.pth.tar (ANN format: eval.py
+--spike --init reads it) and metrics_snn_ft_<neuron>_T<T>.json (before / after, per-layer history).
+"""
+from common.cli import ArgumentParser, unshadow_script_dir
+
+unshadow_script_dir(__file__)
+
+import argparse  # noqa: E402
+
+from common import run_cli  # noqa: E402
+from segmentation import workflow  # noqa: E402
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    workflow.add_common_args(p, bit_default=2, lr_default=1e-3, init_help=(
+        "ANN checkpoint (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar)"))
+    workflow.add_snn_args(p)
+    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
+                   help="fine-tuning epochs per layer (default 1)")
+    p.add_argument("--force", action="store_true", help="accept every tuned layer (skip the train-mIoU check)")
+    p.add_argument("--score-batches", "--score_batches", dest="score_batches", type=int, default=4,
+                   help="without --force: judge each layer on the SNN mIoU of this many training batches (default 4)")
+    p.add_argument("--ft-bn", "--ft_bn", dest="ft_bn", choices=("frozen", "recalibrate"), default=None,
+                   help="BN during fine-tuning (default recalibrate, as the original's ResNet / ImageNet trees)")
+    p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
+                   help="fine-tuning batches per layer and epoch (default: the whole training set)")
+    p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=argparse.BooleanOptionalAction,
+                   default=True, help="also evaluate the SNN before fine-tuning (default on)")
+    return p
+
+
+def main(argv=None):
+    return workflow.finetune(workflow.parse_args(get_parser(), argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

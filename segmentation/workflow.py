@@ -1,0 +1,733 @@
+"""The segmentation workflows behind ``train.py``, ``eval.py``, ``snn_ft.py`` and ``inference.py``.
+
+* :func:`train`     -- train a quantized DeepLab (SGD, poly LR per iteration, CE ignoring 255), evaluate
+  mIoU every ``--eval_epoch`` epochs, keep the best in ``<save_folder>/<dataset>/<model>_<bit>bit/
+  model_best.pth.tar`` (``checkpoint.pth.tar`` after every epoch, atomic; ``--resume auto``);
+* :func:`evaluate`  -- mIoU of the ANN, or with ``--spike`` of its SNN (T = 2^bit - 1, signed IF, ``-u``
+  unsigned) next to the ANN on the same images, mIoU after every step from one pass, per-layer
+  statistics, SOPs, energy; metrics JSON and PNG figures;
+* :func:`finetune`  -- layer-wise fine-tuning of the SNN (``common.pipeline.finetune``), saved in ANN
+  format so ``eval.py --spike --init`` reads it;
+* :func:`infer`     -- colour masks and overlays of the ANN / SNN predictions for images on disk.
+
+The task-agnostic parts (conversion with one-line errors, side-by-side ANN / SNN evaluation, the
+fine-tuner, backbone loading) come from :mod:`common.pipeline`; this module supplies the models, the
+data, the loss and the metric (:class:`segmentation.metrics.SegMetric`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError
+from common import dist
+from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, save_checkpoint
+from common.cli import ArgumentParser, plain_args
+from common.logger import TensorBoard, log, progress
+from common.metrics import write_json
+
+from . import data as segdata
+from .metrics import IGNORE, SegMetric, make_metric_factory
+from .models import MODELS, OUTPUT_STRIDE, classifier_weight_key, get_model
+
+BITS = (32, 5, 4, 3, 2)
+DATASETS = ("voc", "coco")
+DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+TASK = "segmentation"
+
+
+# ---------------------------------------------------------------------------------------- command line
+def add_common_args(p: ArgumentParser, *, bit_default: int = 32, init_help: str = "", lr_default: float = 0.007):
+    """Flags shared by every segmentation script (data, model, run folder, output)."""
+    p.add_argument("--config", default="", metavar="NAME|FILE",
+                   help="a preset of segmentation/configs/ (e.g. voc_deeplabv1_2bit, coco_deeplabv3_T7) or a JSON "
+                        "file of flag values; flags given on the command line override it")
+    p.add_argument("-d", "--dataset", default="voc", choices=DATASETS, help="voc (default) or coco")
+    p.add_argument("-root", "--data_root", "--data-root", dest="data_root", default=None, metavar="DIR",
+                   help="dataset root (default data/VOCdevkit for voc: VOC2012/ in it; data/coco for coco: "
+                        "train2017/, val2017/, annotations/)")
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names, one per line, background first (a VOC-layout root of your own; default: the "
+                        "root's classes_seg.txt / class_names.txt, else the 21 VOC classes; COCO: its categories)")
+    p.add_argument("--mask_cache", "--mask-cache", dest="mask_cache", default=None, metavar="DIR",
+                   help="COCO: where the class masks drawn from the instances are cached (default <data_root>/seg_masks)")
+    p.add_argument("-m", "--model", "-v", "--version", dest="model", default="deeplabv1_vgg9", choices=MODELS,
+                   help="deeplabv1_vgg9 (default) or deeplabv3_r34")
+    p.add_argument("--bit", type=int, default=bit_default, choices=BITS,
+                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1.0: the paper's nets)")
+    p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
+                   help="initial activation clip of the quantizers (default 6); clips missing from --init start here")
+    p.add_argument("--init", default="", metavar="PATH", help=init_help or "checkpoint to initialise from")
+    p.add_argument("--crop_size", "--crop-size", dest="crop_size", type=int, default=segdata.DEFAULT_CROP,
+                   help="training crop (default 513; must be k * output stride + 1)")
+    p.add_argument("--test_size", "--test-size", dest="test_size", type=int, default=None,
+                   help="evaluation images are padded to this square (default 513 VOC / 641 COCO; k * stride + 1)")
+    p.add_argument("--batch_size", "--batch-size", "-b", dest="batch_size", type=int, default=8,
+                   help="training batch per process (default 8)")
+    p.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=4,
+                   help="evaluation batch per process (default 4)")
+    p.add_argument("--lr", type=float, default=lr_default, help=f"learning rate (default {lr_default})")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight_decay", "--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
+                   help="weight decay (default 1e-4)")
+    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="work_dirs", metavar="DIR",
+                   help="runs go to DIR/<dataset>/<model>_<bit>bit (default work_dirs)")
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, default=None, metavar="N",
+                   help="use the first N training images")
+    p.add_argument("--val-subset", "--val_subset", dest="val_subset", type=int, default=None, metavar="N",
+                   help="use the first N validation images")
+    p.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4,
+                   help="data-loading processes (default 4)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    p.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", default="", metavar="FILE",
+                   help="metrics JSON path (default: in the run folder)")
+    p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars (rank 0)")
+    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=argparse.BooleanOptionalAction,
+                   default=True, help="TensorBoard logs in the run folder's tb/ (rank 0)")
+    dist.add_dist_args(p)
+    return p
+
+
+def add_snn_args(p: ArgumentParser):
+    """``-u/--unsigned``, ``--T``, ``--chunk``, ``--settle`` (the pipeline's), ``--max-batches``."""
+    from common import pipeline
+    pipeline.add_snn_args(p)
+    p.add_argument("--max-batches", "--max_batches", dest="max_batches", type=int, default=None,
+                   help="evaluate only the first N batches (smoke tests)")
+
+
+def preset_path(name: str) -> str:
+    if os.path.isfile(name):
+        return name
+    path = os.path.join(CONFIG_DIR, name if name.endswith(".json") else name + ".json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(CONFIG_DIR) else []
+        raise UserError(f"--config {name}: no such preset or file",
+                        f"choose one of {', '.join(known[:6])}, ... (segmentation/configs/) or pass a JSON file")
+    return path
+
+
+def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse with ``--config`` presets: the preset's values become defaults, command-line flags win.
+    ``{save_folder}`` in a preset's paths is the run's ``--save_folder``."""
+    pre, _ = p.parse_known_args(argv)
+    cfg = {}
+    if pre.config:
+        path = preset_path(pre.config)
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--config {path} is not a JSON object of flag values ({e})",
+                            "write it as {\"flag_name\": value, ...}") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"--config {path} is not a JSON object", "write it as {\"flag_name\": value, ...}")
+        dests = {a.dest for a in p._actions}
+        unknown = sorted(k for k in cfg if k not in dests and not k.startswith("_"))
+        if unknown:
+            raise UserError(f"--config {path} sets {', '.join(unknown)}, which {p.prog} has no flag for",
+                            "use the flag names of --help (dest spelling, e.g. batch_size)")
+        p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    args = p.parse_args(argv)
+    for k in ("init",):
+        v = getattr(args, k, None)
+        if isinstance(v, str) and "{save_folder}" in v:
+            setattr(args, k, v.replace("{save_folder}", args.save_folder))
+    args.config_values = cfg
+    return args
+
+
+def check_args(args, model_name: Optional[str] = None):
+    stride = OUTPUT_STRIDE[model_name or args.model]
+    for name in ("batch_size", "test_batch_size"):
+        v = getattr(args, name, 1)
+        if v is not None and v < 1:
+            raise UserError(f"--{name} {v} must be at least 1", "pass a positive number")
+    if getattr(args, "workers", 0) < 0:
+        raise UserError(f"--workers {args.workers} must not be negative", "pass 0 (load in-process) or more")
+    if not (args.width > 0):
+        raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.25 for a small net")
+    if args.test_size is None:
+        args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
+    for flag, v in (("--crop_size", args.crop_size), ("--test_size", args.test_size)):
+        if v < stride + 1 or (v - 1) % stride:
+            k = max(1, round((v - 1) / stride))
+            raise UserError(f"{flag} {v} does not fit {args.model} (output stride {stride}: the logits are "
+                            f"upsampled to in * {stride} - {stride - 1})",
+                            f"use k * {stride} + 1, e.g. {k * stride + 1}")
+    for name in ("lr", "weight_decay", "momentum"):
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            raise UserError(f"--{name} {v} must not be negative", "pass a value >= 0")
+    if args.data_root is None:
+        args.data_root = DEFAULT_ROOT[args.dataset]
+
+
+def run_dir(args, suffix: str = "", bit: Optional[int] = None) -> str:
+    """``<save_folder>/<dataset>/<model>_<bit>bit<suffix>``."""
+    return os.path.join(args.save_folder, args.dataset, f"{args.model}_{args.bit if bit is None else bit}bit{suffix}")
+
+
+# ---------------------------------------------------------------------------------------- data
+def build_data(args, *, train: bool, ctx=None) -> segdata.SegData:
+    ctx = ctx or dist.context()
+    data = segdata.build_datasets(args.dataset, args.data_root, crop_size=args.crop_size, test_size=args.test_size,
+                                  classes=args.classes, mask_cache=args.mask_cache, train=train,
+                                  train_subset=args.train_subset, val_subset=args.val_subset)
+    log(f"data: {args.dataset} at {data.info.get('root')}: "
+        + (f"{len(data.train)} train ({data.info.get('train')}) / " if data.train is not None else "")
+        + f"{len(data.val)} val images ({data.info.get('val')}), {data.num_classes} classes")
+    return data
+
+
+def val_loader(args, data, ctx=None):
+    return segdata.make_loader(data.val, args.test_batch_size, train=False, workers=args.workers, ctx=ctx)
+
+
+def train_loader(args, data, ctx=None):
+    return segdata.make_loader(data.train, args.batch_size, train=True, workers=args.workers, ctx=ctx, seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------- models / checkpoints
+def build_model(args, num_classes: int, device=None, *, bit: Optional[int] = None, width: Optional[float] = None):
+    try:
+        m = get_model(args.model, num_classes, args.bit if bit is None else bit,
+                      width=args.width if width is None else width, alpha_init=args.alpha_init)
+    except ValueError as e:
+        raise UserError(str(e), "see --help for --model / --bit / --width") from None
+    return m.to(device) if device is not None else m
+
+
+def ckpt_classes(ckpt: dict, model_name: str) -> Optional[int]:
+    """The class count a checkpoint was trained for (its metadata, else its classifier's shape)."""
+    if ckpt.get("num_classes") is not None:
+        return int(ckpt["num_classes"])
+    import quant
+    sd = quant.strip_prefix(ckpt["state_dict"])
+    w = sd.get(classifier_weight_key(model_name))
+    return int(w.shape[0]) if w is not None else None
+
+
+def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same_bit: bool):
+    """One-line errors for a checkpoint of another model, class count, width or bit-width."""
+    name = ckpt.get("model")
+    if name is not None and name != args.model:
+        raise UserError(f"{what} {path} holds a {name} model, not --model {args.model}",
+                        f"pass --model {name} or the {args.model} checkpoint")
+    n = ckpt_classes(ckpt, args.model)
+    if n is not None and n != num_classes:
+        raise UserError(f"{what} {path} was trained for {n} classes but the data has {num_classes}",
+                        "pass the --dataset / --classes it was trained with, or a checkpoint of these classes")
+    if ckpt.get("width") is not None and float(ckpt["width"]) != float(args.width):
+        raise UserError(f"{what} {path} holds a --width {ckpt['width']} model, not --width {args.width}",
+                        f"pass --width {ckpt['width']}")
+    if same_bit and ckpt.get("bit") is not None and int(ckpt["bit"]) != args.bit:
+        raise UserError(f"{what} {path} holds a {ckpt['bit']}-bit model but --bit {args.bit} was given",
+                        f"pass --bit {ckpt['bit']}, or the {args.bit}-bit checkpoint (train.py --bit {args.bit})")
+
+
+def is_own_checkpoint(ckpt: dict, model: nn.Module) -> bool:
+    """A segmentation checkpoint of this model (the bit chain, strict) rather than a backbone."""
+    if ckpt.get("task") == TASK:
+        return True
+    import quant
+    from quant.layers import QUANTIZER_PARAMS
+    sd = quant.strip_prefix(ckpt["state_dict"])
+    own = [k for k in model.state_dict() if k.rsplit(".", 1)[-1] not in QUANTIZER_PARAMS]
+    return all(k in sd for k in own)
+
+
+def init_weights(model: nn.Module, args, num_classes: int):
+    """``--init``: a segmentation checkpoint of this model loads strictly (``quant.load_init``: only
+    quantizer clips may be missing -- the bit chain); anything else (an ImageNet / torchvision
+    ResNet-34, a VGG) is a backbone, loaded by ``common.pipeline.load_backbone`` (matching names and
+    shapes; it prints what was loaded / initialised and refuses shape mismatches). ``torchvision``
+    fetches torchvision's ImageNet ResNet-34 weights (online)."""
+    import quant
+    from common import pipeline
+    if args.init == "torchvision":
+        from classification.models import pretrained_state_dict
+        if args.model != "deeplabv3_r34":
+            raise UserError("--init torchvision needs --model deeplabv3_r34 (a ResNet-34 backbone)",
+                            "pass a local state-dict file for the VGG-9 (the original used pretrain/vgg9.pth)")
+        try:
+            sd = pretrained_state_dict("resnet34", "torchvision")
+        except RuntimeError as e:
+            raise UserError(str(e).split(";")[0], "save the weights to a file and pass --init FILE") from None
+        pipeline.load_backbone(model, sd, log=log)
+        return {"mode": "backbone", "source": "torchvision resnet34"}
+    ckpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path")
+    if is_own_checkpoint(ckpt, model):
+        check_ckpt(ckpt, args.init, "--init", args, num_classes, same_bit=False)
+        try:
+            rep = quant.load_init(model, ckpt["state_dict"])
+        except quant.CheckpointMismatchError as e:
+            raise UserError(f"--init {args.init}: {e}", "pass a checkpoint of the same --model / --width") from None
+        if rep["missing_quantizer"]:
+            log(f"--init: {len(rep['missing_quantizer'])} activation clips not in the checkpoint, initialised to "
+                f"their defaults")
+        log(f"initialised from {args.init}")
+        return {"mode": "strict", "source": args.init}
+    pipeline.load_backbone(model, ckpt["state_dict"], log=log)
+    return {"mode": "backbone", "source": args.init}
+
+
+def load_trained(args, num_classes: int, device, path: str, what: str, hint: str):
+    """Build the model of a trained checkpoint and load it exactly (same bit, all clips)."""
+    import quant
+    ckpt = load_checkpoint(path, what, hint)
+    if ckpt.get("width") is not None and args.width == 1.0 and float(ckpt["width"]) != 1.0:
+        args.width = float(ckpt["width"])  # the default width follows the checkpoint
+    check_ckpt(ckpt, path, what, args, num_classes, same_bit=True)
+    model = build_model(args, num_classes, device)
+    try:
+        rep = quant.load_init(model, ckpt["state_dict"])
+    except quant.CheckpointMismatchError as e:
+        raise UserError(f"{what} {path}: {e}", "pass the --model / --width / --bit it was trained with") from None
+    missing = [k for k in rep["missing_quantizer"] if k.endswith("act_alpha")]
+    if missing:
+        raise UserError(f"{what} {path} has no activation clips for this {args.bit}-bit model (it holds a "
+                        "full-precision or differently built ANN)",
+                        f"train the {args.bit}-bit ANN first (train.py --bit {args.bit} --init <higher-bit checkpoint>)")
+    return model, ckpt
+
+
+def _meta(args, data, model) -> dict:
+    return {"task": TASK, "model": args.model, "arch": args.model, "bit": args.bit, "wbit": 32,
+            "width": args.width, "num_classes": data.num_classes, "class_names": data.class_names,
+            "dataset": args.dataset, "crop_size": args.crop_size, "test_size": args.test_size}
+
+
+# ---------------------------------------------------------------------------------------- training
+def _check_finite(loss: torch.Tensor, epoch: int, it: int):
+    bad = not bool(torch.isfinite(loss.detach()))
+    if dist.any_rank(bad):
+        raise UserError(f"loss became {'inf' if bad and math.isinf(loss.item()) else 'NaN'} at epoch {epoch} "
+                        f"iter {it}", "lower --lr or check the data")
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, show_progress=True, tb=None,
+                    max_iters=None, start_iter: int = 0) -> Dict[str, float]:
+    model.train()
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    n_iter = len(loader) if max_iters is None else min(len(loader), max_iters)
+    if n_iter == 0:
+        raise UserError("the training set is smaller than one batch", "lower --batch_size or add images")
+    loss_sum, seen, t0 = 0.0, 0, time.time()
+    bar = progress(loader, f"train {epoch}", show_progress, total=n_iter)
+    for i, (x, y) in enumerate(bar):
+        if i >= n_iter:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y, ignore_index=IGNORE)
+        if not bool((y != IGNORE).any()):
+            loss = out.sum() * 0.0  # a crop of ignore pixels only
+        _check_finite(loss, epoch, i + 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * x.shape[0]
+        seen += x.shape[0]
+        lr = optimizer.param_groups[0]["lr"]
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.3g}", refresh=False)
+        if tb is not None:
+            tb.scalars(start_iter + i, "train_iter/", loss=float(loss.detach()), lr=lr)
+    tot = dist.all_reduce_sum([loss_sum, seen])
+    return {"train_loss": tot[0] / max(tot[1], 1), "train_seconds": time.time() - t0, "iters": n_iter}
+
+
+def evaluate_ann(model, loader, data, *, device, show_progress=True, desc="val", max_batches=None) -> Dict:
+    from common import pipeline
+    return pipeline.evaluate(dist.unwrap(model), loader, make_metric_factory(data.num_classes, data.class_names),
+                             device=device, progress=show_progress, desc=desc, max_batches=max_batches)
+
+
+def _resume(args, model, optimizer, scheduler, out_dir):
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(out_dir, CHECKPOINT)
+        if not os.path.exists(path):
+            log(f"--resume auto: no {path} yet, starting a new run")
+            path = ""
+    if not path:
+        return None
+    import quant
+    ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
+                        "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+    return ckpt, path
+
+
+def train(args) -> Dict:
+    """``train.py``."""
+    check_args(args)
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs} must be at least 1", "pass a positive number")
+    if args.eval_epoch < 1:
+        raise UserError(f"--eval_epoch {args.eval_epoch} must be at least 1", "pass a positive number")
+    with dist.session(args.device, args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = build_data(args, train=True, ctx=ctx)
+        tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
+        out_dir = run_dir(args)
+        model = build_model(args, data.num_classes, ctx.device)
+        iters = len(tr_loader) if args.max_iters is None else min(len(tr_loader), args.max_iters)
+        total_iters = max(1, args.epochs * iters)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
+        start, best, history, init_info = 0, -1.0, [], None
+        resumed = _resume(args, model, optimizer, scheduler, out_dir)
+        if resumed is not None:
+            import quant
+            ckpt, path = resumed
+            check_ckpt(ckpt, path, "--resume", args, data.num_classes, same_bit=True)
+            model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            start, best, history = int(ckpt["epoch"]), float(ckpt.get("best_miou", -1.0)), list(ckpt.get("history", []))
+            init_info = ckpt.get("init")
+            log(f"resumed {path}: {start} epochs done, best mIoU {best:.2f}")
+        elif args.init:
+            init_info = init_weights(model, args, data.num_classes)
+        if args.sybn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log("SyncBatchNorm across the processes (--sybn)")
+        elif args.sybn:
+            log("--sybn: one process, plain BatchNorm")
+        net = dist.wrap_ddp(model, ctx)
+        log(f"{args.model} {args.bit}-bit (width {args.width}) on {args.dataset}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) on "
+            f"{ctx.device}; epochs {start}->{args.epochs}, {iters} iters/epoch, lr {args.lr} poly {args.power}")
+        meta = _meta(args, data, model)
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+            for epoch in range(start, args.epochs):
+                tr = train_one_epoch(net, tr_loader, optimizer, scheduler, epoch + 1, device=ctx.device,
+                                     show_progress=args.progress, tb=tb, max_iters=args.max_iters,
+                                     start_iter=epoch * iters)
+                rec = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr}
+                is_best = False
+                if (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == args.epochs:
+                    res = evaluate_ann(model, va_loader, data, device=ctx.device, show_progress=args.progress,
+                                       desc=f"val {epoch + 1}")
+                    rec.update(val_miou=res["miou"], val_pixel_acc=res["pixel_acc"])
+                    is_best = res["miou"] > best
+                    best = max(best, res["miou"])
+                    tb.scalars(epoch + 1, "epoch/", train_loss=tr["train_loss"], val_miou=res["miou"],
+                               val_pixel_acc=res["pixel_acc"])
+                    log(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f} | val mIoU "
+                        f"{res['miou']:.2f} pixel acc {res['pixel_acc']:.2f} | best {best:.2f}")
+                else:
+                    log(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f}")
+                rec["best_miou"] = best
+                history.append(rec)
+                if ctx.is_main:
+                    state = dict(meta, epoch=epoch + 1, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
+                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                 args=plain_args(args), history=history, init=init_info)
+                    save_checkpoint(state, out_dir, is_best)
+                    write_json(os.path.join(out_dir, "history.json"), {"model": args.model, "bit": args.bit,
+                                                                         "history": history})
+        if not history:
+            raise UserError(f"nothing was trained (the run already has {start} of --epochs {args.epochs})",
+                            "raise --epochs to continue it")
+        evals = [h for h in history if "val_miou" in h]
+        best_h = max(evals, key=lambda h: h["val_miou"]) if evals else history[-1]
+        result = {"miou": best_h.get("val_miou"), "ann_miou": best_h.get("val_miou"),
+                  "pixel_acc": best_h.get("val_pixel_acc"), "best_epoch": best_h["epoch"],
+                  "epochs": history[-1]["epoch"]}
+        rec = record(args, data, result, script="train.py", checkpoint=os.path.join(out_dir, BEST))
+        path = args.metrics_out or os.path.join(out_dir, "metrics_ann.json")
+        if ctx.is_main:
+            write_json(path, rec)
+            log(f"metrics -> {path}")
+            if args.plot:
+                from .plots import plot_training
+                log(f"plot -> {plot_training(history, os.path.splitext(path)[0] + '_curves.png', f'{args.model} {args.bit}-bit')}")
+        log(f"best val mIoU {best:.2f} (epoch {best_h['epoch']}) -> {os.path.join(out_dir, BEST)}")
+        return rec
+
+
+# ---------------------------------------------------------------------------------------- records
+def record(args, data, result: Dict, *, script: str, checkpoint: str, **extra) -> Dict:
+    rec = {"script": script, "task": TASK, "dataset": args.dataset, "model": args.model, "bit": args.bit,
+           "width": args.width, "num_classes": data.num_classes, "class_names": data.class_names,
+           "split": "val", "test_size": args.test_size, "T": None, "neuron": None, "samples": None,
+           "miou": None, "ann_miou": None, "per_step_miou": [], "per_class_iou": [], "pixel_acc": None,
+           "layers": [], "sops": None, "snn_macs": None, "ann_macs": None, "energy": None}
+    rec.update(result)
+    rec.update(checkpoint=checkpoint, **extra)
+    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
+    return rec
+
+
+def _snn_result(res: Dict) -> Dict:
+    """Flatten ``pipeline.evaluate_snn``'s dict into the record's keys."""
+    snn_m = res.get("snn") or {}
+    ann_m = res.get("ann") or {}
+    out = {k: res.get(k) for k in ("miou", "ann_miou", "per_step_miou", "T", "neuron", "samples", "layers", "sops",
+                                   "snn_macs", "ann_macs", "energy", "seconds")}
+    out.update(per_class_iou=snn_m.get("per_class_iou"), pixel_acc=snn_m.get("pixel_acc"),
+               mean_acc=snn_m.get("mean_acc"), ann_per_class_iou=ann_m.get("per_class_iou"),
+               ann_pixel_acc=ann_m.get("pixel_acc"))
+    return out
+
+
+def _write(args, rec: Dict, default_path: str) -> str:
+    path = args.metrics_out or default_path
+    if dist.is_main():
+        write_json(path, rec)
+        log(f"metrics -> {path}")
+        if args.plot:
+            from .plots import plot_metrics
+            for png in plot_metrics(rec, path):
+                log(f"plot -> {png}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- eval.py
+def _convert(args, model, ckpt):
+    from common import pipeline
+    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
+    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=args.settle)
+    log(f"converted {args.model} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
+        f"neurons ({len(net.neurons())} spiking layers)")
+    return net
+
+
+def _load_for_eval(args, data, ctx, *, need_quant: bool):
+    if need_quant and args.bit == 32:
+        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    path = args.init or os.path.join(run_dir(args), BEST)
+    model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init",
+                               f"train it first (segmentation/train.py -m {args.model} --bit {args.bit} ...) or pass "
+                               "--init PATH")
+    return model.eval(), ckpt, path
+
+
+def run_snn_eval(args, model, net, loader, data, *, device, desc="snn eval") -> Dict:
+    from common import pipeline
+    res = pipeline.evaluate_snn(model, net, loader, make_metric_factory(data.num_classes, data.class_names),
+                                key="miou", device=device, progress=args.progress, desc=desc,
+                                max_batches=args.max_batches)
+    return _snn_result(res)
+
+
+def evaluate(args) -> Dict:
+    """``eval.py``: mIoU of the ANN (default) or, with ``--spike``, of its SNN next to the ANN."""
+    check_args(args)
+    if args.spike:
+        from quant.fused import tune_malloc
+        tune_malloc()
+    with dist.session(args.device, args.local_rank) as ctx:
+        data = build_data(args, train=False, ctx=ctx)
+        loader = val_loader(args, data, ctx)
+        model, ckpt, path = _load_for_eval(args, data, ctx, need_quant=args.spike)
+        finetuned = bool(ckpt.get("snn_finetuned"))
+        folder = run_dir(args, "_ft" if finetuned else "")
+        if not args.spike:
+            res = evaluate_ann(model, loader, data, device=ctx.device, show_progress=args.progress,
+                               max_batches=args.max_batches)
+            from snn import E_MAC_PJ
+            macs = count_macs(model, args.test_size, ctx.device)
+            result = {"miou": res["miou"], "ann_miou": res["miou"], "per_class_iou": res["per_class_iou"],
+                      "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "samples": res.get("samples"),
+                      "ann_macs": macs, "energy": {"e_mac_pJ": E_MAC_PJ, "ann_uJ": macs * E_MAC_PJ * 1e-6}}
+            log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}")
+            rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
+            _write(args, rec, os.path.join(folder, "metrics_ann_eval.json"))
+            return rec
+        net = _convert(args, model, ckpt).to(ctx.device)
+        result = run_snn_eval(args, model, net, loader, data, device=ctx.device)
+        log(f"SNN mIoU {result['miou']:.2f} (ANN {result['ann_miou']:.2f}) T={result['T']} {result['neuron']}; "
+            "per step " + " ".join(f"{v:.1f}" for v in result["per_step_miou"]))
+        rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
+        _write(args, rec, os.path.join(folder, f"metrics_snn_{result['neuron']}_T{result['T']}.json"))
+        return rec
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, size: int, device) -> float:
+    total = [0.0]
+
+    def hook(m, inp, out):
+        k = 1
+        for s in m.kernel_size:
+            k *= s
+        total[0] += out.numel() * (m.in_channels // m.groups) * k
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.eval()(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+# ---------------------------------------------------------------------------------------- snn_ft.py
+class _Reshuffled:
+    """A new DistributedSampler epoch on every pass (the fine-tuner walks the loader per layer)."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
+
+
+def finetune(args) -> Dict:
+    """``snn_ft.py``: layer-wise fine-tuning of the segmenter SNN (spec 8), saved in ANN format."""
+    check_args(args)
+    if args.num_epochs < 1:
+        raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
+    from common import pipeline
+    from quant.fused import tune_malloc
+    tune_malloc()
+    with dist.session(args.device, args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = build_data(args, train=True, ctx=ctx)
+        tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
+        model, ckpt, init_path = _load_for_eval(args, data, ctx, need_quant=True)
+        net = _convert(args, model, ckpt).to(ctx.device)
+        out_dir = run_dir(args, "_ft")
+        before = None
+        if args.eval_before:
+            log("SNN before fine-tuning:")
+            before = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (before)")
+            log(f"SNN mIoU {before['miou']:.2f} (ANN {before['ann_miou']:.2f})")
+        score = None
+        if not args.force:
+            # accept / revert: SNN mIoU on the first --score-batches training images, without augmentation
+            score_ds = copy.copy(data.train)
+            score_ds.transforms = segdata.test_transforms(args.crop_size)
+            score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)
+            make = make_metric_factory(data.num_classes, data.class_names)
+
+            def score(n):
+                return float(pipeline.evaluate(n, score_loader, make, device=ctx.device, progress=args.progress,
+                                               desc="score (train mIoU)", max_batches=args.score_batches)["miou"])
+        bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
+        log(f"fine-tuning {args.model} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, BN "
+            f"{bn_mode}, {'--force (accept every layer)' if args.force else f'accept on train mIoU ({args.score_batches} batches)'}")
+        t0 = time.time()
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+            history = pipeline.finetune(model, net, _Reshuffled(tr_loader), score=score, epochs=args.num_epochs,
+                                        lr=args.lr, bn_mode=bn_mode, max_batches=args.max_iters,
+                                        progress=args.progress, log=log, tb=tb)
+        seconds = time.time() - t0
+        log("SNN after fine-tuning:")
+        result = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (after)")
+        ckpt_path = os.path.join(out_dir, BEST)
+        meta = dict(_meta(args, data, model), T=net.T, neuron=result["neuron"], bn_mode=bn_mode, init=init_path,
+                    miou=result["miou"], epoch=args.num_epochs, args=plain_args(args))
+        if ctx.is_main:
+            pipeline.save_finetuned(ckpt_path, net, meta)
+            log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
+        rec = record(args, data, result, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True, init=init_path,
+                     bn_mode=bn_mode, finetune_seconds=seconds, finetune=history,
+                     before={k: before[k] for k in ("miou", "ann_miou", "per_step_miou", "layers")} if before else None)
+        if before is not None:
+            log(f"SNN mIoU {before['miou']:.2f} -> {result['miou']:.2f} after fine-tuning (ANN {result['ann_miou']:.2f})")
+        _write(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{result['neuron']}_T{result['T']}.json"))
+        return rec
+
+
+# ---------------------------------------------------------------------------------------- inference.py
+def infer(args) -> List[str]:
+    """``inference.py``: colour mask (VOC palette PNG) and overlay PNG per input image."""
+    import numpy as np
+    from PIL import Image
+    stride = OUTPUT_STRIDE[args.model]
+    if args.test_size is None:
+        args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
+    paths = _input_images(args.input)
+    with dist.session(args.device, args.local_rank) as ctx:
+        path = args.init or os.path.join(run_dir(args), BEST)
+        ckpt = load_checkpoint(path, "--init", "pass --init PATH of a trained model (model_best.pth.tar)")
+        names = ckpt.get("class_names") or (segdata.read_classes(args.classes) if args.classes else None)
+        n = ckpt_classes(ckpt, args.model)
+        if names is None:
+            names = list(segdata.VOC_CLASSES) if n == len(segdata.VOC_CLASSES) else [f"class{i}" for i in range(n)]
+        if args.spike and args.bit == 32 and ckpt.get("bit") not in (None, 32):
+            args.bit = int(ckpt["bit"])
+        model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", "pass --init PATH")
+        model.eval()
+        runner = model
+        if args.spike:
+            if args.bit == 32:
+                raise UserError("--spike with --bit 32: a full-precision ANN cannot be converted",
+                                "pass --bit 2/3/4/5 and the checkpoint of that bit-width")
+            runner = _convert(args, model, ckpt).to(ctx.device)
+        os.makedirs(args.output, exist_ok=True)
+        palette = segdata.voc_palette()
+        written = []
+        for p in progress(paths, "inference", args.progress):
+            img = segdata.read_image(p)
+            h, w = img.shape[:2]
+            side = max(h, w, args.test_size)
+            side = ((side - 1 + stride - 1) // stride) * stride + 1   # next k * stride + 1
+            canvas = np.empty((side, side, 3), dtype=np.uint8)
+            canvas[:] = segdata.MEAN_PIXEL
+            canvas[:h, :w] = img
+            x = torch.from_numpy(canvas).permute(2, 0, 1).float().div(255)
+            x = (x - torch.tensor(segdata.MEAN).view(3, 1, 1)) / torch.tensor(segdata.STD).view(3, 1, 1)
+            with torch.no_grad():
+                out = runner(x.unsqueeze(0).to(ctx.device))
+            label = out[0, :, :h, :w].argmax(0).cpu().numpy().astype(np.uint8)
+            stem = os.path.splitext(os.path.basename(p))[0]
+            mask_path = os.path.join(args.output, f"{stem}_mask.png")
+            im = Image.fromarray(label, mode="P")
+            im.putpalette(palette.reshape(-1).tolist())
+            im.save(mask_path)
+            over_path = os.path.join(args.output, f"{stem}_overlay.png")
+            Image.fromarray(overlay(img, label, names)).save(over_path)
+            present = sorted({int(v) for v in np.unique(label)} - {0})
+            log(f"{p}: {', '.join(names[c] for c in present) or 'background only'} -> {mask_path}, {over_path}")
+            written += [mask_path, over_path]
+        return written
+
+
+def overlay(img, label, names) -> "np.ndarray":
+    """The image with the label map blended over it and the classes present named (imgviz)."""
+    import imgviz
+    import numpy as np
+    return np.asarray(imgviz.label2rgb(label.astype(np.int32), image=img, alpha=0.5, label_names=list(names),
+                                       font_size=max(8, min(img.shape[:2]) // 20), loc="rb"))
+
+
+def _input_images(src: str) -> List[str]:
+    if not src or not os.path.exists(src):
+        raise UserError(f"--input {src!r} does not exist", "pass an image file or a folder of images")
+    if os.path.isdir(src):
+        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.lower().endswith(segdata.IMAGE_EXTS))
+        if not files:
+            raise UserError(f"--input {src} holds no images ({', '.join(segdata.IMAGE_EXTS)})", "pass another folder")
+        return files
+    return [src]
