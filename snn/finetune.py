@@ -133,6 +133,7 @@ def run_until(gm: fx.GraphModule, x: torch.Tensor, needed: List[fx.Node], env: O
     evaluated here that reads it has run, unless it is in ``needed`` or ``keep``.
     """
     env = {} if env is None else env
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     want = set(needed)
     todo = _ancestors(needed, known=env)
     uses = collections.Counter(a for node in todo for a in node.all_input_nodes)
@@ -144,7 +145,7 @@ def run_until(gm: fx.GraphModule, x: torch.Tensor, needed: List[fx.Node], env: O
             continue
         left -= 1
         if node.op == "placeholder":
-            env[node] = x
+            env[node] = x[placeholders.index(node)] if isinstance(x, tuple) else x
             continue
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -187,30 +188,61 @@ def _time_mean(v, T: int):
     return v
 
 
-def _ann_activation(ann: nn.Module, name: str):
-    """Function returning the ANN's activation at QuantAct ``name`` (the forward stops there)."""
+def _ann_activation(ann: nn.Module, site):
+    """Function returning the ANN's activation at a QuantAct call site ``(path, call index)`` (or a
+    path: its first call); the forward stops there."""
+    name, index = (site, 0) if isinstance(site, str) else site
     mod = ann.get_submodule(name)
     box = {}
 
     def hook(m, i, o):
-        box["out"] = o
-        raise _Stop
+        if box["calls"] == index:
+            box["out"] = o
+            raise _Stop
+        box["calls"] += 1
 
     def fn(x):
+        box["calls"] = 0
         h = mod.register_forward_hook(hook)
         try:
-            ann(x)
+            ann(*x) if isinstance(x, tuple) else ann(x)
         except _Stop:
             pass
         finally:
             h.remove()
+        if "out" not in box:
+            raise ValueError(f"the ANN never called {name} {index + 1} time(s): the SNN does not come from it")
         return box.pop("out")
     return fn
 
 
-def _input(batch, device) -> torch.Tensor:
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return x.to(device, non_blocking=True)
+def default_inputs(batch):
+    """The model input(s) of a loader batch: ``batch[0]`` of a tuple / list (``(images, targets)``),
+    ``batch["image"]`` (or ``"images"`` / ``"input"``) of a dict, else the batch itself."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for k in ("image", "images", "input", "inputs", "img"):
+            if k in batch:
+                return batch[k]
+        raise ValueError(f"cannot find the input in a batch dict with keys {sorted(batch)}: pass inputs=")
+    return batch
+
+
+def _to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return tuple(_to_device(v, device) for v in x)
+    return x
+
+
+def _input(batch, device, inputs=None):
+    return _to_device((inputs or default_inputs)(batch), device)
+
+
+def _call(fn, x):
+    return fn(*x) if isinstance(x, tuple) else fn(x)
 
 
 def _nbytes(tensors) -> int:
@@ -277,8 +309,8 @@ class _Batches:
     SNN's frontiers (:class:`_Frontier`) carried from one layer to the next."""
 
     def __init__(self, ann: nn.Module, net: SpikingNetwork, todo: List[SpikingLayer], loader,
-                 max_batches: Optional[int], device):
-        self.ann, self.net, self.todo, self.loader = ann, net, todo, loader
+                 max_batches: Optional[int], device, inputs=None):
+        self.ann, self.net, self.todo, self.loader, self.get_inputs = ann, net, todo, loader, inputs
         self.max_batches, self.device = max_batches, device
         self.fixed = None      # the batches, when drawn once
         self.frontiers = None  # (ANN, SNN) frontiers, when cached
@@ -298,7 +330,8 @@ class _Batches:
         if self.fixed is not None:
             return iter(self.fixed)
         it, self.started = self.started, None
-        return it or (_input(b, self.device) for b in itertools.islice(self.loader, self.max_batches))
+        return it or (_input(b, self.device, self.get_inputs)
+                         for b in itertools.islice(self.loader, self.max_batches))
 
     def use_cache(self, mode, cache_mb: float, log):
         """Draw the batches once and cache the frontiers (``mode`` True, or "auto" for a bounded set of
@@ -312,14 +345,19 @@ class _Batches:
         if mode != "auto":
             self.fixed = [first, *it]
         ann_gm = _trace(self.ann)
-        ann_nodes = {n.target: n for n in reversed(ann_gm.graph.nodes) if n.op == "call_module"}
-        frontiers = (_Frontier(ann_gm, [[ann_nodes[l.name]] for l in self.todo]),
+        calls = collections.defaultdict(list)
+        for n in ann_gm.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target].append(n)
+        sites = [self.net.ann_site(l.name) for l in self.todo]
+        frontiers = (_Frontier(ann_gm, [[calls[path][i]] for path, i in sites]),
                      _Frontier(self.net.net, [l.inputs for l in self.todo], _changed_by(self.net.net, self.todo)))
         envs, peak = ({}, {}), 0
         with torch.no_grad():  # dry run on the first batch: the largest frontier over the layers
             for k in range(len(self.todo)):
                 self._cached(frontiers, k, first, envs)
-                peak = max(peak, first.nbytes + _nbytes([*envs[0].values(), *envs[1].values()]))
+                peak = max(peak, _nbytes(first if isinstance(first, tuple) else [first])
+                           + _nbytes([*envs[0].values(), *envs[1].values()]))
         n = self.total()
         mb = n * peak / 2 ** 20
         if mb > cache_mb:
@@ -343,7 +381,7 @@ class _Batches:
     def prefixes(self, k: int):
         """``(target, input trains)`` of layer ``todo[k]`` on each batch of one pass."""
         layer = self.todo[k]
-        target_fn = _ann_activation(self.ann, layer.name) if self.frontiers is None else None
+        target_fn = _ann_activation(self.ann, self.net.ann_site(layer.name)) if self.frontiers is None else None
         for b, x in enumerate(self.inputs()):
             with torch.no_grad():
                 if target_fn is None:
@@ -352,6 +390,7 @@ class _Batches:
                     target = target_fn(x)
                     self.net.set_window(0, self.net.T)
                     ins = run_until(self.net.net, x, layer.inputs)
+            self.net.set_window(0, self.net.T)
             yield target, ins
 
 
@@ -372,11 +411,12 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
              force: bool = True, score_fn: Optional[Callable[[SpikingNetwork], float]] = None,
              device=None, log: Callable[[str], None] = print, progress: bool = True,
              layers: Optional[List[str]] = None, max_batches: Optional[int] = None,
-             cache=False, cache_mb: float = 2048) -> List[dict]:
+             cache=False, cache_mb: float = 2048, inputs: Optional[Callable] = None) -> List[dict]:
     """Tune ``net`` in place, layer by layer. Returns one JSON-ready dict per tuned layer.
 
-    ``loader`` yields ``(images, labels)`` (labels unused) or images. ``layers`` restricts tuning to
-    the named neurons. ``max_batches`` caps the batches per epoch (quick runs).
+    ``loader`` yields ``(images, targets)`` (targets unused), dicts with an ``"image"`` entry, or
+    images; ``inputs(batch)`` picks the model input(s) otherwise (a tuple for several inputs).
+    ``layers`` restricts tuning to the named neurons. ``max_batches`` caps the batches per epoch.
 
     ``cache`` (the prefix cache): by default every layer-epoch draws a fresh pass from ``loader`` and,
     for every batch, re-simulates the SNN up to the tuned layer and re-runs the ANN up to its
@@ -413,7 +453,7 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     best = None if force else float(score_fn(net))
     if best is not None:
         log(f"finetune: initial score {best:.3f}")
-    batches = _Batches(ann, net, todo, loader, max_batches, device)
+    batches = _Batches(ann, net, todo, loader, max_batches, device, inputs)
     if cache and todo:
         batches.use_cache(cache, cache_mb, log)
     history = []
@@ -474,9 +514,11 @@ def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, 
         if bn_mode == "recalibrate":
             for bn in layer.batchnorms:
                 bn.train()
+        net.ctx.steps = 1  # the equivalent ANN layer runs on per-sample rates
         try:
             y = act_quant_levels(layer.module(*rates), neuron.act_alpha, T)
         finally:
+            net.ctx.steps = T
             for bn in layer.batchnorms:
                 bn.eval()
         y = y + (rate_out - y).detach()  # value: SNN rates; gradient: equivalent ANN layer

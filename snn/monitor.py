@@ -33,50 +33,12 @@ E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def _is_synaptic(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-
-
-def _macs(m: nn.Module, out: torch.Tensor) -> float:
-    """Multiply-accumulates of one call of a conv / linear layer, summed over the batch."""
-    if isinstance(m, nn.Linear):
-        return float(out.numel() * m.in_features)
-    k = 1
-    for s in m.kernel_size:
-        k *= s
-    return float(out.numel() * (m.in_channels // m.groups) * k)
-
-
-_FANOUT: Dict[tuple, torch.Tensor] = {}
-
-
-def _conv_fanout(m: nn.Conv2d, hw: tuple, x: torch.Tensor) -> torch.Tensor:
-    """``F[h, w]``: how many (output position, kernel tap) pairs read input position ``(h, w)`` --
-    the gradient of ``sum(conv(ones))`` w.r.t. its input, i.e. the transposed convolution of ones
-    (the same for every channel). Cached per geometry."""
-    key = (tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation), hw, x.dtype, x.device)
-    if key not in _FANOUT:
-        with torch.enable_grad():
-            inp = torch.ones(1, 1, *hw, dtype=x.dtype, device=x.device, requires_grad=True)
-            ones = torch.ones(1, 1, *m.kernel_size, dtype=x.dtype, device=x.device)
-            F.conv2d(inp, ones, None, m.stride, m.padding, m.dilation).sum().backward()
-        _FANOUT[key] = inp.grad[0, 0]
-    return _FANOUT[key]
-
-
-def _sops(m: nn.Module, x: torch.Tensor) -> float:
-    """Accumulates triggered by the non-zero inputs of a conv / linear layer (exact fan-out): every
-    non-zero input reaches ``out_channels / groups`` kernels at each of the ``F[h, w]`` output
-    positions / taps that read its position, so the total is ``sum_hw count_nz[h, w] * F[h, w]``
-    -- one pass over the input instead of a second convolution."""
-    if isinstance(m, nn.Linear):
-        return float(torch.count_nonzero(x)) * m.out_features
-    if isinstance(m, nn.Conv2d) and x.dim() == 4 and m.padding_mode == "zeros":
-        from .kernels import nonzero_per_position
-        nz = nonzero_per_position(x).to(x.dtype)
-        return float((nz * _conv_fanout(m, tuple(x.shape[-2:]), x)).sum()) * (m.out_channels // m.groups)
-    # other convs: approximate by the mean fan-out
-    return float(torch.count_nonzero(x)) * m.out_channels * _prod(m.kernel_size) / _prod(m.stride)
+    return isinstance(m, _CONVS + _TCONVS + (nn.Linear,))
 
 
 def _prod(t):
@@ -84,6 +46,71 @@ def _prod(t):
     for v in t:
         p *= v
     return p
+
+
+def _macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
+    """Multiply-accumulates of one call of a conv / transposed conv / linear layer, summed over the
+    batch (a transposed conv: every input value times its ``out_channels / groups`` kernels' taps)."""
+    if isinstance(m, nn.Linear):
+        return float(out.numel() * m.in_features)
+    k = _prod(m.kernel_size)
+    if isinstance(m, _TCONVS):
+        return float(inp.numel() * (m.out_channels // m.groups) * k)
+    return float(out.numel() * (m.in_channels // m.groups) * k)
+
+
+_FANOUT: Dict[tuple, torch.Tensor] = {}
+
+
+def _conv_fanout(m: nn.Module, hw: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``F[pos]``: how many (output position, kernel tap) pairs read input position ``pos`` -- the
+    gradient of ``sum(conv(ones))`` w.r.t. its input (the same for every channel), for convolutions
+    (any stride, dilation, padding mode) and transposed convolutions of 1, 2 or 3 dims. Cached per
+    geometry."""
+    transposed = isinstance(m, _TCONVS)
+    key = (type(m), tuple(m.kernel_size), tuple(m.stride), _pad_key(m), tuple(m.dilation),
+           tuple(getattr(m, "output_padding", ())), m.padding_mode, hw, x.dtype, x.device)
+    if key not in _FANOUT:
+        nd = len(m.kernel_size)
+        with torch.enable_grad():
+            inp = torch.ones(1, 1, *hw, dtype=x.dtype, device=x.device, requires_grad=True)
+            ones = torch.ones(1, 1, *m.kernel_size, dtype=x.dtype, device=x.device)
+            if transposed:
+                fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+                y = fn(inp, ones, None, m.stride, m.padding, m.output_padding, 1, m.dilation)
+            else:
+                fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+                if m.padding_mode != "zeros":  # padded copies of border values read them again
+                    y = fn(F.pad(inp, m._reversed_padding_repeated_twice, mode=m.padding_mode), ones, None,
+                           m.stride, 0, m.dilation)
+                else:
+                    y = fn(inp, ones, None, m.stride, m.padding, m.dilation)
+            y.sum().backward()
+        _FANOUT[key] = inp.grad[0, 0]
+    return _FANOUT[key]
+
+
+def _pad_key(m):
+    return m.padding if isinstance(m.padding, str) else tuple(m.padding)
+
+
+def _sops(m: nn.Module, x: torch.Tensor) -> float:
+    """Accumulates triggered by the non-zero inputs of a conv / transposed conv / linear layer (exact
+    fan-out): every non-zero input reaches ``out_channels / groups`` kernels at each of the ``F[pos]``
+    output positions / taps that read its position, so the total is ``sum_pos nz[pos] * F[pos]`` --
+    one pass over the input instead of a second convolution."""
+    if isinstance(m, nn.Linear):
+        return float(torch.count_nonzero(x)) * m.out_features
+    nd = len(m.kernel_size)
+    if x.dim() != nd + 2:  # unbatched input
+        x = x.unsqueeze(0)
+    if nd == 2 and x.dim() == 4:
+        from .kernels import nonzero_per_position
+        nz = nonzero_per_position(x).to(x.dtype)
+    else:
+        nz = (x != 0).sum(dim=(0, 1)).to(x.dtype)
+    fan = _conv_fanout(m, tuple(x.shape[2:]), x)
+    return float((nz * fan).sum()) * (m.out_channels // m.groups)
 
 
 class Monitor:
@@ -98,13 +125,20 @@ class Monitor:
         self.ann, self.net = ann, net
         self.neurons: Dict[str, IFNeuron] = net.neurons()
         ann_modules = dict(ann.named_modules())
-        missing = [n for n in self.neurons if not isinstance(ann_modules.get(n), QuantAct)]
+        site = getattr(net, "ann_site", lambda n: (n, 0))
+        missing = [n for n in self.neurons if not isinstance(ann_modules.get(site(n)[0]), QuantAct)]
         if missing:
             raise ValueError(f"the SNN does not come from this ANN (no QuantAct at {missing[:3]})")
         self._ann_in: Dict[str, torch.Tensor] = {}
         self._hooks = []
-        for name in self.neurons:
-            self._hooks.append(ann_modules[name].register_forward_hook(self._ann_hook(name)))
+        by_module: Dict[str, Dict[int, str]] = {}
+        for name in self.neurons:  # every call site of an ANN module -> its neuron
+            path, index = site(name)
+            by_module.setdefault(path, {})[index] = name
+        self._calls: Dict[str, int] = {}
+        self._count_head = False
+        for path, names in by_module.items():
+            self._hooks.append(ann_modules[path].register_forward_hook(self._ann_hook(path, names)))
         temporal = net.temporal_modules()
         self._sop_sum = 0.0
         self._snn_mac_sum = 0.0
@@ -112,6 +146,11 @@ class Monitor:
         for name, m in net.net.named_modules():
             if _is_synaptic(m):
                 self._hooks.append(m.register_forward_hook(self._snn_syn_hook(name in temporal)))
+        head = getattr(net, "head", None)
+        if head is not None:  # layers after the read-out run once per sample on rates: MACs
+            for name, m in head.named_modules():
+                if _is_synaptic(m):
+                    self._hooks.append(m.register_forward_hook(self._head_syn_hook()))
         for name, m in ann.named_modules():
             if _is_synaptic(m):
                 self._hooks.append(m.register_forward_hook(self._ann_syn_hook()))
@@ -124,9 +163,12 @@ class Monitor:
         self._samples = 0
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _ann_hook(self, name):
+    def _ann_hook(self, path, names: Dict[int, str]):
         def hook(mod, inp, out):
-            self._ann_in[name] = inp[0].detach()
+            i = self._calls.get(path, 0)
+            self._calls[path] = i + 1
+            if i in names:
+                self._ann_in[names[i]] = inp[0].detach()
         return hook
 
     def _snn_syn_hook(self, temporal: bool):
@@ -134,29 +176,47 @@ class Monitor:
             if temporal:
                 self._sop_sum += _sops(mod, inp[0])
             elif self._window_start():  # analog-input layers run once per time window
-                self._snn_mac_sum += _macs(mod, out)
+                self._snn_mac_sum += _macs(mod, inp[0], out)
         return hook
 
     def _window_start(self) -> bool:
         return next(iter(self.neurons.values())).t0 == 0
 
+    def _head_syn_hook(self):
+        def hook(mod, inp, out):
+            if self._count_head:  # once per batch (the final read-out), not once per step
+                self._snn_mac_sum += _macs(mod, inp[0], out)
+        return hook
+
     def _ann_syn_hook(self):
         def hook(mod, inp, out):
-            self._ann_mac_sum += _macs(mod, out)
+            self._ann_mac_sum += _macs(mod, inp[0], out)
         return hook
 
     # -- running ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, x: torch.Tensor):
+    def run(self, *inputs, lazy: bool = False):
+        """ANN and SNN on the same batch: ``(ann_out, steps)``; ``steps``: the SNN's output after each
+        step t = 1..T, every tensor leaf stacked ``[T, B, ...]``, or with ``lazy=True`` a
+        :class:`~snn.convert.Simulation` (``len``, ``output(t)``, iteration: one step's output at a
+        time, computed on demand; ``output()`` the final read-out)."""
         self._ann_in.clear()
-        ann_out = self.ann(x)
+        self._calls.clear()
+        ann_out = self.ann(*inputs)
         for m in self.neurons.values():
             m.record = True
         try:
-            steps = self.net(x, per_step=True)
+            sim = self.net.simulate(*inputs)
         finally:
             for m in self.neurons.values():
                 m.record = False
+        x = inputs[0]
+        self._count_head = True
+        try:
+            sim.output()  # cached: the final read-out
+        finally:
+            self._count_head = False
+        steps = sim if lazy else _stack_steps(sim)
         T = self.net.T
         names = list(self.neurons)
         per_layer = []  # [events, equal, sum |err|, sum err^2] per layer, one host transfer per run
@@ -240,6 +300,11 @@ class Monitor:
 
 
 @torch.no_grad()
+def _stack_steps(sim):
+    from .convert import _stack
+    return _stack(list(sim))
+
+
 def layer_errors(ann: nn.Module, net: SpikingNetwork, x: torch.Tensor) -> Dict[str, float]:
     """Per-layer MSE between the SNN rate output and the ANN activation, for one batch."""
     with Monitor(ann, net) as mon:
