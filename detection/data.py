@@ -1,0 +1,437 @@
+"""Detection data: PASCAL VOC (and any VOC-format root), COCO 2017, the offline Fashion-MNIST scene set.
+
+``-d voc`` with ``-root/--data_root DIR``: ``DIR/VOCdevkit/VOC2007`` (+ ``VOC2012``), ``DIR/VOC2007``,
+or ``DIR`` itself holding ``Annotations/ JPEGImages/ ImageSets/Main/``. Training uses the ``trainval``
+lists of VOC2007 and VOC2012 (those present; a VOC2012 that is a link to VOC2007 counts once), testing
+the VOC2007 ``test`` list. Classes: the 20 VOC classes, or ``--classes FILE`` (one name per line; a
+leading ``background`` / ``_background_`` / ``__ignore__`` line is skipped). Difficult objects are
+left out of training and marked for evaluation (neither true nor false positives, VOC protocol).
+
+``-d coco``: ``DIR/coco`` or ``DIR`` with ``annotations/instances_{train,val}2017.json`` and the image
+folders ``train2017/ val2017/`` (``test2017/`` with ``image_info_test-dev2017.json`` for coco-test).
+Crowd boxes are not trained on (COCOeval handles them). The 80 categories map to labels 0..79.
+
+The scene set (``python -m common.scenes --out data/scenes``) is a VOC root and a COCO root at once:
+``-d voc -root data/scenes --classes data/scenes/classes.txt`` or ``-d coco -root data/scenes``.
+
+Boxes are kept in continuous 0-based pixel coordinates ``[x1, y1, x2, y2]``: a VOC box ``xmin..xmax``
+(1-based, inclusive) is ``[xmin - 1, xmax]``, a COCO ``[x, y, w, h]`` is ``[x, y, x + w, y + h]``, so
+widths equal VOC's ``xmax - xmin + 1`` and IoUs are the VOC devkit's.
+
+Augmentation (training) with ``torchvision.transforms.v2`` on ``tv_tensors`` (boxes follow the image):
+photometric distortion, zoom-out (expand) by up to 2x, SSD's random IoU crop, horizontal flip,
+resize to ``train_size`` (square), sanitised boxes; evaluation: resize to ``val_size``. Both normalise
+with the ImageNet mean / std. ``-ms`` (multi-scale) is applied per batch by the trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from common import UserError
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+_SKIP_FIRST = ("background", "_background_", "__background__", "__ignore__")
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+ROOT_HINT = ("pass -root/--data_root DIR holding VOCdevkit/ (VOC) or coco/ (COCO); for an offline set run "
+             "python -m common.scenes --out data/scenes and pass -root data/scenes --classes data/scenes/classes.txt")
+
+
+@dataclass
+class Record:
+    """One image and its boxes (continuous 0-based pixel ``xyxy``)."""
+
+    image: str
+    boxes: np.ndarray                  # [n, 4] float32
+    labels: np.ndarray                 # [n] int64
+    difficult: np.ndarray              # [n] bool
+    id: object = None                  # VOC: the file id (str); COCO: the image id (int)
+    size: tuple = (0, 0)               # (height, width) from the annotation, 0 if unknown
+
+
+# ---------------------------------------------------------------------------------------- classes
+def read_classes(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"--classes {path} does not exist", "pass a text file with one class name per line")
+    with open(path, encoding="utf-8") as f:
+        names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    while names and names[0].lower() in _SKIP_FIRST:
+        names = names[1:]
+    if not names:
+        raise UserError(f"--classes {path} lists no class names", "put one class name per line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"--classes {path} lists {', '.join(dup)} more than once", "list every class once")
+    return names
+
+
+# ---------------------------------------------------------------------------------------- VOC
+def _num(node, tag, path):
+    el = node.find(tag)
+    try:
+        return float(el.text)
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"annotation {path}: <{tag}> is missing or not a number", "fix the XML file") from None
+
+
+def parse_voc_xml(path: str, class_index: Dict[str, int], classes_from: str = "the 20 VOC classes"):
+    """``(boxes [n, 4], labels [n], difficult [n], (h, w))`` of one VOC XML file (user errors for
+    unreadable files, no objects, unknown class names, bad coordinates)."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"annotation {path} is not valid XML ({e})", "fix or re-create the file") from None
+    except OSError as e:
+        raise UserError(f"annotation {path} cannot be read ({e.strerror})",
+                        "check that every id in the ImageSets list has an Annotations/<id>.xml") from None
+    objects = root.findall("object")
+    if not objects:
+        raise UserError(f"annotation {path} has no <object>: every listed image needs at least one box",
+                        "annotate the image, or remove its id from the ImageSets list")
+    boxes, labels, difficult = [], [], []
+    for obj in objects:
+        name_el = obj.find("name")
+        name = (name_el.text or "").strip() if name_el is not None else ""
+        if name not in class_index:
+            raise UserError(f"annotation {path}: unknown class name {name!r} (not among {classes_from})",
+                            "pass --classes FILE listing this dataset's classes, one per line")
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise UserError(f"annotation {path}: an object {name!r} has no <bndbox>", "fix the XML file")
+        x1, y1, x2, y2 = (_num(bb, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+        if x2 < x1 or y2 < y1:
+            raise UserError(f"annotation {path}: box of {name!r} has xmax < xmin or ymax < ymin", "fix the XML file")
+        d = obj.find("difficult")
+        try:
+            diff = bool(int(float(d.text))) if d is not None and d.text and d.text.strip() else False
+        except ValueError:
+            diff = False
+        boxes.append([x1 - 1.0, y1 - 1.0, x2, y2])
+        labels.append(class_index[name])
+        difficult.append(diff)
+    size = root.find("size")
+    hw = (0, 0)
+    if size is not None and size.find("width") is not None and size.find("height") is not None:
+        try:
+            hw = (int(float(size.find("height").text)), int(float(size.find("width").text)))
+        except (TypeError, ValueError):
+            hw = (0, 0)
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+            np.asarray(difficult, bool), hw)
+
+
+def voc_year_dirs(root: str) -> Dict[str, str]:
+    """``{"VOC2007": path, ...}`` found under ``root`` (see the module docstring)."""
+    if not os.path.isdir(root):
+        raise UserError(f"data root {root} does not exist", ROOT_HINT)
+    for base in (os.path.join(root, "VOCdevkit"), root):
+        if os.path.isdir(base):
+            years = {d: os.path.join(base, d) for d in sorted(os.listdir(base))
+                     if d.startswith("VOC") and os.path.isdir(os.path.join(base, d, "Annotations"))}
+            if years:
+                return years
+    if os.path.isdir(os.path.join(root, "Annotations")) and os.path.isdir(os.path.join(root, "JPEGImages")):
+        return {os.path.basename(os.path.normpath(root)) or "VOC": root}
+    raise UserError(f"no VOC dataset under {root} (looked for VOCdevkit/VOC2007, VOC2007/, Annotations/ + "
+                    "JPEGImages/)", ROOT_HINT)
+
+
+def voc_records(root: str, split: str, classes: Sequence[str], classes_from: str = "the 20 VOC classes",
+                keep_difficult: bool = True) -> List[Record]:
+    """Records of the VOC ``train`` (trainval of every year) or ``test`` (VOC2007 test) split."""
+    years = voc_year_dirs(root)
+    if split == "train":
+        chosen, seen = [], set()
+        for y, p in years.items():
+            if os.path.realpath(p) not in seen:
+                seen.add(os.path.realpath(p))
+                chosen.append((p, "trainval"))
+    else:
+        p = years.get("VOC2007") or next(iter(years.values()))
+        chosen = [(p, "test")]
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for year_dir, list_name in chosen:
+        lst = os.path.join(year_dir, "ImageSets", "Main", f"{list_name}.txt")
+        if not os.path.isfile(lst):
+            if split == "train" and len(chosen) > 1:
+                continue  # e.g. a VOC2012 folder holding only the segmentation lists
+            raise UserError(f"image list {lst} does not exist",
+                            f"create it (one image id per line) -- VOC keeps ImageSets/Main/{list_name}.txt")
+        with open(lst) as f:
+            ids = [ln.split()[0] for ln in f if ln.strip()]
+        for i in ids:
+            boxes, labels, diff, hw = parse_voc_xml(os.path.join(year_dir, "Annotations", f"{i}.xml"), index,
+                                                    classes_from)
+            if not keep_difficult:
+                boxes, labels, diff = boxes[~diff], labels[~diff], diff[~diff]
+            img = os.path.join(year_dir, "JPEGImages", f"{i}.jpg")
+            if not os.path.isfile(img):
+                alt = [os.path.join(year_dir, "JPEGImages", f"{i}{e}") for e in (".jpeg", ".png", ".JPG")]
+                img = next((a for a in alt if os.path.isfile(a)), img)
+            if not os.path.isfile(img):
+                raise UserError(f"image {img} (listed in {lst}) does not exist",
+                                "add the image or remove its id from the list")
+            records.append(Record(img, boxes, labels, diff, i, hw))
+    if not records:
+        raise UserError(f"the VOC {split} lists under {root} are empty", "put image ids into ImageSets/Main/*.txt")
+    return records
+
+
+# ---------------------------------------------------------------------------------------- COCO
+@dataclass
+class CocoInfo:
+    coco: object                         # pycocotools.coco.COCO
+    cat_ids: List[int]                   # label k <-> category id cat_ids[k]
+    ann_file: str
+
+
+def coco_paths(root: str, split: str):
+    """``(image_dir, annotation_file)`` of a COCO split (``train2017`` / ``val2017`` / ``test-dev2017``)."""
+    if not os.path.isdir(root):
+        raise UserError(f"data root {root} does not exist", ROOT_HINT)
+    ann_name = "image_info_test-dev2017.json" if split == "test-dev2017" else f"instances_{split}.json"
+    img_split = "test2017" if split == "test-dev2017" else split
+    for base in (os.path.join(root, "coco"), os.path.join(root, "COCO"), root):
+        ann = os.path.join(base, "annotations", ann_name)
+        if os.path.isfile(ann):
+            for imgs in (os.path.join(base, img_split), os.path.join(base, "images", img_split)):
+                if os.path.isdir(imgs):
+                    return imgs, ann
+            raise UserError(f"COCO image folder {os.path.join(base, img_split)} does not exist",
+                            "unpack the COCO images next to annotations/")
+    raise UserError(f"no COCO annotations/{ann_name} under {root} (or {root}/coco)", ROOT_HINT)
+
+
+def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
+    """``(records, class names, CocoInfo)`` of a COCO-format JSON (any category ids)."""
+    from pycocotools.coco import COCO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(ann_file)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
+                        "re-create or re-download it") from None
+    cat_ids = sorted(coco.getCatIds())
+    if not cat_ids:
+        raise UserError(f"COCO annotation file {ann_file} has no categories", "use a COCO instances_*.json file")
+    names = [coco.loadCats(c)[0]["name"] for c in cat_ids]
+    label_of = {c: i for i, c in enumerate(cat_ids)}
+    records = []
+    for img_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(img_id)[0]
+        boxes, labels, crowd = [], [], []
+        if with_boxes:
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
+                x, y, w, h = a["bbox"]
+                if w < 1 or h < 1 or a["category_id"] not in label_of:
+                    continue
+                boxes.append([x, y, x + w, y + h])
+                labels.append(label_of[a["category_id"]])
+                crowd.append(bool(a.get("iscrowd", 0)))
+        crowd = np.asarray(crowd, bool)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[~crowd]
+        labels = np.asarray(labels, np.int64)[~crowd]
+        records.append(Record(os.path.join(image_dir, info["file_name"]), boxes, labels,
+                              np.zeros(len(labels), bool), img_id, (int(info.get("height", 0)), int(info.get("width", 0)))))
+    return records, names, CocoInfo(coco, cat_ids, ann_file)
+
+
+# ---------------------------------------------------------------------------------------- dataset
+def train_transform(size: int, with_boxes: bool = True):
+    from torchvision.transforms import v2
+    ops = [v2.RandomPhotometricDistort(p=0.5)]
+    if with_boxes:
+        from torchvision import tv_tensors
+        fill = {tv_tensors.Image: [int(255 * m) for m in MEAN], "others": 0}
+        ops += [v2.RandomZoomOut(fill=fill, side_range=(1.0, 2.0), p=0.5), v2.RandomIoUCrop()]
+    ops += [v2.RandomHorizontalFlip(), v2.Resize((size, size), antialias=True)]
+    if with_boxes:
+        ops.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+def eval_transform(size: int):
+    from torchvision.transforms import v2
+    return v2.Compose([v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+class DetectionDataset(Dataset):
+    """Records -> ``{"image", "boxes" (normalised xyxy after the transform), "labels", "gt_boxes"
+    (original pixels), "gt_labels", "difficult", "orig_size" (h, w), "id", "index"}``.
+
+    An image that fails to decode yields ``{"error": message}`` (turned into a one-line error by the
+    consumer in the main process, see :func:`check_batch`)."""
+
+    def __init__(self, records: List[Record], size: int, train: bool, classes: Sequence[str], name: str = "",
+                 coco: Optional[CocoInfo] = None):
+        self.records, self.size, self.train, self.classes = records, int(size), train, list(classes)
+        self.name, self.coco = name, coco
+        self.set_size(size)
+
+    def set_size(self, size: int):
+        self.size = int(size)
+        if self.train:
+            self._tf, self._tf_empty = train_transform(self.size), train_transform(self.size, with_boxes=False)
+        else:
+            self._tf = self._tf_empty = eval_transform(self.size)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        from torchvision import tv_tensors
+        from torchvision.io import ImageReadMode, decode_image
+        rec = self.records[i]
+        try:
+            img = decode_image(rec.image, mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError, ValueError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return {"error": f"image {rec.image} could not be decoded ({msg[:120]})", "index": i}
+        h, w = img.shape[-2:]
+        gt = torch.from_numpy(rec.boxes).clone()
+        gt[:, 0::2] = gt[:, 0::2].clamp(0, w)
+        gt[:, 1::2] = gt[:, 1::2].clamp(0, h)
+        target = {"boxes": tv_tensors.BoundingBoxes(gt.clone(), format="XYXY", canvas_size=(h, w)),
+                  "labels": torch.from_numpy(rec.labels).clone()}
+        tf = self._tf if len(rec.labels) else self._tf_empty
+        image, target = tf(tv_tensors.Image(img), target)
+        H, W = image.shape[-2:]
+        boxes = target["boxes"].as_subclass(torch.Tensor).float() / torch.tensor([W, H, W, H], dtype=torch.float32)
+        return {"image": image.as_subclass(torch.Tensor), "boxes": boxes, "labels": target["labels"],
+                "gt_boxes": gt, "gt_labels": torch.from_numpy(rec.labels).clone(),
+                "difficult": torch.from_numpy(rec.difficult).clone(), "orig_size": (int(h), int(w)),
+                "id": rec.id, "index": i}
+
+
+def collate(items: List[dict]) -> dict:
+    bad = [it for it in items if "error" in it]
+    if bad:
+        return {"error": bad[0]["error"]}
+    out = {"image": torch.stack([it["image"] for it in items])}
+    for k in ("boxes", "labels", "gt_boxes", "gt_labels", "difficult", "orig_size", "id", "index"):
+        out[k] = [it[k] for it in items]
+    return out
+
+
+def check_batch(batch: dict) -> dict:
+    if "error" in batch:
+        raise UserError(batch["error"], "replace the file, or remove its id from the image list")
+    return batch
+
+
+def inputs(batch: dict) -> torch.Tensor:
+    """The pipeline's ``inputs`` function: the image tensor (one-line error for an undecodable image)."""
+    return check_batch(batch)["image"]
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes images r, r + world, ... (no padding, so no image counts twice)."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.idx = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+
+@dataclass
+class Data:
+    name: str                              # "voc" / "coco" / ...
+    classes: List[str]
+    train: Optional[DetectionDataset]
+    val: Optional[DetectionDataset]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, classes_file: str = "",
+                   need_train: bool = True, need_val: bool = True) -> Data:
+    """``dataset``: ``voc`` | ``coco`` | ``coco-val`` | ``coco-test``."""
+    root = os.path.expanduser(root)
+    if dataset == "voc":
+        classes = read_classes(classes_file) if classes_file else list(VOC_CLASSES)
+        src = f"--classes {classes_file}" if classes_file else "the 20 VOC classes (pass --classes FILE for others)"
+        train = val = None
+        if need_train:
+            train = DetectionDataset(voc_records(root, "train", classes, src, keep_difficult=False), train_size,
+                                     True, classes, "voc")
+        if need_val:
+            val = DetectionDataset(voc_records(root, "test", classes, src), val_size, False, classes, "voc")
+        return Data("voc", classes, train, val, {"root": root})
+    if dataset in ("coco", "coco-val", "coco-test"):
+        train = val = None
+        names = None
+        if need_train:
+            recs, names, info = load_coco(*coco_paths(root, "train2017"))
+            train = DetectionDataset(recs, train_size, True, names, "coco", info)
+        if need_val:
+            split = "test-dev2017" if dataset == "coco-test" else "val2017"
+            recs, vnames, info = load_coco(*coco_paths(root, split), with_boxes=dataset != "coco-test")
+            if names is not None and vnames != names:
+                raise UserError("the COCO train and val annotation files list different categories",
+                                "use the matching instances_train2017.json / instances_val2017.json")
+            names = vnames
+            val = DetectionDataset(recs, val_size, False, names, "coco", info)
+        if classes_file:
+            wanted = read_classes(classes_file)
+            if wanted != names:
+                raise UserError(f"--classes {classes_file} does not match the COCO categories of {root}",
+                                "drop --classes for COCO (its categories come from the annotation file)")
+        return Data("coco", names, train, val, {"root": root})
+    raise UserError(f"unknown dataset {dataset!r}", "use -d voc, coco, coco-val or coco-test")
+
+
+def make_loader(ds: DetectionDataset, ctx, batch_size: int, workers: int, train: bool, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    if train:
+        sampler = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True, seed=seed) if ctx.distributed \
+            else torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = ShardSampler(len(ds), ctx.rank, ctx.world_size)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=ctx.device.type == "cuda", drop_last=drop_last and len(ds) >= batch_size,
+                      persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int):
+    s = loader.sampler
+    if hasattr(s, "set_epoch"):
+        s.set_epoch(epoch)
+    elif isinstance(s, torch.utils.data.RandomSampler) and s.generator is not None:
+        s.generator.manual_seed(1000003 * (epoch + 1))
+
+
+def train_box_sizes(ds: DetectionDataset) -> torch.Tensor:
+    """Every training box's ``(w, h)`` normalised by its image size (for anchor clustering)."""
+    out = []
+    for r in ds.records:
+        h, w = r.size
+        if (not h or not w) and len(r.boxes):
+            from PIL import Image
+            with Image.open(r.image) as im:
+                w, h = im.size
+        if len(r.boxes):
+            b = torch.from_numpy(r.boxes)
+            out.append(torch.stack([(b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], 1))
+    return torch.cat(out) if out else torch.zeros(0, 2)

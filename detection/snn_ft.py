@@ -1,0 +1,56 @@
+"""Layer-wise fine-tuning of a converted YOLOv2 SNN (beyond the original, which has none; spec 8).
+
+    python snn_ft.py -d voc -v yolov2_tiny --bit 2 -n 1 --init weights/voc/yolov2_tiny_2bit/model_best.pth.tar
+    python snn_ft.py -d voc -v yolov2_tiny --bit 3 -n 1 --force --init CHECKPOINT_PATH
+
+Each spiking layer in turn is trained to match the quantized ANN's activation from the SNN's input
+rates; without --force a tuned layer is kept only when the SNN's mAP on the first --score-batches
+training images (no augmentation) does not drop. Saved in ANN format to
+<save_folder>/<dataset>/<version>_<bit>bit_ft/model_best.pth.tar: eval.py --spike --init reads it.
+"""
+from common.cli import ArgumentParser, unshadow_script_dir
+
+unshadow_script_dir(__file__)
+
+from common import run_cli  # noqa: E402
+from detection import workflow as W  # noqa: E402
+
+
+def get_parser() -> ArgumentParser:
+    from common.pipeline import add_snn_args
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    W.add_model_args(p, bit_default=2)
+    W.add_data_args(p, W.DATASETS_TRAIN, "voc")
+    W.add_runtime_args(p)
+    p.add_argument("-size", "--input_size", "--input-size", dest="input_size", type=int, default=416,
+                   help="input size for fine-tuning and evaluation (default 416)")
+    p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
+                   help="fine-tuning epochs per layer (default 1)")
+    p.add_argument("--force", action="store_true", help="accept every tuned layer (no mAP check)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight_decay", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
+    p.add_argument("--ft-bn", "--ft_bn", dest="ft_bn", choices=("frozen", "recalibrate"), default="recalibrate",
+                   help="BN during fine-tuning (default recalibrate)")
+    p.add_argument("--score-batches", "--score_batches", dest="score_batches", type=int, default=8,
+                   help="without --force: judge each layer on the mAP of the first N training batches (default 8)")
+    p.add_argument("--ft-cache", "--ft_cache", dest="ft_cache", choices=("auto", "on", "off"), default="auto",
+                   help="prefix cache of the fine-tuner (default auto)")
+    p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=W.bool_flag(), default=True,
+                   help="also evaluate the SNN before fine-tuning (default on)")
+    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/")
+    p.add_argument("--tfboard", action=W.bool_flag(), default=True, help="TensorBoard logs in the run folder's tb/")
+    add_snn_args(p)
+    W.add_post_args(p)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    args.ft_cache = {"auto": "auto", "on": True, "off": False}[args.ft_cache]
+    return W.finetune(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

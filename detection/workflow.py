@@ -1,0 +1,661 @@
+"""The detection workflows behind ``train.py``, ``eval.py``, ``snn_ft.py`` and ``demo.py``.
+
+* :func:`train`    -- quantized YOLOv2 training (warm-up, step LR, multi-scale, EMA, SyncBN, DDP),
+  evaluation every ``--eval_epoch`` epochs, best-by-mAP checkpoint, ``--resume auto``;
+* :func:`evaluate` -- mAP of the ANN, or with ``--spike`` of its SNN next to the ANN on the same images
+  (mAP after every time step, per-layer statistics) through :mod:`common.pipeline`;
+* :func:`finetune` -- layer-wise fine-tuning of the SNN (accept / revert on the mAP of a few training
+  batches, or ``--force``), saved in ANN format;
+* :func:`demo`     -- boxes drawn on images by the ANN or the SNN.
+
+Checkpoints (``<save_folder>/<dataset>/<version>_<bit>bit/{checkpoint,model_best}.pth.tar``) carry the
+model's description (``version``, ``bit``, ``num_classes``, ``classes``, ``anchors``, ``width``), so
+``eval.py`` / ``snn_ft.py`` / ``demo.py`` rebuild exactly the trained net.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import random
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UserError
+from common import dist
+from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, save_checkpoint
+from common.cli import ArgumentParser, plain_args
+from common.logger import TensorBoard, log, progress
+from common.metrics import write_json
+
+from . import data as D
+from .boxes import kmeans_anchors, postprocess
+from .loss import build_targets, yolo_loss
+from .metrics import DetectionMetric
+from .models import CONF_THRESH, NMS_THRESH, STRIDE, VERSIONS, default_anchors, get_model
+
+BITS = (32, 5, 4, 3, 2)
+DATASETS_TRAIN = ("voc", "coco")
+DATASETS_EVAL = ("voc", "coco-val", "coco-test")
+
+
+# ---------------------------------------------------------------------------------------- flags
+def bool_flag():
+    return argparse.BooleanOptionalAction
+
+
+def add_model_args(p: ArgumentParser, bit_default: int):
+    p.add_argument("-v", "--version", default="yolov2_tiny", choices=VERSIONS, help="yolov2_tiny (default) or yolov2_r34")
+    p.add_argument("--bit", type=int, default=bit_default, choices=BITS, metavar="BIT",
+                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier (default 1.0 = the paper's nets; eval / snn_ft / demo: the checkpoint's)")
+    p.add_argument("--init", default="", metavar="PATH", help="checkpoint to start from / to evaluate")
+
+
+def add_data_args(p: ArgumentParser, datasets, default_dataset: str):
+    p.add_argument("-d", "--dataset", default=default_dataset, choices=datasets, help="dataset (default %(default)s)")
+    p.add_argument("-root", "--root", "--data_root", "--data-root", dest="data_root", default=D.DEFAULT_ROOT,
+                   metavar="DIR", help="folder holding VOCdevkit/ or coco/ (default: the repository's data/)")
+    p.add_argument("--classes", default="", metavar="FILE",
+                   help="class names, one per line, for a VOC-format root with other classes (default: the 20 VOC ones)")
+    p.add_argument("--num_workers", "--num-workers", "-j", dest="num_workers", type=int, default=8,
+                   help="data-loading processes (default 8)")
+
+
+def add_runtime_args(p: ArgumentParser):
+    dist.add_dist_args(p)
+    p.add_argument("--cuda", action="store_true", help="use the GPU (the default when there is one; "
+                                                       "without one: a warning and the CPU)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    p.add_argument("--progress", action=bool_flag(), default=True, help="tqdm progress bars (rank 0)")
+    p.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", default="", metavar="FILE",
+                   help="metrics JSON path (default: next to the checkpoint)")
+    p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
+    p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
+                   help="cap the batches per epoch / evaluation (smoke tests)")
+
+
+def add_post_args(p: ArgumentParser):
+    p.add_argument("--conf_thresh", "--conf-thresh", dest="conf_thresh", type=float, default=CONF_THRESH,
+                   help=f"score threshold before NMS (default {CONF_THRESH})")
+    p.add_argument("--nms_thresh", "--nms-thresh", dest="nms_thresh", type=float, default=None,
+                   help="NMS IoU threshold (default 0.5 yolov2_tiny, 0.6 yolov2_r34)")
+    p.add_argument("--max_det", "--max-det", dest="max_det", type=int, default=100,
+                   help="detections kept per image after NMS (default 100)")
+
+
+def _positive(args, *names):
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{n} {v} must be at least 1", "pass a positive number")
+
+
+def _device_arg(args) -> Optional[str]:
+    if getattr(args, "cuda", False) and not torch.cuda.is_available() and args.device is None:
+        dist.warn_once("--cuda: no GPU found, running on the CPU (slow)")
+        return "cpu"
+    return args.device
+
+
+def parse_anchors(spec: Optional[str], dataset: str, train_ds=None, size: int = 416) -> List[List[float]]:
+    """``voc`` / ``coco`` / ``auto`` (k-means of the training boxes at ``size``) / ``"w,h w,h ..."``."""
+    if not spec:
+        return default_anchors(dataset)
+    if spec in ("voc", "coco"):
+        return default_anchors(spec)
+    if spec.startswith("auto"):
+        k = int(spec.split(":")[1]) if ":" in spec else 5
+        wh = D.train_box_sizes(train_ds) * (size / STRIDE)
+        try:
+            return kmeans_anchors(wh, k)
+        except ValueError as e:
+            raise UserError(f"--anchors {spec}: {e}", "use fewer anchors (auto:K) or give them explicitly") from None
+    try:
+        out = [[float(v) for v in pair.split(",")] for pair in spec.replace(";", " ").split()]
+        assert out and all(len(a) == 2 and a[0] > 0 and a[1] > 0 for a in out)
+    except (ValueError, AssertionError):
+        raise UserError(f"--anchors {spec!r} is not a list of positive w,h pairs",
+                        "use e.g. --anchors '1.2,2.0 2.8,4.6' (grid cells), voc, coco or auto") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def run_dir(args, suffix: str = "") -> str:
+    return os.path.join(args.save_folder, args.dataset.split("-")[0], f"{args.version}_{args.bit}bit{suffix}")
+
+
+def _meta(model, data: D.Data, args) -> dict:
+    return {"version": model.version, "bit": model.bit, "width": model.width, "anchors": model.anchors,
+            "num_classes": data.num_classes, "classes": data.classes, "dataset": data.name}
+
+
+def check_meta(ckpt: dict, path: str, version: str, num_classes: Optional[int], what: str):
+    v = ckpt.get("version")
+    if v is not None and v != version:
+        raise UserError(f"{what} {path} holds a {v} model, not -v {version}", f"pass -v {v}, or a {version} checkpoint")
+    n = ckpt.get("num_classes")
+    if n is not None and num_classes is not None and int(n) != int(num_classes):
+        raise UserError(f"{what} {path} was trained for {n} classes but this dataset has {num_classes}",
+                        "pass the matching -d / --classes, or a checkpoint trained on this dataset")
+
+
+def _is_detector_state(sd: dict) -> bool:
+    return any(k.startswith(("pred.", "module.pred.")) for k in sd)
+
+
+def load_trained(args, num_classes: int, device, what: str = "--init", hint: str = ""):
+    """Rebuild the detector a checkpoint holds (version / width / anchors from the checkpoint) and load
+    it exactly (same activation bits). Returns ``(model, ckpt, path)``."""
+    import quant
+    path = args.init or os.path.join(run_dir(args), BEST)
+    ckpt = load_checkpoint(path, what, hint or f"train it first (train.py -v {args.version} --bit {args.bit} ...) "
+                                               "or pass --init PATH")
+    sd = quant.strip_prefix(ckpt["state_dict"])
+    if not _is_detector_state(sd):
+        raise UserError(f"{what} {path} is not a detector checkpoint (no prediction layer 'pred')",
+                        "pass a model_best.pth.tar written by detection/train.py or snn_ft.py")
+    check_meta(ckpt, path, args.version, num_classes, what)
+    bit = ckpt.get("bit")
+    has_clips = any(k.endswith("act_alpha") for k in sd)
+    if bit is not None and int(bit) != args.bit:
+        raise UserError(f"{what} {path} holds a {bit}-bit model but --bit {args.bit} was given",
+                        f"pass --bit {bit}, or the {args.bit}-bit checkpoint")
+    if args.bit != 32 and not has_clips:
+        raise UserError(f"{what} {path} has no activation clips (act_alpha): it is a full-precision model",
+                        f"train the {args.bit}-bit detector first (train.py --bit {args.bit} --init <higher-bit checkpoint>)")
+    width = float(ckpt.get("width", args.width or 1.0))
+    if args.width is not None and abs(args.width - width) > 1e-9:
+        raise UserError(f"--width {args.width} differs from the checkpoint's {width}", "drop --width (it is read from the checkpoint)")
+    anchors = ckpt.get("anchors") or default_anchors(args.dataset)
+    model = get_model(args.version, num_classes, anchors, args.bit, width)
+    n_pred = sd["pred.weight"].shape[0]
+    if n_pred != len(anchors) * (5 + num_classes):
+        raise UserError(f"{what} {path} predicts {n_pred} channels, not {len(anchors)} anchors x (5 + {num_classes} classes)",
+                        "pass the checkpoint trained on this dataset (matching --classes)")
+    try:
+        quant.load_init(model, sd)
+    except quant.CheckpointMismatchError as e:
+        raise UserError(f"{what} {path} does not fit {args.version} (width {width}): {e}",
+                        "check -v / --width, or pass the right checkpoint") from None
+    model.classes = ckpt.get("classes")
+    return model.to(device).eval(), ckpt, path
+
+
+def _init_model(model, path: str, args, num_classes: int):
+    """``--init`` for training: a detector checkpoint of the same version (the bit chain: missing clips
+    start at their defaults), or a backbone (ImageNet ResNet-34 of classification/ or torchvision)."""
+    import quant
+    from common import pipeline
+    ckpt = load_checkpoint(path, "--init", "train that stage first, or check the path")
+    sd = quant.strip_prefix(ckpt["state_dict"])
+    if _is_detector_state(sd) or ckpt.get("version"):
+        check_meta(ckpt, path, args.version, num_classes, "--init")
+        try:
+            report = quant.load_init(model, sd)
+        except quant.CheckpointMismatchError as e:
+            raise UserError(f"--init {path} does not fit {args.version} (width {model.width}): {e}",
+                            "pass the same --width as the checkpoint, or the right checkpoint") from None
+        if report["missing_quantizer"]:
+            log(f"--init: {len(report['missing_quantizer'])} activation clips not in {path}, initialised to "
+                f"{model.backbone[0].act.alpha_init if hasattr(model.backbone, '__getitem__') else 'the default'}")
+        log(f"initialised from {path}")
+        return ckpt
+    prefix = {"fc.": None, "": "backbone."} if args.version == "yolov2_r34" else {"features.": "backbone.", "": "backbone."}
+    if any(k.startswith("backbone.") for k in sd):
+        prefix = None
+    pipeline.load_backbone(model, sd, prefix_map=prefix, log=log, what="--init")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------- EMA
+class ModelEMA:
+    """Exponential moving average of the weights and BN statistics (yjh0410 / YOLOv5):
+    ``decay(u) = 0.9999 * (1 - exp(-u / 2000))`` after ``u`` updates."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        self.ema = copy.deepcopy(model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        msd = model.state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
+
+
+# ---------------------------------------------------------------------------------------- schedules
+def ms_sizes(train_size: int) -> List[int]:
+    """Multi-scale sizes: multiples of 32 from 0.5x to 0.95x ``train_size`` (640 -> 320, 352, ..., 608)."""
+    lo, hi = math.ceil(0.5 * train_size / STRIDE), math.floor(0.95 * train_size / STRIDE)
+    return [k * STRIDE for k in range(lo, max(lo, hi) + 1)]
+
+
+def milestones(epochs: int) -> List[int]:
+    """150 and 200 of the original's 250 epochs (60 % / 80 %)."""
+    return sorted({m for m in (round(epochs * 0.6), round(epochs * 0.8)) if 0 < m < epochs})
+
+
+def base_lr(args, epoch: int) -> float:
+    return args.lr * (0.1 ** sum(epoch >= m for m in milestones(args.epochs)))
+
+
+# ---------------------------------------------------------------------------------------- data
+def _data(args, need_train: bool, need_val: bool, train_size: int, val_size: int) -> D.Data:
+    return D.build_datasets(args.dataset, args.data_root, train_size=train_size, val_size=val_size,
+                            classes_file=args.classes, need_train=need_train, need_val=need_val)
+
+
+def make_metric_fn(model, data: D.Data, args):
+    nms = args.nms_thresh if getattr(args, "nms_thresh", None) is not None else NMS_THRESH[model.version]
+    coco = data.val.coco if data.val is not None else None
+
+    def make():
+        return DetectionMetric(data.num_classes, model.anchors, data.classes, getattr(args, "conf_thresh", CONF_THRESH),
+                               nms, getattr(args, "max_det", 100), coco=coco)
+    return make
+
+
+def _record(args, script: str, model, data: D.Data, res: dict, checkpoint: str, **extra) -> dict:
+    rec = {"script": script, "dataset": args.dataset, "version": model.version, "bit": model.bit,
+           "width": model.width, "num_classes": data.num_classes, "classes": data.classes, "anchors": model.anchors,
+           "checkpoint": checkpoint, "map": None, "ann_map": None, "per_step_map": [], "T": None, "neuron": None,
+           "layers": [], "sops": None}
+    rec.update(res)
+    rec.update(extra)
+    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
+    return rec
+
+
+def _write(args, rec: dict, default_path: str, plot=None) -> str:
+    path = args.metrics_out or default_path
+    if dist.is_main():
+        write_json(path, rec)
+        log(f"metrics -> {path}")
+        if getattr(args, "plot", False) and plot is not None:
+            for png in plot(rec, path) or []:
+                log(f"plot -> {png}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- train.py
+def _check_train_args(args):
+    _positive(args, "epochs", "batch_size", "eval_epoch", "train_size", "val_size", "max_iters")
+    for n in ("train_size", "val_size"):
+        if getattr(args, n) % STRIDE:
+            raise UserError(f"--{n} {getattr(args, n)} is not a multiple of {STRIDE}", f"use a multiple of {STRIDE} (e.g. 416)")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 1e-3")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers {args.num_workers} must not be negative", "pass 0 or more")
+    if args.width is not None and not args.width > 0:
+        raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.5")
+    if args.mosaic:
+        dist.warn_once("--mosaic is accepted for compatibility and unused (as in the original)")
+
+
+def train(args) -> dict:
+    _check_train_args(args)
+    with dist.session(_device_arg(args), args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = _data(args, True, True, args.train_size, args.val_size)
+        out_dir = run_dir(args)
+        resume = args.resume
+        if resume == "auto":
+            resume = os.path.join(out_dir, CHECKPOINT)
+            if not os.path.exists(resume):
+                log(f"--resume auto: no {resume} yet, starting a new run")
+                resume = ""
+        rckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'") \
+            if resume else None
+        ickpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path") \
+            if args.init and rckpt is None else None
+        meta_src = rckpt or ickpt or {}
+        if rckpt is not None:
+            check_meta(rckpt, resume, args.version, data.num_classes, "--resume")
+            if "optimizer" not in rckpt or "epoch" not in rckpt:
+                raise UserError(f"--resume {resume} is a model file without training state (epoch, optimizer)",
+                                "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+            if int(rckpt.get("bit", args.bit)) != args.bit:
+                raise UserError(f"--resume {resume} holds a {rckpt['bit']}-bit run but --bit {args.bit} was given",
+                                f"pass --bit {rckpt['bit']}")
+        width = args.width if args.width is not None else float(meta_src.get("width", 1.0))
+        if args.anchors:
+            anchors = parse_anchors(args.anchors, args.dataset, data.train, args.train_size)
+        else:
+            anchors = meta_src.get("anchors") or default_anchors(args.dataset)
+        model = get_model(args.version, data.num_classes, anchors, args.bit, width, args.alpha_init).to(ctx.device)
+        log(f"{args.version} {args.bit}-bit (width {width}) on {data.name}: {data.num_classes} classes, "
+            f"{len(data.train)} train / {len(data.val)} test images, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, anchors {anchors}, "
+            f"{ctx.world_size} process(es) on {ctx.device}")
+        if args.init and rckpt is None:
+            _init_model(model, args.init, args, data.num_classes)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        ema = ModelEMA(model) if args.ema else None
+        start, best, history = args.start_epoch, -1.0, []
+        if rckpt is not None:
+            import quant
+            model.load_state_dict(quant.strip_prefix(rckpt.get("model_state", rckpt["state_dict"])))
+            optimizer.load_state_dict(rckpt["optimizer"])
+            if ema is not None:
+                ema = ModelEMA(model, updates=int(rckpt.get("ema_updates", 0)))
+                ema.ema.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
+            start, best, history = int(rckpt["epoch"]), float(rckpt.get("best_map", -1.0)), list(rckpt.get("history", []))
+            log(f"resumed {resume}: {start} epochs done, best mAP {best:.2f}")
+        train_model = model
+        if args.sybn and ctx.distributed:
+            if ctx.device.type == "cuda":
+                train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                dist.warn_once("--sybn ignored on the CPU (SyncBatchNorm needs GPUs); plain BN per process")
+        ddp = dist.wrap_ddp(train_model, ctx)
+        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.num_workers, True,
+                                     seed=args.seed or 0, drop_last=True)
+        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
+        sizes = ms_sizes(args.train_size)
+        iters = len(train_loader) if args.max_iters is None else min(len(train_loader), args.max_iters)
+        if iters == 0:
+            raise UserError(f"the training set ({len(data.train)} images) is smaller than one batch per process",
+                            "lower --batch_size or use more images")
+        warm = 0 if args.no_warmup else args.wp_epoch * iters
+        log(f"epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones(args.epochs)}, warm-up {warm} iters"
+            + (f", multi-scale {sizes[0]}-{sizes[-1]}" if args.multi_scale else f", size {args.train_size}")
+            + (", EMA" if ema else ""))
+        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None)
+        make_metric = make_metric_fn(model, data, args)
+        with tb:
+            for epoch in range(start, args.epochs):
+                D.set_epoch(train_loader, epoch)
+                ddp.train()
+                lr = base_lr(args, epoch)
+                meters = {"loss": 0.0, "conf": 0.0, "cls": 0.0, "box": 0.0, "iou": 0.0}
+                n = 0
+                t0 = time.time()
+                size = args.train_size
+                bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", args.progress, total=iters)
+                for i, batch in enumerate(bar):
+                    if i >= iters:
+                        break
+                    D.check_batch(batch)
+                    it = epoch * iters + i
+                    cur = lr * (it / warm) ** 4 if it < warm else lr
+                    for g in optimizer.param_groups:
+                        g["lr"] = cur
+                    if args.multi_scale and i % 10 == 0:
+                        size = random.Random((args.seed or 0) * 1000003 + it).choice(sizes)  # same on every rank
+                    images = batch["image"].to(ctx.device, non_blocking=True)
+                    if images.shape[-1] != size:
+                        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+                    targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
+                    loss, parts = yolo_loss(ddp(images), targets, model.anchors, (size, size))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}, iteration {i + 1}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update(model)
+                    meters["loss"] += float(loss.detach())
+                    for k, v in parts.items():
+                        meters[k] += v
+                    n += 1
+                    if hasattr(bar, "set_postfix") and i % 5 == 0:
+                        bar.set_postfix(loss=f"{meters['loss'] / n:.3f}", lr=f"{cur:.2e}", size=size)
+                    tb.scalars(it, "train/", loss=float(loss.detach()), lr=cur, **parts)
+                avg = dict(zip(meters, dist.all_reduce_sum([v / max(n, 1) for v in meters.values()])))
+                avg = {k: v / ctx.world_size for k, v in avg.items()}
+                rec = {"epoch": epoch + 1, "lr": lr, "train_loss": avg["loss"], **{f"train_{k}": v for k, v in avg.items()
+                                                                                  if k != "loss"},
+                       "seconds": time.time() - t0}
+                evaluate_now = (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == args.epochs
+                is_best = False
+                if evaluate_now:
+                    from common import pipeline
+                    eval_model = ema.ema if ema is not None else model
+                    res = pipeline.evaluate(eval_model, val_loader, make_metric, inputs=D.inputs, device=ctx.device,
+                                            progress=args.progress, desc=f"test {epoch + 1}", max_batches=args.max_iters)
+                    rec.update(test_map=res["map"], test_map_all_point=res["map_all_point"])
+                    is_best = res["map"] > best
+                    best = max(best, res["map"])
+                    tb.scalars(epoch + 1, "epoch/", test_map=res["map"])
+                rec["best_map"] = best
+                history.append(rec)
+                log(f"epoch {epoch + 1}/{args.epochs}: loss {avg['loss']:.3f} (conf {avg['conf']:.3f} cls {avg['cls']:.3f} "
+                    f"box {avg['box']:.3f} iou {avg['iou']:.3f}) lr {lr:.2e} {rec['seconds']:.0f}s"
+                    + (f" | mAP {rec['test_map']:.2f} (all-point {rec['test_map_all_point']:.2f}) best {best:.2f}"
+                       if evaluate_now else ""))
+                tb.scalars(epoch + 1, "epoch/", train_loss=avg["loss"], lr=lr)
+                if ctx.is_main:
+                    weights = (ema.ema if ema is not None else model).state_dict()
+                    state = {**_meta(model, data, args), "epoch": epoch + 1, "best_map": best, "state_dict": weights,
+                             "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
+                             "val_size": args.val_size, "args": plain_args(args), "history": history}
+                    save_checkpoint(state, out_dir, is_best)
+                    write_json(os.path.join(out_dir, "history.json"), {"version": args.version, "bit": args.bit,
+                                                                         "history": history})
+        if not history:
+            raise UserError(f"nothing was trained (--start_epoch {start} >= --epochs {args.epochs})",
+                            "raise --epochs or lower --start_epoch")
+        evaluated = [h for h in history if "test_map" in h]
+        top = max(evaluated, key=lambda h: h["test_map"]) if evaluated else history[-1]
+        res = {"map": top.get("test_map"), "ann_map": top.get("test_map"), "map_all_point": top.get("test_map_all_point"),
+               "best_epoch": top["epoch"], "epochs": history[-1]["epoch"]}
+        rec = _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history)
+        _write(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [_plot_training(history, p, args)])
+        log(f"best mAP {top.get('test_map', float('nan')):.2f} (epoch {top['epoch']}) -> {os.path.join(out_dir, BEST)}")
+        return rec
+
+
+def _plot_training(history, path, args):
+    from .plots import plot_training
+    return plot_training(history, os.path.splitext(path)[0] + "_curves.png", f"{args.version} {args.bit}-bit")
+
+
+# ---------------------------------------------------------------------------------------- eval.py
+def _print_result(res: dict, data: D.Data, spike: bool):
+    key = "snn" if spike else None
+    full = res.get(key, res) if key else res
+    for c, ap in full.get("ap", {}).items():
+        log(f"  AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}")
+    if "coco" in full:
+        log("  COCO " + " ".join(f"{k} {v:.2f}" for k, v in full["coco"].items()))
+    if spike:
+        log(f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; per step "
+            + " ".join(f"{m:.1f}" for m in res["per_step_map"]))
+    else:
+        log(f"mAP {res['map']:.2f} (VOC07 11-point {full['map_voc07']:.2f}, all-point {full['map_all_point']:.2f})")
+
+
+def evaluate(args) -> dict:
+    _positive(args, "input_size", "batch_size", "max_iters")
+    if args.input_size % STRIDE:
+        raise UserError(f"-size {args.input_size} is not a multiple of {STRIDE}", "use e.g. -size 416")
+    if args.spike and args.bit == 32:
+        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    if args.unsigned and not args.spike:
+        raise UserError("-u/--unsigned only applies to the SNN", "add --spike")
+    with dist.session(_device_arg(args), args.local_rank) as ctx:
+        data = _data(args, False, True, args.input_size, args.input_size)
+        model, ckpt, path = load_trained(args, data.num_classes, ctx.device)
+        loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
+        make_metric = make_metric_fn(model, data, args)
+        finetuned = bool(ckpt.get("snn_finetuned"))
+        if args.dataset == "coco-test":
+            return _coco_test(args, model, data, loader, make_metric, path, ctx)
+        from common import pipeline
+        if args.spike:
+            T = args.T if args.T is not None else (ckpt.get("T") if finetuned else None)
+            net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=args.settle).to(ctx.device)
+            log(f"converted {args.version} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
+                f"({len(net.neurons())} spiking layers)")
+            res = pipeline.evaluate_snn(model, net, loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
+                                        progress=args.progress, max_batches=args.max_iters)
+            res["per_step_map_all_point"] = None
+            name = f"metrics_snn_{res['neuron']}_T{res['T']}.json"
+        else:
+            full = pipeline.evaluate(model, loader, make_metric, inputs=D.inputs, device=ctx.device,
+                                     progress=args.progress, max_batches=args.max_iters)
+            res = {**full, "ann_map": full["map"], "per_step_map": []}
+            name = "metrics_ann.json"
+        _print_result(res, data, args.spike)
+        rec = _record(args, "eval.py", model, data, res, path, finetuned=finetuned, input_size=args.input_size)
+        return {**rec, "path": _write(args, rec, os.path.join(os.path.dirname(os.path.abspath(path)), name), _plot_eval)}
+
+
+def _plot_eval(rec, path):
+    from .plots import plot_snn_metrics
+    return plot_snn_metrics(rec, path)
+
+
+@torch.no_grad()
+def _coco_test(args, model, data, loader, make_metric, path, ctx) -> dict:
+    """COCO test-dev has no public annotations: write the detections JSON for the evaluation server."""
+    from common import pipeline
+    runner = model
+    if args.spike:
+        runner = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk,
+                                  settle=args.settle).to(ctx.device)
+    metric = make_metric()
+    for i, batch in enumerate(progress(loader, "coco test-dev", args.progress)):
+        if args.max_iters is not None and i >= args.max_iters:
+            break
+        metric.update(runner(D.inputs(batch).to(ctx.device)), batch)
+    images = metric._gathered()
+    out = args.metrics_out or os.path.join(os.path.dirname(os.path.abspath(path)), "detections_test-dev2017_results.json")
+    if dist.is_main():
+        write_json(out, metric.results_coco(images), env=False)
+        log(f"{len(images)} test-dev images -> {out} (submit it to the COCO evaluation server)")
+    return {"results": out, "images": len(images)}
+
+
+# ---------------------------------------------------------------------------------------- snn_ft.py
+def finetune(args) -> dict:
+    _positive(args, "batch_size", "max_iters", "score_batches", "num_epochs", "input_size")
+    if args.bit == 32:
+        raise UserError("--bit 32: a full-precision ANN has no activation clips to become thresholds",
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    from common import pipeline
+    with dist.session(_device_arg(args), args.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = _data(args, True, True, args.input_size, args.input_size)
+        model, ckpt, path = load_trained(args, data.num_classes, ctx.device)
+        net = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk).to(ctx.device)
+        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
+        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.num_workers, True, seed=args.seed or 0)
+        make_metric = make_metric_fn(model, data, args)
+        score = None
+        if not args.force:
+            plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
+            score_loader = D.make_loader(plain, ctx, args.batch_size, args.num_workers, False)
+
+            def score(n):
+                return pipeline.evaluate(n, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
+                                         progress=False, max_batches=args.score_batches)["map"]
+        out_dir = run_dir(args, "_ft")
+        before = None
+        if args.eval_before:
+            log("SNN before fine-tuning:")
+            before = pipeline.evaluate_snn(model, net, val_loader, make_metric, key="map", inputs=D.inputs,
+                                           device=ctx.device, progress=args.progress, desc="snn eval (before)")
+            log(f"  SNN mAP {before['map']:.2f} (ANN {before['ann_map']:.2f})")
+        log(f"fine-tuning {args.version} {args.bit}-bit SNN (T={net.T}, {'signed' if net.signed else 'unsigned'}): "
+            f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, "
+            + ("--force (accept every layer)" if args.force else f"accept on the mAP of {args.score_batches} training batches"))
+        t0 = time.time()
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None) as tb:
+            history = pipeline.finetune(model, net, train_loader, score=score, inputs=D.inputs, epochs=args.num_epochs,
+                                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                        bn_mode=args.ft_bn, max_batches=args.max_iters, cache=args.ft_cache,
+                                        progress=args.progress, log=log, tb=tb, device=ctx.device)
+        seconds = time.time() - t0
+        after = pipeline.evaluate_snn(model, net, val_loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
+                                      progress=args.progress, desc="snn eval (after)")
+        ckpt_path = os.path.join(out_dir, BEST)
+        meta = {**_meta(model, data, args), "init": path, "map": after["map"], "best_map": after["map"],
+                "args": plain_args(args), "history": history}
+        pipeline.save_finetuned(ckpt_path, net, meta)
+        log(f"SNN mAP {before['map'] if before else float('nan'):.2f} -> {after['map']:.2f} after fine-tuning "
+            f"(ANN {after['ann_map']:.2f}); fine-tuned model (ANN format) -> {ckpt_path}")
+        rec = _record(args, "snn_ft.py", model, data, after, ckpt_path, finetuned=True, init=path,
+                      finetune_seconds=seconds, finetune=history,
+                      before={k: before[k] for k in ("map", "ann_map", "per_step_map", "layers")} if before else None)
+        _write(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{after['neuron']}_T{after['T']}.json"), _plot_eval)
+        return rec
+
+
+# ---------------------------------------------------------------------------------------- demo.py
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@torch.no_grad()
+def demo(args) -> List[str]:
+    _positive(args, "input_size")
+    if args.spike and args.bit == 32:
+        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    if not os.path.exists(args.path):
+        raise UserError(f"{args.path} does not exist", "pass an image file or a folder of images")
+    files = [args.path] if os.path.isfile(args.path) else sorted(
+        os.path.join(args.path, f) for f in os.listdir(args.path) if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXT)}) in {args.path}", "pass an image file or a folder of images")
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.utils import draw_bounding_boxes
+    from common import pipeline
+    with dist.session(_device_arg(args), None) as ctx:
+        ckpt_peek = load_checkpoint(args.init or os.path.join(run_dir(args), BEST), "--init",
+                                    "pass --init PATH (a model_best.pth.tar of train.py / snn_ft.py)")
+        classes = D.read_classes(args.classes) if args.classes else (ckpt_peek.get("classes") or list(D.VOC_CLASSES))
+        model, ckpt, path = load_trained(args, len(classes), ctx.device)
+        runner = model
+        if args.spike:
+            runner = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk).to(ctx.device)
+        nms = args.nms_thresh if args.nms_thresh is not None else NMS_THRESH[model.version]
+        tf = D.eval_transform(args.input_size)
+        os.makedirs(args.out, exist_ok=True)
+        written = []
+        for f in files:
+            try:
+                img = decode_image(f, mode=ImageReadMode.RGB)
+            except (RuntimeError, OSError, ValueError) as e:
+                raise UserError(f"image {f} could not be decoded ({str(e).splitlines()[0][:100]})",
+                                "pass a readable image") from None
+            h, w = img.shape[-2:]
+            x = tf(img).unsqueeze(0).to(ctx.device)
+            det = postprocess(runner(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
+                              args.max_det)[0]
+            boxes = det["boxes"].cpu() * torch.tensor([w, h, w, h])
+            labels = [f"{classes[int(l)]} {float(s):.2f}" for l, s in zip(det["labels"], det["scores"])]
+            colors = [_colour(int(l)) for l in det["labels"]]
+            drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150)))
+            dst = os.path.join(args.out, os.path.splitext(os.path.basename(f))[0] + ".png")
+            from PIL import Image
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(dst)
+            written.append(dst)
+            log(f"{f}: {len(labels)} boxes -> {dst}" + (f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"
+                                                        if labels else ""))
+        return written
+
+
+def _colour(k: int):
+    from common.scenes import voc_colormap
+    c = voc_colormap(64)[(k % 63) + 1]
+    return tuple(int(v) for v in c)
