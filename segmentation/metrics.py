@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from common import dist
 
 IGNORE = 255
 

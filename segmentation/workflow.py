@@ -109,6 +109,12 @@ def add_snn_args(p: ArgumentParser):
                    help="evaluate only the first N batches (smoke tests)")
 
 
+#: flags that only some of the scripts have (a preset may set them for the script it is meant for)
+SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "spike", "unsigned", "T", "chunk",
+               "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
+               "output"}
+
+
 def preset_path(name: str) -> str:
     if os.path.isfile(name):
         return name
@@ -136,11 +142,13 @@ def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
         if not isinstance(cfg, dict):
             raise UserError(f"--config {path} is not a JSON object", "write it as {\"flag_name\": value, ...}")
         dests = {a.dest for a in p._actions}
-        unknown = sorted(k for k in cfg if k not in dests and not k.startswith("_"))
+        unknown = sorted(k for k in cfg if k not in dests and k not in SCRIPT_KEYS and not k.startswith("_"))
         if unknown:
-            raise UserError(f"--config {path} sets {', '.join(unknown)}, which {p.prog} has no flag for",
+            raise UserError(f"--config {path} sets {', '.join(unknown)}, which no segmentation script has a flag for",
                             "use the flag names of --help (dest spelling, e.g. batch_size)")
-        p.set_defaults(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        # keys of the other scripts (a training preset's epochs in eval.py, a T preset's spike in train.py)
+        # are ignored; "_..." keys are comments
+        p.set_defaults(**{k: v for k, v in cfg.items() if k in dests})
     args = p.parse_args(argv)
     for k in ("init",):
         v = getattr(args, k, None)
