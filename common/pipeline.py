@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Protocol
+from typing import Callable, List, Mapping, Optional, Protocol
 
 import torch
 import torch.nn as nn
