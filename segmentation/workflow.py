@@ -417,11 +417,13 @@ def train(args) -> Dict:
             log(f"resumed {path}: {start} epochs done, best mIoU {best:.2f}")
         elif args.init:
             init_info = init_weights(model, args, data.num_classes)
-        if args.sybn and ctx.distributed:
+        if args.sybn and ctx.distributed and ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             log("SyncBatchNorm across the processes (--sybn)")
         elif args.sybn:
-            log("--sybn: one process, plain BatchNorm")
+            dist.warn_once("--sybn ignored: " + ("SyncBatchNorm needs GPUs (PyTorch has no CPU kernel for it); "
+                                                 "each process keeps its own BatchNorm statistics"
+                                                 if ctx.distributed else "one process, plain BatchNorm"))
         net = dist.wrap_ddp(model, ctx)
         log(f"{args.model} {args.bit}-bit (width {args.width}) on {args.dataset}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) on "

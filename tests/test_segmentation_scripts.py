@@ -1,0 +1,238 @@
+"""The segmentation scripts end to end on a tiny VOC-layout fixture: the 32 -> 2-bit chain, ANN / SNN
+evaluation JSON, fine-tuning, inference PNGs, presets, --resume auto, backbone --init, a 2-process
+torchrun run, and bad input as one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from segmentation_fixtures import save_palette_png, write_voc  # noqa: E402
+
+from common import UserError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def common_flags(r, out):
+    return ["-d", "voc", "--data_root", r["root"], "--classes", r["classes"], "-m", "deeplabv1_vgg9",
+            "--width", "0.125", "--crop_size", "33", "--test_size", "49", "--save_folder", out, "-j", "0",
+            "--no-progress", "--no-tensorboard", "--seed", "0", "--batch_size", "3", "--test_batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Train 32-bit (2 epochs) then 2-bit (--init the 32-bit best); returns paths and records."""
+    from segmentation import train
+    base = tmp_path_factory.mktemp("seg_scripts")
+    r = write_voc(str(base / "data"))
+    out = str(base / "runs")
+    flags = common_flags(r, out)
+    rec32 = train.main(flags + ["--bit", "32", "--epochs", "2", "--lr", "0.02"])
+    best32 = os.path.join(out, "voc", "deeplabv1_vgg9_32bit", "model_best.pth.tar")
+    rec2 = train.main(flags + ["--bit", "2", "--epochs", "1", "--lr", "0.01", "--init", best32, "--alpha-init", "3"])
+    return {"data": r, "out": out, "flags": flags, "rec32": rec32, "rec2": rec2, "best32": best32,
+            "best2": os.path.join(out, "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")}
+
+
+def test_training_writes_best_checkpoint_and_metrics(chain):
+    for bit in (32, 2):
+        d = os.path.join(chain["out"], "voc", f"deeplabv1_vgg9_{bit}bit")
+        for f in ("checkpoint.pth.tar", "model_best.pth.tar", "history.json", "metrics_ann.json"):
+            assert os.path.isfile(os.path.join(d, f)), f
+    ck = torch.load(chain["best2"], map_location="cpu", weights_only=True)
+    assert (ck["task"], ck["model"], ck["bit"], ck["num_classes"], ck["width"]) == ("segmentation", "deeplabv1_vgg9", 2, 4, 0.125)
+    assert ck["init"]["mode"] == "strict"            # the bit chain loads its predecessor strictly
+    hist = ck["history"]
+    assert hist[0]["lr"] < 0.01                      # poly LR, stepped per iteration
+    assert 0.0 <= chain["rec32"]["miou"] <= 100.0 and chain["rec32"]["best_epoch"] in (1, 2)
+    h32 = json.load(open(os.path.join(chain["out"], "voc", "deeplabv1_vgg9_32bit", "history.json")))["history"]
+    assert len(h32) == 2 and h32[1]["lr"] < h32[0]["lr"]
+
+
+def test_poly_schedule_per_iteration(chain):
+    ck = torch.load(os.path.join(chain["out"], "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
+                    map_location="cpu", weights_only=True)
+    sch = ck["scheduler"]
+    it = sch["last_epoch"]
+    assert it == 2 * 2                                # 6 images / batch 3 = 2 iterations x 2 epochs
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.02 * (1 - it / sch["total_iters"]) ** 0.9)
+
+
+def test_eval_ann_and_snn_json(chain, tmp_path):
+    from segmentation import eval as seg_eval
+    flags = chain["flags"]
+    ann = seg_eval.main(flags + ["--bit", "2", "--metrics-out", str(tmp_path / "ann.json")])
+    assert ann["miou"] == pytest.approx(chain["rec2"]["miou"])   # the same val set, the same model
+    js = str(tmp_path / "snn.json")
+    rec = seg_eval.main(flags + ["--bit", "2", "--spike", "--metrics-out", js, "--plot"])
+    saved = json.load(open(js))
+    for k in ("miou", "ann_miou", "per_step_miou", "per_class_iou", "pixel_acc", "T", "neuron", "layers", "sops"):
+        assert k in saved, k
+    assert saved["T"] == 3 and saved["neuron"] == "signed" and len(saved["per_step_miou"]) == 3
+    assert saved["per_step_miou"][-1] == pytest.approx(saved["miou"])
+    assert saved["ann_miou"] == pytest.approx(ann["miou"])
+    assert len(saved["per_class_iou"]) == 4 and saved["layers"][0]["agreement"] == 1.0
+    assert os.path.isfile(str(tmp_path / "snn_miou_vs_t.png")) and os.path.isfile(str(tmp_path / "snn_layers.png"))
+    u = seg_eval.main(flags + ["--bit", "2", "--spike", "-u", "--metrics-out", str(tmp_path / "u.json")])
+    assert u["neuron"] == "unsigned" and u["T"] == 3
+    assert rec["samples"] == u["samples"] == 3
+
+
+def test_finetune_then_eval_and_inference(chain, tmp_path):
+    from segmentation import eval as seg_eval
+    from segmentation import inference, snn_ft
+    flags = chain["flags"]
+    rec = snn_ft.main(flags + ["--bit", "2", "-n", "1", "--force", "--max-iters", "1", "--no-eval-before"])
+    ft = os.path.join(chain["out"], "voc", "deeplabv1_vgg9_2bit_ft", "model_best.pth.tar")
+    assert os.path.isfile(ft) and rec["finetuned"] and len(rec["finetune"]) >= 1
+    ck = torch.load(ft, map_location="cpu", weights_only=True)
+    assert ck["snn_finetuned"] and ck["T"] == 3 and ck["num_classes"] == 4
+    again = seg_eval.main(flags + ["--bit", "2", "--spike", "--init", ft, "--metrics-out", str(tmp_path / "ft.json")])
+    assert again["finetuned"] and again["miou"] == pytest.approx(rec["miou"])
+    # without --force: accept / revert on the training mIoU
+    rec2 = snn_ft.main(flags + ["--bit", "2", "-n", "1", "--max-iters", "1", "--score-batches", "1",
+                                "--no-eval-before", "--save_folder", str(tmp_path / "ft2")] +
+                       ["--init", chain["best2"]])
+    assert all("accepted" in h for h in rec2["finetune"])
+    # inference: a mask PNG (class indices) and an overlay per image, ANN and SNN
+    img = os.path.join(chain["data"]["voc"], "JPEGImages", "val_001.jpg")
+    outs = inference.main(flags + ["--bit", "2", "--init", chain["best2"], "--input", img, "--output", str(tmp_path / "inf")])
+    outs += inference.main(flags + ["--bit", "2", "--spike", "--init", chain["best2"], "--input",
+                                    os.path.dirname(img), "--output", str(tmp_path / "inf_snn")])
+    from PIL import Image
+    mask = Image.open(os.path.join(tmp_path, "inf", "val_001_mask.png"))
+    assert mask.mode == "P" and mask.size == Image.open(img).size and int(np.asarray(mask).max()) < 4
+    over = Image.open(os.path.join(tmp_path, "inf", "val_001_overlay.png"))
+    assert over.mode == "RGB" and over.size == mask.size
+    assert len(outs) == 2 + 2 * 9
+
+
+def test_resume_auto_continues(chain, tmp_path):
+    from segmentation import train
+    flags = chain["flags"] + ["--save_folder", str(tmp_path), "--bit", "32", "--lr", "0.02"]
+    train.main(flags + ["--epochs", "1"])
+    rec = train.main(flags + ["--epochs", "2", "--resume", "auto"])
+    ck = torch.load(os.path.join(tmp_path, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
+                    map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2] and rec["epochs"] == 2
+    # a finished run rerun with --resume auto (a restarted chain) trains nothing and keeps its results
+    again = train.main(flags + ["--epochs", "2", "--resume", "auto"])
+    assert again["miou"] == rec["miou"] and again["epochs"] == 2
+
+
+def test_presets_and_overrides(chain):
+    from segmentation import eval as seg_eval
+    from segmentation import train, workflow
+    args = workflow.parse_args(train.get_parser(), ["--config", "voc_deeplabv1_2bit", "--save_folder", "S"])
+    assert (args.model, args.bit, args.lr, args.crop_size, args.sybn, args.epochs) == ("deeplabv1_vgg9", 2, 0.007, 513, True, 50)
+    assert args.init == "S/voc/deeplabv1_vgg9_3bit/model_best.pth.tar"
+    args = workflow.parse_args(seg_eval.get_parser(), ["--config", "coco_deeplabv3_T7", "--bit", "2"])
+    assert (args.dataset, args.model, args.spike, args.bit, args.test_size) == ("coco", "deeplabv3_r34", True, 2, 641)
+    # a training preset in eval.py: its epochs / sybn are ignored, the rest applies
+    args = workflow.parse_args(seg_eval.get_parser(), ["--config", "voc_deeplabv3_4bit"])
+    assert args.bit == 4 and not args.spike
+    n = len([f for f in os.listdir(workflow.CONFIG_DIR) if f.endswith(".json")])
+    assert n == 28   # {voc, coco} x {deeplabv1, deeplabv3} x {32, 4, 3, 2 bit, T15, T7, T3}
+    with pytest.raises(UserError, match="no such preset"):
+        workflow.parse_args(train.get_parser(), ["--config", "voc_deeplabv9_2bit"])
+
+
+def test_init_backbone_partial_mode(tmp_path, capsys):
+    """An ImageNet ResNet-34 of classification/ initialises the segmenter's backbone (partial mode);
+    a segmentation checkpoint of the same model loads strictly."""
+    from classification.models import get_model as cls_model
+    from segmentation import workflow
+    from segmentation.models import get_model
+    cls = cls_model("resnet34", bit=32, dataset="imagenet")
+    path = str(tmp_path / "r34.pth.tar")
+    torch.save({"arch": "resnet34", "state_dict": cls.state_dict()}, path)
+    seg = get_model("deeplabv3_r34", 21)
+    args = workflow.parse_args(__import__("segmentation.train", fromlist=["x"]).get_parser(),
+                               ["-m", "deeplabv3_r34", "--init", path])
+    info = workflow.init_weights(seg, args, 21)
+    assert info["mode"] == "backbone"
+    assert torch.equal(seg.layer3[2].conv1.weight, cls.layer3[2].conv1.weight)
+    assert torch.equal(seg.bn1.running_var, cls.bn1.running_var)
+    assert "loaded" in capsys.readouterr().out
+    # a shape mismatch (another width) is refused
+    args.width = 0.5
+    with pytest.raises(UserError, match="shape"):
+        workflow.init_weights(get_model("deeplabv3_r34", 21, width=0.5), args, 21)
+
+
+def test_bad_input_one_line_errors(chain, tmp_path):
+    from segmentation import eval as seg_eval
+    from segmentation import train
+    flags = chain["flags"]
+    # a checkpoint with another class count
+    r5 = write_voc(str(tmp_path / "five"), n_train=2, n_val=1)
+    with open(r5["classes"], "a") as f:
+        f.write("extra\n")
+    f5 = common_flags(r5, chain["out"])
+    with pytest.raises(UserError, match="trained for 4 classes but the data has 5"):
+        seg_eval.main(f5 + ["--bit", "2", "--init", chain["best2"]])
+    with pytest.raises(UserError, match="trained for 4 classes but the data has 5"):
+        train.main(f5 + ["--bit", "2", "--epochs", "1", "--init", chain["best2"]])
+    with pytest.raises(UserError, match="holds a 2-bit model"):
+        seg_eval.main(flags + ["--bit", "3", "--init", chain["best2"]])
+    with pytest.raises(UserError, match="--spike with --bit 32"):
+        seg_eval.main(flags + ["--bit", "32", "--spike", "--init", chain["best32"]])
+    # a mask of another size than its image: found before training starts
+    rb = write_voc(str(tmp_path / "bad"), n_train=2, n_val=1)
+    save_palette_png(os.path.join(rb["voc"], "SegmentationClass", "val_000.png"), np.zeros((5, 5), np.uint8))
+    with pytest.raises(UserError, match="is 5x5 but its image is"):
+        train.main(common_flags(rb, str(tmp_path / "o")) + ["--epochs", "1"])
+
+
+def _cli(script, args, **kw):
+    return subprocess.run([PY, os.path.join(ROOT, "segmentation", script)] + args, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_cli_errors_are_one_line(chain, tmp_path):
+    p = _cli("train.py", ["--data_root", str(tmp_path / "missing"), "-j", "0"])
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: data root") and "—" in lines[0], p.stderr
+    # mask values outside the class range, found in a loader worker process: still one line
+    rb = write_voc(str(tmp_path / "bad"), n_train=2, n_val=2)
+    bad = np.zeros((40, 33), np.uint8)
+    bad[2, 2] = 200
+    save_palette_png(os.path.join(rb["voc"], "SegmentationClass", "val_000.png"), bad)
+    flags = common_flags(rb, chain["out"])
+    flags[flags.index("-j") + 1] = "1"
+    p = _cli("eval.py", flags + ["--bit", "2", "--init", chain["best2"]])
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "label(s) 200 outside the class range 0..3" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_two_process_torchrun(chain, tmp_path):
+    """torchrun with 2 gloo processes: DDP training (SyncBN requested), then the SNN evaluation whose
+    confusion matrix is summed over both ranks (the same mIoU as one process)."""
+    flags = common_flags(chain["data"], str(tmp_path)) + ["--bit", "2", "--init", chain["best2"]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    p = subprocess.run(run + [os.path.join(ROOT, "segmentation", "train.py")] + flags + ["--epochs", "1", "--sybn"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    best = os.path.join(str(tmp_path), "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")
+    assert os.path.isfile(best)
+    js = str(tmp_path / "ddp.json")
+    p = subprocess.run(run[:-1] + ["29572", os.path.join(ROOT, "segmentation", "eval.py")] + flags +
+                       ["--spike", "--init", chain["best2"], "--metrics-out", js], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.load(open(js))
+    from segmentation import eval as seg_eval
+    one = seg_eval.main(chain["flags"] + ["--bit", "2", "--spike", "--init", chain["best2"],
+                                          "--metrics-out", str(tmp_path / "one.json")])
+    assert two["samples"] == one["samples"] == 3
+    assert two["miou"] == pytest.approx(one["miou"]) and two["ann_miou"] == pytest.approx(one["ann_miou"])
