@@ -6,7 +6,7 @@
 
 Each spiking layer from the second on is tuned against the quantized ANN's activation (layer-local
 MSE, straight-through gradient at the SNN's input rates). Without --force a tuned layer is kept only
-if the SNN's mIoU on the first --score-batches training batches (un-augmented, padded to --crop_size)
+if the SNN's mIoU on the first --score-batches training batches (un-augmented, padded to --test_size)
 improves. Saves <save_folder>/<dataset>/<model>_<bit>bit_ft/model_best.pth.tar (ANN format: eval.py
 --spike --init reads it) and metrics_snn_ft_<neuron>_T<T>.json (before / after, per-layer history).
 """

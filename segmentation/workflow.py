@@ -636,7 +636,7 @@ def finetune(args) -> Dict:
         if not args.force:
             # accept / revert: SNN mIoU on the first --score-batches training images, without augmentation
             score_ds = copy.copy(data.train)
-            score_ds.transforms = segdata.test_transforms(args.crop_size)
+            score_ds.transforms = segdata.test_transforms(args.test_size)
             score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)
             make = make_metric_factory(data.num_classes, data.class_names)
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The segmentation recipe of the original (spec 3.13, 4.4, 7) for one model, end to end:
+#   quantized ANNs 32 -> 4 -> 3 -> 2 bits (each stage --init from the previous stage's best mIoU checkpoint),
+#   SNN evaluation of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3 with signed and unsigned IF neurons,
+#   layer-wise fine-tuning of the 2-bit SNN (signed) and its evaluation.
+#
+# usage: bash scripts/segmentation_chain.sh MODEL [extra args for every script, e.g. -d coco --data_root DIR -id 0]
+#        MODEL: deeplabv1_vgg9 | deeplabv3_r34
+# env:   EPOCHS (ANN epochs per stage, default 50), FT_EPOCHS (snn_ft -n, default 1), FT_ARGS (extra snn_ft
+#        flags, default --force), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
+#        default none), SAVE (--save_folder, default work_dirs), NPROC (processes per stage via torchrun,
+#        default 1), PYTHON (default .venv/bin/python)
+# Every training stage runs with --resume auto and every evaluation is skipped when its metrics JSON
+# exists, so rerunning the chain after a crash continues where it stopped.
+set -euo pipefail
+MODEL=${1:?usage: bash scripts/segmentation_chain.sh MODEL [extra args]}
+shift
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+EPOCHS=${EPOCHS:-50}
+FT_EPOCHS=${FT_EPOCHS:-1}
+FT_ARGS=${FT_ARGS:---force}
+SAVE=${SAVE:-work_dirs}
+NPROC=${NPROC:-1}
+INIT32=${INIT32:-}
+S=segmentation
+# the dataset (for the run folders): -d / --dataset among the extra args, default voc
+DS=voc
+prev=""
+for a in "$@"; do
+  if [ "$prev" = "-d" ] || [ "$prev" = "--dataset" ]; then DS=$a; fi
+  prev=$a
+done
+
+launch() {
+  if [ "$NPROC" -gt 1 ]; then echo "+ torchrun --nproc_per_node=$NPROC $*" >&2
+    "$PY" -m torch.distributed.run --nproc_per_node="$NPROC" "$@"
+  else echo "+ python $*" >&2; "$PY" "$@"; fi
+}
+run_dir() { echo "$SAVE/$DS/${MODEL}_$1bit$2"; }
+best() { echo "$(run_dir "$1" "")/model_best.pth.tar"; }
+train() {  # BIT INIT
+  local bit=$1 init=$2
+  shift 2
+  launch $S/train.py -m "$MODEL" --bit "$bit" --epochs "$EPOCHS" --save_folder "$SAVE" --resume auto \
+    ${init:+--init "$init"} "$@"
+}
+snn_eval() {  # BIT [-u] : metrics JSON in the run folder; skipped when it exists
+  local bit=$1 flag=${2:-} neuron=signed T=$(( (1 << $1) - 1 ))
+  shift 2
+  [ -n "$flag" ] && neuron=unsigned
+  local js; js="$(run_dir "$bit" "")/metrics_snn_${neuron}_T${T}.json"
+  if [ -f "$js" ]; then echo "skip: $js exists" >&2; return; fi
+  launch $S/eval.py -m "$MODEL" --bit "$bit" --spike $flag --init "$(best "$bit")" --save_folder "$SAVE" \
+    --metrics-out "$js" --plot "$@"
+}
+
+train 32 "$INIT32" "$@"
+train 4 "$(best 32)" "$@"
+train 3 "$(best 4)" "$@"
+train 2 "$(best 3)" "$@"
+for BIT in 4 3 2; do
+  snn_eval "$BIT" "" "$@"
+  snn_eval "$BIT" -u "$@"
+done
+FT=$(run_dir 2 _ft)/model_best.pth.tar
+if [ ! -f "$FT" ]; then
+  # shellcheck disable=SC2086
+  launch $S/snn_ft.py -m "$MODEL" --bit 2 -n "$FT_EPOCHS" $FT_ARGS --init "$(best 2)" --save_folder "$SAVE" "$@"
+else
+  echo "skip: $FT exists" >&2
+fi
+echo "chain done: metrics JSONs in $SAVE/$DS/${MODEL}_{32,4,3,2}bit/ and $SAVE/$DS/${MODEL}_2bit_ft/" >&2

@@ -1,0 +1,223 @@
+"""The offline segmentation demo: the whole Fast-SNN segmentation pipeline on the shared scene set, on a CPU.
+
+1. the scene set (``common.scenes``: Fashion-MNIST items on textured canvases, VOC layout) in ``<out>/data``;
+2. the progressive 32 -> 4 -> 3 -> 2-bit DeepLab VGG-9 chain (train.py, each stage ``--init`` from the
+   previous best; a narrow net, small crops and few epochs so it fits the time budget);
+3. SNN evaluation (eval.py --spike) of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3, signed and unsigned IF;
+4. layer-wise fine-tuning (snn_ft.py) of the 2-bit signed SNN, each layer kept only if the SNN's mIoU on a
+   few training batches improves, and its evaluation;
+5. ``table.md`` / ``summary.json`` (bits | T | ANN mIoU | SNN signed | SNN unsigned | fine-tuned), figures:
+   mIoU vs t, per-layer agreement / firing rate, prediction overlays -- all in ``--out``
+   (default ``demo_out/segmentation``).
+
+Every step calls a script's ``main(argv)`` (the same code as the command line) and prints the command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import time
+from typing import Dict, List, Optional
+
+from common import run_cli
+from common.cli import ArgumentParser
+from common.metrics import write_json
+
+CHAIN = (32, 4, 3, 2)
+SNN_BITS = (4, 3, 2)
+FT_BIT = 2
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Fast-SNN segmentation demo on the offline scene set (CPU)")
+    p.add_argument("--out", default="demo_out/segmentation", help="output folder (default demo_out/segmentation)")
+    p.add_argument("-m", "--model", default="deeplabv1_vgg9", choices=("deeplabv1_vgg9", "deeplabv3_r34"))
+    p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
+    p.add_argument("--train", type=int, default=300, help="training scenes (default 300)")
+    p.add_argument("--test", type=int, default=60, help="test scenes (default 60)")
+    p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
+    p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
+    p.add_argument("--test-size", type=int, default=97, help="test pad size (default 97 = 12 * 8 + 1)")
+    p.add_argument("--epochs-fp", type=int, default=10, help="epochs of the 32-bit stage (default 10)")
+    p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
+    p.add_argument("--lr-fp", type=float, default=0.02, help="learning rate of the 32-bit stage (default 0.02)")
+    p.add_argument("--lr-q", type=float, default=0.01, help="learning rate of the quantized stages (default 0.01)")
+    p.add_argument("--alpha-init", type=float, default=3.0,
+                   help="initial activation clip of the quantized stages (default 3: a short run barely moves the "
+                        "learned clip, and the models' 6 leaves most levels unused)")
+    p.add_argument("-b", "--batch-size", type=int, default=16)
+    p.add_argument("--ft-batches", type=int, default=8, help="fine-tuning batches per layer (default 8)")
+    p.add_argument("--score-batches", type=int, default=2,
+                   help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
+    p.add_argument("--keep", action="store_true", help="keep earlier runs in <out>/runs (default: start fresh)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _step(title: str, script: str, argv: List[str], fn, steps: List[dict]):
+    print(f"\n=== {title}\n+ python segmentation/{script} {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+    t0 = time.time()
+    rec = fn(argv)
+    steps.append({"step": title, "command": f"python segmentation/{script} " + " ".join(shlex.quote(a) for a in argv),
+                  "seconds": round(time.time() - t0, 1)})
+    return rec
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def table(rows: List[Dict]) -> str:
+    lines = ["| bits | T | ANN mIoU | SNN signed | SNN unsigned | SNN signed, fine-tuned |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['bit']} | {r.get('T') or '-'} | {_fmt(r.get('ann_miou'))} | {_fmt(r.get('signed'))} | "
+                     f"{_fmt(r.get('unsigned'))} | {_fmt(r.get('finetuned'))} |")
+    return "\n".join(lines)
+
+
+def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
+    """Label maps of the first ``n`` test scenes: ground truth, 2-bit ANN, SNN signed / unsigned, fine-tuned."""
+    import numpy as np
+    import torch
+
+    from common import pipeline
+    from segmentation import data as sd
+    from segmentation import eval as seg_eval
+    from segmentation import workflow
+    a = workflow.parse_args(seg_eval.get_parser(), common + ["--bit", str(FT_BIT)])
+    workflow.check_args(a)
+    data = sd.build_datasets("voc", a.data_root, crop_size=a.crop_size, test_size=a.test_size, train=False,
+                             val_subset=n, check=False)
+    dev = torch.device("cpu")
+    best = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
+    ann, _ = workflow.load_trained(a, data.num_classes, dev, best, "--init", "")
+    ann.eval()
+    nets = {"ANN 2-bit": ann, "SNN T=3 signed": pipeline.convert(ann), "SNN T=3 unsigned": pipeline.convert(ann, signed=False)}
+    if os.path.isfile(ft_path):
+        ft, _ = workflow.load_trained(a, data.num_classes, dev, ft_path, "--init", "")
+        nets["SNN T=3 fine-tuned"] = pipeline.convert(ft.eval())
+    palette = sd.voc_palette()
+    panels, names = [], data.class_names
+    for i in range(len(data.val)):
+        img, mask = data.val.load(i)
+        x, _ = data.val[i]
+        h, w = mask.shape
+        row = [img, palette[np.where(mask == 255, 0, mask)]]
+        with torch.no_grad():
+            for net in nets.values():
+                label = net(x.unsqueeze(0))[0, :, :h, :w].argmax(0).numpy()
+                row.append(workflow.overlay(img, label, names))
+        panels.append(row)
+    return panels, ["image", "ground truth"] + list(nets)
+
+
+def main(argv=None) -> Dict:
+    args = get_parser().parse_args(argv)
+    if args.quick:
+        args.train, args.test, args.size, args.crop, args.test_size = 24, 8, 48, 33, 49
+        args.epochs_fp, args.epochs_q, args.width, args.ft_batches, args.batch_size = 1, 1, 0.125, 1, 8
+    t_start = time.time()
+    out = args.out
+    runs = os.path.join(out, "runs")
+    if os.path.isdir(runs) and not args.keep:
+        shutil.rmtree(runs)
+    os.makedirs(out, exist_ok=True)
+    from common.scenes import make_scenes
+    data_dir = os.path.join(out, "data")
+    make_scenes(data_dir, args.train, args.test, args.size, args.seed)
+    from segmentation import eval as seg_eval
+    from segmentation import snn_ft, train
+    common = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--crop_size",
+              str(args.crop), "--test_size", str(args.test_size), "--save_folder", runs, "-j", str(args.workers),
+              "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--test_batch_size", "8"]
+    if not args.progress:
+        common.append("--no-progress")
+    steps: List[dict] = []
+    ann: Dict[int, Dict] = {}
+    prev = None
+    for bit in CHAIN:
+        fp = bit == 32
+        argv = common + ["--bit", str(bit), "--epochs", str(args.epochs_fp if fp else args.epochs_q),
+                         "--lr", str(args.lr_fp if fp else args.lr_q), "--resume", "auto"]
+        if not fp:
+            argv += ["--alpha-init", str(args.alpha_init)]
+        if prev is not None:
+            argv += ["--init", prev]
+        ann[bit] = _step(f"train the {bit}-bit ANN", "train.py", argv, train.main, steps)
+        prev = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
+    snn: Dict[tuple, Dict] = {}
+    for bit in SNN_BITS:
+        best = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
+        for signed in (True, False):
+            neuron = "signed" if signed else "unsigned"
+            js = os.path.join(out, f"metrics_snn_{bit}bit_{neuron}.json")
+            argv = common + ["--bit", str(bit), "--spike", "--init", best, "--metrics-out", js, "--plot"]
+            if not signed:
+                argv.append("-u")
+            snn[(bit, neuron)] = _step(f"SNN of the {bit}-bit ANN, {neuron} IF", "eval.py", argv, seg_eval.main, steps)
+    best2 = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
+    ft_js = os.path.join(out, f"metrics_snn_ft_{FT_BIT}bit_signed.json")
+    argv = common + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches), "--score-batches",
+                     str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot"]
+    ft = _step(f"fine-tune the {FT_BIT}-bit signed SNN", "snn_ft.py", argv, snn_ft.main, steps)
+    ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
+
+    rows = [{"bit": 32, "T": None, "ann_miou": ann[32]["miou"]}]
+    for bit in SNN_BITS:
+        s, u = snn[(bit, "signed")], snn[(bit, "unsigned")]
+        rows.append({"bit": bit, "T": s["T"], "ann_miou": s["ann_miou"], "train_best_miou": ann[bit]["miou"],
+                     "signed": s["miou"], "unsigned": u["miou"],
+                     "finetuned": ft["miou"] if bit == FT_BIT else None,
+                     "per_step_signed": s["per_step_miou"], "per_step_unsigned": u["per_step_miou"],
+                     "first_layer_agreement": s["layers"][0]["agreement"],
+                     "sops": s["sops"], "energy": s["energy"]})
+    rows[-1]["per_step_finetuned"] = ft["per_step_miou"]
+    accepted = [h.get("name") for h in ft.get("finetune", []) if h.get("accepted")]
+    figures = _figures(args, out, rows, snn, ft, common, runs, ft_path)
+    md = table(rows)
+    elapsed = time.time() - t_start
+    note = (f"{args.model} width {args.width}, {args.train} train / {args.test} test scenes of {args.size}x{args.size}, "
+            f"crop {args.crop}, test pad {args.test_size}, epochs {args.epochs_fp} (32-bit) + {args.epochs_q} per "
+            f"quantized stage, fine-tuning {args.ft_batches} batches per layer (accepted: {len(accepted)} of "
+            f"{len(ft.get('finetune', []))} layers); {elapsed / 60:.1f} min")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(md + "\n\n" + note + "\n")
+    summary = {"rows": rows, "note": note, "seconds": elapsed, "steps": steps, "figures": figures,
+               "finetune_accepted": accepted, "args": vars(args)}
+    write_json(os.path.join(out, "summary.json"), summary)
+    print("\n" + md + "\n\n" + note)
+    print(f"results: {os.path.join(out, 'table.md')}, {os.path.join(out, 'summary.json')}; figures: "
+          + ", ".join(figures))
+    return summary
+
+
+def _figures(args, out, rows, snn, ft, common, runs, ft_path) -> List[str]:
+    from common.plots import plot_layers
+    from segmentation.plots import plot_miou_vs_t, plot_overlays
+    figs = []
+    curves, refs = {}, {}
+    for bit in SNN_BITS:
+        s, u = snn[(bit, "signed")], snn[(bit, "unsigned")]
+        curves[f"{bit}-bit T={s['T']} signed"] = s["per_step_miou"]
+        curves[f"{bit}-bit T={u['T']} unsigned"] = u["per_step_miou"]
+    curves[f"{FT_BIT}-bit T=3 signed, fine-tuned"] = ft["per_step_miou"]
+    for bit in SNN_BITS:
+        refs[f"ANN {bit}-bit"] = snn[(bit, "signed")]["ann_miou"]
+    figs.append(plot_miou_vs_t(curves, os.path.join(out, "miou_vs_t.png"), refs,
+                               f"{args.model} (width {args.width}) on the scene set: SNN mIoU vs t"))
+    figs.append(plot_layers({f"{b}-bit signed": snn[(b, 'signed')]["layers"] for b in SNN_BITS}
+                            | {f"{FT_BIT}-bit fine-tuned": ft["layers"]},
+                            os.path.join(out, "layers.png"), "per-layer agreement with the ANN and firing rate"))
+    panels, titles = _predictions(args, common, runs, ft_path)
+    figs.append(plot_overlays(panels, titles, os.path.join(out, "overlays.png")))
+    return figs
+
+
+if __name__ == "__main__":
+    run_cli(main)
