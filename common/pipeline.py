@@ -165,10 +165,13 @@ def finetune(ann: nn.Module, net, loader, *, score: Optional[Callable] = None, i
              epochs: int = 1, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 1e-4,
              bn_mode: str = "recalibrate", max_batches: Optional[int] = None, cache="auto",
              cache_mb: float = 2048, layers: Optional[List[str]] = None, progress: bool = True,
-             log: Callable[[str], None] = _log, tb=None, device=None) -> List[dict]:
+             log: Callable[[str], None] = _log, tb=None, device=None, method: str = "fastsnn",
+             method_options: Optional[Mapping] = None) -> List[dict]:
     """Layer-wise fine-tuning (:func:`snn.finetune`) of any converted network. ``score(net) -> float``
     (higher is better, e.g. the task's metric on a few training batches) decides whether a tuned layer
-    is kept; ``None`` accepts every layer (``--force``)."""
+    is kept; ``None`` accepts every layer (``--force``). ``method``: :data:`snn.finetune.METHODS`
+    (``"fastsnn"``: the original algorithm); ``method_options``: its further arguments (``bias_iters``,
+    ``e2e_epochs``, ``e2e_lr``, ``e2e_loss``, ``schedule``, ...)."""
     import snn
     if epochs < 1:
         raise UserError(f"-n/--num_epochs {epochs} must be at least 1", "pass -n 1 or more")
@@ -176,7 +179,7 @@ def finetune(ann: nn.Module, net, loader, *, score: Optional[Callable] = None, i
     history = snn.finetune(ann, net, loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            bn_mode=bn_mode, force=score is None, score_fn=score, device=device, log=log,
                            progress=progress, max_batches=max_batches, layers=layers, cache=cache,
-                           cache_mb=cache_mb, inputs=inputs)
+                           cache_mb=cache_mb, inputs=inputs, method=method, **dict(method_options or {}))
     if tb is not None:
         for i, h in enumerate(history):
             last = h["epochs"][-1] if h["epochs"] else {}

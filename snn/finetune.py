@@ -31,6 +31,7 @@ Prefix cache (``finetune(cache=True / "auto")``): see :mod:`snn.prefix_cache`.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -41,10 +42,16 @@ import torch.nn as nn
 
 from quant.functional import act_quant_levels
 
+from . import calibrate
 from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .neuron import IFNeuron
 from .prefix_cache import (Batches, Frontier, _ann_activation, _changed_by, _Frontier, _input,  # noqa: F401
                            default_inputs, run_until)
+
+
+# fine-tuning methods (``finetune(method=...)``): stages joined by "+", run in order
+STAGES = ("fastsnn", "bias", "bnstats", "e2e")
+METHODS = ("fastsnn", "bias", "bnstats", "e2e", "fastsnn+bias", "fastsnn+e2e", "bias+e2e", "bias+fastsnn+e2e")
 
 
 class SpikingLayer:
@@ -139,7 +146,10 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
              force: bool = True, score_fn: Optional[Callable[[SpikingNetwork], float]] = None,
              device=None, log: Callable[[str], None] = print, progress: bool = True,
              layers: Optional[List[str]] = None, max_batches: Optional[int] = None,
-             cache=False, cache_mb: float = 2048, inputs: Optional[Callable] = None) -> List[dict]:
+             cache=False, cache_mb: float = 2048, inputs: Optional[Callable] = None,
+             method: str = "fastsnn", schedule: str = "constant", bias_iters: int = 2,
+             e2e_epochs: int = 1, e2e_lr: Optional[float] = None, e2e_loss="auto",
+             e2e_batches: Optional[int] = None) -> List[dict]:
     """Tune ``net`` in place, layer by layer. Returns one JSON-ready dict per tuned layer.
 
     ``loader`` yields ``(images, targets)`` (targets unused), dicts with an ``"image"`` entry, or
@@ -160,7 +170,28 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     first batch) fit in ``cache_mb`` MB; otherwise one log line says so and the prefixes are
     recomputed (with ``cache=True`` still on the batches drawn once). The loader must yield fresh
     tensors (not buffers it overwrites). Under DDP each rank caches its own batches.
+
+    ``method``: the stages to run, joined by ``+`` (:data:`METHODS` lists the measured presets; see
+    :mod:`snn.calibrate`). The layer-wise stages -- ``fastsnn`` (the original algorithm above, ``epochs``
+    epochs), ``bias`` (bias correction, ``bias_iters`` passes), ``bnstats`` (BN statistics from SNN rates)
+    -- run per layer in the order given, on the same batches; ``e2e`` (the end-to-end stage: all layers
+    together, straight-through, ``e2e_epochs`` epochs of ``e2e_batches`` batches -- default
+    ``max_batches`` -- lr ``e2e_lr`` (default ``lr``) with a cosine schedule, loss ``e2e_loss``) comes
+    last. The accept / revert test (``score_fn``) runs after every fastsnn / e2e epoch and after each
+    bias / bnstats stage of a layer. ``schedule="cosine"``: the fastsnn stage's lr decays over each
+    layer's steps (default ``"constant"``, the original). ``method="fastsnn"`` is the original algorithm,
+    unchanged.
     """
+    stages = method.split("+") if isinstance(method, str) else list(method)
+    bad = [st for st in stages if st not in STAGES]
+    if bad or not stages or len(set(stages)) != len(stages):
+        raise ValueError(f"method={method!r}: join distinct stages of {STAGES} with '+' (e.g. {METHODS[-1]!r})")
+    if "e2e" in stages and stages[-1] != "e2e":
+        raise ValueError(f"method={method!r}: the end-to-end stage 'e2e' must come last")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule={schedule!r}: use 'constant' or 'cosine'")
+    layer_stages = [st for st in stages if st != "e2e"]
+    original = layer_stages == ["fastsnn"]
     if bn_mode not in ("recalibrate", "frozen"):
         raise ValueError(f"bn_mode={bn_mode!r}: use 'recalibrate' or 'frozen'")
     if cache not in (False, True, "auto"):
@@ -181,52 +212,86 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     best = None if force else float(score_fn(net))
     if best is not None:
         log(f"finetune: initial score {best:.3f}")
-    batches = Batches(ann, net, todo, loader, max_batches, device, inputs)
-    if cache and todo:
-        batches.use_cache(cache, cache_mb, log)
     history = []
     show = progress and (not _dist_on() or dist.get_rank() == 0)
+    if layer_stages:
+        batches = Batches(ann, net, todo, loader, max_batches, device, inputs)
+        if cache and todo:
+            batches.use_cache(cache, cache_mb, log)
+    else:
+        todo = []
     for li, layer in enumerate(todo):
         t_start = time.time()
         record = layer.state()
-        for p in layer.params:
-            p.requires_grad_(True)
-        opt = torch.optim.SGD(layer.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         entry = {"layer": layer.name, "epochs": [], "accepted": False}
-        for epoch in range(epochs):
-            losses = _tune_epoch(layer, net, batches.prefixes(li), batches.total(), opt, T, bn_mode,
-                                 desc=f"ft {li + 1}/{len(todo)} {layer.name} ep {epoch + 1}" if show else None)
-            if _dist_on():
-                _average(list(layer.module.buffers()))
-            ep = {"epoch": epoch + 1, "loss_first": losses[0], "loss_mean": sum(losses) / len(losses),
-                  "loss_last": losses[-1]}
+
+        def judge(ep):
+            nonlocal best, record
             if force:
                 record, entry["accepted"] = layer.state(), True
-                verdict = "accepted"
-            else:
-                score = float(score_fn(net))
-                ep["score"] = score
-                if score > best:
-                    best, record, entry["accepted"] = score, layer.state(), True
-                    verdict = f"updated (score {score:.3f})"
-                else:
-                    verdict = f"kept previous (score {score:.3f} <= best {best:.3f})"
-            entry["epochs"].append(ep)
-            log(f"finetune {layer.name} epoch {epoch + 1}/{epochs}: mse {ep['loss_mean']:.5f} "
-                f"(first batch {ep['loss_first']:.5f}) -> {verdict}")
+                return "accepted"
+            score = float(score_fn(net))
+            ep["score"] = score
+            if score > best:
+                best, record, entry["accepted"] = score, layer.state(), True
+                return f"updated (score {score:.3f})"
+            return f"kept previous (score {score:.3f} <= best {best:.3f})"
+
+        for stage in layer_stages:
+            if stage != "fastsnn":
+                passes = bias_iters if stage == "bias" else 1
+                for _ in range(max(1, passes)):
+                    if stage == "bias":
+                        losses = calibrate.bias_epoch(layer, batches.prefixes(li), T)
+                    else:
+                        losses = calibrate.bnstats_epoch(layer, net, batches.prefixes(li), T)
+                ep = {"stage": stage, "epoch": 1, "loss_first": losses[0], "loss_mean": sum(losses) / len(losses),
+                      "loss_last": losses[-1]}
+                verdict = judge(ep)
+                entry["epochs"].append(ep)
+                log(f"finetune {layer.name} {stage}: mse before {ep['loss_mean']:.5f} -> {verdict}")
+                continue
+            for p in layer.params:
+                p.requires_grad_(True)
+            opt = torch.optim.SGD(layer.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            lr_at = None
+            if schedule == "cosine":
+                steps = max(1, epochs * (batches.total() or 1))
+                lr_at = lambda i: lr * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))  # noqa: E731
+            for epoch in range(epochs):
+                losses = _tune_epoch(layer, net, batches.prefixes(li), batches.total(), opt, T, bn_mode,
+                                     desc=f"ft {li + 1}/{len(todo)} {layer.name} ep {epoch + 1}" if show else None,
+                                     lr_at=lr_at, step0=epoch * (batches.total() or 1))
+                if _dist_on():
+                    _average(list(layer.module.buffers()))
+                ep = {"epoch": epoch + 1, "loss_first": losses[0], "loss_mean": sum(losses) / len(losses),
+                      "loss_last": losses[-1]}
+                if not original:
+                    ep = {"stage": stage, **ep}
+                verdict = judge(ep)
+                entry["epochs"].append(ep)
+                log(f"finetune {layer.name} epoch {epoch + 1}/{epochs}: mse {ep['loss_mean']:.5f} "
+                    f"(first batch {ep['loss_first']:.5f}) -> {verdict}")
+            for p in layer.params:
+                p.requires_grad_(False)
         layer.load(record)
-        for p in layer.params:
-            p.requires_grad_(False)
         entry["seconds"] = time.time() - t_start
         if best is not None:
             entry["best_score"] = best
+        history.append(entry)
+    if "e2e" in stages:
+        entry = calibrate.end_to_end(ann, net, loader, epochs=e2e_epochs, lr=lr if e2e_lr is None else e2e_lr,
+                                     momentum=momentum, weight_decay=0.0, loss=e2e_loss,
+                                     max_batches=max_batches if e2e_batches is None else e2e_batches,
+                                     device=device, inputs=inputs, force=force, score_fn=score_fn, best=best,
+                                     log=log, progress=show)
         history.append(entry)
     net.eval()
     return history
 
 
 def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, T, bn_mode,
-                desc=None) -> List[float]:
+                desc=None, lr_at=None, step0: int = 0) -> List[float]:
     """One epoch of ``layer``; ``prefixes`` yields its ``(target, input trains)`` per batch."""
     neuron = layer.neuron
     it = prefixes
@@ -257,6 +322,9 @@ def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, 
         loss.backward()
         if _dist_on():
             _average([p.grad for p in layer.params])
+        if lr_at is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step0 + len(losses))
         opt.step()
         losses.append(loss.item())
         if desc is not None:

@@ -1,0 +1,267 @@
+"""Fidelity ablation (issue 13): which fine-tuning method closes the SNN-ANN gap at exactly T, and how
+many settle steps make the SNN equal its quantized ANN.
+
+On the demo's data and chain (:mod:`classification.demo`: Fashion-MNIST subset, the 32 -> 4 -> 3 -> 2-bit
+recipe), trained once and cached in ``<out>/fidelity/result`` (a later run reuses the checkpoints):
+
+* every fine-tuning method of :func:`snn.finetune` (``--methods``) on the 2-bit signed SNN, from the
+  same ANN -> top-1 at T on the test images, seconds of fine-tuning;
+* settle mode: top-1 and the per-layer agreement with the ANN for K = 0, 1, ...; the smallest K whose
+  top-1 equals the ANN's within 0.1 point with every layer's agreement >= 0.999;
+* the figure "accuracy vs total time steps" (unsigned, signed, signed + fine-tuned, signed + settle)
+  -> ``<out>/fidelity_<arch>.png``; all numbers -> ``<out>/fidelity_<arch>.json``.
+
+    python -m classification.fidelity                       # ResNet-20, every method
+    python -m classification.fidelity -a vgg11 --methods fastsnn,<best>
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, List
+
+from common import run_cli
+from common.cli import ArgumentParser
+
+
+def get_parser() -> ArgumentParser:
+    from snn.finetune import METHODS
+    p = ArgumentParser(description="Fast-SNN fidelity ablation: fine-tuning methods and settle steps")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out/); checkpoints are cached "
+                                                      "in <out>/fidelity/result")
+    p.add_argument("--data", default=None, help="data folder (default <out>/data, the demo's)")
+    p.add_argument("--dataset", default="fashionmnist", choices=("fashionmnist", "cifar10", "folder"))
+    p.add_argument("-a", "--arch", default="resnet20")
+    p.add_argument("--bit", type=int, default=2, help="bit-width of the SNN studied (default 2: T = 3)")
+    p.add_argument("--train-subset", type=int, default=8000)
+    p.add_argument("--val-subset", type=int, default=1000)
+    p.add_argument("--epochs-fp", type=int, default=4)
+    p.add_argument("--epochs-q", type=int, default=2)
+    p.add_argument("--alpha-init", type=float, default=3.0)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"fine-tuning methods, comma-separated (default all: {','.join(METHODS)}; '' for none); "
+                        "a method may carry options after ':' (then separate methods with ';'), e.g. "
+                        "'fastsnn+e2e:e2e_lr=0.01,e2e_loss=ce,score=fixed' (keys: snn.finetune's arguments, "
+                        "epochs, lr, batches, score=reshuffled|fixed|none, score_batches)")
+    p.add_argument("--ft-batches", type=int, default=63, help="fine-tuning batches per layer (default 63, the demo's)")
+    p.add_argument("--score-batches", type=int, default=8,
+                   help="accept / revert score: SNN top-1 on this many training batches (default 8, the demo's)")
+    p.add_argument("--eval-batches", type=int, default=None, help="test batches (default all of --val-subset)")
+    p.add_argument("--settle-max", type=int, default=None, help="largest K tried (default 3 x depth x T)")
+    p.add_argument("--no-settle", action="store_true", help="skip the settle sweep")
+    p.add_argument("--backend", default=None, help="IF neuron kernel backend (default: snn's choice)")
+    p.add_argument("--cache-mb", type=int, default=6144, help="fine-tuner prefix cache memory (default 6144, the demo's)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
+    return p
+
+
+def _runs(args):
+    """The run folders of the cached chain: one per training budget (subset, epochs, clip init, seed)."""
+    result = os.path.join(args.out, "fidelity", f"n{args.train_subset}_e{args.epochs_fp}-{args.epochs_q}"
+                                                f"_a{args.alpha_init:g}_b{args.batch_size}_s{args.seed}")
+    return os.path.join(result, "" if args.dataset == "cifar10" else args.dataset), result
+
+
+def train_chain(args) -> str:
+    """The demo's progressive chain up to ``args.bit`` (each stage skipped when its checkpoint exists);
+    returns the path of the ``args.bit`` checkpoint."""
+    from classification.cifar10 import main as train_script
+    from classification.demo import CHAIN
+    runs, result = _runs(args)
+    base = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--out", result,
+            "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
+            "-b", str(args.batch_size), "-j", "0", "--seed", str(args.seed),
+            "--progress" if args.progress else "--no-progress"]
+    prev = None
+    for bit, lr, wd in CHAIN:
+        path = os.path.join(runs, f"{args.arch}_{bit}bit", "model_best.pth.tar")
+        if not os.path.exists(path):
+            epochs = args.epochs_fp if bit == 32 else args.epochs_q
+            argv = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd),
+                           "--alpha-init", str(args.alpha_init), "-p", "20"] + (["--init", prev] if prev else [])
+            print(f"train {bit}-bit: python classification/cifar10/main.py {' '.join(argv)}", flush=True)
+            train_script.main(argv)
+        prev = path
+        if bit == args.bit:
+            return path
+    raise SystemExit(f"--bit {args.bit} is not a stage of the demo chain {[c[0] for c in CHAIN]}")
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_method(spec: str):
+    """``"fastsnn+e2e:e2e_lr=0.01,e2e_loss=ce,score=fixed"`` -> ``("fastsnn+e2e", {options})``."""
+    name, _, opts = spec.partition(":")
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r}: write key=value")
+        kw[k.strip()] = _value(v.strip())
+    return name.strip(), kw
+
+
+def _ft_args(args, path: str):
+    from classification import workflow
+    from classification.cifar10 import snn_ft
+    from classification.cifar10.task import TASK
+    runs, result = _runs(args)
+    argv = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--out", result,
+            "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
+            "-b", str(args.batch_size), "-j", "0", "--seed", str(args.seed), "--bit", str(args.bit),
+            "--init", path, "--no-progress"]
+    a = snn_ft.get_parser().parse_args(argv)
+    a.run_kind = "ft"
+    workflow.setup_run(a, TASK)
+    return a
+
+
+class Study:
+    """The trained ANN, its data and the measurements on it."""
+
+    def __init__(self, args, ann, data, device):
+        self.args, self.ann, self.data, self.device = args, ann, data, device
+
+    def convert(self, **kw):
+        from common import pipeline
+        return pipeline.convert(self.ann, backend=self.args.backend, **kw).to(self.device)
+
+    def evaluate(self, net) -> dict:
+        from classification import engine
+        res = engine.evaluate_snn(self.ann, net, self.data.val_loader, show_progress=self.args.progress,
+                                  print_result=False, max_batches=self.args.eval_batches)
+        res["min_agreement"] = min(l["agreement"] for l in res["layers"])
+        return res
+
+    def finetune(self, spec: str):
+        import torch
+        import torch.nn.functional as F
+        from classification import engine
+        from common import dist, pipeline
+        name, kw = parse_method(spec)
+        dist.seed_all(self.args.seed, 0)  # every method sees the same shuffles
+        net = self.convert()
+        loader = engine.ReshuffledLoader(self.data.train_loader)
+        score_kind = kw.pop("score", "reshuffled")
+        score_batches = int(kw.pop("score_batches", self.args.score_batches))
+        if score_kind == "none":
+            score = None
+        elif score_kind == "fixed":  # the same training batches for every score
+            fixed = [b for _, b in zip(range(score_batches), self.data.train_loader)]
+            score = lambda n: engine.snn_top1(n, fixed, show_progress=False)  # noqa: E731
+        elif score_kind == "reshuffled":  # the demo's: the first N batches of a new shuffle
+            score = lambda n: engine.snn_top1(n, loader, max_batches=score_batches, show_progress=False)  # noqa: E731
+        else:
+            raise ValueError(f"score={score_kind!r}: use reshuffled, fixed or none")
+        if kw.get("e2e_loss") == "ce":
+            kw["e2e_loss"] = lambda out, ref, batch: F.cross_entropy(out, batch[1].to(out.device))
+        epochs = int(kw.pop("epochs", 1))
+        lr = float(kw.pop("lr", 1e-3))
+        batches = kw.pop("batches", self.args.ft_batches)
+        t0 = time.time()
+        lines: List[str] = []
+        hist = pipeline.finetune(self.ann, net, loader, score=score, epochs=epochs, lr=lr,
+                                 weight_decay=getattr(self.ann, "ft_weight_decay", 1e-4),
+                                 bn_mode=getattr(self.ann, "ft_bn_mode", "recalibrate"), max_batches=batches,
+                                 cache="auto", cache_mb=self.args.cache_mb, progress=self.args.progress,
+                                 log=lines.append, device=self.device, method=name, method_options=kw)
+        seconds = time.time() - t0
+        res = self.evaluate(net)
+        accepted = sum(bool(h["accepted"]) for h in hist)
+        return net, {"method": spec, "top1": res["top1"], "ann_top1": res["ann_top1"], "seconds": round(seconds, 1),
+                     "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"],
+                     "accepted": f"{accepted}/{len(hist)}", "log": lines}
+
+    def settle(self, kmax: int) -> dict:
+        """Smallest K with top-1 within 0.1 of the ANN and every layer agreeing >= 0.999 (K = 0, 1, ...)."""
+        sweep = []
+        for K in range(kmax + 1):
+            res = self.evaluate(self.convert(settle=K)) if K else self.evaluate(self.convert())
+            sweep.append({"K": K, "top1": res["top1"], "ann_top1": res["ann_top1"],
+                          "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"]})
+            print(f"settle K={K}: top-1 {res['top1']:.2f} (ANN {res['ann_top1']:.2f}), "
+                  f"min layer agreement {res['min_agreement']:.4f}", flush=True)
+            if abs(res["top1"] - res["ann_top1"]) <= 0.1 and res["min_agreement"] >= 0.999:
+                return {"K": K, "sweep": sweep}
+        return {"K": None, "sweep": sweep}
+
+
+def main(argv=None) -> Dict:
+    import torch
+    from classification import workflow
+    from classification.cifar10.task import TASK
+    from common import dist
+    from common.metrics import write_json
+    from common.plots import plot_accuracy_vs_t
+    args = get_parser().parse_args(argv)
+    if args.quick:
+        args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 64), min(args.val_subset, 32), 16
+        args.epochs_fp, args.epochs_q, args.ft_batches, args.score_batches = 1, 1, 2, 1
+        args.settle_max = 2 if args.settle_max is None else args.settle_max
+    args.data = args.data or os.path.join(args.out, "data")
+    path = train_chain(args)
+    methods = [m for m in args.methods.split(";" if ":" in args.methods else ",") if m.strip()]
+    fa = _ft_args(args, path)
+    out: Dict = {"arch": args.arch, "dataset": args.dataset, "bit": args.bit, "train_subset": args.train_subset,
+                 "val_subset": args.val_subset, "checkpoint": path, "argv": argv, "threads": torch.get_num_threads()}
+    with dist.session(fa.device, fa.local_rank) as ctx:
+        dist.seed_all(args.seed, ctx.rank)
+        data = TASK.build_data(fa, ctx)
+        ann, _, _ = workflow._load_for_snn(fa, TASK, data, ctx)
+        st = Study(args, ann, data, ctx.device)
+        base = st.evaluate(st.convert())
+        T = base["T"]
+        out.update(T=T, ann_top1=base["ann_top1"], snn_top1=base["top1"], snn_min_agreement=base["min_agreement"])
+        print(f"{args.arch} {args.bit}-bit: ANN {base['ann_top1']:.2f}, SNN (signed, T={T}) {base['top1']:.2f}",
+              flush=True)
+        rows, best = [], None
+        for spec in methods:
+            net, row = st.finetune(spec)
+            rows.append(row)
+            print(f"method {spec}: top-1 {row['top1']:.2f} (ANN {row['ann_top1']:.2f}, gap "
+                  f"{row['ann_top1'] - row['top1']:.2f}), {row['seconds']:.0f} s, layers accepted {row['accepted']}",
+                  flush=True)
+            if best is None or row["top1"] > best[1]["top1"]:
+                best = (net, row)
+            write_json(os.path.join(args.out, f"fidelity_{args.arch}.json"), dict(out, methods=rows))
+        out["methods"] = rows
+        if not args.no_settle:
+            depth = len(st.convert().neurons())
+            kmax = args.settle_max if args.settle_max is not None else depth * T
+            out["settle"] = st.settle(kmax)
+            K = out["settle"]["K"]
+            steps = T + (K if K is not None else kmax)
+            curves = {}
+            for label, kw in (("unsigned", {"signed": False}), ("signed", {})):
+                curves[label] = st.evaluate(st.convert(T=steps, **kw))["per_step_top1"]
+            if best is not None:
+                best[0].set_T(steps)
+                curves[f"signed + fine-tuned ({best[1]['method']})"] = st.evaluate(best[0])["per_step_top1"]
+            curves[f"signed + settle (K = {K if K is not None else kmax})"] = out["settle"]["sweep"][-1]["per_step_top1"]
+            out["curves"] = curves
+            out["figure"] = plot_accuracy_vs_t(
+                curves, os.path.join(args.out, f"fidelity_{args.arch}_accuracy_vs_steps.png"),
+                {f"ANN {args.bit}-bit": base["ann_top1"]},
+                f"{args.arch} {args.bit}-bit (T = {T}): accuracy vs total time steps")
+    write_json(os.path.join(args.out, f"fidelity_{args.arch}.json"), out)
+    print(f"\n{args.arch} {args.bit}-bit on {args.dataset}: ANN {out['ann_top1']:.2f}, SNN {out['snn_top1']:.2f} "
+          f"(T = {out['T']})\n" + "\n".join(f"  {r['method']:40s} {r['top1']:6.2f}  {r['seconds']:7.1f} s"
+                                             for r in out.get("methods", [])))
+    if "settle" in out:
+        print(f"  settle: smallest K = {out['settle']['K']}; figure -> {out['figure']}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
