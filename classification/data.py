@@ -312,17 +312,26 @@ class ShardSampler(Sampler):
 
 
 def build_loaders(spec: DataSpec, ctx: Context, batch_size: int, workers: int,
-                  test_batch_size: int = 100) -> Tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (DistributedSampler under DDP) and an unshuffled evaluation loader."""
+                  test_batch_size: int = 100, seed: Optional[int] = None) -> Tuple[DataLoader, DataLoader]:
+    """Shuffled training loader (DistributedSampler under DDP) and an unshuffled evaluation loader.
+
+    The training loader has its own ``torch.Generator`` (seeded with ``seed + rank``; without a seed,
+    from torch's RNG once): the shuffling order and the workers' seeds come from it alone, so nothing
+    else that draws random numbers (a display, a model built later) changes the data order, and a
+    resumed run restores it (:func:`classification.workflow.loader_generators`). Its workers restart
+    every epoch (not persistent), seeded from that generator, so a resumed epoch gets the same ones."""
     pin = ctx.device.type == "cuda"
     if ctx.distributed:
-        train_sampler = DistributedSampler(spec.train, ctx.world_size, ctx.rank, shuffle=True)
+        train_sampler = DistributedSampler(spec.train, ctx.world_size, ctx.rank, shuffle=True,
+                                           seed=0 if seed is None else seed)
         val_sampler = ShardSampler(len(spec.val), ctx.rank, ctx.world_size)
     else:
         train_sampler = val_sampler = None
+    gen = torch.Generator()
+    gen.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed + ctx.rank)
     per_rank = len(spec.train) // ctx.world_size
-    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     train = DataLoader(spec.train, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-                       drop_last=per_rank > batch_size, **common)
-    val = DataLoader(spec.val, batch_size=test_batch_size, shuffle=False, sampler=val_sampler, **common)
+                       drop_last=per_rank > batch_size, num_workers=workers, pin_memory=pin, generator=gen)
+    val = DataLoader(spec.val, batch_size=test_batch_size, shuffle=False, sampler=val_sampler, num_workers=workers,
+                     pin_memory=pin, persistent_workers=workers > 0)
     return train, val

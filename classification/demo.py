@@ -9,8 +9,14 @@
    figures in ``--out`` (default ``demo_out/``).
 
 Every step calls the CIFAR scripts' ``main(argv)`` -- the same code as the command line -- and prints
-the equivalent command. Data: ``<out>/data`` (Fashion-MNIST copied there from Debian's
-``dataset-fashion-mnist``, or downloaded by torchvision when online).
+the equivalent command, and after it the time it took, the time so far and an estimate of the time
+left (from the steps' shares of a reference run on an idle 2-core machine, ~6.5 min in all, scaled
+by how fast this machine has been so far). Data: ``<out>/data`` (Fashion-MNIST copied there from
+Debian's ``dataset-fashion-mnist``, or downloaded by torchvision when online).
+
+One run is one seed (``--seed``, default 0). Its numbers repeat on the same machine with the same
+thread count; another CPU or thread count gives other float rounding, and a few epochs of training
+amplify that -- ``python -m classification.demo_seeds`` reports the mean and spread over seeds.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ from common.metrics import write_json
 CHAIN = ((32, 0.1, 5e-4), (4, 4e-2, 1e-4), (3, 4e-2, 1e-4), (2, 4e-2, 3e-5))
 SNN_BITS = (3, 2)
 FT_BIT = 2
+# seconds of each step on an idle 2-core machine (the default budget): the shares the time-left
+# estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); fine-tuning: the whole step.
+REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "ft": 136.0}
 
 
 def get_parser() -> ArgumentParser:
@@ -57,17 +66,57 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     p.add_argument("--keep", action="store_true", help="keep earlier results in <out>/result (default: start fresh)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm bars (display only: the numbers are the same without)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="pass --tune-malloc to the SNN steps (glibc heap tuning, process-wide; a little faster)")
     return p
 
 
-def _step(title: str, script: str, argv: List[str], fn, log: List[dict]):
+def _minutes(sec: float) -> str:
+    return f"{sec / 60:.1f} min" if sec >= 60 else f"{sec:.0f} s"
+
+
+class Clock:
+    """Elapsed time and an estimate of the time left: the steps' reference shares (``weights``),
+    scaled by how much slower or faster than the reference the finished steps ran."""
+
+    def __init__(self, weights: List[float]):
+        self.weights, self.done, self.t0 = list(weights), 0, time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def remaining(self) -> float:
+        done_w, left_w = sum(self.weights[:self.done]), sum(self.weights[self.done:])
+        if self.done == 0 or done_w <= 0:
+            return left_w
+        return left_w * self.elapsed() / done_w
+
+    def step_done(self) -> str:
+        self.done += 1
+        left = self.remaining()
+        return (f"elapsed {_minutes(self.elapsed())}, step {self.done}/{len(self.weights)}"
+                + (f", about {_minutes(left)} left" if self.done < len(self.weights) else ", done"))
+
+
+def _step(title: str, script: str, argv: List[str], fn, log: List[dict], clock: Optional[Clock] = None):
     print(f"\n=== {title}\n$ python classification/cifar10/{script} {shlex.join(argv)}", flush=True)
     t0 = time.time()
     rec = fn(argv)
     log.append({"step": title, "script": script, "argv": argv, "seconds": round(time.time() - t0, 1)})
-    print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
+    print(f"--- {title}: {_minutes(time.time() - t0)}" + (f" ({clock.step_done()})" if clock else ""), flush=True)
     return rec
+
+
+def step_weights(args) -> List[float]:
+    """Reference seconds of the demo's steps, in order (train x4, SNN x4, fine-tune), for ``args``'s budget."""
+    scale = args.train_subset / 8000
+    train = [REF_SECONDS["epoch_fp"] * args.epochs_fp * scale] + \
+        [REF_SECONDS["epoch_q"] * args.epochs_q * scale] * (len(CHAIN) - 1)
+    val = args.val_subset / 1000
+    snn = [REF_SECONDS["snn"][b] * val for b in SNN_BITS for _ in ("signed", "unsigned")]
+    return train + snn + [REF_SECONDS["ft"] * args.ft_batches / 63]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -125,34 +174,40 @@ def main(argv=None) -> Dict:
     from classification.cifar10 import snn as snn_script
     from classification.cifar10 import snn_ft as ft_script
     t_start = time.time()
+    clock = Clock(step_weights(args))
+    print(f"Fast-SNN demo: {len(clock.weights)} steps, about {_minutes(sum(clock.weights))} on an idle 2-core "
+          "machine (longer when the CPU is shared)", flush=True)
     result = os.path.join(args.out, "result")
     if os.path.isdir(result) and not args.keep:
         shutil.rmtree(result)
+    runs = os.path.join(result, "" if args.dataset == "cifar10" else args.dataset)  # the scripts' run folders
     base = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data or os.path.join(args.out, "data"),
             "--out", result, "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
-            "-b", str(args.batch_size), "-j", str(args.workers), "--seed", str(args.seed), "--plot",
-            "--progress" if args.progress else "--no-progress", "-p", "5"]
+            "-b", str(args.batch_size), "-j", str(args.workers), "--plot",
+            "--progress" if args.progress else "--no-progress"]
+    snn_base = base + (["--tune-malloc"] if args.tune_malloc else [])
+    base = base + ["--seed", str(args.seed)]
     steps: List[dict] = []
     ann, prev = {}, None
     for bit, lr, wd in CHAIN:
         epochs = args.epochs_fp if bit == 32 else args.epochs_q
         argv_ = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd),
-                        "--alpha-init", str(args.alpha_init)]
+                        "--alpha-init", str(args.alpha_init), "-p", "5"]
         if prev:
             argv_ += ["--init", prev]
-        ann[bit] = _step(f"train {bit}-bit ANN", "main.py", argv_, train_script.main, steps)
-        prev = os.path.join(result, f"{args.arch}_{bit}bit", "model_best.pth.tar")
+        ann[bit] = _step(f"train {bit}-bit ANN", "main.py", argv_, train_script.main, steps, clock)
+        prev = os.path.join(runs, f"{args.arch}_{bit}bit", "model_best.pth.tar")
     snn_recs = {}
     for bit in SNN_BITS:
         for neuron in ("signed", "unsigned"):
-            argv_ = base + ["--bit", str(bit), "-e"] + (["-u"] if neuron == "unsigned" else [])
-            snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps)
+            argv_ = snn_base + ["--bit", str(bit), "-e"] + (["-u"] if neuron == "unsigned" else [])
+            snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps, clock)
     ft = _step(f"fine-tune {FT_BIT}-bit SNN", "snn_ft.py",
-               base + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
+               snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
                        "--score-batches", str(args.score_batches),
                        "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
-               ft_script.main, steps)
+               ft_script.main, steps, clock)
     rows = []
     for bit, _, _ in CHAIN:
         s, u = snn_recs.get((bit, "signed")), snn_recs.get((bit, "unsigned"))
@@ -160,15 +215,15 @@ def main(argv=None) -> Dict:
                      "ann_top1": ann[bit]["top1"], "snn_signed": s["top1"] if s else None,
                      "snn_unsigned": u["top1"] if u else None, "finetuned": ft["top1"] if bit == FT_BIT else None})
     text = table(rows)
-    hist = {b: _history(os.path.join(result, f"{args.arch}_{b}bit")) for b, _, _ in CHAIN}
+    hist = {b: _history(os.path.join(runs, f"{args.arch}_{b}bit")) for b, _, _ in CHAIN}
     plots = _plots(args.out, snn_recs, ft, hist)
     wall = time.time() - t_start
-    summary = {"dataset": args.dataset, "arch": args.arch, "train_subset": args.train_subset,
+    summary = {"dataset": args.dataset, "arch": args.arch, "seed": args.seed, "train_subset": args.train_subset,
                "val_subset": args.val_subset, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
                "plots": plots,
                "snn": {f"{b}bit_{n}": {k: r[k] for k in ("T", "top1", "top5", "ann_top1", "per_step_top1", "sops",
                                                          "ann_macs", "energy")} for (b, n), r in snn_recs.items()},
-               "finetuned": {k: ft[k] for k in ("T", "top1", "top5", "ann_top1", "per_step_top1")},
+               "finetuned": {k: ft.get(k) for k in ("T", "top1", "top5", "ann_top1", "per_step_top1")},
                "finetune_history": ft.get("finetune")}
     write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"\nFast-SNN demo: {args.arch} on {args.dataset} ({args.train_subset} training / {args.val_subset} test "

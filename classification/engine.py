@@ -170,12 +170,12 @@ def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epo
 # ---------------------------------------------------------------------------------------- SNN
 @torch.no_grad()
 def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_progress: bool = True,
-                 print_result: bool = True) -> Dict:
+                 print_result: bool = True, max_batches: Optional[int] = None) -> Dict:
     """Run the ANN and its SNN side by side (``snn.Monitor``) over the loader.
 
     Returns SNN ``top1`` / ``top5`` (read-out after T steps), ``ann_top1`` / ``ann_top5``,
     ``per_step_top1`` (t = 1..T), and the Monitor's ``layers``, ``sops``, ``snn_macs``, ``ann_macs``,
-    ``energy`` (per sample), all reduced over ranks.
+    ``energy`` (per sample), all reduced over ranks. ``max_batches``: only the first N batches.
     """
     import snn
     ctx = dist.context()
@@ -183,8 +183,11 @@ def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_pr
     net.eval()
     snn_c, ann_c, step_c = CountMeter(len(TOPK)), CountMeter(len(TOPK)), CountMeter(net.T)
     t0 = time.time()
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
     with snn.Monitor(ann, net) as mon:
-        for batch in progress(loader, desc, show_progress):
+        for i, batch in enumerate(progress(loader, desc, show_progress, total=total)):
+            if i >= total:
+                break
             x, y = _to(batch, ctx.device)
             ann_out, steps = mon.run(x)
             n = y.shape[0]

@@ -49,20 +49,22 @@ def resolve_data_dirs(data: Sequence[str] | str) -> Tuple[str, str]:
     one path holding ``train/`` and ``val/``, or the two paths (train first). Checks they exist."""
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not paths:
-        raise DataError("no data path given: pass the ImageNet root (holding train/ and val/) or the "
+        raise DataError("no data path given", "pass the ImageNet root (holding train/ and val/) or the "
                         "train and val folders")
     if len(paths) > 2:
-        raise DataError(f"too many data paths ({len(paths)}): pass the root, or the train and val folders")
+        raise DataError(f"too many data paths ({len(paths)})", "pass the root, or the train and val folders")
     paths = [os.path.expanduser(str(p)) for p in paths]
     for p in paths:
         if not os.path.isdir(p):
-            raise DataError(f"data directory not found: {p}")
+            raise DataError(f"data directory not found: {p}",
+                            "pass the ImageNet root holding train/ and val/ (or the two folders)")
     if len(paths) == 1:
         train_dir, val_dir = os.path.join(paths[0], "train"), os.path.join(paths[0], "val")
         for d in (train_dir, val_dir):
             if not os.path.isdir(d):
-                raise DataError(f"data directory not found: {d} (the data root {paths[0]} must hold "
-                                "train/ and val/ ImageFolder trees, or pass the two folders)")
+                raise DataError(f"data directory not found: {d}",
+                                f"the data root {paths[0]} must hold train/ and val/ ImageFolder trees, "
+                                "or pass the train and val folders")
     else:
         train_dir, val_dir = paths
     return train_dir, val_dir
@@ -71,10 +73,10 @@ def resolve_data_dirs(data: Sequence[str] | str) -> Tuple[str, str]:
 def find_classes(folder: str) -> List[str]:
     """Sorted class sub-folders of an ImageFolder split (raises :class:`DataError` when none)."""
     if not os.path.isdir(folder):
-        raise DataError(f"data directory not found: {folder}")
+        raise DataError(f"data directory not found: {folder}", "check the data path")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"no class folders in {folder} (expected {folder}/<class>/<image>.JPEG)")
+        raise DataError(f"no class folders in {folder}", f"arrange the images as {folder}/<class>/<image>.JPEG")
     return classes
 
 
@@ -91,7 +93,7 @@ def check_classes(train_dir: Optional[str], val_dir: Optional[str]) -> List[str]
         if only_va:
             detail.append(f"only in val: {', '.join(only_va[:3])}{' ...' if len(only_va) > 3 else ''}")
         raise DataError(f"train and val class folders differ ({'; '.join(detail) or 'order'}): "
-                        f"{train_dir} vs {val_dir}")
+                        f"{train_dir} vs {val_dir}", "give both splits the same class sub-folders")
     return tr if tr is not None else va
 
 
@@ -102,7 +104,7 @@ def val_resize(input_size: int) -> int:
 
 def check_input_size(input_size) -> int:
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
-        raise DataError(f"--input-size {input_size!r} must be an integer >= 8")
+        raise DataError(f"--input-size {input_size!r} must be an integer >= 8", "use --input-size 224")
     return input_size
 
 
@@ -120,14 +122,14 @@ def dali_available() -> bool:
 def choose_backend(loader: str = "auto") -> str:
     """``auto`` -> ``dali`` when importable, else ``torch``; ``dali`` requires it."""
     if loader not in BACKENDS:
-        raise DataError(f"--loader {loader!r}: choose from {', '.join(BACKENDS)}")
+        raise DataError(f"--loader {loader!r} is not a loader", f"choose from {', '.join(BACKENDS)}")
     if loader == "torch":
         return "torch"
     if dali_available():
         return "dali"
     if loader == "dali":
-        raise DataError("--loader dali: NVIDIA DALI is not installed (pip install -r requirements-dali.txt), "
-                        "or use --loader torch")
+        raise DataError("--loader dali: NVIDIA DALI is not installed",
+                        "pip install -r requirements-dali.txt, or use --loader torch")
     return "torch"
 
 
@@ -174,7 +176,8 @@ def _image_folder(folder: str, transform):
         return ImageFolder(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read images from {folder}: {msg}") from e
+        raise DataError(f"cannot read images from {folder}: {msg}",
+                        f"put the images into one sub-folder per class ({folder}/<class>/<image>.JPEG)") from e
 
 
 class _Loader:
@@ -220,7 +223,9 @@ class TorchLoader(_Loader):
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=max(0, int(workers)),
-            pin_memory=dev.type == "cuda", drop_last=drop_last, persistent_workers=int(workers) > 0)
+            pin_memory=dev.type == "cuda", drop_last=drop_last,
+            # training workers restart each epoch, seeded from torch's RNG, which a resumed run restores
+            persistent_workers=int(workers) > 0 and not train)
         per_rank = len(self.sampler)
         used = (per_rank // batch_size) * batch_size if drop_last else per_rank
         super().__init__(dev, channels_last, self.dataset.classes, n, used, batch_size, train)
@@ -301,9 +306,10 @@ class DaliLoader(_Loader):
         except RuntimeError as e:
             msg = str(e).strip().splitlines()
             msg = next((m for m in msg if m.strip()), type(e).__name__)
-            raise DataError(f"DALI cannot read {folder}: {msg.strip()}") from e
+            raise DataError(f"DALI cannot read {folder}: {msg.strip()}",
+                            "check the images, or read them with --loader torch") from e
         if n == 0:
-            raise DataError(f"no images in {folder}")
+            raise DataError(f"no images in {folder}", f"put the images into {folder}/<class>/")
         # training: fixed-size batches (BN needs > 1 sample; every rank runs the same number of steps);
         # validation: every image exactly once, padding dropped
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
@@ -366,10 +372,10 @@ def build_loader(folder: str, *, train: bool, batch_size: int, workers: int = 4,
     """One split's loader (see the module docstring). ``backend``: auto / dali / torch."""
     check_input_size(input_size)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch size {batch_size!r} must be a positive integer")
+        raise DataError(f"batch size {batch_size!r} must be a positive integer", "pass -b N with N >= 2")
     if train and batch_size < 2:
         raise DataError("the training batch size must be >= 2 per process (BatchNorm needs more than "
-                        "one sample)")
+                        "one sample)", "pass -b 2 or more")
     find_classes(folder)
     kind = choose_backend(backend)
     kw = dict(train=train, batch_size=batch_size, workers=workers, input_size=input_size, rank=rank,
@@ -388,7 +394,7 @@ def build_loaders(train_dir: Optional[str], val_dir: Optional[str], *, batch_siz
     val = build_loader(val_dir, train=False, batch_size=val_batch_size or batch_size, **kw) if val_dir else None
     if train is not None and len(train) == 0:
         raise DataError(f"{train_dir}: {train.dataset_size} training images give no full batch of "
-                        f"{batch_size} per process on {kw.get('world_size', 1)} process(es); lower -b")
+                        f"{batch_size} per process on {kw.get('world_size', 1)} process(es)", "lower -b/--batch-size")
     return train, val
 
 

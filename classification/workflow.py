@@ -25,7 +25,7 @@ import torch.nn as nn
 from common import UserError
 from common import dist
 from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, load_scheduler_state, \
-    plain_scheduler_state, save_checkpoint
+    plain_scheduler_state, rng_state, save_checkpoint, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
 from common.metrics import write_json
@@ -61,48 +61,101 @@ class Task:
     input_size: int = 32
     extra_args: Optional[Callable[[ArgumentParser], None]] = None   # task-specific flags (e.g. data paths)
     train_script: str = "main.py"               # the script that trains the ANN (named in error hints)
+    # sub-folder of --out for this run's dataset ("" = --out itself; CIFAR-10 keeps the original's
+    # result/<arch>_<bit>bit, every other dataset gets result/<dataset>/<arch>_<bit>bit)
+    namespace: Callable[[object], str] = lambda args: ""
+    dataset_name: Callable[[object], str] = lambda args: ""  # the Data.name a run will have (before loading)
 
 
 # ---------------------------------------------------------------------------------------- command line
-def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_freq_default: int,
+SCRIPTS = ("train", "snn", "ft")
+
+
+def default_workers() -> int:
+    """Loader processes per training process: the original's 4, at most the CPU cores this process may
+    use divided by the processes a launcher started on this node (no more workers than cores)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return min(4, max(1, cpus // local))
+
+
+def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_freq_default: int = 10,
                     lr_default: Optional[float] = 0.1, lr_help: str = "initial learning rate",
-                    wd_default: Optional[float] = 1e-4, init_help: str = ""):
-    """The flags every classification script accepts (seed flags first)."""
+                    wd_default: Optional[float] = 1e-4, init_help: str = "", script: str = "train"):
+    """The flags of a classification script (seed flags first). ``script``: ``"train"`` (main.py /
+    dali_main.py), ``"snn"`` (snn.py) or ``"ft"`` (snn_ft.py) -- each script lists only the flags it uses."""
+    if script not in SCRIPTS:
+        raise ValueError(f"script must be one of {SCRIPTS}, not {script!r}")
+    train, ft = script == "train", script == "ft"
     p.add_argument("-a", "--arch", default=task.default_arch, choices=task.archs, metavar="ARCH",
                    help=f"model: {', '.join(task.archs)} (default {task.default_arch})")
     p.add_argument("--bit", type=int, default=bit_default, choices=BITS, metavar="BIT",
-                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+                   help=(f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})" if train else
+                         f"activation bits of the ANN to convert: 5, 4, 3, 2 (T = 2^bit - 1; default {bit_default})"))
     p.add_argument("--wbit", type=int, default=None, choices=WBITS, metavar="WBIT",
-                   help="hidden-weight bits (default: the model's own rule, see classification.models)")
-    p.add_argument("--alpha-init", type=float, default=None, metavar="A",
-                   help="initial activation clip of the quantizers (default: the model's own, 8 for alex / "
-                        "vgg11, 6 otherwise); clips missing from an --init checkpoint start here")
+                   help="hidden-weight bits (default: " + ("the model's own rule, see classification.models)"
+                                                          if train else "the checkpoint's)"))
+    if train:
+        p.add_argument("--alpha-init", type=float, default=None, metavar="A",
+                       help="initial activation clip of the quantizers (default: the model's own, 8 for alex / "
+                            "vgg11, 6 otherwise); clips missing from an --init checkpoint start here")
     dist.add_dist_args(p)
-    p.add_argument("--epochs", type=int, default=300, help="training epochs (default 300)")
-    p.add_argument("--start-epoch", type=int, default=0, help="manual epoch number to start at (LR schedule)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process (default 128)")
+    if train:
+        p.add_argument("--epochs", type=int, default=300, help="training epochs (default 300)")
+        p.add_argument("--start-epoch", type=int, default=0, help="manual epoch number to start at (LR schedule)")
+    p.add_argument("-b", "--batch-size", type=int, default=128,
+                   help="batch size per process (default 128)" + ("" if train or ft else "; evaluation uses "
+                                                                  "--test-batch-size"))
     p.add_argument("--test-batch-size", type=int, default=100, help="evaluation batch size (default 100)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=lr_default,
-                   help=f"{lr_help} (default {lr_default})")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=wd_default,
-                   help=f"weight decay (default {wd_default if wd_default is not None else 'per model'})")
-    p.add_argument("-p", "--print-freq", type=int, default=print_freq_default,
-                   help=f"progress update every N iterations (default {print_freq_default})")
-    p.add_argument("--resume", default="", metavar="PATH|auto",
-                   help="continue a killed run from its checkpoint ('auto': <out>/<arch>_<bit>bit/checkpoint.pth.tar)")
-    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate only")
+    if train or ft:
+        p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=lr_default,
+                       help=f"{lr_help} (default {lr_default})")
+        p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+        p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=wd_default,
+                       help=f"weight decay (default {wd_default if wd_default is not None else 'per model'})")
+    if train:
+        p.add_argument("-p", "--print-freq", type=int, default=print_freq_default,
+                       help=f"progress update every N iterations (default {print_freq_default})")
+        p.add_argument("--resume", default="", metavar="PATH|auto",
+                       help="continue a killed run from its checkpoint (model, optimizer, schedule, RNG states; "
+                            "'auto': the run folder's checkpoint.pth.tar, if there is one)")
+    p.add_argument("-e", "--evaluate", action="store_true",
+                   help={"train": "evaluate only (writes metrics_ann_eval.json beside the checkpoint)",
+                         "snn": "accepted for compatibility: this script always evaluates",
+                         "ft": "only evaluate the SNN of --init on the test set"}[script])
     p.add_argument("--init", default="", metavar="PATH", help=init_help or "checkpoint to initialise from")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
-    p.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (default 4)")
+    if train or ft:
+        p.add_argument("--seed", type=int, default=None,
+                       help="random seed of Python / NumPy / torch and the loader order (default: not seeded)")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="data-loading processes per process (default: min(4, CPU cores / processes on this node)"
+                        f" = {default_workers()} here)")
     p.add_argument("--out", default="result", metavar="DIR",
-                   help="output root; runs go to DIR/<arch>_<bit>bit (default result/)")
-    p.add_argument("--metrics-out", default="", metavar="FILE", help="metrics JSON path (default: in the run folder)")
+                   help="output root, relative to the working directory; runs go to DIR/<arch>_<bit>bit "
+                        "(CIFAR-10) or DIR/<dataset>/<arch>_<bit>bit (default result/)")
+    p.add_argument("--metrics-out", default="", metavar="FILE",
+                   help="metrics JSON path (default: " + ("in the run folder" if train else
+                                                          "beside the evaluated checkpoint") + ")")
     p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
-    p.add_argument("--progress", action=argparse_bool(), default=True, help="tqdm progress bars (rank 0)")
-    p.add_argument("--tensorboard", action=argparse_bool(), default=True,
-                   help="TensorBoard logs in the run folder's tb/ (rank 0)")
-    p.add_argument("--max-iters", type=int, default=None, help="cap iterations per epoch (smoke tests)")
+    p.add_argument("--progress", action=argparse_bool(), default=True,
+                   help="tqdm progress bars (rank 0; display only: the numbers do not depend on it)")
+    if train or ft:
+        p.add_argument("--tensorboard", action=argparse_bool(), default=True,
+                       help="TensorBoard logs in the run folder's tb/ (rank 0)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help={"train": "cap iterations per epoch (smoke tests)",
+                         "snn": "evaluate only the first N test batches (smoke tests)",
+                         "ft": "cap the fine-tuning batches per layer (smoke tests, the prefix cache)"}[script])
+    if not train:
+        p.add_argument("--tune-malloc", action="store_true",
+                       help="keep freed memory in the process heap (glibc mallopt, process-wide): the SNN "
+                            "reallocates the same large spike trains every batch; ~15 %% faster on the CPU")
     if task.extra_args is not None:
         task.extra_args(p)
     return p
@@ -114,10 +167,13 @@ def argparse_bool():
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size", "test_batch_size", "print_freq"):
+    for name in ("epochs", "batch_size", "test_batch_size", "print_freq", "chunk"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1",
-                            "pass a positive number")
+                            "pass a positive number" + (" (or leave --chunk out: all steps at once)"
+                                                        if name == "chunk" else ""))
+    if getattr(args, "workers", 0) < 0:
+        raise UserError(f"-j/--workers {args.workers} must not be negative", "pass 0 (in-process loading) or more")
     if getattr(args, "max_iters", None) is not None and args.max_iters < 1:
         raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
     for name in ("lr", "weight_decay", "momentum"):
@@ -127,8 +183,39 @@ def check_args(args):
 
 
 def run_dir(args, suffix: str = "") -> str:
-    """``<out>/<arch>_<bit>bit<suffix>`` (the original's ``result/alex_4bit`` layout)."""
-    return os.path.join(args.out, f"{args.arch}_{args.bit}bit{suffix}")
+    """``<out>/<arch>_<bit>bit<suffix>`` for CIFAR-10 (the original's ``result/alex_4bit`` layout),
+    ``<out>/<dataset>/<arch>_<bit>bit<suffix>`` for every other dataset (``args.run_namespace``, set by
+    :func:`setup_run`): runs of the same arch on two datasets never share a folder."""
+    return os.path.join(args.out, getattr(args, "run_namespace", "") or "", f"{args.arch}_{args.bit}bit{suffix}")
+
+
+def setup_run(args, task: Task):
+    """What every workflow does first: the task's names for error hints and run folders, the
+    checks of the flags, the seed-compatible checkpoint paths."""
+    args.train_script = task.train_script
+    args.run_namespace = task.namespace(args)
+    check_args(args)
+    if getattr(args, "init", ""):
+        args.init = resolve_checkpoint_path(args, args.init)
+    if getattr(args, "resume", "") not in ("", "auto"):
+        args.resume = resolve_checkpoint_path(args, args.resume)
+
+
+def resolve_checkpoint_path(args, path: str) -> str:
+    """Runs of datasets other than CIFAR-10 live in ``<out>/<dataset>/``; the original's commands name
+    ``result/<arch>_<bit>bit/...`` (e.g. the ImageNet README's ``--init result/alexnet_4bit/model_best.pth.tar``).
+    A path under ``--out`` that does not exist but has a twin in the dataset's folder means that twin."""
+    ns = getattr(args, "run_namespace", "")
+    if not path or not ns or os.path.exists(path):
+        return path
+    rel = os.path.relpath(path, args.out)
+    if rel.startswith(os.pardir) or rel.split(os.sep)[0] == ns:
+        return path
+    twin = os.path.join(args.out, ns, rel)
+    if os.path.exists(twin):
+        log(f"{path}: using {twin} ({ns} runs live in {os.path.join(args.out, ns)}/)")
+        return twin
+    return path
 
 
 # ---------------------------------------------------------------------------------------- models and weights
@@ -141,11 +228,13 @@ def build_model(args, task: Task, num_classes: int) -> nn.Module:
         raise UserError(str(e), "see --help for the supported --arch / --bit / --wbit values") from None
 
 
-def _keep_heap():
-    """SNN runs allocate the same large spike trains batch after batch: keep freed blocks in the heap
-    instead of returning them to the OS and page-faulting them back (glibc; ~15 % of a forward)."""
-    from quant.fused import tune_malloc
-    tune_malloc()
+def _tune_malloc(args):
+    """``--tune-malloc`` (opt-in): SNN runs allocate the same large spike trains batch after batch; keep
+    freed blocks in the heap instead of returning them to the OS and page-faulting them back (glibc)."""
+    if getattr(args, "tune_malloc", False):
+        from quant.fused import tune_malloc
+        log("--tune-malloc: " + ("freed memory stays in the process heap" if tune_malloc()
+                                 else "not applied (no glibc mallopt here)"))
 
 
 def _script(args) -> str:
@@ -153,27 +242,57 @@ def _script(args) -> str:
     return getattr(args, "train_script", "main.py")
 
 
-def _check_meta(ckpt: dict, args, path: str, what: str, same_bit: bool):
+def _check_meta(ckpt: dict, args, path: str, what: str, same_bit: bool, data: Optional["Data"] = None,
+                same_data: bool = False):
+    """The flags must describe the checkpoint: its recorded arch (always), bits and weight bits
+    (``same_bit``: the checkpoint *is* this model), class count (with ``data``) and dataset
+    (``same_data``: resume / evaluation). One-line errors naming what differs."""
     arch = ckpt.get("arch")
     if arch is not None and arch != args.arch:
-        raise UserError(f"{what} {path} holds a {arch} model, not --arch {args.arch}",
-                        f"pass --arch {arch} or the {args.arch} checkpoint")
+        raise UserError(f"{what} {path} was trained as --arch {arch}, not --arch {args.arch}",
+                        f"pass --arch {arch}, or a checkpoint of --arch {args.arch}")
     bit = ckpt.get("bit")
     if same_bit and bit is not None and int(bit) != args.bit:
-        raise UserError(f"{what} {path} holds a {bit}-bit model but --bit {args.bit} was given",
-                        f"pass --bit {bit}, or the {args.bit}-bit checkpoint (train it with {_script(args)} --bit {args.bit})")
+        if int(bit) == 32:
+            hint = (f"train the {args.bit}-bit ANN from it first ({_script(args)} --bit {args.bit} --init {path})"
+                    if getattr(args, "run_kind", "train") != "train" or getattr(args, "evaluate", False)
+                    else f"pass --bit 32 to continue that run, or use the file as --init of a new {args.bit}-bit run")
+        else:
+            hint = (f"pass --bit {bit}, or the {args.bit}-bit checkpoint "
+                    f"(train it with {_script(args)} --bit {args.bit})")
+        raise UserError(f"{what} {path} holds a {bit}-bit model but --bit {args.bit} was given", hint)
+    wbit = ckpt.get("wbit")
+    if same_bit and wbit is not None and args.wbit is not None and int(wbit) != int(args.wbit):
+        raise UserError(f"{what} {path} was trained with {wbit}-bit weights but --wbit {args.wbit} was given",
+                        f"drop --wbit (the checkpoint's {wbit} bits are used) or pass --wbit {wbit}")
+    if data is not None:
+        n = ckpt.get("num_classes")
+        if n is not None and int(n) != data.num_classes:
+            raise UserError(f"{what} {path} holds a {n}-class model ({ckpt.get('dataset', '?')}), but this run's "
+                            f"data ({data.name}) has {data.num_classes} classes",
+                            ("pass a checkpoint of a " + data.name + " run, or another --out for this run")
+                            if what == "--resume" else f"pass a checkpoint trained on {data.name}")
+        ds = ckpt.get("dataset")
+        if same_data and ds is not None and ds != data.name:
+            raise UserError(f"{what} {path} was trained on {ds}, but this run uses {data.name}",
+                            f"pass the data of {ds} (--dataset / data path), or a checkpoint trained on {data.name}")
 
 
 def load_weights(model: nn.Module, path: str, args, *, what: str = "--init", same_bit: bool = False,
-                 hint: Optional[str] = None, ckpt: Optional[dict] = None) -> dict:
+                 hint: Optional[str] = None, ckpt: Optional[dict] = None, data: Optional[Data] = None) -> dict:
     """Load a checkpoint into ``model`` with the ``--init`` semantics (``quant.load_init``: missing
     clips start at their defaults). ``same_bit``: the checkpoint must be *this* model -- same bit,
     every activation / weight clip present and none left over."""
     import quant
     if ckpt is None:
         ckpt = load_checkpoint(path, what, hint)
-    _check_meta(ckpt, args, path, what, same_bit)
-    report = quant.load_init(model, ckpt["state_dict"])
+    _check_meta(ckpt, args, path, what, same_bit, data)
+    try:
+        report = quant.load_init(model, ckpt["state_dict"])
+    except quant.CheckpointMismatchError as e:
+        raise UserError(f"{what} {path} does not fit this {args.arch} {args.bit}-bit model ({e})",
+                        "check --arch / --bit / --wbit and the dataset's class count against the checkpoint, "
+                        "or pass the right file") from None
     missing, extra = report["missing_quantizer"], report["ignored_quantizer"]
     if same_bit and any(k.endswith("act_alpha") for k in missing):
         raise UserError(f"{what} {path} has no activation clips (act_alpha) for this {args.bit}-bit model: "
@@ -189,17 +308,16 @@ def load_weights(model: nn.Module, path: str, args, *, what: str = "--init", sam
     return ckpt
 
 
-def load_trained(args, task: Task, num_classes: int, device, path: str, what: str, hint: str,
-                 exact: bool = True):
-    """Build the model a trained checkpoint holds (``--wbit`` defaults to the checkpoint's) and load it
-    (``exact``: the same bit-widths, every clip present -- see :func:`load_weights`). Returns
-    ``(model, ckpt)``."""
+def load_trained(args, task: Task, data: Data, device, path: str, what: str, hint: str):
+    """Build the model a trained checkpoint holds and load it: its recorded arch / bits / weight bits,
+    class count and dataset must be the flags' (``--wbit`` defaults to the checkpoint's), every clip
+    present (see :func:`load_weights`). Returns ``(model, ckpt)``."""
     ckpt = load_checkpoint(path, what, hint)
-    _check_meta(ckpt, args, path, what, same_bit=exact)
-    if args.wbit is None and ckpt.get("wbit") is not None and (exact or int(ckpt.get("bit", -1)) == args.bit):
+    _check_meta(ckpt, args, path, what, same_bit=True, data=data, same_data=True)
+    if args.wbit is None and ckpt.get("wbit") is not None:
         args.wbit = int(ckpt["wbit"])
-    model = build_model(args, task, num_classes).to(device)
-    load_weights(model, path, args, what=what, same_bit=exact, ckpt=ckpt)
+    model = build_model(args, task, data.num_classes).to(device)
+    load_weights(model, path, args, what=what, same_bit=True, ckpt=ckpt, data=data)
     return model, ckpt
 
 
@@ -226,7 +344,7 @@ def _record(args, data: Data, model: nn.Module, result: Dict, *, script: str, ch
            "ann_top5": None, "per_step_top1": [], "layers": [], "sops": None, "snn_macs": None,
            "ann_macs": None, "energy": None}
     rec.update(result)
-    rec.update(checkpoint=checkpoint, finetuned=finetuned, **extra)
+    rec.update(checkpoint=checkpoint, finetuned=finetuned, seed=getattr(args, "seed", None), **extra)
     rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
     return rec
 
@@ -257,8 +375,8 @@ def _plot_snn(rec, path):
 # ---------------------------------------------------------------------------------------- main.py
 def train_ann(args, task: Task) -> Dict:
     """``main.py``: train the ANN (or ``-e``: evaluate it). Returns the metrics record."""
-    check_args(args)
-    args.train_script = task.train_script
+    args.run_kind = "train"
+    setup_run(args, task)
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
         data = task.build_data(args, ctx)
@@ -269,21 +387,25 @@ def train_ann(args, task: Task) -> Dict:
         optimizer = make_optimizer(model, args)
         milestones = task.milestones(args.epochs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-        start, best, history = _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones)
+        generators = loader_generators(data.train_loader)
+        start, best, history = _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx,
+                                               generators)
         log(f"{args.arch} {args.bit}-bit (weights {model.wbit}-bit) on {data.name}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) "
-            f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones}")
+            f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones} -> {out_dir}")
         tb = TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None)
 
         def on_epoch_end(done, best_acc1, is_best, hist):
+            rng = _gather_rng_states(ctx, generators)  # collective: every rank
             if ctx.is_main:
                 state = {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
                          "dataset": data.name, "epoch": done, "best_acc1": best_acc1,
                          "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": plain_scheduler_state(scheduler), "args": plain_args(args), "history": hist}
+                         "scheduler": plain_scheduler_state(scheduler), "rng_state": rng, "seed": args.seed,
+                         "args": plain_args(args), "history": hist}
                 save_checkpoint(state, out_dir, is_best)
                 write_json(os.path.join(out_dir, "history.json"), {"arch": args.arch, "bit": args.bit,
-                                                                     "history": hist})
+                                                                     "dataset": data.name, "history": hist})
         with tb:
             best, history = engine.fit(dist.wrap_ddp(model, ctx), optimizer, scheduler, data.train_loader,
                                        data.val_loader, epochs=args.epochs, start_epoch=start, best_acc1=best,
@@ -292,7 +414,27 @@ def train_ann(args, task: Task) -> Dict:
         return _finish_training(args, task, data, model, out_dir, history)
 
 
-def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones):
+def loader_generators(loader) -> Dict[str, torch.Generator]:
+    """The ``torch.Generator`` that fixes a training loader's shuffling (and its workers' seeds), if it
+    has one (a ``DataLoader``, or a wrapper holding one as ``.loader``)."""
+    for obj in (loader, getattr(loader, "loader", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            return {"train_loader": g}
+    return {}
+
+
+def _gather_rng_states(ctx, generators) -> List[dict]:
+    """Every rank's RNG states (:func:`common.checkpoint.rng_state`), rank order."""
+    mine = rng_state(generators)
+    if not ctx.distributed:
+        return [mine]
+    states = [None] * ctx.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx, generators):
     """Returns ``(start_epoch, best_acc1, history)`` after ``--resume`` / ``--init`` / ``--start-epoch``."""
     path = args.resume
     if path == "auto":
@@ -302,23 +444,41 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones):
             path = ""
     if path:
         ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
-        _check_meta(ckpt, args, path, "--resume", same_bit=True)
+        _check_meta(ckpt, args, path, "--resume", same_bit=True, data=data, same_data=True)
         if "optimizer" not in ckpt or "epoch" not in ckpt:
             raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
                             "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+        wbit = ckpt.get("wbit")
+        if wbit is not None and int(wbit) != model.wbit:
+            raise UserError(f"--resume {path} was trained with {wbit}-bit weights, this model has {model.wbit}-bit",
+                            f"pass --wbit {wbit}")
         import quant
-        model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = " ".join(str(e).split())[:300]
+            raise UserError(f"--resume {path} does not fit this {args.arch} {args.bit}-bit model ({first})",
+                            "resume with the flags of that run, or start a new run in another --out") from None
         if "scheduler" in ckpt:
             load_scheduler_state(scheduler, ckpt["scheduler"])
         start = int(ckpt["epoch"])
         _set_lr(optimizer, scheduler, milestones, start)
-        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1', 0.0):.2f}")
+        states = ckpt.get("rng_state")
+        if states and len(states) == ctx.world_size:
+            set_rng_state(states[ctx.rank], generators)
+            how = "RNG states restored"
+        else:
+            how = ("RNG states not restored (the checkpoint holds none)" if not states else
+                   f"RNG states not restored (saved by {len(states)} process(es), this run has {ctx.world_size})")
+        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1', 0.0):.2f}; {how}")
         if args.init:
             log("--init ignored: the run continues from its checkpoint")
         return start, float(ckpt.get("best_acc1", 0.0)), list(ckpt.get("history", []))
     if args.init:
-        load_weights(model, args.init, args, hint="train that stage first, or check the path")
+        ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data)
+        if ck.get("dataset") not in (None, data.name):
+            log(f"--init {args.init} was trained on {ck['dataset']}; this run trains on {data.name}")
         log(f"initialised from {args.init}")
     if args.start_epoch:
         _set_lr(optimizer, scheduler, milestones, args.start_epoch)
@@ -343,16 +503,25 @@ def _finish_training(args, task, data, model, out_dir, history) -> Dict:
     return rec
 
 
+def eval_dir(path: str, fallback: str) -> str:
+    """Where an evaluation of checkpoint ``path`` writes its metrics: beside the checkpoint (a training
+    run's own ``metrics_ann.json`` is never touched), or ``fallback`` when that folder is read-only."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.access(folder, os.W_OK):
+        return os.path.dirname(path) or "."
+    log(f"{folder} is not writable: metrics go to {fallback}")
+    return fallback
+
+
 def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
     path = args.init or (os.path.join(out_dir, CHECKPOINT) if args.resume == "auto" else args.resume) \
         or os.path.join(out_dir, BEST)
-    # --init semantics, as the original's -e: a float / other-bit file evaluates with default clips
-    model, _ = load_trained(args, task, data.num_classes, ctx.device, path, "checkpoint",
-                            f"pass --init PATH, or train first ({task.train_script} without -e)", exact=False)
+    model, ckpt = load_trained(args, task, data, ctx.device, path, "checkpoint",
+                               f"pass --init PATH, or train first ({task.train_script} without -e)")
     res = engine.evaluate(model, data.val_loader, nn.CrossEntropyLoss(), desc="test", show_progress=args.progress)
     rec = _record(args, data, model, _ann_result(model, task, res["top1"], res["top5"], res["samples"]),
-                  script="main.py", checkpoint=path, loss=res["loss"])
-    _write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [])
+                  script="main.py -e", checkpoint=path, loss=res["loss"], finetuned=bool(ckpt.get("snn_finetuned")))
+    _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir), "metrics_ann_eval.json"), lambda r, p: [])
     return rec
 
 
@@ -364,7 +533,7 @@ def _load_for_snn(args, task, data, ctx):
                         + (" (so -u/--unsigned has nothing to act on)" if getattr(args, "unsigned", False) else ""),
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
     path = args.init or os.path.join(run_dir(args), BEST)
-    model, ckpt = load_trained(args, task, data.num_classes, ctx.device, path, "--init",
+    model, ckpt = load_trained(args, task, data, ctx.device, path, "--init",
                                f"train it first ({task.train_script} --arch {args.arch} --bit {args.bit} ...) or pass --init PATH")
     model.eval()
     return model, ckpt, path
@@ -379,31 +548,58 @@ def _convert(args, model, ckpt):
     return net
 
 
+def ann_reference(res: Dict, ckpt: dict) -> Dict:
+    """The ANN figures of an SNN evaluation. For a fine-tuned checkpoint the ANN run beside the SNN holds
+    the *tuned* weights (their BN statistics recalibrated to SNN rates): that is not the ANN anybody
+    trained. ``ann_top1`` / ``ann_top5`` are then the source ANN's, recorded by snn_ft.py in the file
+    (``None`` for files written before they were), and the other figures are kept as
+    ``finetuned_weights_ann_top1`` / ``_top5``."""
+    if not ckpt.get("snn_finetuned"):
+        return res
+    res = dict(res)
+    res["finetuned_weights_ann_top1"], res["finetuned_weights_ann_top5"] = res["ann_top1"], res["ann_top5"]
+    res["ann_top1"], res["ann_top5"] = ckpt.get("ann_top1"), ckpt.get("ann_top5")
+    res["ann_checkpoint"] = ckpt.get("init")
+    res["ann_samples"] = ckpt.get("ann_samples")
+    return res
+
+
+def _snn_line(res: Dict) -> str:
+    if "finetuned_weights_ann_top1" in res:
+        ann = ("source ANN " + (f"{res['ann_top1']:.2f}" if res["ann_top1"] is not None else "not recorded")
+               + (f" ({res['ann_checkpoint']})" if res.get("ann_checkpoint") else "")
+               + f"; the fine-tuned weights run as an ANN: {res['finetuned_weights_ann_top1']:.2f}")
+    else:
+        ann = f"ANN {res['ann_top1']:.2f}"
+    return f"SNN top-1 {res['top1']:.2f} ({ann}); per step " + " ".join(f"{a:.1f}" for a in res["per_step_top1"])
+
+
 def evaluate_snn(args, task: Task) -> Dict:
-    """``snn.py``: convert the ANN and evaluate the SNN on the test set (``-e`` or not)."""
-    check_args(args)
-    args.train_script = task.train_script
-    _keep_heap()
+    """``snn.py``: convert the ANN and evaluate the SNN on the test set (``-e`` or not). The metrics go
+    beside the evaluated checkpoint (or to ``--metrics-out``)."""
+    args.run_kind = "snn"
+    setup_run(args, task)
+    _tune_malloc(args)
     with dist.session(args.device, args.local_rank) as ctx:
         data = task.build_data(args, ctx)
         model, ckpt, path = _load_for_snn(args, task, data, ctx)
         net = _convert(args, model, ckpt)
-        res = engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress)
-        log(f"SNN top-1 {res['top1']:.2f} (ANN {res['ann_top1']:.2f}); per step "
-            + " ".join(f"{a:.1f}" for a in res["per_step_top1"]))
+        res = ann_reference(engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress,
+                                                max_batches=args.max_iters), ckpt)
+        log(_snn_line(res))
         finetuned = bool(ckpt.get("snn_finetuned"))
         rec = _record(args, data, model, res, script="snn.py", checkpoint=path, finetuned=finetuned)
         name = f"metrics_snn_{res['neuron']}_T{res['T']}.json"
-        _write_metrics(args, rec, os.path.join(run_dir(args, "_ft" if finetuned else ""), name), _plot_snn)
+        _write_metrics(args, rec, os.path.join(eval_dir(path, run_dir(args)), name), _plot_snn)
         return rec
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
 def finetune_snn(args, task: Task) -> Dict:
     """``snn_ft.py``: layer-wise fine-tuning of the converted SNN (``-e``: only evaluate the SNN)."""
-    check_args(args)
-    args.train_script = task.train_script
-    _keep_heap()
+    args.run_kind = "ft"
+    setup_run(args, task)
+    _tune_malloc(args)
     if args.num_epochs < 1:
         raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
     with dist.session(args.device, args.local_rank) as ctx:
@@ -413,11 +609,12 @@ def finetune_snn(args, task: Task) -> Dict:
         net = _convert(args, model, ckpt).to(ctx.device)
         out_dir = run_dir(args, "_ft")
         if args.evaluate:  # the SNN on the test set (the original evaluated the ANN on the train set)
-            res = engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress)
-            rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=path,
+            res = ann_reference(engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress), ckpt)
+            log(_snn_line(res))
+            rec = _record(args, data, model, res, script="snn_ft.py -e", checkpoint=path,
                           finetuned=bool(ckpt.get("snn_finetuned")))
-            _write_metrics(args, rec, os.path.join(out_dir, f"metrics_snn_{res['neuron']}_T{res['T']}.json"),
-                           _plot_snn)
+            _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir),
+                                                   f"metrics_snn_{res['neuron']}_T{res['T']}.json"), _plot_snn)
             return rec
         return _run_finetune(args, task, data, model, net, path, out_dir)
 
@@ -444,14 +641,17 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
     res = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (after)", show_progress=args.progress)
     ckpt_path = os.path.join(out_dir, BEST)
     if dist.is_main():
+        # the source ANN (not the tuned weights run as an ANN) is the reference of this SNN: its test
+        # accuracy, measured beside the SNN on the same images, and its checkpoint go into the file
         atomic_save({"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
                      "dataset": data.name, "state_dict": net.ann_state_dict(), "snn_finetuned": True,
                      "T": net.T, "neuron": res["neuron"], "bn_mode": bn_mode, "epoch": args.num_epochs,
                      "best_acc1": res["top1"], "top1": res["top1"], "init": init_path,
-                     "args": plain_args(args), "history": history}, ckpt_path)
+                     "ann_top1": res["ann_top1"], "ann_top5": res["ann_top5"], "ann_samples": res["samples"],
+                     "seed": args.seed, "args": plain_args(args), "history": history}, ckpt_path)
         log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
     rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True,
-                  init=init_path, bn_mode=bn_mode, weight_decay=wd, finetune_seconds=seconds,
+                  init=init_path, ann_checkpoint=init_path, bn_mode=bn_mode, weight_decay=wd, finetune_seconds=seconds,
                   before={k: before[k] for k in ("top1", "top5", "per_step_top1", "layers")} if before else None,
                   finetune=history)
     _write_metrics(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{res['neuron']}_T{res['T']}.json"),
@@ -479,7 +679,8 @@ def add_snn_args(p: ArgumentParser):
     """Flags of snn.py and snn_ft.py."""
     p.add_argument("-u", "--unsigned", action="store_true", help="traditional (unsigned) IF neurons; default signed")
     p.add_argument("--T", type=int, default=None, help="time steps (default 2^bit - 1)")
-    p.add_argument("--chunk", type=int, default=None, help="simulate at most K steps at once (bounded memory)")
+    p.add_argument("--chunk", type=int, default=None, metavar="K",
+                   help="simulate at most K >= 1 steps at once (bounded memory; default all T)")
 
 
 FT_CACHE = {"auto": "auto", "on": True, "off": False}  # --ft-cache -> snn.finetune(cache=...)

@@ -16,7 +16,8 @@ import pickle
 import re
 import shutil
 import tempfile
-from typing import Mapping, Optional
+import zipfile
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -57,18 +58,109 @@ def atomic_copy(src: str, dst: str):
     _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def save_checkpoint(state: dict, run_dir: str, is_best: bool) -> str:
-    """Write ``run_dir/checkpoint.pth.tar`` (and ``model_best.pth.tar`` when ``is_best``)."""
+#: the keys that only a resumable checkpoint needs; model_best.pth.tar goes without them
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "rng_state")
+
+
+def save_checkpoint(state: dict, run_dir: str, is_best: bool,
+                    best_drop: Sequence[str] = TRAINING_STATE_KEYS) -> str:
+    """Write ``run_dir/checkpoint.pth.tar`` (everything in ``state``: the run can resume from it) and,
+    when ``is_best``, ``model_best.pth.tar`` -- the model and what identifies it, without the
+    ``best_drop`` keys (the optimizer's momentum buffers alone are as large as the model)."""
     path = os.path.join(run_dir, CHECKPOINT)
     atomic_save(state, path)
     if is_best:
-        atomic_copy(path, os.path.join(run_dir, BEST))
+        atomic_save({k: v for k, v in state.items() if k not in set(best_drop)}, os.path.join(run_dir, BEST))
     return path
+
+
+# ---------------------------------------------------------------------------------------- RNG states
+def rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
+    """The random-number states of this process -- Python, NumPy, torch (CPU and CUDA) and the given
+    ``torch.Generator`` s (e.g. a DataLoader's, which fixes the shuffling order) -- in a form that
+    ``torch.load(weights_only=True)`` reads back. Inverse: :func:`set_rng_state`."""
+    import random
+    state = {"python": _plain(random.getstate()), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["generators"] = {k: g.get_state() for k, g in (generators or {}).items()}
+    return state
+
+
+def set_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Generator]] = None):
+    """Restore what :func:`rng_state` recorded (missing parts are left as they are)."""
+    import random
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in (generators or {}).items():
+        if k in state.get("generators", {}):
+            g.set_state(state["generators"][k])
+
+
+def _plain(obj):
+    """Tuples -> lists, recursively (plain types for the checkpoint)."""
+    return [_plain(v) for v in obj] if isinstance(obj, (tuple, list)) else obj
 
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _looks_like_text(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c >= 32 or c in (9, 10, 13) for c in head)
+
+
+def _not_a_checkpoint(path: str, what: str) -> UserError:
+    """The error for a file ``torch.load`` cannot read, saying what the file looks like."""
+    if os.path.getsize(path) == 0:
+        kind = "an empty file"
+    elif _looks_like_text(path):
+        kind = "a text file"
+    elif zipfile.is_zipfile(path):
+        kind = "a damaged or truncated torch.save archive"
+    else:
+        kind = "neither a complete torch.save zip archive nor a legacy PyTorch file"
+    return UserError(f"{what} {path} is corrupt or not a PyTorch checkpoint ({kind})",
+                     "re-create it (e.g. rerun the training) or pass another file")
+
+
+def check_file(path: str, what: str = "checkpoint", hint: Optional[str] = None):
+    """The cheap part of :func:`load_checkpoint`: the path is an existing file that looks like a
+    checkpoint (zip archives are not read here; anything else is loaded once). Same one-line errors."""
+    if not path:
+        raise UserError(f"no {what} given", hint or "pass the path of a .pth.tar file")
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path} does not exist", hint or "check the path")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a checkpoint file",
+                        f"pass {os.path.join(path, BEST)} or another .pth.tar file")
+    if not zipfile.is_zipfile(path):
+        load_checkpoint(path, what, hint)
 
 
 def load_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = None) -> dict:
@@ -87,12 +179,9 @@ def load_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = N
         if found:
             raise UserError(f"{what} {path} holds objects other than tensors and plain types ({found.group(1)})",
                             "load only checkpoints you trust; re-save it as a plain state dict") from None
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch checkpoint (unreadable pickle data)",
-                        "re-create it (e.g. rerun the training) or pass another file") from None
-    except Exception as e:  # noqa: BLE001 -- any failure to unpickle means an unusable file (KeyError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch checkpoint ({first[:160]})",
-                        "re-create it (e.g. rerun the training) or pass another file") from None
+        raise _not_a_checkpoint(path, what) from None
+    except Exception:  # noqa: BLE001 -- any failure to unpickle means an unusable file (KeyError, ...)
+        raise _not_a_checkpoint(path, what) from None
     if isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
         return dict(obj)
     if isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):

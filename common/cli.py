@@ -12,8 +12,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line (``error: ... — ...``), exit status 2."""
 
     def error(self, message):
-        print(f"error: {' '.join(message.split())} {DASH} run '{self.prog} --help' for the options",
-              file=sys.stderr, flush=True)
+        from .errors import report_error
+        report_error(f"error: {' '.join(message.split())} {DASH} run '{self.prog} --help' for the options")
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -46,6 +46,8 @@ class Context:
 
 _ctx = Context(torch.device("cpu"))
 _warned = set()
+_seed: Optional[int] = None   # the last seed_all() seed (recorded in the metrics JSONs)
+_set_up = False               # setup() has run in this process
 
 
 def add_dist_args(parser, device_default: Optional[str] = None):
@@ -59,7 +61,7 @@ def add_dist_args(parser, device_default: Optional[str] = None):
 
 def warn_once(msg: str):
     """Print ``warning: msg`` once per process (main rank only)."""
-    if msg not in _warned and _ctx.is_main:
+    if msg not in _warned and _ctx.is_main and rank_from_env() == 0:
         _warned.add(msg)
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -81,7 +83,8 @@ def _env_world() -> int:
 
 def setup(device: Optional[str] = None, local_rank: Optional[int] = None) -> Context:
     """Select the device and join the process group when launched with several processes."""
-    global _ctx
+    global _ctx, _set_up
+    _set_up = True
     world = _env_world()
     lr = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
     if world > 1 or dist.is_initialized():
@@ -119,7 +122,9 @@ def context() -> Context:
 
 
 def is_main() -> bool:
-    return _ctx.is_main
+    """Rank 0 -- before :func:`setup` the launcher's ``RANK`` says (so output printed while the
+    flags are checked appears once under torchrun too)."""
+    return _ctx.is_main if _set_up else rank_from_env() == 0
 
 
 def rank() -> int:
@@ -171,8 +176,30 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def seed_all(seed: Optional[int], offset: int = 0):
-    """Seed python / torch (``seed + offset``, e.g. the rank, so ranks draw different augmentations)."""
+    """Seed python / NumPy / torch (``seed + offset``, e.g. the rank, so ranks draw different
+    augmentations). ``None`` leaves them unseeded. The seed is remembered (:func:`current_seed`)."""
+    global _seed
+    _seed = seed
     if seed is None:
         return
     random.seed(seed + offset)
     torch.manual_seed(seed + offset)
+    try:
+        import numpy as np
+        np.random.seed((seed + offset) % 2 ** 32)
+    except ImportError:  # pragma: no cover - numpy comes with torch here
+        pass
+
+
+def current_seed() -> Optional[int]:
+    """The seed of the last :func:`seed_all` call in this process (``None``: not seeded)."""
+    return _seed
+
+
+def rank_from_env() -> int:
+    """This process's rank as a launcher set it (``RANK``; 0 without one), usable before
+    :func:`setup` -- e.g. to print an error once when the process group never came up."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0

@@ -7,10 +7,18 @@ checkpoint that does not fit the model, a diverging loss. :func:`run_cli` turns 
     error: <what is wrong> — <what to do>
 
 Everything else is a bug and keeps its traceback.
+
+Under a launcher (``torchrun`` / ``torch.distributed.launch``: every rank runs the same ``main`` and
+usually hits the same error) the line is printed once, by rank 0; every rank exits with status 2, and
+the line is also written to torchrun's per-rank error file (``TORCHELASTIC_ERROR_FILE``), so that
+torchrun's own failure summary names the error instead of a hint about enabling tracebacks.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from typing import Callable, Optional, Sequence, Tuple, Type
 
 EXIT_USER_ERROR = 2
@@ -72,15 +80,35 @@ def format_error(e: BaseException) -> str:
     return "error: " + " ".join(msg.split())  # one line, whatever the message held
 
 
+def launcher_rank() -> int:
+    """The rank a launcher gave this process (``RANK``), 0 without a launcher."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def report_error(line: str):
+    """Print ``line`` on rank 0 only; under torchrun also record it in this rank's error file."""
+    if launcher_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:  # the summary then falls back to torchrun's own text
+            pass
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)``; user errors print one line and exit 2, Ctrl-C exits 130. Returns 0."""
+    """Run ``main(argv)``; user errors print one line (rank 0) and exit 2, Ctrl-C exits 130. Returns 0."""
     try:
         main(argv)
     except user_error_types() as e:
-        print(format_error(e), file=sys.stderr, flush=True)
+        report_error(format_error(e))
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print(f"error: interrupted {DASH} rerun with --resume auto to continue from the last checkpoint",
-              file=sys.stderr, flush=True)
+        report_error(f"error: interrupted {DASH} rerun with --resume auto to continue from the last checkpoint")
         sys.exit(EXIT_INTERRUPTED)
     return 0

@@ -10,16 +10,23 @@ from . import dist
 def log(msg: str):
     """Print on the main process (through tqdm, so progress bars stay intact)."""
     if dist.is_main():
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         tqdm.write(msg, file=sys.stdout)
         sys.stdout.flush()
 
 
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: Optional[int] = None, leave: bool = False):
-    """A tqdm bar on the main process when ``enabled``; the bare iterable otherwise."""
+    """A tqdm bar on the main process when ``enabled``; the bare iterable otherwise.
+
+    The bar must not change what the loop computes: it is the plain ``tqdm.tqdm``, which iterates
+    ``iterable`` once, when the loop does. (``tqdm.auto`` outside a notebook is ``tqdm.asyncio``, whose
+    constructor calls ``iter(iterable)`` eagerly: for a ``DataLoader`` that is an extra, discarded epoch
+    iterator -- it draws a base seed from torch's global RNG (so every later shuffle and augmentation
+    changed with ``--progress``) and, with workers, starts a second set of worker processes.)
+    """
     if not (enabled and dist.is_main()):
         return iterable
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict, Iterable, List, Sequence
+import os
+import platform
+import socket
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -94,8 +97,31 @@ def jsonable(obj):
     return str(obj)
 
 
-def write_json(path: str, data: Dict) -> str:
-    """Write ``data`` as indented JSON, atomically (temp file + rename)."""
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - not installed / no version: recorded as null
+        return None
+
+
+def run_info() -> Dict:
+    """What a run's numbers depend on besides its flags: the seed (:func:`common.dist.seed_all`), the
+    intra-op thread count, the library versions, the host and the process layout. Recorded in every
+    metrics JSON (key ``"env"``) by :func:`write_json`."""
+    return {"seed": dist.current_seed(), "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": _version("torchvision"), "numpy": _version("numpy"),
+            "cuda": torch.version.cuda, "device": str(dist.context().device), "world_size": dist.world_size(),
+            "host": socket.gethostname(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+def write_json(path: str, data: Dict, env: bool = True) -> str:
+    """Write ``data`` as indented JSON, atomically (temp file + rename). ``env``: add :func:`run_info`
+    as ``data["env"]`` (a dict that has no ``"env"`` key yet), so every metrics file says which seed,
+    thread count, versions and host produced it."""
+    if env and isinstance(data, dict) and "env" not in data:
+        data = {**data, "env": run_info()}
     text = json.dumps(jsonable(data), indent=2)
 
     def write(tmp):

@@ -3,7 +3,7 @@
 #
 #   32-bit start -> 4-bit -> 3-bit -> 2-bit quantized ANNs (each initialised from the previous best),
 #   SNN evaluation of the 3- and 2-bit models with unsigned and signed IF neurons (T = 7 / 3),
-#   layer-wise fine-tuning of those SNNs (signed), written to result/<arch>_<bit>bit_ft/.
+#   layer-wise fine-tuning of those SNNs (signed), written to result/imagenet/<arch>_<bit>bit_ft/.
 #
 # usage: scripts/imagenet_chain.sh DATA [NGPU]
 #   DATA   ImageNet root holding train/ and val/ (ImageFolder trees)
@@ -11,7 +11,7 @@
 #
 # Environment (defaults = the README's commands, 4 GPUs x 256):
 #   ARCH=alexnet        alexnet | vgg16 | vgg11 | resnet18 | resnet34
-#   START=auto          the 32-bit start: auto = OUT/<arch>_32bit/model_best.pth.tar if present, else
+#   START=auto          the 32-bit start: auto = OUT/imagenet/<arch>_32bit/model_best.pth.tar if present, else
 #                       torchvision's weights for resnet18/34 (--pretrained), else train a 32-bit model
 #                       here; or train | torchvision | none (4-bit from random weights, as the original
 #                       code actually did) | a local state-dict FILE
@@ -78,7 +78,7 @@ extra=($EXTRA)
 # shellcheck disable=SC2206
 ft_flags=($FT_FLAGS)
 
-best() { echo "$OUT/${ARCH}_$1bit/model_best.pth.tar"; }
+best() { echo "$OUT/imagenet/${ARCH}_$1bit/model_best.pth.tar"; }  # ImageNet runs: OUT/imagenet/
 
 # ---------------------------------------------------------------- 32-bit start
 init4=()
@@ -123,6 +123,6 @@ for b in $SNN_BITS; do
 done
 
 if [ "${DRY:-0}" != 1 ]; then
-  echo "done: ANN checkpoints in $OUT/${ARCH}_{4,3,2}bit/, SNN metrics (metrics_snn_*.json) beside them," \
-       "fine-tuned SNNs in $OUT/${ARCH}_<bit>bit_ft/"
+  echo "done: ANN checkpoints in $OUT/imagenet/${ARCH}_{4,3,2}bit/, SNN metrics (metrics_snn_*.json) beside them," \
+       "fine-tuned SNNs in $OUT/imagenet/${ARCH}_<bit>bit_ft/"
 fi

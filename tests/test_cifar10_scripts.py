@@ -38,6 +38,29 @@ def _base(data, out, *extra):
             "--seed", "0", *extra]
 
 
+def _only(script, argv):
+    """``argv`` without the flags ``script`` does not have (snn.py / snn_ft.py list only the flags they
+    use; the tests share one argument list between the three scripts)."""
+    known = script.get_parser()._option_string_actions
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-") and tok.split("=")[0] not in known:
+            i += 2 if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _snn(argv):
+    return snn_script.main(_only(snn_script, argv))
+
+
+def _ft(argv):
+    return ft_script.main(_only(ft_script, argv))
+
+
 def _json(path):
     with open(path) as f:
         return json.load(f)
@@ -59,11 +82,11 @@ def test_every_script_runs_for_every_arch(arch, fake_cifar, tmp_path):
     run = tmp_path / f"{arch}_2bit"
     assert {CHECKPOINT, BEST, "metrics_ann.json", "history.json"} <= set(os.listdir(run))
     assert rec["T"] is None and rec["neuron"] is None and 0 <= rec["top1"] <= 100
-    s = snn_script.main(base)
+    s = _snn(base)
     _check_snn_metrics(s, 3, "signed")
     assert os.path.exists(run / "metrics_snn_signed_T3.json")
     layers = ["--ft-layers", FT_LAYERS[arch]] if arch in FT_LAYERS else []
-    f = ft_script.main(base + ["--force", "--no-eval-before", "-n", "1"] + layers)
+    f = _ft(base + ["--force", "--no-eval-before", "-n", "1"] + layers)
     assert f["finetuned"] and f["finetune"] and all(h["accepted"] for h in f["finetune"])
     ck = torch.load(tmp_path / f"{arch}_2bit_ft" / BEST, weights_only=True)
     assert ck["snn_finetuned"] is True and ck["arch"] == arch and ck["T"] == 3 and ck["neuron"] == "signed"
@@ -112,7 +135,7 @@ def test_snn_signed_and_unsigned(chain, fake_cifar):
     out, recs = chain
     for bit, T in ((3, 7), (2, 3)):
         base = _base(fake_cifar, out, "-a", "resnet20", "--bit", str(bit), "-e")
-        s, u = snn_script.main(base), snn_script.main(base + ["-u"])
+        s, u = _snn(base), _snn(base + ["-u"])
         _check_snn_metrics(s, T, "signed")
         _check_snn_metrics(u, T, "unsigned")
         assert s["ann_top1"] == u["ann_top1"] == recs[bit]["top1"]  # same ANN, same test images
@@ -120,13 +143,13 @@ def test_snn_signed_and_unsigned(chain, fake_cifar):
             path = out / f"resnet20_{bit}bit" / f"metrics_snn_{n}_T{T}.json"
             assert _json(path)["neuron"] == n
         # T override
-        assert snn_script.main(base + ["--T", "5", "--chunk", "2"])["T"] == 5
+        assert _snn(base + ["--T", "5", "--chunk", "2"])["T"] == 5
 
 
 def test_metrics_out_and_plots(chain, fake_cifar, tmp_path):
     out, _ = chain
     dest = tmp_path / "m" / "snn.json"
-    snn_script.main(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--metrics-out", str(dest), "--plot"))
+    _snn(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--metrics-out", str(dest), "--plot"))
     assert _json(dest)["bit"] == 2
     assert os.path.exists(tmp_path / "m" / "snn_acc_vs_t.png") and os.path.exists(tmp_path / "m" / "snn_layers.png")
 
@@ -141,27 +164,27 @@ def test_snn_ft_force_then_reload(chain, fake_cifar, tmp_path):
     out, _ = chain
     init = str(out / "resnet20_2bit" / BEST)
     base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--init", init)
-    f = ft_script.main(base + ["-n", "2", "--force", "--ft-layers", "layer1.*"])
+    f = _ft(base + ["-n", "2", "--force", "--ft-layers", "layer1.*"])
     assert [h["layer"] for h in f["finetune"]] == [f"layer1.{b}.act{i}" for b in range(3) for i in (1, 2)]
     assert all(len(h["epochs"]) == 2 for h in f["finetune"])  # -n honoured
     assert f["before"]["top1"] is not None and f["bn_mode"] == "recalibrate" and f["weight_decay"] == 1e-4
     path = tmp_path / "resnet20_2bit_ft" / "metrics_snn_ft_signed_T3.json"
     assert _json(path)["finetune"][0]["accepted"] is True
     # snn.py accepts the fine-tuned checkpoint and reproduces its accuracy exactly
-    again = snn_script.main(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST)])
+    again = _snn(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST)])
     assert again["finetuned"] and again["top1"] == f["top1"] and again["per_step_top1"] == f["per_step_top1"]
     # the same spike trains (agreement differs: there the reference ANN carries the tuned weights)
     assert [l["firing_rate"] for l in again["layers"]] == [l["firing_rate"] for l in f["layers"]]
     assert os.path.exists(tmp_path / "resnet20_2bit_ft" / "metrics_snn_signed_T3.json")
     # snn_ft -e: the SNN on the test set (not the ANN on the training set)
-    ev = ft_script.main(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST), "-e"])
+    ev = _ft(base[:-2] + ["--init", str(tmp_path / "resnet20_2bit_ft" / BEST), "-e"])
     assert ev["top1"] == f["top1"] and ev["samples"] == 4 and ev["T"] == 3
 
 
 def test_snn_ft_without_force_scores_on_train_set(fake_cifar, tmp_path):
     base = _base(fake_cifar, tmp_path, "-a", "alex", "--bit", "2", "--max-iters", "1")
     train_script.main(base)
-    f = ft_script.main(base + ["--score-batches", "1", "--no-eval-before", "-u"])
+    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u"])
     assert f["neuron"] == "unsigned" and f["bn_mode"] == "frozen" and f["weight_decay"] == 5e-4  # alex defaults
     for h in f["finetune"]:
         assert "score" in h["epochs"][0] and "best_score" in h
@@ -170,7 +193,7 @@ def test_snn_ft_without_force_scores_on_train_set(fake_cifar, tmp_path):
 def test_weight_bits_follow_the_checkpoint(fake_cifar, tmp_path):
     base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--max-iters", "1")
     train_script.main(base + ["--wbit", "32"])
-    s = snn_script.main(base)  # no --wbit: the checkpoint's float weights are used
+    s = _snn(base)  # no --wbit: the checkpoint's float weights are used
     assert s["wbit"] == 32 and s["layers"][0]["agreement"] == 1.0
 
 
@@ -178,7 +201,7 @@ def test_other_datasets_through_the_scripts(fake_folder, tmp_path):
     base = _base(fake_folder, tmp_path / "f", "-a", "resnet20", "--bit", "2", "--max-iters", "1", "--dataset", "folder")
     rec = train_script.main(base)
     assert rec["num_classes"] == 3 and rec["dataset"] == "folder"
-    assert snn_script.main(base)["num_classes"] == 3
+    assert _snn(base)["num_classes"] == 3
     c100 = tmp_path / "c100" / "cifar-100-python"
     c100.mkdir(parents=True)
     for name, n in (("train", 8), ("test", 4)):
@@ -238,7 +261,7 @@ def _bad_cases(data, ckpts, tmp):
                           "cifar-10-batches-py"),
         "missing init": (train_script, common + ["--init", str(tmp / "none.pth")], "does not exist"),
         "corrupt init": (snn_script, common + ["--init", str(corrupt)], "corrupt"),
-        "init of another arch": (snn_script, common + ["-a", "alex", "--init", ckpts["resnet20"]], "holds a resnet20"),
+        "init of another arch": (snn_script, common + ["-a", "alex", "--init", ckpts["resnet20"]], "trained as --arch resnet20, not --arch alex"),
         "mismatched raw state dict": (train_script, common + ["-a", "alex", "--init", ckpts["raw"]],
                                       "does not match the model"),
         "snn of wrong bit": (snn_script, common + ["--bit", "3", "--init", ckpts["resnet20"]], "2-bit model"),
@@ -275,6 +298,7 @@ def bad_ckpts(fake_cifar, tmp_path_factory):
                                   "resume without state", "NaN loss"])
 def test_bad_input_is_one_line_error(case, fake_cifar, bad_ckpts, tmp_path, capsys):
     script, argv, needle = _bad_cases(fake_cifar, bad_ckpts, tmp_path)[case]
+    argv = _only(script, argv) if script is not train_script else argv
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_cli(script.main, argv)
@@ -327,7 +351,8 @@ def test_torchrun_two_processes(fake_cifar, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(tmp_path / "resnet20_2bit" / BEST, weights_only=True)
     assert not any(k.startswith("module.") for k in ck["state_dict"])
-    r = _run(launch + [os.path.join(SCRIPTS, "snn.py")] + common, ROOT, env=env)
+    r = _run(launch + [os.path.join(SCRIPTS, "snn.py")] + [c for c in common if c != "--no-tensorboard"], ROOT,
+             env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     m = _json(tmp_path / "resnet20_2bit" / "metrics_snn_signed_T3.json")
     assert m["samples"] == 5 and m["layers"][0]["agreement"] == 1.0  # 3 + 2 images, no padding

@@ -295,10 +295,10 @@ def test_scripts_one_process(arch, data, data_small, tmp_path, capsys, one_threa
     folder, n_val = (data_small, SMALL["classes"] * SMALL["n_val"]) if small else (data, CLASSES * N_VAL)
     loader = "dali" if arch == "resnet34" and D.dali_available() else "torch"
     base = ["-a", arch, "--bit", "2", "-b", "2", "--test-batch-size", "6", "-j", "0", "--input-size",
-            str(_size(arch)), "--out", out, "--no-progress", "--no-tensorboard", "--loader", loader, folder]
+            str(_size(arch)), "--out", out, "--no-progress", "--loader", loader, folder]
     extra = ["--channels-last", "--deterministic", "-t"] if arch == "resnet18" else ["--epochs", "1"]
-    rec = dali_main.main(base + ["--prof", "1", "--lr", "0.01"] + extra)
-    run = os.path.join(out, f"{arch}_2bit")
+    rec = dali_main.main(base + ["--prof", "1", "--lr", "0.01", "--no-tensorboard"] + extra)
+    run = os.path.join(out, "imagenet", f"{arch}_2bit")  # ImageNet runs: <out>/imagenet/
     assert os.path.isfile(os.path.join(run, "checkpoint.pth.tar"))
     assert os.path.isfile(os.path.join(run, "model_best.pth.tar"))
     assert rec["arch"] == arch and rec["epochs"] == 1
@@ -312,8 +312,8 @@ def test_scripts_one_process(arch, data, data_small, tmp_path, capsys, one_threa
         with open(os.path.join(run, f"metrics_snn_{rec['neuron']}_T3.json")) as f:
             assert METRIC_KEYS <= set(json.load(f))
         assert rec["layers"][0]["agreement"] == 1.0  # the first spiking layer is exact
-    rec = snn_ft.main(base + ["--force", "--prof", "1", "--no-eval-before"])
-    ft = os.path.join(out, f"{arch}_2bit_ft", "model_best.pth.tar")
+    rec = snn_ft.main(base + ["--force", "--prof", "1", "--no-eval-before", "--no-tensorboard"])
+    ft = os.path.join(out, "imagenet", f"{arch}_2bit_ft", "model_best.pth.tar")
     assert os.path.isfile(ft) and rec["finetuned"] and METRIC_KEYS <= set(rec)
     assert all(h["accepted"] for h in rec["finetune"]) and len(rec["finetune"]) >= 1
     if arch == "alexnet":  # snn.py takes the fine-tuned model back
@@ -342,7 +342,7 @@ def test_pretrained_local_file(data, tmp_path, capsys, one_thread):
                          backend="torch")
     assert evaluate(model, val, print_result=False)["top1"] == pytest.approx(rec["top1"])
     dali_main.main(argv + ["--pretrained", path, "--epochs", "1", "--prof", "1"])
-    assert os.path.isfile(tmp_path / "resnet18_4bit" / "model_best.pth.tar")
+    assert os.path.isfile(tmp_path / "imagenet" / "resnet18_4bit" / "model_best.pth.tar")
 
 
 # ------------------------------------------------------------------------------------- bad inputs
@@ -361,8 +361,8 @@ def test_bad_inputs(data, tmp_path, capsys, one_thread):
     from classification.imagenet import dali_main, snn as snn_script, snn_ft
     from classification.models import get_model
     ok = ["-b", "2", "-j", "0", "--input-size", "64", "--out", str(tmp_path), "--no-progress", "--loader", "torch"]
-    assert "not found" in _user_error(dali_main.main, ["-a", "resnet18", "--bit", "2"] + ok + [str(tmp_path / "no")],
-                                      capsys)
+    msg = _user_error(dali_main.main, ["-a", "resnet18", "--bit", "2"] + ok + [str(tmp_path / "no")], capsys)
+    assert "not found" in msg and " — " in msg  # every error says what to do
     assert "must hold" in _user_error(dali_main.main, ["--bit", "2"] + ok + [str(tmp_path)], capsys)
     assert "arch" in _user_error(dali_main.main, ["-a", "resnet50"] + ok + [data], capsys)
     assert "--bit" in _user_error(dali_main.main, ["--bit", "7"] + ok + [data], capsys)
@@ -373,11 +373,12 @@ def test_bad_inputs(data, tmp_path, capsys, one_thread):
     for name, payload in (("junk.pth", b"junk\n"), ("rand.pth", os.urandom(3000))):
         bad = tmp_path / name
         bad.write_bytes(payload)
-        assert "corrupt" in _user_error(dali_main.main, ["--bit", "2", "--init", str(bad)] + ok + [data], capsys)
+        msg = _user_error(dali_main.main, ["--bit", "2", "--init", str(bad)] + ok + [data], capsys)
+        assert "corrupt" in msg and " — re-create it" in msg and ("a text file" in msg) == (name == "junk.pth")
     other = tmp_path / "resnet34.pth"
     torch.save({"state_dict": get_model("resnet34", 2, num_classes=CLASSES, dataset="imagenet").state_dict()}, other)
     msg = _user_error(snn_script.main, ["-a", "resnet18", "--bit", "2", "-e", "--init", str(other)] + ok + [data], capsys)
-    assert "does not match" in msg
+    assert "does not fit" in msg and "does not match" in msg
     msg = _user_error(snn_ft.main, ["-a", "resnet34", "--bit", "32", "-u", "--init", str(other)] + ok + [data], capsys)
     assert "32" in msg
     assert "--input-size" in _user_error(dali_main.main, ["-a", "vgg16", "--bit", "2"] + ok + [data], capsys)
@@ -417,13 +418,14 @@ def test_torchrun_two_processes(data, tmp_path):
             "--no-progress", "--epochs", "1", "--prof", "2", "--loader", "torch", data]
     r = _launch("torch.distributed.run", "dali_main.py", argv, str(tmp_path))
     assert r.stdout.count(" * Acc@1 ") == 1 and "2 process(es)" in r.stdout
-    run = tmp_path / "result" / "resnet18_2bit"
+    run = tmp_path / "result" / "imagenet" / "resnet18_2bit"
     assert (run / "model_best.pth.tar").is_file() and (run / "checkpoint.pth.tar").is_file()
     assert not list((tmp_path / "result").glob("**/*.tmp"))
     ann = json.loads((run / "history.json").read_text())["history"]
     assert len(ann) == 1
     loader = "dali" if D.dali_available() else "torch"
-    r = _launch("torch.distributed.run", "snn.py", argv[:-3] + ["--loader", loader, "--dali_cpu", "-e", data],
+    snn_argv = [a for a in argv[:-3] if a not in ("--epochs", "1")]
+    r = _launch("torch.distributed.run", "snn.py", snn_argv + ["--loader", loader, "--dali_cpu", "-e", data],
                 str(tmp_path))
     assert r.stdout.count(" * Acc@1 ") == 1
     rec = json.loads((run / "metrics_snn_signed_T3.json").read_text())
@@ -444,5 +446,7 @@ def test_seed_readme_commands_distributed_launch(data_small, tmp_path):
     assert "T=7, unsigned" in r.stdout and r.stdout.count(" * Acc@1 ") == 1
     r = seed("snn_ft.py", "-a alexnet -b 2 --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 "
                           "--dali_cpu")
-    assert (tmp_path / "result" / "alexnet_3bit_ft" / "model_best.pth.tar").is_file()
-    assert (tmp_path / "result" / "alexnet_3bit_ft" / "metrics_snn_ft_signed_T7.json").is_file()
+    # the seed's result/alexnet_<bit>bit paths name this project's result/imagenet/alexnet_<bit>bit
+    assert "using result/imagenet/alexnet_3bit/model_best.pth.tar" in r.stdout
+    assert (tmp_path / "result" / "imagenet" / "alexnet_3bit_ft" / "model_best.pth.tar").is_file()
+    assert (tmp_path / "result" / "imagenet" / "alexnet_3bit_ft" / "metrics_snn_ft_signed_T7.json").is_file()

@@ -21,7 +21,7 @@ from common import run_cli  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, TASK, bit_default=32, print_freq_default=100,
+    workflow.add_common_args(p, TASK, script="train", bit_default=32, print_freq_default=100,
                              init_help="checkpoint to initialise from (a higher-bit or float model; "
                                        "missing activation / weight clips start at their defaults)")
     return p

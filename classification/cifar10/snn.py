@@ -18,7 +18,7 @@ from common import run_cli  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, TASK, bit_default=2, print_freq_default=10,
+    workflow.add_common_args(p, TASK, script="snn", bit_default=2, print_freq_default=10,
                              init_help="ANN checkpoint (default <out>/<arch>_<bit>bit/model_best.pth.tar)")
     workflow.add_snn_args(p)
     return p

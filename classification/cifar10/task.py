@@ -20,10 +20,23 @@ def add_data_args(p):
                    help="download CIFAR / Fashion-MNIST when missing (default on)")
 
 
+def dataset_name(args) -> str:
+    """``--dataset``, or ``cifar100`` for ``-ct 100``."""
+    return "cifar100" if args.cifar_type == 100 and args.dataset == "cifar10" else args.dataset
+
+
+def namespace(args) -> str:
+    """Run folders: ``result/<arch>_<bit>bit`` for CIFAR-10 (the original's paths),
+    ``result/<dataset>/<arch>_<bit>bit`` for the others."""
+    name = dataset_name(args)
+    return "" if name == "cifar10" else name
+
+
 def build_data(args, ctx) -> Data:
-    name = "cifar100" if args.cifar_type == 100 and args.dataset == "cifar10" else args.dataset
+    name = dataset_name(args)
     spec = build_datasets(name, args.data, args.train_subset, args.val_subset, download=args.download)
-    train, val = build_loaders(spec, ctx, args.batch_size, args.workers, args.test_batch_size)
+    train, val = build_loaders(spec, ctx, args.batch_size, args.workers, args.test_batch_size,
+                               seed=getattr(args, "seed", None))
     log(f"data: {spec.name}, {len(spec.train)} train / {len(spec.val)} test images, {spec.num_classes} classes")
     return Data(spec.name, spec.num_classes, train, val, spec.info)
 
@@ -34,4 +47,5 @@ def milestones(epochs: int):
 
 
 TASK = Task(name="cifar10", model_dataset="cifar", archs=CIFAR_ARCHS, default_arch="resnet20",
-            build_data=build_data, milestones=milestones, input_size=32, extra_args=add_data_args)
+            build_data=build_data, milestones=milestones, input_size=32, extra_args=add_data_args,
+            namespace=namespace, dataset_name=dataset_name)

@@ -86,7 +86,7 @@ def build_data(args, ctx) -> Data:
     backend = D.choose_backend(args.loader)
     kw = dict(workers=args.workers, input_size=args.input_size, backend=backend, dali_cpu=args.dali_cpu,
               rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, channels_last=bool(args.channels_last),
-              seed=args.seed)
+              seed=getattr(args, "seed", None))
     train = D.build_loader(train_dir, train=True, batch_size=args.batch_size, **kw) if need_train else None
     val = D.build_loader(val_dir, train=False, batch_size=args.test_batch_size or args.batch_size, **kw)
     if train is not None and len(train) == 0:
@@ -108,7 +108,10 @@ def build_data(args, ctx) -> Data:
 
 TASK = Task(name="imagenet", model_dataset="imagenet", archs=IMAGENET_ARCHS, default_arch="resnet18",
             build_data=build_data, milestones=milestones, input_size=D.DEFAULT_INPUT_SIZE,
-            extra_args=add_data_args, train_script="dali_main.py")
+            extra_args=add_data_args, train_script="dali_main.py",
+            # result/imagenet/<arch>_<bit>bit: resnet18 / vgg11 exist for CIFAR-10 too (result/<arch>_<bit>bit);
+            # the original's --init result/alexnet_4bit/... still finds result/imagenet/alexnet_4bit/...
+            namespace=lambda args: "imagenet", dataset_name=lambda args: "imagenet")
 
 
 # ---------------------------------------------------------------------------------------- parsers
@@ -120,12 +123,15 @@ def get_parser(script: str, description: str = "") -> ArgumentParser:
     init_help = ("checkpoint to initialise from (a higher-bit or float model, loaded with the --init "
                  "semantics: missing activation / weight clips start at their defaults)" if script == "train" else
                  "ANN checkpoint (default <out>/<arch>_<bit>bit/model_best.pth.tar); snn_ft.py's output also works")
+    kind = {"train": "train", "snn": "snn", "ft": "ft"}[script]
     if script == "ft":
-        add_common_args(p, TASK, bit_default=5, print_freq_default=10, lr_default=1e-3,
+        add_common_args(p, TASK, script=kind, bit_default=5, print_freq_default=10, lr_default=1e-3,
                         lr_help="fine-tuning learning rate (constant)", wd_default=None, init_help=init_help)
     else:
-        add_common_args(p, TASK, bit_default=5, print_freq_default=10, init_help=init_help)
-    p.set_defaults(epochs=90, batch_size=256, test_batch_size=None)
+        add_common_args(p, TASK, script=kind, bit_default=5, print_freq_default=10, init_help=init_help)
+    p.set_defaults(batch_size=256, test_batch_size=None)
+    if script == "train":
+        p.set_defaults(epochs=90)
     for a in p._actions:  # the help texts name the defaults
         if a.dest == "epochs":
             a.help = "training epochs (default 90; the README recipe uses 60)"
@@ -223,6 +229,7 @@ def prepare(args, script: str) -> Task:
     """Checks and the original's extra flags (``-t``, ``--prof``, ``--deterministic``,
     ``--pretrained``); returns the task for this run (its ``input_size`` = ``--input-size``)."""
     import torch
+    from classification import workflow
     if not args.data:
         raise UserError("no data path given", "pass the ImageNet root (holding train/ and val/) or the "
                                               "train and val folders, e.g. dali_main.py -a alexnet ... /data/imagenet2012")
@@ -241,7 +248,7 @@ def prepare(args, script: str) -> Task:
     if args.max_iters is not None and args.max_iters < 1:
         raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
     if args.deterministic:
-        if args.seed is None:
+        if getattr(args, "seed", None) is None:
             args.seed = 0
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -250,37 +257,27 @@ def prepare(args, script: str) -> Task:
         torch.backends.cudnn.benchmark = True
     # which splits are read: evaluation-only runs skip the (1.28 M image) training folder
     args.need_train = script in ("train", "ft") and not args.evaluate
+    args.run_namespace = TASK.namespace(args)
     if getattr(args, "pretrained", ""):
         _resolve_pretrained(args)
-    if args.init and not (script == "train" and args.resume):  # a resumed run ignores --init
+    resuming = script == "train" and bool(args.resume)
+    if args.init and not resuming:  # a resumed run ignores --init
+        args.init = workflow.resolve_checkpoint_path(args, args.init)
         check_checkpoint_file(args.init, "--init")
-    elif script in ("snn", "ft") and args.bit != 32:  # bit 32: the workflow explains what is wrong
-        from classification.workflow import run_dir
+    elif script in ("snn", "ft") and not args.init and args.bit != 32:  # bit 32: the workflow explains
         from common.checkpoint import BEST
-        check_checkpoint_file(os.path.join(run_dir(args), BEST), "--init", default=True)
+        check_checkpoint_file(os.path.join(workflow.run_dir(args), BEST), "--init", default=True)
     return dataclasses.replace(TASK, input_size=args.input_size)
 
 
 def check_checkpoint_file(path: str, what: str, default: bool = False):
-    """Fail early (before the data folders are scanned) on a missing or unreadable checkpoint.
-
-    ``torch.save`` writes zip archives, whose corruption ``common.checkpoint.load_checkpoint`` reports;
-    anything else is loaded here once, so that garbage gives a one-line error too (a non-zip file
-    can make ``torch.load`` raise e.g. ``KeyError``)."""
-    import zipfile
-    if not os.path.exists(path):
-        hint = ("train it first (dali_main.py with this --arch / --bit) or pass --init PATH" if default
-                else "check the path, or train that stage first")
-        raise UserError(f"{what} {path} does not exist", hint)
-    if os.path.isdir(path) or zipfile.is_zipfile(path):
-        return
-    import torch
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"{what} {path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {first})",
-                        "re-create it (rerun that stage) or pass another file") from None
+    """Fail early (before the data folders are scanned) on a missing or unreadable checkpoint, with
+    the same one-line errors as loading it (:func:`common.checkpoint.check_file`; zip archives --
+    what ``torch.save`` writes -- are only read later, once)."""
+    from common.checkpoint import check_file
+    hint = ("train it first (dali_main.py with this --arch / --bit) or pass --init PATH" if default
+            else "check the path, or train that stage first")
+    check_file(path, what, hint)
 
 
 def _resolve_pretrained(args):
