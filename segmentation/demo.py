@@ -40,14 +40,14 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
     p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
     p.add_argument("--test-size", type=int, default=97, help="test pad size (default 97 = 12 * 8 + 1)")
-    p.add_argument("--epochs-fp", type=int, default=10, help="epochs of the 32-bit stage (default 10)")
+    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
-    p.add_argument("--lr-fp", type=float, default=0.02, help="learning rate of the 32-bit stage (default 0.02)")
-    p.add_argument("--lr-q", type=float, default=0.01, help="learning rate of the quantized stages (default 0.01)")
+    p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
+    p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
     p.add_argument("--alpha-init", type=float, default=3.0,
                    help="initial activation clip of the quantized stages (default 3: a short run barely moves the "
                         "learned clip, and the models' 6 leaves most levels unused)")
-    p.add_argument("-b", "--batch-size", type=int, default=16)
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="training batch (default 8)")
     p.add_argument("--ft-batches", type=int, default=8, help="fine-tuning batches per layer (default 8)")
     p.add_argument("--score-batches", type=int, default=2,
                    help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
@@ -112,7 +112,7 @@ def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
         with torch.no_grad():
             for net in nets.values():
                 label = net(x.unsqueeze(0))[0, :, :h, :w].argmax(0).numpy()
-                row.append(workflow.overlay(img, label, names))
+                row.append(workflow.overlay(img, label))
         panels.append(row)
     return panels, ["image", "ground truth"] + list(nets)
 

@@ -1,6 +1,6 @@
 """Evaluate a segmenter: mIoU of the quantized ANN, or with --spike of its SNN (T = 2^bit - 1) next to the ANN.
 
-    python segmentation/eval.py -d voc -m deeplabv1_vgg9 --bit 2 --init work_dirs/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
+    python segmentation/eval.py -d voc -m deeplabv1_vgg9 --bit 2 --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
     python segmentation/eval.py -d voc -m deeplabv1_vgg9 --bit 2 --spike --plot            # signed IF, T = 3
     python segmentation/eval.py -d voc -m deeplabv1_vgg9 --bit 2 --spike -u                # unsigned IF
     python segmentation/eval.py --config coco_deeplabv3_T7                                 # the original's preset

@@ -1,6 +1,6 @@
 """Segment images with a trained ANN or its SNN; write a colour mask (VOC palette PNG) and an overlay PNG each.
 
-    python segmentation/inference.py --input photo.jpg --init work_dirs/voc/deeplabv1_vgg9_2bit/model_best.pth.tar --bit 2
+    python segmentation/inference.py --input photo.jpg --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar --bit 2
     python segmentation/inference.py --input images/ --output out/ --spike --bit 2 -m deeplabv1_vgg9
 
 Each image is padded (mean pixel) to the next k * stride + 1 >= max(its side, --test_size), segmented,

@@ -70,6 +70,13 @@ class ConvBNAct(nn.Sequential):
                                       ("act", QuantAct(bit, alpha_init=alpha_init))]))
 
 
+def init_classifier(conv: nn.Conv2d, std: float = 0.01):
+    """The per-pixel classifier starts small (N(0, 0.01), zero bias) -- near-uniform class scores, as
+    segmentation heads are usually initialised; Kaiming here would start with logits of several units."""
+    nn.init.normal_(conv.weight, 0.0, std)
+    nn.init.zeros_(conv.bias)
+
+
 class SegmentationModel(nn.Module):
     """Common attributes: ``name``, ``bit``, ``num_classes``, ``width``, ``output_stride``,
     ``backbone_prefixes`` (the keys an ImageNet backbone can initialise) and the fine-tuner's
@@ -102,6 +109,7 @@ class DeepLabV1VGG9(SegmentationModel):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(cin, num_classes, 1)
         init_conv_bn(self)
+        init_classifier(self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return upsample_logits(self.classifier(self.features(x)), 8)
@@ -145,6 +153,7 @@ class DeepLabV3ResNet34(SegmentationModel):
         self.head0 = ConvBNAct(mid, mid, 3, bit=bit, alpha_init=alpha_init, bias=False)
         self.head1 = nn.Conv2d(mid, num_classes, 1)
         init_conv_bn(self)
+        init_classifier(self.head1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -1,7 +1,7 @@
 """Layer-wise fine-tuning of a converted segmenter SNN (spec 8; the original has none for segmentation).
 
     python segmentation/snn_ft.py -d voc -m deeplabv1_vgg9 --bit 2 -n 1 --force \
-        --init work_dirs/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
+        --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
     python segmentation/snn_ft.py -d voc -m deeplabv1_vgg9 --bit 2 -n 1 --score-batches 4 --max-iters 20
 
 Each spiking layer from the second on is tuned against the quantized ANN's activation (layer-local

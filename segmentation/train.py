@@ -3,7 +3,7 @@
 Progressive recipe (spec 4.4, 7), from the repository root:
 
     python segmentation/train.py -d voc --data_root data/VOCdevkit -m deeplabv1_vgg9 --bit 32 --init pretrain/vgg9.pth
-    python segmentation/train.py -d voc -m deeplabv1_vgg9 --bit 4 --init work_dirs/voc/deeplabv1_vgg9_32bit/model_best.pth.tar
+    python segmentation/train.py -d voc -m deeplabv1_vgg9 --bit 4 --init weights/voc/deeplabv1_vgg9_32bit/model_best.pth.tar
     python segmentation/train.py --config voc_deeplabv1_3bit          # the original's preset, flags override it
     torchrun --nproc_per_node=4 segmentation/train.py -d coco -m deeplabv3_r34 --bit 32 --init torchvision --sybn
 

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, save_checkpoint
+from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.metrics import write_json
 
 from . import data as segdata
-from .metrics import IGNORE, SegMetric, make_metric_factory
+from .metrics import IGNORE, make_metric_factory
 from .models import MODELS, OUTPUT_STRIDE, classifier_weight_key, get_model
 
 BITS = (32, 5, 4, 3, 2)
@@ -82,8 +82,8 @@ def add_common_args(p: ArgumentParser, *, bit_default: int = 32, init_help: str 
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight_decay", "--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
                    help="weight decay (default 1e-4)")
-    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="work_dirs", metavar="DIR",
-                   help="runs go to DIR/<dataset>/<model>_<bit>bit (default work_dirs)")
+    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights", metavar="DIR",
+                   help="runs go to DIR/<dataset>/<model>_<bit>bit (default weights)")
     p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, default=None, metavar="N",
                    help="use the first N training images")
     p.add_argument("--val-subset", "--val_subset", dest="val_subset", type=int, default=None, metavar="N",
@@ -377,7 +377,6 @@ def _resume(args, model, optimizer, scheduler, out_dir):
             path = ""
     if not path:
         return None
-    import quant
     ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
@@ -632,7 +631,7 @@ def finetune(args) -> Dict:
             log("SNN before fine-tuning:")
             before = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (before)")
             log(f"SNN mIoU {before['miou']:.2f} (ANN {before['ann_miou']:.2f})")
-        score = None
+        score = None  # --force: accept every layer
         if not args.force:
             # accept / revert: SNN mIoU on the first --score-batches training images, without augmentation
             score_ds = copy.copy(data.train)
@@ -640,9 +639,10 @@ def finetune(args) -> Dict:
             score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)
             make = make_metric_factory(data.num_classes, data.class_names)
 
-            def score(n):
+            def train_miou(n):
                 return float(pipeline.evaluate(n, score_loader, make, device=ctx.device, progress=args.progress,
                                                desc="score (train mIoU)", max_batches=args.score_batches)["miou"])
+            score = train_miou
         bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
         log(f"fine-tuning {args.model} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, BN "
             f"{bn_mode}, {'--force (accept every layer)' if args.force else f'accept on train mIoU ({args.score_batches} batches)'}")
@@ -724,12 +724,15 @@ def infer(args) -> List[str]:
         return written
 
 
-def overlay(img, label, names) -> "np.ndarray":
-    """The image with the label map blended over it and the classes present named (imgviz)."""
+def overlay(img, label, names=None):
+    """The image with the label map blended over it (VOC colours, imgviz); the classes present are named
+    when ``names`` is given and the image is large enough for the legend to leave it visible."""
     import imgviz
     import numpy as np
-    return np.asarray(imgviz.label2rgb(label.astype(np.int32), image=img, alpha=0.5, label_names=list(names),
-                                       font_size=max(8, min(img.shape[:2]) // 20), loc="rb"))
+    named = names is not None and min(img.shape[:2]) >= 160
+    return np.asarray(imgviz.label2rgb(label.astype(np.int32), image=img, alpha=0.5,
+                                       label_names=list(names) if named else None,
+                                       font_size=max(10, min(img.shape[:2]) // 25), loc="rb"))
 
 
 def _input_images(src: str) -> List[str]:

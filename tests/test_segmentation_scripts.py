@@ -215,8 +215,9 @@ def test_cli_errors_are_one_line(chain, tmp_path):
 
 
 def test_two_process_torchrun(chain, tmp_path):
-    """torchrun with 2 gloo processes: DDP training (SyncBN requested), then the SNN evaluation whose
-    confusion matrix is summed over both ranks (the same mIoU as one process)."""
+    """torchrun with 2 gloo processes: DDP training (SyncBN requested); python -m torch.distributed.launch
+    (--local-rank argument): the SNN evaluation, whose confusion matrix is summed over both ranks (the same
+    mIoU as one process)."""
     flags = common_flags(chain["data"], str(tmp_path)) + ["--bit", "2", "--init", chain["best2"]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
@@ -224,14 +225,17 @@ def test_two_process_torchrun(chain, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     best = os.path.join(str(tmp_path), "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")
-    assert os.path.isfile(best)
+    trained = json.load(open(os.path.join(str(tmp_path), "voc", "deeplabv1_vgg9_2bit", "metrics_ann.json")))
+    from segmentation import eval as seg_eval
+    alone = seg_eval.main(chain["flags"] + ["--bit", "2", "--init", best, "--metrics-out", str(tmp_path / "a.json")])
+    assert trained["miou"] == pytest.approx(alone["miou"])   # val mIoU of the 2-rank run = one process
     js = str(tmp_path / "ddp.json")
-    p = subprocess.run(run[:-1] + ["29572", os.path.join(ROOT, "segmentation", "eval.py")] + flags +
+    launch = [PY, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port", "29572"]
+    p = subprocess.run(launch + [os.path.join(ROOT, "segmentation", "eval.py")] + flags +
                        ["--spike", "--init", chain["best2"], "--metrics-out", js], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     two = json.load(open(js))
-    from segmentation import eval as seg_eval
     one = seg_eval.main(chain["flags"] + ["--bit", "2", "--spike", "--init", chain["best2"],
                                           "--metrics-out", str(tmp_path / "one.json")])
     assert two["samples"] == one["samples"] == 3
