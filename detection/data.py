@@ -224,7 +224,8 @@ def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
                         "re-create or re-download it") from None
-    cat_ids = sorted(coco.getCatIds())
+    # a "_background_" category (labelme's COCO export) is not an object class
+    cat_ids = sorted(c for c in coco.getCatIds() if coco.loadCats(c)[0]["name"].lower() not in _SKIP_FIRST)
     if not cat_ids:
         raise UserError(f"COCO annotation file {ann_file} has no categories", "use a COCO instances_*.json file")
     names = [coco.loadCats(c)[0]["name"] for c in cat_ids]
@@ -250,10 +251,17 @@ def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
 
 
 # ---------------------------------------------------------------------------------------- dataset
-def train_transform(size: int, with_boxes: bool = True):
+AUGMENTATIONS = ("ssd", "flip", "none")
+
+
+def train_transform(size: int, with_boxes: bool = True, aug: str = "ssd"):
+    """``ssd``: photometric distortion, zoom-out, IoU crop, flip (the original's SSD-style augmentation);
+    ``flip``: horizontal flip only; ``none``: resize only."""
     from torchvision.transforms import v2
-    ops = [v2.RandomPhotometricDistort(p=0.5)]
-    if with_boxes:
+    if aug == "none":
+        return eval_transform(size)
+    ops = [v2.RandomPhotometricDistort(p=0.5)] if aug == "ssd" else []
+    if with_boxes and aug == "ssd":
         from torchvision import tv_tensors
         fill = {tv_tensors.Image: [int(255 * m) for m in MEAN], "others": 0}
         ops += [v2.RandomZoomOut(fill=fill, side_range=(1.0, 2.0), p=0.5), v2.RandomIoUCrop()]
@@ -270,6 +278,19 @@ def eval_transform(size: int):
                        v2.Normalize(MEAN, STD)])
 
 
+def read_image(path: str) -> torch.Tensor:
+    """``uint8 [3, H, W]`` RGB (PIL); a file that does not decode is a :class:`UserError`."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"image {path} could not be decoded ({msg[:120]})",
+                        "replace the file, or remove its id from the image list") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
 class DetectionDataset(Dataset):
     """Records -> ``{"image", "boxes" (normalised xyxy after the transform), "labels", "gt_boxes"
     (original pixels), "gt_labels", "difficult", "orig_size" (h, w), "id", "index"}``.
@@ -278,15 +299,16 @@ class DetectionDataset(Dataset):
     consumer in the main process, see :func:`check_batch`)."""
 
     def __init__(self, records: List[Record], size: int, train: bool, classes: Sequence[str], name: str = "",
-                 coco: Optional[CocoInfo] = None):
+                 coco: Optional[CocoInfo] = None, aug: str = "ssd"):
         self.records, self.size, self.train, self.classes = records, int(size), train, list(classes)
-        self.name, self.coco = name, coco
+        self.name, self.coco, self.aug = name, coco, aug
         self.set_size(size)
 
     def set_size(self, size: int):
         self.size = int(size)
         if self.train:
-            self._tf, self._tf_empty = train_transform(self.size), train_transform(self.size, with_boxes=False)
+            self._tf = train_transform(self.size, aug=self.aug)
+            self._tf_empty = train_transform(self.size, with_boxes=False, aug=self.aug)
         else:
             self._tf = self._tf_empty = eval_transform(self.size)
 
@@ -295,13 +317,11 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i):
         from torchvision import tv_tensors
-        from torchvision.io import ImageReadMode, decode_image
         rec = self.records[i]
         try:
-            img = decode_image(rec.image, mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return {"error": f"image {rec.image} could not be decoded ({msg[:120]})", "index": i}
+            img = read_image(rec.image)
+        except UserError as e:
+            return {"error": str(e.what), "index": i}
         h, w = img.shape[-2:]
         gt = torch.from_numpy(rec.boxes).clone()
         gt[:, 0::2] = gt[:, 0::2].clamp(0, w)
@@ -366,7 +386,7 @@ class Data:
 
 
 def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, classes_file: str = "",
-                   need_train: bool = True, need_val: bool = True) -> Data:
+                   need_train: bool = True, need_val: bool = True, aug: str = "ssd") -> Data:
     """``dataset``: ``voc`` | ``coco`` | ``coco-val`` | ``coco-test``."""
     root = os.path.expanduser(root)
     if dataset == "voc":
@@ -375,7 +395,7 @@ def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, c
         train = val = None
         if need_train:
             train = DetectionDataset(voc_records(root, "train", classes, src, keep_difficult=False), train_size,
-                                     True, classes, "voc")
+                                     True, classes, "voc", aug=aug)
         if need_val:
             val = DetectionDataset(voc_records(root, "test", classes, src), val_size, False, classes, "voc")
         return Data("voc", classes, train, val, {"root": root})
@@ -384,7 +404,7 @@ def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, c
         names = None
         if need_train:
             recs, names, info = load_coco(*coco_paths(root, "train2017"))
-            train = DetectionDataset(recs, train_size, True, names, "coco", info)
+            train = DetectionDataset(recs, train_size, True, names, "coco", info, aug=aug)
         if need_val:
             split = "test-dev2017" if dataset == "coco-test" else "val2017"
             recs, vnames, info = load_coco(*coco_paths(root, split), with_boxes=dataset != "coco-test")

@@ -34,12 +34,12 @@ def interpolated_ap(rec: np.ndarray, prec: np.ndarray, points: int = 11) -> floa
     """AP from a recall / precision curve: ``points`` = 11 (VOC07), 101 (COCO) or 0 (all points)."""
     rec, prec = np.asarray(rec, np.float64), np.asarray(prec, np.float64)
     if points:
-        ap = 0.0
         thresholds = np.arange(0.0, 1.1, 0.1) if points == 11 else np.linspace(0.0, 1.0, points)
+        vals = []
         for t in thresholds:
             p = prec[rec >= t]
-            ap += (p.max() if p.size else 0.0) / points
-        return float(ap)
+            vals.append(p.max() if p.size else 0.0)
+        return float(np.mean(vals))
     mrec = np.concatenate([[0.0], rec, [1.0]])
     mpre = np.concatenate([[0.0], prec, [0.0]])
     for i in range(mpre.size - 1, 0, -1):

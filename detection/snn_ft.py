@@ -27,6 +27,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
                    help="fine-tuning epochs per layer (default 1)")
+    p.add_argument("--aug", default="ssd", choices=("ssd", "flip", "none"),
+                   help="augmentation of the fine-tuning batches (as train.py; default ssd)")
     p.add_argument("--force", action="store_true", help="accept every tuned layer (no mAP check)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
     p.add_argument("--momentum", type=float, default=0.9)

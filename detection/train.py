@@ -55,6 +55,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--anchors", default="", metavar="SPEC",
                    help="anchors in grid cells: voc, coco, auto[:K] (k-means of the training boxes at train_size) "
                         "or 'w,h w,h ...' (default: the dataset's; with --init: the checkpoint's)")
+    p.add_argument("--aug", default="ssd", choices=("ssd", "flip", "none"),
+                   help="training augmentation: ssd = photometric distortion, zoom-out, IoU crop, flip (the "
+                        "original's; default), flip = horizontal flip only, none")
     p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
                    help="initial activation clip of the quantizers (default 6.0)")
     W.add_post_args(p)

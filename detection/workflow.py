@@ -257,7 +257,8 @@ def base_lr(args, epoch: int) -> float:
 # ---------------------------------------------------------------------------------------- data
 def _data(args, need_train: bool, need_val: bool, train_size: int, val_size: int) -> D.Data:
     return D.build_datasets(args.dataset, args.data_root, train_size=train_size, val_size=val_size,
-                            classes_file=args.classes, need_train=need_train, need_val=need_val)
+                            classes_file=args.classes, need_train=need_train, need_val=need_val,
+                            aug=getattr(args, "aug", "ssd"))
 
 
 def make_metric_fn(model, data: D.Data, args):
@@ -617,7 +618,6 @@ def demo(args) -> List[str]:
         os.path.join(args.path, f) for f in os.listdir(args.path) if f.lower().endswith(IMAGE_EXT))
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_EXT)}) in {args.path}", "pass an image file or a folder of images")
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.utils import draw_bounding_boxes
     from common import pipeline
     with dist.session(_device_arg(args), None) as ctx:
@@ -633,11 +633,7 @@ def demo(args) -> List[str]:
         os.makedirs(args.out, exist_ok=True)
         written = []
         for f in files:
-            try:
-                img = decode_image(f, mode=ImageReadMode.RGB)
-            except (RuntimeError, OSError, ValueError) as e:
-                raise UserError(f"image {f} could not be decoded ({str(e).splitlines()[0][:100]})",
-                                "pass a readable image") from None
+            img = D.read_image(f)
             h, w = img.shape[-2:]
             x = tf(img).unsqueeze(0).to(ctx.device)
             det = postprocess(runner(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
