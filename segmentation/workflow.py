@@ -116,9 +116,12 @@ SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "
 
 
 def preset_path(name: str) -> str:
-    if os.path.isfile(name):
+    """A JSON file, or a preset name -- also spelled as the original's config path
+    (``configs/voc_deeplabv1_2bit.py``)."""
+    if os.path.isfile(name) and not name.endswith(".py"):
         return name
-    path = os.path.join(CONFIG_DIR, name if name.endswith(".json") else name + ".json")
+    stem = os.path.splitext(os.path.basename(name))[0] if name.endswith((".py", ".json")) else os.path.basename(name)
+    path = os.path.join(CONFIG_DIR, stem + ".json")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(CONFIG_DIR) else []
         raise UserError(f"--config {name}: no such preset or file",

@@ -240,3 +240,18 @@ def test_two_process_torchrun(chain, tmp_path):
                                           "--metrics-out", str(tmp_path / "one.json")])
     assert two["samples"] == one["samples"] == 3
     assert two["miou"] == pytest.approx(one["miou"]) and two["ann_miou"] == pytest.approx(one["ann_miou"])
+
+
+def test_original_dist_test_command_with_a_json_config(chain, tmp_path):
+    """vedaseg's ``bash tools/dist_test.sh CONFIG CHECKPOINT "GPU_IDS"`` with a JSON file of flag values."""
+    r = chain["data"]
+    cfg = tmp_path / "my_T3.json"
+    cfg.write_text(json.dumps({"dataset": "voc", "data_root": r["root"], "classes": r["classes"], "model": "deeplabv1_vgg9",
+                               "width": 0.125, "bit": 2, "spike": True, "test_size": 49, "workers": 0,
+                               "progress": False, "metrics_out": str(tmp_path / "t3.json")}))
+    p = subprocess.run(["bash", os.path.join(ROOT, "segmentation", "tools", "dist_test.sh"), str(cfg), chain["best2"], "0"],
+                       cwd=os.path.join(ROOT, "segmentation"), capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.load(open(tmp_path / "t3.json"))
+    assert rec["T"] == 3 and rec["neuron"] == "signed" and rec["samples"] == 3
