@@ -85,7 +85,7 @@ def run(ann, x, batch, T, variant, log):
     backend, _, cache = variant.partition("+")
     net = snn.convert(ann, T=T)
     if backend == "reference":
-        kernels.enable(net, "reference")
+        kernels.set_backend(net, "reference")
     batches = [(xb, torch.zeros(len(xb), dtype=torch.long)) for xb in x.split(batch)]
     acc = collections.defaultdict(float)
     quiet = wait_quiet()  # no other process on the CPUs (up to 60 s)

@@ -15,9 +15,11 @@ process, interleaved round-robin, after warm-up, ``--repeats`` times; medians ar
   ``floor_chain``: the same convolutions chained as in the network (our optimised SNN with every
   neuron a no-op, every BN an identity, no residual sums) -- what the convolutions cost inside a
   network, where outputs stay alive and inputs are not cache-hot (``ann_chain``: the same for the ANN);
-* ``snn``: ours, ``snn.optimize(snn.convert(ann, T, signed))``;
-* ``snn_compile`` (``--compile-kernel``): the same with the neurons' time loop compiled by
-  ``torch.compile`` (inductor) instead of our C kernel;
+* ``snn``: ours, ``snn.optimize(snn.convert(ann, T, signed))`` with the neurons' default backend
+  (``auto``: the C++ custom operators on CPU);
+* ``snn_compile``: the same network with ``backend="compile"`` (the reference loop compiled by
+  ``torch.compile`` / inductor) -- the column a native kernel must beat by >= 10 % to be kept
+  (``--no-compile-kernel`` skips it);
 * ``naive`` (``--naive``): the unoptimised converted SNN with the reference PyTorch loop;
 * ``sj``: SpikingJelly 2.0 (``spikingjelly.activation_based.neuron.IFNode``, multi-step, soft reset,
   V0 = theta/2 via its reset value) in place of our neurons in the *unoptimised* converted network
@@ -75,7 +77,7 @@ class ConvReplay:
         for mod, shape in calls:
             key = tuple(shape)
             if key not in bufs:
-                x = torch.randn(shape)
+                x = torch.randn(shape, device=mod.weight.device)
                 bufs[key] = x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x.contiguous()
             w = mod.weight.detach()
             w = w.contiguous(memory_format=torch.channels_last) if cl and w.dim() == 4 else w.contiguous()
@@ -131,7 +133,7 @@ class _PassNeuron(nn.Module):
             return current
         shape = (self.T * current.shape[0],) + tuple(current.shape[1:])
         if self.buf is None or tuple(self.buf.shape) != shape:
-            b = torch.randn(shape)
+            b = torch.randn(shape, device=current.device)
             self.buf = b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 and self.channels_last else b
         return self.buf
 
@@ -224,17 +226,16 @@ def spike_agreement(ref: snn.SpikingNetwork, opt: snn.SpikingNetwork, x) -> floa
 @contextlib.contextmanager
 def labelled_neurons():
     """Label every neuron call in the profiler (class-level wrapper, no hooks: in-place stays on)."""
-    from snn.optimize import FusedIFNeuron
-    orig = FusedIFNeuron.forward
+    orig = IFNeuron.forward
 
     def fwd(self, *a, **k):
         with torch.profiler.record_function("fused_if_neuron"):
             return orig(self, *a, **k)
-    FusedIFNeuron.forward = fwd
+    IFNeuron.forward = fwd
     try:
         yield
     finally:
-        FusedIFNeuron.forward = orig
+        IFNeuron.forward = orig
 
 
 def profile_breakdown(fn, label: str, runs: int = 3) -> dict:
@@ -268,20 +269,23 @@ def bench_arch(arch, Ts, neurons, args, records, log):
     ds, size = ARCHS[arch]
     B = args.imagenet_batch if ds == "imagenet" else args.batch
     torch.manual_seed(0)
-    x = torch.randn(B, 3, size, size)
+    dev = torch.device(args.device)
+    x = torch.randn(B, 3, size, size, device=dev)
     for T in Ts:
         bit = int(round(math.log2(T + 1)))
         if 2 ** bit - 1 != T:
             raise SystemExit(f"T={T} is not 2**bit - 1")
-        ann = random_bn(get_model(arch, bit, dataset=ds), seed=bit)
+        ann = random_bn(get_model(arch, bit, dataset=ds), seed=bit).to(dev)
         for p in ann.parameters():
             p.requires_grad_(False)
         log(f"\n== {arch} ({ds}, batch {B}), T={T} (bit {bit})")
         t0 = time.time()
-        ann_opt = optimize_ann(ann, example=x)  # layout: the faster on this batch
+        pop = args.conv_add_postop
+        ann_opt = optimize_ann(ann, example=x, conv_add_postop=pop)  # layout: the faster on this batch
         nets = {s: snn.convert(ann, T=T, signed=(s == "signed")) for s in neurons}
-        first = snn.optimize(nets[neurons[0]], example=x)
-        ours = {s: first if s == neurons[0] else snn.optimize(nets[s], channels_last=first.layout == "channels_last")
+        first = snn.optimize(nets[neurons[0]], example=x, conv_add_postop=pop)
+        ours = {s: first if s == neurons[0] else snn.optimize(nets[s], channels_last=first.layout == "channels_last",
+                                                              conv_add_postop=pop)
                 for s in neurons}
         ann_replay, ann_layout = best_replay(conv_calls(ann_opt, x))
         floor_replay, floor_layout = best_replay(conv_calls(first, x))
@@ -297,14 +301,14 @@ def bench_arch(arch, Ts, neurons, args, records, log):
         }
         for s in neurons:
             fns["snn_" + s] = (lambda net: (lambda: net(x)))(ours[s])
-            if args.compile_kernel:  # the same optimised network, neurons through torch.compile
+            if not args.no_compile_kernel:  # the same optimised network, neurons through torch.compile
                 fns["snn_compile_" + s] = (lambda net: (lambda: net(x)))(snn.optimize(
-                    nets[s], channels_last=first.layout == "channels_last", kernel="compile"))
+                    nets[s], channels_last=first.layout == "channels_last", backend="compile", conv_add_postop=pop))
         sj = sj_cl = None
         if not args.no_sj:
             try:
                 ref_u = nets.get("unsigned") or snn.convert(ann, T=T, signed=False)
-                sj = sj_network(ref_u)
+                sj = sj_network(ref_u).to(dev)
                 fns["sj"] = lambda: sj(x)
                 if args.sj_channels_last:  # the same with channels-last weights and input (not SJ's default)
                     sj_cl = copy.deepcopy(sj).to(memory_format=torch.channels_last)
@@ -314,27 +318,29 @@ def bench_arch(arch, Ts, neurons, args, records, log):
                 log(f"  SpikingJelly not available ({e}); pip install -r requirements-bench.txt")
         if args.naive:
             for s in neurons:
-                ref = kernels.enable(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
+                ref = kernels.set_backend(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
                 fns["naive_" + s] = (lambda net: (lambda: net(x)))(ref)
         # correctness of what is timed (small batch)
         xs = x[:4]
         checks = {}
         with torch.no_grad():
             for s in neurons:
-                ref = kernels.enable(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
+                ref = kernels.set_backend(snn.convert(ann, T=T, signed=(s == "signed")), "reference")
                 checks[s] = {"spike_agreement": spike_agreement(ref, ours[s], xs),
                              "max_abs_diff": float((ref(xs) - ours[s](xs)).abs().max())}
             if sj is not None:  # SpikingJelly vs our unsigned reference: equal but for the first layer, whose
                 # closed form (ours, bit-exact with the ANN) and step loop (SJ) can round differently at ties
-                ref = kernels.enable(snn.convert(ann, T=T, signed=False), "reference")
+                ref = kernels.set_backend(snn.convert(ann, T=T, signed=False), "reference")
                 a, b = sj(xs), ref(xs)
                 checks["sj_max_abs_diff"] = float((a - b).abs().max())
         log(f"  set-up {time.time() - t0:.1f} s; layouts: SNN {first.layout}, floor {floor_layout}, "
             f"ANN {ann_opt.layout}, ANN convs {ann_layout}; checks {checks}")
+        if dev.type == "cuda":  # time until the GPU is done
+            fns = {k: (lambda f: (lambda: (f(), torch.cuda.synchronize())))(f) for k, f in fns.items()}
         with torch.no_grad():
             res = interleaved(fns, repeats=args.repeats, warmup=args.warmup, log=log if args.verbose else None,
                               quiet=not args.no_wait)
-            mem = {k: peak_extra_mb(f) for k, f in fns.items()} if not args.no_memory else {}
+            mem = {k: peak_extra_mb(f) for k, f in fns.items()} if not args.no_memory and dev.type == "cpu" else {}
             prof = None
             if args.profile and T in args.profile_T:
                 prof = profile_breakdown(fns["snn_" + neurons[0]], f"{arch} T={T} {neurons[0]} (ours)")
@@ -365,7 +371,8 @@ def bench_arch(arch, Ts, neurons, args, records, log):
                 "peak_mb_ann": mem.get("ann"),
                 "floor_layout": floor_layout, "snn_layout": first.layout, "ann_layout": ann_opt.layout,
                 "sj_neuron": "IFNode (unsigned; SpikingJelly has no signed IF)" if s == "signed" else "IFNode",
-                "kernel": kernels._resolve(kernels.default_backend(), x),
+                "kernel": kernels.resolve("auto", x), "conv_add_postop": bool(pop),
+                "ratio_compile_native": (med["snn_compile_" + s] / snn_ms) if "snn_compile_" + s in med else None,
                 "spike_agreement": checks[s]["spike_agreement"], "max_abs_diff_vs_reference": checks[s]["max_abs_diff"],
                 "sj_max_abs_diff_vs_unsigned_reference": checks.get("sj_max_abs_diff"),
                 "times_ms": {k: v["all"] for k, v in res.items() if k in ("snn_" + s, "sj", "floor", "ann")},
@@ -379,7 +386,8 @@ def bench_arch(arch, Ts, neurons, args, records, log):
 COLS = [("arch", "arch", None), ("T", "T", None), ("neuron", "neuron", None), ("ANN ms", "ann_ms", "{:.1f}"),
         ("ANN eager", "ann_eager_ms", "{:.1f}"), ("ANN convs", "ann_convs_ms", "{:.1f}"),
         ("floor ms", "floor_ms", "{:.1f}"), ("SNN ms", "snn_ms", "{:.1f}"), ("SJ ms", "sj_ms", "{:.1f}"),
-        ("SNN/floor", "ratio_floor", "{:.2f}"), ("SNN/(T·ANN)", "ratio_t_ann", "{:.2f}"),
+        ("SNN compile", "snn_compile_ms", "{:.1f}"), ("compile/native", "ratio_compile_native", "{:.2f}"),
+        ("SNN/floor", "ratio_floor", "{:.2f}"), ("compile/floor", "ratio_floor_compile", "{:.2f}"), ("SNN/(T·ANN)", "ratio_t_ann", "{:.2f}"),
         ("SNN/SJ", "ratio_sj", "{:.2f}"), ("SJ/SNN", "speedup_sj", "{:.2f}"), ("SJ-cl/SNN", "speedup_sj_cl", "{:.2f}"),
         ("ANN/convs", "ratio_ann_convs", "{:.2f}"), ("chain floor", "floor_chain_ms", "{:.1f}"),
         ("SNN/chain", "ratio_floor_chain", "{:.2f}"), ("ANN/chain", "ratio_ann_chain", "{:.2f}"),
@@ -411,6 +419,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     ap.add_argument("--quick", action="store_true", help="resnet20 at T = 3 and 7 only")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--no-sj", action="store_true", help="skip SpikingJelly")
@@ -418,13 +427,16 @@ def main(argv=None):
                     help="also time SpikingJelly with channels-last weights / input (not its default layout)")
     ap.add_argument("--naive", action="store_true", help="also time the unoptimised SNN with the reference loop")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--compile-kernel", action="store_true",
-                    help="also time our optimised network with the torch.compile neuron backend")
+    ap.add_argument("--no-compile-kernel", action="store_true",
+                    help="do not time our optimised network with the torch.compile neuron backend")
+    ap.add_argument("--conv-add-postop", action="store_true",
+                    help="residual sums as oneDNN convolution post-ops (private torch.ops.mkldnn op; opt-in)")
     ap.add_argument("--profile", action="store_true", help="print the op breakdown of ours and of the floor")
     ap.add_argument("--profile-T", default="3,7")
     ap.add_argument("--verbose", action="store_true")
-    ap.add_argument("--no-malloc-tune", action="store_true",
-                    help="keep glibc's default (freed tensors go back to the OS and are page-faulted in again)")
+    ap.add_argument("--malloc-tune", action="store_true",
+                    help="opt-in: keep freed tensors in the heap (glibc mallopt, process-wide); by default glibc "
+                         "returns them to the OS and they are page-faulted in again")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for an idle machine before each round")
     args = ap.parse_args(argv)
     if args.quick:
@@ -432,7 +444,7 @@ def main(argv=None):
     args.profile_T = [int(t) for t in args.profile_T.split(",")]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    malloc_tuned = False if args.no_malloc_tune else tune_malloc()
+    malloc_tuned = tune_malloc() if args.malloc_tune else False
     archs = [a for a in args.arch.split(",") if a]
     for a in archs:
         if a not in ARCHS:

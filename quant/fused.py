@@ -1,37 +1,36 @@
-"""Fused inference kernels for the quantizer, and the native-kernel builder shared with ``snn.kernels``.
+"""Fused inference kernels for the quantizer, and the layout helpers shared with ``snn.kernels``.
 
-Native kernels are small C files compiled once with the system C compiler (``$CC``, default ``gcc``;
-``-O3 -march=native -fopenmp``, no fast-math and ``-ffp-contract=off`` so every float operation is the
-one PyTorch does, in the same order) into ``$FASTSNN_CACHE/kernels`` (default
-``~/.cache/fast_snn/kernels``) and loaded with :mod:`ctypes`. They take raw data pointers, so a call
-costs a few microseconds, and they run on PyTorch's own OpenMP runtime and thread count. Without a
-compiler (or when the build fails) everything falls back to plain PyTorch, with one warning.
+The quantizer's native kernels are PyTorch custom operators of the same C++ library as the IF
+kernels (``torch.ops.fastsnn.act_quant`` / ``act_quant_bwd`` / ``wq_fwd`` / ``wq_bwd``,
+``snn/csrc/fastsnn_ops.cpp``, built on first use by :mod:`snn.kernels.cpp` through
+``torch.utils.cpp_extension``): they check devices, dtypes and layouts, have fake implementations for
+torch.compile, and every float operation is the reference's (no fast-math, ``-ffp-contract=off``).
+Without a C++ compiler (or ``FASTSNN_KERNEL=reference``) everything runs the plain PyTorch reference,
+after one warning.
 
 Quantizer inference (``torch.no_grad``): :func:`act_quant_infer` computes the quantized ReLU
 ``floor(clamp(x / alpha, 0, 1) * n + 1/2) * (alpha / n)`` in one pass over memory, bit-identical to
 :func:`quant.functional.act_quant` (round half up). ``QuantAct`` uses it automatically when no gradient
-is needed.
+is needed; in training, :class:`_FusedActQuant` / :class:`_FusedWeightQuant` are one-pass forward /
+backward kernels with the reference's values.
 
 :func:`optimize_ann` returns an inference copy of a quantized ANN: quantized weights computed once,
 eval-mode BatchNorm folded into the preceding conv / linear, a residual addition fused into the
 quantizer that follows it, channels-last layout for the convolutions. It equals the ANN up to float
 rounding (BN folding changes the last bit of a pre-activation; a level can differ only where the
-pre-activation lies within ~1e-6 of a rounding boundary).
+pre-activation lies within ~1e-6 of a rounding boundary). The oneDNN convolution + sum post-op (a
+private op, ``torch.ops.mkldnn._convolution_pointwise_``) is used only on request
+(``conv_add_postop=True``), with a plain ``conv(x) + r`` fallback.
+
+:func:`tune_malloc` (glibc allocator thresholds) is never applied implicitly: a script or benchmark
+calls it on an explicit flag.
 """
 from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import operator
 import os
-import platform
-import shutil
-import string
-import subprocess
-import sys
-import tempfile
-import threading
 import warnings
 from typing import Dict, Optional
 
@@ -43,12 +42,8 @@ from .functional import FULL_PRECISION, act_levels, act_quant_levels, num_levels
 from .layers import WEIGHT_LAYERS, QuantAct
 
 # ----------------------------------------------------------------------------------------------
-# native builder
+# native ops (the C++ library of snn.kernels.cpp)
 # ----------------------------------------------------------------------------------------------
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off",
-          "-fno-math-errno", "-fno-trapping-math"]
-_LIBS: Dict[str, Optional[ctypes.CDLL]] = {}
-_LOCK = threading.Lock()
 _WARNED = set()
 
 
@@ -58,78 +53,22 @@ def warn_once(key: str, msg: str):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def cache_dir() -> str:
-    root = os.environ.get("FASTSNN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fast_snn")
-    return os.path.join(root, "kernels")
+_OPS = {}
 
 
-def _host_id() -> str:
-    """CPU model + flags (the library is built with -march=native) and the compiler's version."""
-    parts = [platform.machine(), sys.platform]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    parts.append(line.strip())
-                if len(parts) >= 4:
-                    break
-    except OSError:
-        pass
-    return "|".join(parts)
-
-
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC", "gcc")
-    return shutil.which(cc)
-
-
-def build_native(name: str, source: str) -> Optional[ctypes.CDLL]:
-    """Compile ``source`` (C) into a shared library, cached by content, and load it; ``None`` (with
-    one warning) when there is no compiler or the build fails."""
-    with _LOCK:
-        if name in _LIBS:
-            return _LIBS[name]
-        lib = None
-        cc = _compiler()
-        if cc is None:
-            warn_once("cc", "fast-snn: no C compiler found ($CC / gcc): using the plain PyTorch kernels")
-        else:
-            try:
-                lib = _build(cc, name, source)
-            except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
-                warn_once("build:" + name, f"fast-snn: building native kernel '{name}' failed "
-                          f"({type(e).__name__}: {str(e)[:500]}); using the plain PyTorch kernels")
-                lib = None
-        _LIBS[name] = lib
-        return lib
-
-
-def _build(cc: str, name: str, source: str) -> ctypes.CDLL:
-    try:
-        ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except Exception:  # noqa: BLE001
-        ver = ""
-    key = hashlib.sha256("\0".join([source, " ".join(CFLAGS), ver, _host_id()]).encode()).hexdigest()[:16]
-    d = cache_dir()
-    try:
-        os.makedirs(d, exist_ok=True)
-        probe = os.path.join(d, ".w")
-        open(probe, "a").close()
-    except OSError:
-        d = os.path.join(tempfile.gettempdir(), f"fast_snn_kernels_{os.getuid() if hasattr(os, 'getuid') else 0}")
-        os.makedirs(d, exist_ok=True)
-    so = os.path.join(d, f"{name}_{key}.so")
-    if not os.path.exists(so):
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = os.path.join(tmp, name + ".c")
-            with open(src, "w") as f:
-                f.write(source)
-            out = os.path.join(tmp, name + ".so")
-            r = subprocess.run([cc, *CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=300)
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr.strip() or r.stdout.strip())
-            os.replace(out, so)  # atomic: concurrent builders agree on the content
-    return ctypes.CDLL(so)
+def native_ops():
+    """``torch.ops.fastsnn`` with the native kernels, or ``None`` (one warning) where they cannot be
+    built; ``None`` without a warning under ``FASTSNN_KERNEL=reference``."""
+    if os.environ.get("FASTSNN_KERNEL", "auto").lower() == "reference":
+        return None
+    if "ops" not in _OPS:
+        from snn.kernels import cpp  # lazy: snn imports quant
+        try:
+            _OPS["ops"] = cpp.load()
+        except cpp.BackendUnavailable as e:
+            warn_once("quant-native", f"fast-snn: native quantizer kernels unavailable ({e}); using plain PyTorch")
+            _OPS["ops"] = None
+    return _OPS["ops"]
 
 
 _MALLOC_TUNED = False
@@ -157,11 +96,6 @@ def tune_malloc(threshold: int = 1 << 30) -> bool:
         return False
     _MALLOC_TUNED = bool(ok)
     return _MALLOC_TUNED
-
-
-def num_threads(numel: int) -> int:
-    """OpenMP threads for an elementwise kernel over ``numel`` elements (1 for small tensors)."""
-    return 1 if numel < 32768 else max(1, torch.get_num_threads())
 
 
 def dense_same_layout(*ts: torch.Tensor) -> bool:
@@ -200,174 +134,13 @@ def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def ptr(t: Optional[torch.Tensor]):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# activation quantizer kernel
-# ----------------------------------------------------------------------------------------------
-_ACT_SRC = r"""
-#include <math.h>
-#include <stdint.h>
-
-/* out = floor(clamp((x [+ r]) / alpha, 0, 1) * n + 0.5) * step   -- the order of quant.act_levels */
-#define DEFINE_ACT(SUF, REAL, FLOOR)                                                              \
-static inline REAL act_##SUF(REAL v, REAL alpha, REAL n, REAL step) {                            \
-    REAL u = v / alpha;                                                                           \
-    u = u < (REAL)0 ? (REAL)0 : (u > (REAL)1 ? (REAL)1 : u);                                      \
-    return FLOOR(u * n + (REAL)0.5) * step;                                                       \
-}                                                                                                 \
-void fsnn_act_quant_##SUF(const REAL* x, const REAL* r, REAL* out, int64_t N, double alpha_,      \
-                          double n_, double step_, int nt) {                                      \
-    const REAL alpha = (REAL)alpha_, n = (REAL)n_, step = (REAL)step_;                            \
-    if (r) {                                                                                      \
-        _Pragma("omp parallel for simd num_threads(nt) schedule(static)")                         \
-        for (int64_t i = 0; i < N; i++) out[i] = act_##SUF(x[i] + r[i], alpha, n, step);          \
-    } else {                                                                                      \
-        _Pragma("omp parallel for simd num_threads(nt) schedule(static)")                         \
-        for (int64_t i = 0; i < N; i++) out[i] = act_##SUF(x[i], alpha, n, step);                 \
-    }                                                                                             \
-}
-DEFINE_ACT(f32, float, floorf)
-DEFINE_ACT(f64, double, floor)
-
-/* backward of the quantized ReLU (straight-through estimator, quant.functional._ActQuant):
-   gx = g * (0 <= x <= alpha);  galpha = sum(g * (y > alpha ? 1 : level / n - y / alpha)), y = max(x, 0) */
-#define DEFINE_ACT_BWD(SUF, REAL, FLOOR)                                                          \
-double fsnn_act_bwd_##SUF(const REAL* x, const REAL* g, REAL* gx, int64_t N, double alpha_,       \
-                          double n_, int want_alpha, int nt) {                                    \
-    const REAL alpha = (REAL)alpha_, n = (REAL)n_, inv_n = (REAL)(1.0 / n_);                      \
-    double acc = 0.0;                                                                             \
-    if (!want_alpha) {                                                                            \
-        _Pragma("omp parallel for simd num_threads(nt) schedule(static)")                         \
-        for (int64_t i = 0; i < N; i++) {                                                         \
-            REAL xv = x[i];                                                                       \
-            gx[i] = g[i] * ((xv >= (REAL)0) & (xv <= alpha) ? (REAL)1 : (REAL)0);                 \
-        }                                                                                         \
-        return 0.0;                                                                               \
-    }                                                                                             \
-    _Pragma("omp parallel for simd num_threads(nt) schedule(static) reduction(+:acc)")            \
-    for (int64_t i = 0; i < N; i++) {                                                             \
-        REAL xv = x[i], gv = g[i];                                                                \
-        if (gx) gx[i] = gv * ((xv >= (REAL)0) & (xv <= alpha) ? (REAL)1 : (REAL)0);               \
-        REAL u = xv / alpha;                                                                      \
-        u = u < (REAL)0 ? (REAL)0 : (u > (REAL)1 ? (REAL)1 : u);                                  \
-        REAL level = FLOOR(u * n + (REAL)0.5);                                                    \
-        /* y = max(x, 0); for y <= alpha, y / alpha is the clamped u (same division) */            \
-        REAL d = (xv < (REAL)0 ? (REAL)0 : xv) > alpha ? (REAL)1 : level * inv_n - u;             \
-        acc += (double)(gv * d);                                                                  \
-    }                                                                                             \
-    return acc;                                                                                   \
-}
-DEFINE_ACT_BWD(f32, float, floorf)
-DEFINE_ACT_BWD(f64, double, floor)
-"""
-
-_WQ_TEMPLATE = r"""
-/* weight quantizer (quant.functional.weight_quant): w_hat = (w - mu) / s (s = std + eps), r = w_hat / alpha,
-   v = clamp(r, -1, 1), q = sign(v) * mags[#(mids < |v|)], out = q * alpha -- the reference's operations.
-   mids: the L-1 midpoints, padded with +inf to 15 when L <= 16 (a fixed trip count vectorises). */
-#define WQ_Q(NAME, TRIP)                                                                            \
-static inline $R NAME($R r, const $R* mids, const $R* mags, int L) {                               \
-    $R v = r < ($R)-1 ? ($R)-1 : (r > ($R)1 ? ($R)1 : r);                                          \
-    $R a = v < ($R)0 ? -v : v;                                                                      \
-    int k = 0;                                                                                      \
-    for (int j = 0; j < (TRIP); j++) k += mids[j] < a;                                              \
-    $R sg = (v > ($R)0) ? ($R)1 : ((v < ($R)0) ? ($R)-1 : ($R)0);                                   \
-    return sg * mags[k];                                                                            \
-}
-WQ_Q(wq_q16_$S, 15)
-WQ_Q(wq_qn_$S, L - 1)
-#undef WQ_Q
-
-#define WQ_FWD(Q)                                                                                   \
-    _Pragma("omp parallel for simd num_threads(nt) schedule(static)")                               \
-    for (int64_t i = 0; i < N; i++) {                                                               \
-        $R r = ((w[i] - mu) / s) / alpha;                                                           \
-        out[i] = Q(r, mids, mags, L) * alpha;                                                       \
-    }
-void fsnn_wq_fwd_$S(const $R* w, $R* out, int64_t N, double mu_, double s_, double alpha_, const $R* mids,
-                    const $R* mags, int L, int nt) {
-    const $R mu = ($R)mu_, s = ($R)s_, alpha = ($R)alpha_;
-    if (L <= 16) { WQ_FWD(wq_q16_$S) } else { WQ_FWD(wq_qn_$S) }
-}
-#undef WQ_FWD
-
-/* backward, pass 1: sums of gh = g * (inside or pass_outside), of gh * (w - mu), and the clip's gradient
-   g * (outside ? sign(r) : q - r) */
-#define WQ_SUMS(Q)                                                                                  \
-    _Pragma("omp parallel for simd num_threads(nt) schedule(static) reduction(+:s_g, s_gc, s_a)")   \
-    for (int64_t i = 0; i < N; i++) {                                                               \
-        $R c = w[i] - mu;                                                                           \
-        $R r = (c / s) / alpha;                                                                     \
-        $R q = Q(r, mids, mags, L);                                                                 \
-        int outside = (r < ($R)0 ? -r : r) > ($R)1;                                                 \
-        $R gv = g[i];                                                                               \
-        $R gh = gv * ((pass_outside | !outside) ? ($R)1 : ($R)0);                                   \
-        $R d = outside ? ((r > ($R)0) ? ($R)1 : ($R)-1) : q - r;                                    \
-        s_g += (double)gh;                                                                          \
-        s_gc += (double)gh * (double)c;                                                             \
-        s_a += (double)(gv * d);                                                                    \
-    }
-void fsnn_wq_sums_$S(const $R* w, const $R* g, int64_t N, double mu_, double s_, double alpha_, const $R* mids,
-                     const $R* mags, int L, int pass_outside, double* sums, int nt) {
-    const $R mu = ($R)mu_, s = ($R)s_, alpha = ($R)alpha_;
-    double s_g = 0.0, s_gc = 0.0, s_a = 0.0;
-    if (L <= 16) { WQ_SUMS(wq_q16_$S) } else { WQ_SUMS(wq_qn_$S) }
-    sums[0] = s_g; sums[1] = s_gc; sums[2] = s_a;
-}
-#undef WQ_SUMS
-
-/* pass 2: grad_w = gh / s + k0 + k1 * (w - mu)  (standardisation backward: mean and unbiased std) */
-void fsnn_wq_grad_$S(const $R* w, const $R* g, $R* gw, int64_t N, double mu_, double s_, double alpha_,
-                     const $R* mids, const $R* mags, int L, int pass_outside, double k0_, double k1_, int nt) {
-    const $R mu = ($R)mu_, s = ($R)s_, alpha = ($R)alpha_, k0 = ($R)k0_, k1 = ($R)k1_;
-#pragma omp parallel for simd num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < N; i++) {
-        $R c = w[i] - mu;
-        $R r = (c / s) / alpha;
-        int outside = (r < ($R)0 ? -r : r) > ($R)1;
-        $R gh = g[i] * ((pass_outside | !outside) ? ($R)1 : ($R)0);
-        gw[i] = gh / s + k0 + k1 * c;
-    }
-}
-"""
-_ACT_SRC += "".join(string.Template(_WQ_TEMPLATE).substitute(S=s_, R=r_) for s_, r_ in (("f32", "float"),
-                                                                                        ("f64", "double")))
-
-_ACT_FN = {torch.float32: "fsnn_act_quant_f32", torch.float64: "fsnn_act_quant_f64"}
-_FUSED_ENABLED = os.environ.get("FASTSNN_KERNEL", "auto").lower() != "reference"
-
-
-def _act_lib():
-    lib = build_native("fsnn_act", _ACT_SRC)
-    if lib is not None and not getattr(lib, "_typed", False):
-        for fn in _ACT_FN.values():
-            f = getattr(lib, fn)
-            f.restype = None
-            f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
-                          ctypes.c_double, ctypes.c_double, ctypes.c_int]
-            b = getattr(lib, fn.replace("quant", "bwd"))
-            b.restype = ctypes.c_double
-            b.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
-                          ctypes.c_double, ctypes.c_int, ctypes.c_int]
-        V, I64, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        for suf in ("f32", "f64"):
-            f = getattr(lib, "fsnn_wq_fwd_" + suf)
-            f.restype, f.argtypes = None, [V, V, I64, D, D, D, V, V, I, I]
-            f = getattr(lib, "fsnn_wq_sums_" + suf)
-            f.restype, f.argtypes = None, [V, V, I64, D, D, D, V, V, I, I, V, I]
-            f = getattr(lib, "fsnn_wq_grad_" + suf)
-            f.restype, f.argtypes = None, [V, V, V, I64, D, D, D, V, V, I, I, D, D, I]
-        lib._typed = True
-    return lib
+_FLOATS = (torch.float32, torch.float64)
 
 
 def native_ok(*ts: torch.Tensor) -> bool:
     """The native CPU kernels apply: CPU float32 / float64 tensors, no autograd needed."""
     t = ts[0]
-    return (t.device.type == "cpu" and t.dtype in _ACT_FN and all(u.dtype == t.dtype and u.device == t.device
+    return (t.device.type == "cpu" and t.dtype in _FLOATS and all(u.dtype == t.dtype and u.device == t.device
                                                                   for u in ts[1:])
             and not (torch.is_grad_enabled() and any(u.requires_grad for u in ts)))
 
@@ -384,23 +157,23 @@ def act_quant_infer(x: torch.Tensor, alpha: torch.Tensor, n: int, residual: Opti
     Bit-identical to ``act_quant_levels(x + residual, alpha, n)``. ``out`` may be ``x`` (in place);
     ``floats``: :func:`act_floats` if already known."""
     alpha = alpha.detach()
-    lib = _act_lib() if _FUSED_ENABLED else None
     if residual is not None and residual.shape != x.shape:
         x = x + residual  # broadcasting: not fused
         residual = None
-    ok = lib is not None and native_ok(x, alpha) and (residual is None or native_ok(x, residual)) \
-        and not torch.compiler.is_compiling()
-    if ok:
+    ops = native_ops() if native_ok(x, alpha) and (residual is None or native_ok(x, residual)) else None
+    if ops is not None:
         if not _dense(x):
             x = x.contiguous()
         if residual is not None:
             residual = like_layout(residual, x)
-        if out is None or not dense_same_layout(x, out) or out.dtype != x.dtype:
-            out = torch.empty_like(x)
         a, step = floats if floats is not None else act_floats(alpha, n, x.dtype)  # step: the reference's alpha / n
-        getattr(lib, _ACT_FN[x.dtype])(ptr(x), ptr(residual), ptr(out), x.numel(), a, float(n), step,
-                                       num_threads(x.numel()))
-        return out
+        if out is not None and out.data_ptr() == x.data_ptr() and dense_same_layout(x, out):
+            ops.act_quant_inplace(x, residual, a, float(n), step)
+            return x
+        y = ops.act_quant(x, residual, a, float(n), step)
+        if out is not None and out.shape == y.shape and out.dtype == y.dtype:
+            return out.copy_(y)
+        return y
     v = x if residual is None else x + residual
     return act_levels(v, alpha, n) * (alpha / n)
 
@@ -412,11 +185,9 @@ class _FusedActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, n):
-        lib = _act_lib()
-        out = torch.empty_like(x)
+        ops = native_ops()
         a = alpha.detach().to(x.dtype)
-        getattr(lib, _ACT_FN[x.dtype])(ptr(x), ptr(None), ptr(out), x.numel(), a.item(), float(n),
-                                       (a / n).item(), num_threads(x.numel()))
+        out = ops.act_quant(x.detach(), None, a.item(), float(n), (a / n).item())
         ctx.save_for_backward(x, alpha)
         ctx.n = n
         return out
@@ -427,16 +198,15 @@ class _FusedActQuant(torch.autograd.Function):
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_x or need_a):
             return None, None, None
-        lib = _act_lib()
+        ops = native_ops()
+        x = x.detach()
         g = like_layout(g, x)
         if g.dtype != x.dtype:
             g = g.to(x.dtype)
-        gx = torch.empty_like(x) if need_x else None
         a = alpha.detach().to(x.dtype)
-        fn = getattr(lib, _ACT_FN[x.dtype].replace("quant", "bwd"))
-        acc = fn(ptr(x), ptr(g), ptr(gx), x.numel(), a.item(), float(ctx.n), int(need_a), num_threads(x.numel()))
-        ga = torch.tensor(acc, dtype=alpha.dtype, device=alpha.device).reshape(alpha.shape) if need_a else None
-        return gx, ga, None
+        gx, acc = ops.act_quant_bwd(x, g, a.item(), float(ctx.n), bool(need_x), bool(need_a))
+        ga = acc.to(alpha.dtype).reshape(alpha.shape) if need_a else None
+        return (gx if need_x else None), ga, None
 
 
 def act_quant_fused(x: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tensor:
@@ -445,9 +215,8 @@ def act_quant_fused(x: torch.Tensor, alpha: torch.Tensor, n: int) -> torch.Tenso
     :func:`quant.functional.act_quant_levels`."""
     if not (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad)):
         return act_quant_infer(x, alpha, n)
-    lib = _act_lib() if _FUSED_ENABLED else None
-    if lib is not None and x.device.type == "cpu" and x.dtype in _ACT_FN and alpha.dtype == x.dtype \
-            and alpha.numel() == 1 and _dense(x) and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and x.dtype in _FLOATS and alpha.dtype == x.dtype and alpha.numel() == 1 \
+            and _dense(x) and not torch.compiler.is_compiling() and native_ops() is not None:
         return _FusedActQuant.apply(x, alpha, int(n))
     return act_quant_levels(x, alpha, n)
 
@@ -459,8 +228,8 @@ class _FusedWeightQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, alpha, mags, pass_outside):
-        lib = _act_lib()
-        suf = _SUF[w.dtype]
+        ops = native_ops()
+        w = w.detach()
         mu = w.mean()
         sd = w.std()
         s = sd + 1e-12
@@ -469,9 +238,7 @@ class _FusedWeightQuant(torch.autograd.Function):
             mids = torch.cat([mids, mids.new_full((15 - mids.numel(),), float("inf"))])
         mids, mags = mids.contiguous(), mags.contiguous()
         a = float(alpha.reshape(()))
-        out = torch.empty_like(w, memory_format=torch.contiguous_format)
-        getattr(lib, "fsnn_wq_fwd_" + suf)(ptr(w), ptr(out), w.numel(), mu.item(), s.item(), a, ptr(mids), ptr(mags),
-                                           mags.numel(), num_threads(w.numel()))
+        out = ops.wq_fwd(w, mu.item(), s.item(), a, mids, mags)
         ctx.save_for_backward(w, alpha, mids, mags)
         ctx.stats = (mu.item(), s.item(), sd.item())
         ctx.pass_outside = bool(pass_outside)
@@ -480,30 +247,14 @@ class _FusedWeightQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w, alpha, mids, mags = ctx.saved_tensors
-        lib = _act_lib()
-        suf = _SUF[w.dtype]
+        ops = native_ops()
         mu, s, sd = ctx.stats
         a = float(alpha.reshape(()))
         g = g.contiguous().to(w.dtype)
-        N = w.numel()
-        sums = (ctypes.c_double * 3)()
-        nt = num_threads(N)
-        getattr(lib, "fsnn_wq_sums_" + suf)(ptr(w), ptr(g), N, mu, s, a, ptr(mids), ptr(mags), mags.numel(),
-                                            int(ctx.pass_outside), ctypes.cast(sums, ctypes.c_void_p), nt)
-        s_g, s_gc, s_a = sums[0], sums[1], sums[2]
-        grad_w = None
-        if ctx.needs_input_grad[0]:
-            dlds = -s_gc / (s * s)                      # d loss / d (std + eps)
-            k1 = dlds / ((N - 1) * sd) if N > 1 else float("nan")  # d std / d w = (w - mu) / ((N - 1) std)
-            k0 = -(s_g / N) / s                          # through w - mean(w)
-            grad_w = torch.empty_like(w, memory_format=torch.contiguous_format)
-            getattr(lib, "fsnn_wq_grad_" + suf)(ptr(w), ptr(g), ptr(grad_w), N, mu, s, a, ptr(mids), ptr(mags),
-                                                mags.numel(), int(ctx.pass_outside), k0, k1, nt)
-        grad_a = torch.tensor(s_a, dtype=alpha.dtype).reshape(alpha.shape) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_a, None, None
-
-
-_SUF = {torch.float32: "f32", torch.float64: "f64"}
+        want_w = bool(ctx.needs_input_grad[0])
+        grad_w, sums = ops.wq_bwd(w.detach(), g, mu, s, sd, a, mids, mags, ctx.pass_outside, want_w)
+        grad_a = sums[2].to(alpha.dtype).reshape(alpha.shape) if ctx.needs_input_grad[1] else None
+        return (grad_w if want_w else None), grad_a, None, None
 
 
 def weight_quant_fused(w: torch.Tensor, alpha: Optional[torch.Tensor], bit: int, mode: Optional[str] = None):
@@ -512,9 +263,9 @@ def weight_quant_fused(w: torch.Tensor, alpha: Optional[torch.Tensor], bit: int,
     from .functional import default_weight_mode, weight_magnitudes, weight_quant
     if bit >= FULL_PRECISION:
         return w
-    lib = _act_lib() if _FUSED_ENABLED else None
-    if lib is None or w.device.type != "cpu" or w.dtype not in _SUF or not w.is_contiguous() or w.numel() < 2 \
-            or alpha is None or alpha.numel() != 1 or alpha.dtype != w.dtype or torch.compiler.is_compiling():
+    if w.device.type != "cpu" or w.dtype not in _FLOATS or not w.is_contiguous() or w.numel() < 2 \
+            or alpha is None or alpha.numel() != 1 or alpha.dtype != w.dtype or torch.compiler.is_compiling() \
+            or native_ops() is None:
         return weight_quant(w, alpha, bit, mode)
     mode = mode or default_weight_mode(bit)
     mags = weight_magnitudes(bit, mode).to(w.dtype)
@@ -750,15 +501,16 @@ def pick_layout(build, example, repeats: int = 5):
 
 
 def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
-                 example: Optional[torch.Tensor] = None) -> fx.GraphModule:
+                 example: Optional[torch.Tensor] = None, conv_add_postop: bool = False) -> fx.GraphModule:
     """Inference copy of a quantized ANN (see the module docstring). The model is not modified.
     ``channels_last``: True / False, or ``"auto"``: the faster of both on ``example`` (channels-last
-    without an example)."""
+    without an example). ``conv_add_postop`` (opt-in): residual sums as oneDNN convolution post-ops
+    (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input."""
     if channels_last == "auto":
         if example is None:
             channels_last = True
         else:
-            return pick_layout(lambda cl: optimize_ann(model, cl, inplace), example)
+            return pick_layout(lambda cl: optimize_ann(model, cl, inplace, conv_add_postop=conv_add_postop), example)
     model = copy.deepcopy(model).eval()
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
@@ -786,7 +538,7 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
         node.args = args
         if len(args) == 2:
             gm.graph.erase_node(src)
-            if inplace and fuse_conv_add(gm, node, modules):
+            if inplace and conv_add_postop and fuse_conv_add(gm, node, modules):
                 fresh.add(node.args[0])
         first = node.args[0]
         ip = inplace and isinstance(first, fx.Node) and first in fresh and len(first.users) == 1
@@ -810,5 +562,5 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
     return gm.eval()
 
 
-__all__ = ["act_quant_infer", "act_quant_fused", "weight_quant_fused", "optimize_ann", "Conv2dAdd", "fuse_conv_add", "tune_malloc", "FusedQuantAct", "frozen_weight_layer", "build_native",
+__all__ = ["act_quant_infer", "act_quant_fused", "weight_quant_fused", "optimize_ann", "Conv2dAdd", "fuse_conv_add", "tune_malloc", "FusedQuantAct", "frozen_weight_layer", "native_ops",
            "fold_weight_layers"]

@@ -13,66 +13,29 @@ Dynamics per neuron and step (threshold ``theta`` = the ANN's activation clip ``
 with ``V0 = theta/2`` and ``n0 = 0``. The negative-spike test uses a tolerance relative to theta
 (``tol = 1e-3``; the original used an absolute -1e-3, i.e. the same for theta ~ 1): a membrane that is
 mathematically 0 after ``V = theta`` fired can come out as -1e-8 in float arithmetic, and must not
-cancel the spike it just emitted.
+cancel the spike it just emitted. A *bounded* (signed) neuron also suppresses a positive spike while
+``n >= T``, so its net count stays in ``[0, T]`` (the "settle" mode).
 
 A *constant* input current (the analog image driving the first layer) has the closed-form solution
 ``n_t = clip(floor(t*I/theta + 1/2), 0, t)`` (exact in real arithmetic, and the spike train is the
 difference of consecutive ``n_t``). It is evaluated with the same float operations as the activation
 quantizer (:func:`quant.act_levels`), so the first spiking layer equals the ANN bit for bit; the
-current itself is computed once instead of T times.
+current itself is computed once instead of T times. After T steps the analog input is switched off:
+steps ``t >= T`` (settle steps) emit nothing.
+
+The dynamics are written once, in :mod:`snn.kernels.reference` (:func:`if_step`); the neuron runs them
+through one of the backends of :mod:`snn.kernels` (``backend=``), all bit-identical.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from quant.functional import act_levels
-
-DEFAULT_NEG_TOL = 1e-3
-
-
-def if_constant_counts(current: torch.Tensor, theta: torch.Tensor, t0: int, steps: int) -> torch.Tensor:
-    """Cumulative spike counts ``n_t`` for ``t = t0 .. t0+steps`` (``steps+1`` rows) of IF neurons
-    driven by a constant current; ``n_0 = 0``."""
-    u = torch.clamp(current / theta, 0.0, 1.0)
-    t = torch.arange(t0, t0 + steps + 1, device=current.device, dtype=current.dtype)
-    t = t.view(-1, *([1] * current.dim()))
-    return torch.floor(u.unsqueeze(0) * t + 0.5)
-
-
-def if_constant(current: torch.Tensor, theta: torch.Tensor, t0: int, steps: int) -> torch.Tensor:
-    """Spike train (values in {0, theta}, shape ``[steps*B, ...]``) of a constant-current IF layer."""
-    n = if_constant_counts(current, theta, t0, steps)
-    s = (n[1:] - n[:-1]) * theta
-    return s.reshape(steps * current.shape[0], *current.shape[1:])
-
-
-def if_step(v: torch.Tensor, n: torch.Tensor | None, x: torch.Tensor, theta: torch.Tensor,
-            neg_level: torch.Tensor, signed: bool):
-    """One IF step: integrate ``x``, fire ``+1`` at ``v >= theta`` (reset by subtraction), and for
-    signed neurons ``-1`` at ``v < neg_level`` while the net count ``n > 0``. Returns ``(s, v, n)``.
-    The single definition of the dynamics: the reference loop and the compiled backend use it; the
-    C / Triton kernels repeat its float operations in the same order (tested bit-identical)."""
-    v = v + x
-    pos = v >= theta
-    v = torch.where(pos, v - theta, v)
-    if signed:
-        neg = (v < neg_level) & (n > 0)
-        v = torch.where(neg, v + theta, v)
-        s = pos.to(x.dtype) - neg.to(x.dtype)
-        return s, v, n + s
-    return pos.to(x.dtype), v, n
-
-
-def if_multistep(current: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, n: torch.Tensor | None,
-                 signed: bool, neg_tol: float = DEFAULT_NEG_TOL):
-    """Reference step loop. ``current``: ``[T, ...]``; ``v``: membrane ``[...]``; ``n``: net count
-    (signed only). Returns ``(spikes [T, ...] in {-1, 0, 1}, v, n)``. Inputs are not modified."""
-    out = torch.empty_like(current)
-    neg_level = -neg_tol * theta
-    for t in range(current.shape[0]):
-        out[t], v, n = if_step(v, n, current[t], theta, neg_level, signed)
-    return out, v, n
+from . import kernels
+from .kernels.reference import (DEFAULT_NEG_TOL, if_constant, if_constant_counts, if_multistep,  # noqa: F401
+                                if_step)
 
 
 class IFNeuron(nn.Module):
@@ -80,25 +43,47 @@ class IFNeuron(nn.Module):
 
     ``act_alpha`` (the threshold) keeps the ANN's parameter name, so the SNN's state dict has the
     ANN's keys. ``constant_input`` marks a neuron driven by the analog input (closed form).
+    ``bounded`` (signed only): no positive spike while the net count is ``>= T``. ``backend``: how
+    the time loop runs (:data:`supported_backends`, ``"auto"``: the fastest that runs here, see
+    :mod:`snn.kernels`); every backend gives the same spikes bit for bit.
+
     The owning :class:`~snn.convert.SpikingNetwork` sets the time window ``(t0, steps)`` before each
     call; state carries over between windows (bounded-memory simulation) and resets at ``t0 = 0``.
+    The state is kept after a window that ends before ``horizon`` (default ``T``; a simulation with
+    settle steps beyond T sets it to its last step). Windows may extend past T: a constant-input
+    neuron then emits nothing, any other continues its dynamics on the input it gets.
+
+    ``forward(current, residual=None)``: ``current`` (and ``residual``, added to it first) folded
+    ``[steps*B, ...]``; returns ``theta * spikes`` in the same layout. ``inplace``: the output may
+    overwrite ``current`` (set by :func:`snn.optimize` where nothing else reads it; never while the
+    module has hooks); ``channels_last``: a constant-input neuron emits a channels-last train.
     """
 
+    supported_backends = ["reference", "compile", "cpp", "triton"]
+
     def __init__(self, act_alpha: torch.Tensor, T: int, bit: int, signed: bool = True,
-                 constant_input: bool = False, neg_tol: float = DEFAULT_NEG_TOL):
+                 constant_input: bool = False, neg_tol: float = DEFAULT_NEG_TOL, bounded: bool = False,
+                 backend: str = "auto"):
         super().__init__()
+        if bounded and not signed:
+            raise ValueError("bounded=True needs a signed neuron (the bound caps the net count of signed spikes)")
         self.act_alpha = nn.Parameter(act_alpha.detach().clone().reshape(()), requires_grad=False)
         self.T = int(T)
         self.bit = int(bit)
         self.signed = bool(signed)
         self.constant_input = bool(constant_input)
         self.neg_tol = float(neg_tol)
+        self.bounded = bool(bounded)
+        self.backend = kernels.check_backend(backend)
         self.t0, self.steps = 0, self.T
+        self.horizon: Optional[int] = None
         self.v = self.n = None
+        self.inplace = False
+        self.channels_last = False
         # recording (used by snn.Monitor): net spike count and number of spike events, per sample
         self.record = False
         self.count = self.events = None
-        self.backend = None  # fused kernel chosen by snn.kernels (None: reference loop)
+        self._levels_cache = None
 
     @property
     def theta(self) -> torch.Tensor:
@@ -106,44 +91,72 @@ class IFNeuron(nn.Module):
 
     def extra_repr(self):
         kind = "signed" if self.signed else "unsigned"
-        return f"{kind}, T={self.T}, constant_input={self.constant_input}"
+        extra = ", bounded" if self.bounded else ""
+        extra += f", backend={self.backend}" if self.backend != "auto" else ""
+        extra += ", inplace" if self.inplace else ""
+        return f"{kind}, T={self.T}, constant_input={self.constant_input}{extra}"
 
     def reset_state(self):
         self.v = self.n = None
         self.count = self.events = None
 
-    def forward(self, current: torch.Tensor) -> torch.Tensor:
+    def _hooked(self) -> bool:
+        from torch.nn.modules import module as _m
+        return bool(self._forward_hooks or self._forward_pre_hooks or _m._global_forward_hooks
+                    or _m._global_forward_pre_hooks)
+
+    def _levels(self, dtype):
+        """(theta, negative level) as 0-dim tensors of ``dtype``, cached until the threshold changes."""
+        a = self.act_alpha
+        if torch.compiler.is_compiling():
+            return kernels.threshold_levels(a, dtype, self.neg_tol)
+        key = (id(a), a._version, a.data_ptr(), a.device, dtype, self.neg_tol)
+        if self._levels_cache is None or self._levels_cache[0] != key:
+            th, neg = kernels.threshold_levels(a, dtype, self.neg_tol)
+            self._levels_cache = (key, (th.clone(), neg))
+        return self._levels_cache[1]
+
+    def forward(self, current: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.bounded and not self.signed:
+            raise ValueError("bounded=True needs a signed neuron (set_signed(False) on a bounded network?)")
         theta = self.act_alpha
-        steps = self.steps
+        t0, steps = self.t0, self.steps
+        # theta * spikes straight from the kernel unless the spikes are recorded or theta needs a gradient
+        grad = torch.is_grad_enabled() and theta.requires_grad
+        direct = not self.record and not grad
+        scale = self._levels(current.dtype)[0] if direct and not grad else None
         if self.constant_input:
-            out = if_constant(current, theta, self.t0, steps)
-            if self.record:
-                sp = out.view(steps, -1, *current.shape[1:]) / theta
-                self._record(sp)
-            return out
-        b = current.shape[0] // steps
-        cur = current.view(steps, b, *current.shape[1:])
-        fresh = self.t0 == 0 or self.v is None
-        if self.backend is None:
-            # the fused kernel chosen by FASTSNN_KERNEL (auto: C on CPU, Triton on CUDA), bit-identical to
-            # if_multistep and falling back to it (snn/kernels.py); it starts a fresh state itself and,
-            # unless the spikes are recorded or theta needs a gradient, writes theta * spikes directly
-            from .kernels import if_steps
-            direct = not self.record and not (torch.is_grad_enabled() and theta.requires_grad)
-            out, self.v, self.n = if_steps(cur, theta, self.signed, self.neg_tol,
-                                           v=None if fresh else self.v, n=None if fresh else self.n,
-                                           scale=theta.detach() if direct else None)
-            if direct:
-                return out.view_as(current)
-            spikes = out
+            if residual is not None:
+                current = current + residual
+            out = kernels.if_const_steps(current, theta, t0, steps, T=self.T, scale=scale,
+                                         channels_last=self.channels_last, backend=self.backend)
+            spikes = None if direct else out
         else:
-            if fresh:
-                self.v = torch.full_like(cur[0], 0.5) * theta
-                self.n = torch.zeros_like(cur[0]) if self.signed else None
-            spikes, self.v, self.n = self.backend(cur, theta, self.v, self.n, self.signed, self.neg_tol)
+            if current.shape[0] % max(steps, 1) != 0:
+                raise ValueError(f"IF neuron: a train of {current.shape[0]} rows is not {steps} steps x batch")
+            b = current.shape[0] // steps if steps else 0
+            cur = current.view(steps, b, *current.shape[1:])
+            res = residual.view(steps, b, *residual.shape[1:]) if residual is not None else None
+            fresh = t0 == 0
+            if not fresh and self.v is None:
+                raise RuntimeError(f"IF neuron: the window starting at step {t0} continues a simulation whose "
+                                   "state was not kept; set neuron.horizon to the last step of the run "
+                                   "(T + settle steps) before simulating it in several windows")
+            keep = t0 + steps < (self.horizon if self.horizon is not None else self.T)
+            inplace = self.inplace and direct and not self._hooked()
+            out, v, n = kernels.if_steps(cur, theta, self.signed, self.neg_tol, residual=res,
+                                         v=None if fresh else self.v, n=None if fresh else self.n, state=keep,
+                                         scale=scale, inplace=inplace, backend=self.backend,
+                                         bound=self.T if self.bounded else None,
+                                         levels=self._levels(current.dtype) if not grad else None)
+            self.v, self.n = (v, n) if keep else (None, None)
+            out = out.view(current.shape)
+            spikes = None if direct else out.view(steps, b, *current.shape[1:])
+        if spikes is None:
+            return out
         if self.record:
-            self._record(spikes)
-        return (spikes * theta).view_as(current)
+            self._record(spikes.view(steps, -1, *current.shape[1:]))
+        return spikes.view(out.shape) * theta
 
     def _record(self, spikes: torch.Tensor):
         """``spikes``: ``[steps, B, ...]`` in {-1, 0, 1}."""
@@ -156,3 +169,6 @@ class IFNeuron(nn.Module):
             self.count, self.events = c, e
         else:
             self.count, self.events = self.count + c, self.events + e
+
+
+__all__ = ["IFNeuron", "if_step", "if_multistep", "if_constant", "if_constant_counts", "DEFAULT_NEG_TOL"]

@@ -9,10 +9,13 @@ stays bit-identical to the ANN):
 * **BN folded**: an eval-mode BatchNorm after a conv / linear is folded into its weight and bias;
 * **residual fused**: ``neuron(a + b)`` becomes ``neuron(a, b)``; the kernel adds ``a + b`` while it
   integrates, in the unfused order ``v + (a + b)``;
-* **fused neurons**: every :class:`~snn.neuron.IFNeuron` becomes a :class:`FusedIFNeuron`, which runs
-  the whole time loop in one pass (:mod:`snn.kernels`), writes ``theta * spikes`` directly (in place
-  into its input current when nothing else reads it), and keeps the membrane state only when the
-  simulation is chunked; the first (constant-current) neurons use the one-pass closed form;
+* **in-place neurons**: every :class:`~snn.neuron.IFNeuron` (which already runs its whole time loop in
+  one pass, :mod:`snn.kernels`, and writes ``theta * spikes`` directly) writes its output into its
+  input current where nothing else reads it (``inplace``); the first (constant-current) neurons emit
+  their closed-form train in the convolutions' layout (``channels_last``);
+* **no private ops by default**: the residual sum stays the neuron's residual input; the oneDNN
+  convolution post-op (``torch.ops.mkldnn._convolution_pointwise_``, private) only with
+  ``conv_add_postop=True``;
 * **layout**: the spike trains and conv weights use the layout the CPU convolutions (oneDNN) are
   fastest in -- channels-last, or, with ``example=`` (a typical input batch), whichever of
   channels-last / contiguous runs this network faster; ``.view`` calls get a ``.contiguous()`` first.
@@ -37,77 +40,8 @@ import torch.nn as nn
 from quant.fused import fold_weight_layers, fuse_conv_add, guard_views, is_add, pick_layout
 
 from .convert import TEMPORAL, SpikingNetwork
-from .kernels import cpp_if_fast, if_const_steps, if_steps, threshold_floats
+from .kernels import check_backend
 from .neuron import IFNeuron
-
-
-class FusedIFNeuron(IFNeuron):
-    """:class:`IFNeuron` running on the fused kernels. ``forward(current, residual=None)`` returns
-    ``theta * spikes`` (folded ``[steps*B, ...]``) like the reference neuron.
-
-    ``inplace``: write the output into ``current`` (set by :func:`optimize` only where the current is
-    a fresh tensor no other node reads; never done while the module has hooks). ``channels_last``:
-    a constant-input neuron emits its train in channels-last layout. ``kernel``: backend name for
-    :func:`snn.kernels.if_steps` (``None``: ``FASTSNN_KERNEL`` / auto).
-    """
-
-    def __init__(self, src: IFNeuron, inplace: bool = False, channels_last: bool = False,
-                 kernel: Optional[str] = None):
-        super().__init__(src.act_alpha.detach(), src.T, src.bit, signed=src.signed,
-                         constant_input=src.constant_input, neg_tol=src.neg_tol)
-        self.t0, self.steps = src.t0, src.steps
-        self.inplace = bool(inplace)
-        self.channels_last = bool(channels_last)
-        self.kernel = kernel
-        self._cache = None
-
-    def extra_repr(self):
-        return super().extra_repr() + f", fused, inplace={self.inplace}"
-
-    def _hooked(self) -> bool:
-        from torch.nn.modules import module as _m
-        return bool(self._forward_hooks or self._forward_pre_hooks or _m._global_forward_hooks
-                    or _m._global_forward_pre_hooks)
-
-    def _levels(self, dtype):
-        """(theta, negative level) as floats in ``dtype``, cached until the threshold changes."""
-        a = self.act_alpha
-        key = (id(a), a._version, a.data_ptr(), dtype, self.neg_tol)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, threshold_floats(a, dtype, self.neg_tol))
-        return self._cache[1]
-
-    def forward(self, current: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        theta = self.act_alpha
-        steps = self.steps
-        levels = self._levels(current.dtype)
-        scale = levels[0]
-        if self.constant_input:
-            if residual is not None:
-                current = current + residual
-            out = if_const_steps(current, theta, self.t0, steps, scale=scale, channels_last=self.channels_last,
-                                 backend=self.kernel)
-            if self.record:
-                self._record(out.view(steps, -1, *current.shape[1:]) / theta)
-            return out
-        keep = self.t0 + steps < self.T  # a later window continues from this state
-        fresh = self.t0 == 0 or self.v is None
-        inplace = self.inplace and not self._hooked()
-        if fresh and not keep and not self.record:
-            out = cpp_if_fast(current, residual, steps, self.signed, levels, inplace, self.kernel)
-            if out is not None:  # the common case, with a minimum of Python around the kernel
-                self.v = self.n = None
-                return out
-        b = current.shape[0] // steps
-        cur = current.view(steps, b, *current.shape[1:])
-        res = residual.view(steps, b, *residual.shape[1:]) if residual is not None else None
-        v, n = (None, None) if fresh else (self.v, self.n)
-        out = cur if inplace else None
-        s, self.v, self.n = if_steps(cur, theta, self.signed, self.neg_tol, residual=res, v=v, n=n, state=keep,
-                                     scale=scale, out=out, backend=self.kernel, levels=levels)
-        if self.record:
-            self._record(s / theta)
-        return s.view(current.shape)
 
 
 _FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -121,19 +55,26 @@ def _fresh(node: fx.Node, modules) -> bool:
 
 
 def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fuse_residual: bool = True,
-             inplace: bool = True, kernel: Optional[str] = None,
-             example: Optional[torch.Tensor] = None) -> SpikingNetwork:
-    """An inference-optimised copy of ``net`` (see the module docstring). ``kernel`` forces a backend
-    of :mod:`snn.kernels` (default: ``FASTSNN_KERNEL`` or auto). ``channels_last``: the layout of the
-    spike trains and conv weights, True / False, or ``"auto"``: the faster of both on ``example`` (a
-    typical input batch; a few forward passes of each), channels-last without an example."""
+             inplace: bool = True, backend: Optional[str] = None, example: Optional[torch.Tensor] = None,
+             conv_add_postop: bool = False) -> SpikingNetwork:
+    """An inference-optimised copy of ``net`` (see the module docstring). ``backend``: set every
+    neuron's backend (:mod:`snn.kernels`; ``None``: keep theirs, normally ``"auto"``).
+    ``channels_last``: the layout of the spike trains and conv weights, True / False, or ``"auto"``:
+    the faster of both on ``example`` (a typical input batch; a few forward passes of each),
+    channels-last without an example. ``conv_add_postop`` (opt-in): a residual sum ``conv(x) + b``
+    becomes oneDNN's fused post-op through the private ``torch.ops.mkldnn._convolution_pointwise_``
+    (falls back to ``conv(x) + b`` where that op is missing); by default the sum is the neuron's
+    residual input."""
     if getattr(net, "optimized", False):
         return net
+    if backend is not None:
+        backend = check_backend(backend)
     if channels_last == "auto":
         if example is None:
             channels_last = True
         else:
-            return pick_layout(lambda cl: optimize(net, cl, fold_bn, fuse_residual, inplace, kernel), example)
+            return pick_layout(lambda cl: optimize(net, cl, fold_bn, fuse_residual, inplace, backend,
+                                                   conv_add_postop=conv_add_postop), example)
     new = copy.deepcopy(net)
     gm = new.net
     kinds = new.node_kinds
@@ -146,8 +87,6 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
         if node.op != "call_module" or not isinstance(modules.get(node.target), IFNeuron):
             continue
         neuron = modules[node.target]
-        if isinstance(neuron, FusedIFNeuron):
-            continue
         src = node.args[0] if node.args else None
         args = tuple(node.args)
         if fuse_residual and not neuron.constant_input and isinstance(src, fx.Node) and is_add(src) \
@@ -161,15 +100,17 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
         node.args = args
         if len(args) == 2:
             graph.erase_node(src)
-            if inplace and fuse_conv_add(gm, node, modules):  # conv(x) + b: oneDNN post-op, into b
+            if inplace and conv_add_postop and fuse_conv_add(gm, node, modules):  # conv(x) + b: oneDNN post-op
                 args = node.args
         first = args[0]
         # in place only into a fresh tensor whose one reader is this neuron (or the add fused into it)
         ip = inplace and not neuron.constant_input and isinstance(first, fx.Node) and _fresh(first, modules) \
             and len(first.users) == 1
-        fused = FusedIFNeuron(neuron, inplace=ip, channels_last=channels_last, kernel=kernel)
-        _set(gm, node.target, fused)
-        modules[node.target] = fused
+        neuron.inplace = bool(ip)
+        neuron.channels_last = bool(channels_last)
+        neuron.reset_state()
+        if backend is not None:
+            neuron.backend = backend
     if channels_last:
         for c in guard_views(gm, nodes=temporal):
             kinds[c.name] = TEMPORAL
@@ -188,4 +129,4 @@ def _set(root: nn.Module, path: str, new: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-__all__ = ["optimize", "FusedIFNeuron"]
+__all__ = ["optimize"]

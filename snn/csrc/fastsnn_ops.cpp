@@ -1,0 +1,636 @@
+// Native CPU kernels of Fast-SNN, registered as PyTorch custom operators (namespace `fastsnn`).
+//
+// Built on first use by snn/kernels/cpp.py (torch.utils.cpp_extension.load, is_python_module=False) and
+// loaded into the dispatcher with TORCH_LIBRARY: every op checks device, dtype, shapes and layout, has a
+// fake (meta) implementation registered from Python (so torch.compile can trace it) and, where a
+// gradient exists, an autograd formula (snn/kernels/cpp.py).
+//
+// Every float operation is the Python reference's (snn.neuron.if_step / if_constant_counts,
+// quant.functional.act_levels / weight_quant), in the same order, and the library is compiled without
+// fast-math and with -ffp-contract=off: the results are bit-identical to the reference (tested).
+//
+// Layout: the kernels walk flat memory. A train `cur` is `[T, ...]`, non-overlapping and dense with the
+// time dimension outermost (stride(0) == numel / T): contiguous, channels-last or a [T, B, ...] view of
+// either. Every other operand of the same shape has the same strides (the Python wrapper copies where
+// they differ), so one flat index addresses the same neuron in all of them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLK = 2048;          // neurons per block: membrane and count stay in L1
+constexpr int64_t SERIAL = 32768;      // below this many element-steps: one thread
+
+int64_t grain_blocks(int64_t per_block_work) {
+  return std::max<int64_t>(1, SERIAL / std::max<int64_t>(1, per_block_work));
+}
+
+bool same_strides(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); d++)
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+void check_float(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fastsnn: ", what, " must be a CPU tensor (got ", t.device(), ")");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "fastsnn: ", what, " must be float32 or float64 (got ", t.scalar_type(), ")");
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* what) {
+  check_float(t, what);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastsnn: ", what, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type());
+  TORCH_CHECK(same_strides(t, ref), "fastsnn: ", what, " must have shape ", ref.sizes(), " and strides ",
+              ref.strides(), " (got ", t.sizes(), ", ", t.strides(), ")");
+}
+
+void check_train(const at::Tensor& cur) {
+  check_float(cur, "cur");
+  TORCH_CHECK(cur.dim() >= 1, "fastsnn: cur must be [T, ...]");
+  TORCH_CHECK(cur.is_non_overlapping_and_dense(), "fastsnn: cur must be dense (contiguous or channels-last)");
+  const int64_t T = cur.size(0);
+  TORCH_CHECK(T <= 1 || cur.numel() == 0 || cur.stride(0) == cur.numel() / T,
+              "fastsnn: the time dimension of cur must be outermost in memory");
+}
+
+// ------------------------------------------------------------------------------------ IF neurons
+template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
+void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,
+               const R* vin, const R* nin, R* vout, R* nout) {
+  const int64_t nb = (N + BLK - 1) / BLK;
+  at::parallel_for(0, nb, grain_blocks(BLK * T), [&](int64_t b0, int64_t b1) {
+    R v[BLK], n[BLK];
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
+      const R half = R(0.5) * theta;  // V0 = theta / 2 (the reference: full_like(cur[0], 0.5) * theta)
+      for (int64_t j = 0; j < len; j++) {
+        v[j] = VIN ? vin[i0 + j] : half;
+        n[j] = (VIN && SIGNED) ? nin[i0 + j] : R(0);
+      }
+      for (int64_t t = 0; t < T; t++) {
+        const R* a = cur + t * N + i0;
+        const R* r = RES ? res + t * N + i0 : a;
+        R* o = out + t * N + i0;
+_Pragma("omp simd")
+        for (int64_t j = 0; j < len; j++) {
+          const R x = RES ? a[j] + r[j] : a[j];   // residual current added first: v + (a + r)
+          R vv = v[j] + x;                         // V <- V + I
+          bool p = vv >= theta;                    // positive spike ...
+          if (BOUNDED) p = p && (n[j] < bound);    // ... suppressed while the net count is at T
+          vv = p ? vv - theta : vv;                // reset by subtraction
+          R sp = p ? R(1) : R(0);
+          if (SIGNED) {
+            const R nn = n[j];
+            const bool ng = (vv < neg) && (nn > R(0));  // negative spike, only while n > 0
+            vv = ng ? vv + theta : vv;
+            sp = sp - (ng ? R(1) : R(0));
+            n[j] = nn + sp;
+          }
+          v[j] = vv;
+          o[j] = sp * scale;
+        }
+      }
+      if (VOUT) {
+        for (int64_t j = 0; j < len; j++) vout[i0 + j] = v[j];
+        if (SIGNED)
+          for (int64_t j = 0; j < len; j++) nout[i0 + j] = n[j];
+      }
+    }
+  });
+}
+
+template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT>
+void if_dispatch_bound(bool bounded, const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg,
+                       R scale, R bound, const R* vin, const R* nin, R* vout, R* nout) {
+  if (SIGNED && bounded)
+    if_kernel<R, SIGNED, RES, VIN, VOUT, SIGNED>(cur, res, out, N, T, theta, neg, scale, bound, vin, nin, vout, nout);
+  else
+    if_kernel<R, SIGNED, RES, VIN, VOUT, false>(cur, res, out, N, T, theta, neg, scale, bound, vin, nin, vout, nout);
+}
+
+// a 0-dim threshold / level / scale tensor (cur's dtype, CPU): its value, as the reference has it
+template <typename R>
+R scalar_of(const at::Tensor& t) {
+  return *t.data_ptr<R>();
+}
+
+void check_scalar(const at::Tensor& t, const at::Tensor& ref, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == ref.scalar_type(), "fastsnn: ", what,
+              " must be a one-element CPU tensor of dtype ", ref.scalar_type(), " (got ", t.scalar_type(), ", ",
+              t.numel(), " elements on ", t.device(), ")");
+}
+
+template <typename R>
+void if_run(const at::Tensor& cur, const c10::optional<at::Tensor>& res, const at::Tensor& out,
+            const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& n, const at::Tensor& vout,
+            const at::Tensor& nout, const at::Tensor& theta_, const at::Tensor& neg_, const at::Tensor& scale_,
+            double bound_, bool is_signed, bool state) {
+  const int64_t T = cur.size(0);
+  const int64_t N = T > 0 ? cur.numel() / T : 0;
+  const R theta = scalar_of<R>(theta_), neg = scalar_of<R>(neg_), scale = scalar_of<R>(scale_);
+  const bool bounded = std::isfinite(bound_);
+  const R bound = bounded ? R(bound_) : R(0);
+  const R* c = cur.data_ptr<R>();
+  const R* r = res.has_value() ? res->data_ptr<R>() : nullptr;
+  R* o = out.data_ptr<R>();
+  const R* vi = v.has_value() ? v->data_ptr<R>() : nullptr;
+  const R* ni = (is_signed && n.has_value()) ? n->data_ptr<R>() : nullptr;
+  R* vo = state ? vout.data_ptr<R>() : nullptr;
+  R* no = (state && is_signed) ? nout.data_ptr<R>() : nullptr;
+  if (N == 0) return;
+  if (T == 0) {  // nothing simulated: the final state is the initial one
+    if (state) {
+      for (int64_t j = 0; j < N; j++) {
+        vo[j] = vi ? vi[j] : R(0.5) * theta;
+        if (no) no[j] = ni ? ni[j] : R(0);
+      }
+    }
+    return;
+  }
+  // the 16 layout variants x bounded, as compile-time flags (no branch in the inner loop)
+#define FSNN_CALL(SG, RS, VI, VO) \
+  if_dispatch_bound<R, SG, RS, VI, VO>(bounded, c, r, o, N, T, theta, neg, scale, bound, vi, ni, vo, no)
+#define FSNN_VO(SG, RS, VI) \
+  if (state) { FSNN_CALL(SG, RS, VI, true); } else { FSNN_CALL(SG, RS, VI, false); }
+#define FSNN_VI(SG, RS) \
+  if (vi) { FSNN_VO(SG, RS, true) } else { FSNN_VO(SG, RS, false) }
+#define FSNN_RS(SG) \
+  if (r) { FSNN_VI(SG, true) } else { FSNN_VI(SG, false) }
+  if (is_signed) { FSNN_RS(true) } else { FSNN_RS(false) }
+#undef FSNN_RS
+#undef FSNN_VI
+#undef FSNN_VO
+#undef FSNN_CALL
+}
+
+void if_check(const at::Tensor& cur, const c10::optional<at::Tensor>& res, const c10::optional<at::Tensor>& v,
+              const c10::optional<at::Tensor>& n, const at::Tensor& theta, const at::Tensor& neg,
+              const at::Tensor& scale, bool is_signed, double bound) {
+  check_train(cur);
+  check_scalar(theta, cur, "theta");
+  check_scalar(neg, cur, "neg");
+  check_scalar(scale, cur, "scale");
+  if (res.has_value()) check_like(*res, cur, "residual");
+  TORCH_CHECK(!(std::isfinite(bound) && !is_signed), "fastsnn: a bounded neuron must be signed");
+  if (v.has_value() || n.has_value()) {
+    TORCH_CHECK(v.has_value(), "fastsnn: a net count n was given without a membrane v");
+    TORCH_CHECK(cur.size(0) > 0, "fastsnn: cur has no time steps");
+    const at::Tensor c0 = cur.select(0, 0);
+    check_like(*v, c0, "v");
+    if (is_signed) {
+      TORCH_CHECK(n.has_value(), "fastsnn: a signed neuron's state needs its net count n with v");
+      check_like(*n, c0, "n");
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> state_buffers(const at::Tensor& cur, bool is_signed, bool state) {
+  if (!state || cur.size(0) == 0) {
+    if (state) {  // T == 0: state of shape cur[0], contiguous
+      std::vector<int64_t> shp(cur.sizes().begin() + 1, cur.sizes().end());
+      return {at::empty(shp, cur.options()), is_signed ? at::empty(shp, cur.options()) : at::empty({0}, cur.options())};
+    }
+    return {at::empty({0}, cur.options()), at::empty({0}, cur.options())};
+  }
+  const at::Tensor c0 = cur.select(0, 0);
+  at::Tensor vo = at::empty_strided(c0.sizes(), c0.strides(), cur.options());
+  at::Tensor no = is_signed ? at::empty_strided(c0.sizes(), c0.strides(), cur.options()) : at::empty({0}, cur.options());
+  return {vo, no};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> if_steps(const at::Tensor& cur, const c10::optional<at::Tensor>& res,
+                                                        const c10::optional<at::Tensor>& v,
+                                                        const c10::optional<at::Tensor>& n, const at::Tensor& theta,
+                                                        const at::Tensor& neg, const at::Tensor& scale, double bound,
+                                                        bool is_signed, bool state) {
+  if_check(cur, res, v, n, theta, neg, scale, is_signed, bound);
+  at::Tensor out = at::empty_strided(cur.sizes(), cur.strides(), cur.options());
+  auto [vo, no] = state_buffers(cur, is_signed, state);
+  if (cur.scalar_type() == at::kFloat)
+    if_run<float>(cur, res, out, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  else
+    if_run<double>(cur, res, out, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  return {out, vo, no};
+}
+
+std::tuple<at::Tensor, at::Tensor> if_steps_inplace(const at::Tensor& cur, const c10::optional<at::Tensor>& res,
+                                                    const c10::optional<at::Tensor>& v,
+                                                    const c10::optional<at::Tensor>& n, const at::Tensor& theta,
+                                                    const at::Tensor& neg, const at::Tensor& scale, double bound,
+                                                    bool is_signed, bool state) {
+  if_check(cur, res, v, n, theta, neg, scale, is_signed, bound);
+  auto [vo, no] = state_buffers(cur, is_signed, state);
+  if (cur.scalar_type() == at::kFloat)
+    if_run<float>(cur, res, cur, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  else
+    if_run<double>(cur, res, cur, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  return {vo, no};
+}
+
+// ------------------------------------------------------------------------ constant input (closed form)
+// out[t] = (n_{k(t0+t+1)} - n_{k(t0+t)}) * scale, n_k = floor(clamp(cur / theta, 0, 1) * k + 0.5),
+// k(t) = min(t, T): the input is switched off after T steps (settle steps emit nothing).
+template <typename R>
+void const_flat(const R* cur, R* out, int64_t N, int64_t t0, int64_t steps, int64_t T, R theta, R scale) {
+  const int64_t nb = (N + BLK - 1) / BLK;
+  at::parallel_for(0, nb, grain_blocks(BLK * std::max<int64_t>(steps, 1)), [&](int64_t b0, int64_t b1) {
+    R u[BLK], prev[BLK];
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
+      const R k0 = R(std::min(t0, T));
+_Pragma("omp simd")
+      for (int64_t j = 0; j < len; j++) {
+        R x = cur[i0 + j] / theta;
+        x = x < R(0) ? R(0) : (x > R(1) ? R(1) : x);
+        u[j] = x;
+        prev[j] = std::floor(x * k0 + R(0.5));
+      }
+      for (int64_t t = 0; t < steps; t++) {
+        const R k = R(std::min(t0 + t + 1, T));
+        R* o = out + t * N + i0;
+_Pragma("omp simd")
+        for (int64_t j = 0; j < len; j++) {
+          const R nx = std::floor(u[j] * k + R(0.5));
+          o[j] = (nx - prev[j]) * scale;
+          prev[j] = nx;
+        }
+      }
+    }
+  });
+}
+
+// the same from an NCHW current [B, C, HW] into a channels-last train out[t*N + (b*HW + hw)*C + c]
+// (tiles of hwb pixels x C channels transposed in L1)
+template <typename R>
+void const_nchw_to_cl(const R* cur, R* out, int64_t B, int64_t C, int64_t HW, int64_t t0, int64_t steps, int64_t T,
+                      R theta, R scale) {
+  const int64_t N = B * C * HW;
+  int64_t hwb = std::max<int64_t>(1, BLK / std::max<int64_t>(C, 1));
+  hwb = std::min(hwb, std::max<int64_t>(HW, 1));
+  const int64_t ntile = (HW + hwb - 1) / hwb;
+  at::parallel_for(0, B * ntile, grain_blocks(hwb * C * std::max<int64_t>(steps, 1)), [&](int64_t j0, int64_t j1) {
+    std::vector<R> tu(hwb * C), tp(hwb * C);
+    for (int64_t job = j0; job < j1; job++) {
+      const int64_t b = job / ntile, h0 = (job % ntile) * hwb;
+      const int64_t len = std::min(hwb, HW - h0), m = len * C;
+      const R k0 = R(std::min(t0, T));
+      for (int64_t c = 0; c < C; c++) {
+        const R* src = cur + (b * C + c) * HW + h0;
+        for (int64_t h = 0; h < len; h++) {
+          R x = src[h] / theta;
+          x = x < R(0) ? R(0) : (x > R(1) ? R(1) : x);
+          tu[h * C + c] = x;
+          tp[h * C + c] = std::floor(x * k0 + R(0.5));
+        }
+      }
+      for (int64_t t = 0; t < steps; t++) {
+        const R k = R(std::min(t0 + t + 1, T));
+        R* o = out + t * N + (b * HW + h0) * C;
+        R* pu = tu.data();
+        R* pp = tp.data();
+_Pragma("omp simd")
+        for (int64_t i = 0; i < m; i++) {
+          const R nx = std::floor(pu[i] * k + R(0.5));
+          o[i] = (nx - pp[i]) * scale;
+          pp[i] = nx;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor if_const(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0, int64_t steps,
+                    int64_t T, bool channels_last) {
+  check_float(cur, "current");
+  check_scalar(theta, cur, "theta");
+  check_scalar(scale, cur, "scale");
+  TORCH_CHECK(cur.dim() >= 1, "fastsnn: the current must be [B, ...]");
+  TORCH_CHECK(t0 >= 0 && steps >= 0 && T >= 1, "fastsnn: bad window t0=", t0, " steps=", steps, " T=", T);
+  const int64_t B = cur.size(0);
+  std::vector<int64_t> shape(cur.sizes().begin(), cur.sizes().end());
+  shape[0] = steps * B;
+  const bool cl_in = cur.dim() == 4 && cur.is_contiguous(at::MemoryFormat::ChannelsLast) && !cur.is_contiguous();
+  const bool cl = cur.dim() == 4 && (channels_last || cl_in);
+  at::Tensor out = at::empty(shape, cur.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                    : at::MemoryFormat::Contiguous));
+  const int64_t N = cur.numel();
+  if (N == 0 || steps == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(cur.scalar_type(), "fastsnn_if_const", [&] {
+    const scalar_t th = scalar_of<scalar_t>(theta), sc = scalar_of<scalar_t>(scale);
+    if (cl && cur.is_contiguous()) {  // NCHW in, channels-last out: transposed in the kernel
+      const int64_t C = cur.size(1);
+      const_nchw_to_cl<scalar_t>(cur.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, C, N / (B * C), t0, steps,
+                                 T, th, sc);
+    } else {
+      at::Tensor c = cl ? cur.contiguous(at::MemoryFormat::ChannelsLast) : cur.contiguous();
+      const_flat<scalar_t>(c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, t0, steps, T, th, sc);
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------ statistics: non-zeros per position
+at::Tensor nonzero_per_position(const at::Tensor& x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 4, "fastsnn: nonzero_per_position needs [N, C, H, W]");
+  const int64_t Nb = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  at::Tensor out = at::zeros({H, W}, x.options().dtype(at::kLong));
+  const bool nchw = x.is_contiguous();
+  TORCH_CHECK(nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fastsnn: nonzero_per_position needs a contiguous or channels-last tensor");
+  if (x.numel() == 0) return out;
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastsnn_nz", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    const int64_t rows = nchw ? Nb * C : Nb;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), x.numel() / SERIAL));
+    const int64_t per = (rows + nth - 1) / nth;
+    std::vector<std::vector<int32_t>> acc(nth, std::vector<int32_t>(HW, 0));
+    at::parallel_for(0, nth, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ch++) {
+        int32_t* a = acc[ch].data();
+        for (int64_t r = ch * per; r < std::min(rows, (ch + 1) * per); r++) {
+          if (nchw) {
+            const scalar_t* q = p + r * HW;
+_Pragma("omp simd")
+            for (int64_t j = 0; j < HW; j++) a[j] += q[j] != scalar_t(0);
+          } else {
+            for (int64_t j = 0; j < HW; j++) {
+              const scalar_t* q = p + (r * HW + j) * C;
+              int32_t k = 0;
+_Pragma("omp simd reduction(+ : k)")
+              for (int64_t c = 0; c < C; c++) k += q[c] != scalar_t(0);
+              a[j] += k;
+            }
+          }
+        }
+      }
+    });
+    for (int64_t ch = 0; ch < nth; ch++)
+      for (int64_t j = 0; j < HW; j++) o[j] += acc[ch][j];
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- activation quantizer
+// out = floor(clamp((x [+ r]) / alpha, 0, 1) * n + 0.5) * step -- the order of quant.act_levels
+template <typename R>
+inline R act_q(R v, R alpha, R n, R step) {
+  R u = v / alpha;
+  u = u < R(0) ? R(0) : (u > R(1) ? R(1) : u);
+  return std::floor(u * n + R(0.5)) * step;
+}
+
+void act_check(const at::Tensor& x, const c10::optional<at::Tensor>& r) {
+  check_float(x, "x");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastsnn: x must be dense (contiguous or channels-last)");
+  if (r.has_value()) check_like(*r, x, "residual");
+}
+
+template <typename R>
+void act_run(const R* x, const R* r, R* o, int64_t N, double alpha_, double n_, double step_) {
+  const R alpha = R(alpha_), n = R(n_), step = R(step_);
+  at::parallel_for(0, N, SERIAL, [&](int64_t i0, int64_t i1) {
+    if (r) {
+_Pragma("omp simd")
+      for (int64_t i = i0; i < i1; i++) o[i] = act_q<R>(x[i] + r[i], alpha, n, step);
+    } else {
+_Pragma("omp simd")
+      for (int64_t i = i0; i < i1; i++) o[i] = act_q<R>(x[i], alpha, n, step);
+    }
+  });
+}
+
+at::Tensor act_quant(const at::Tensor& x, const c10::optional<at::Tensor>& r, double alpha, double n, double step) {
+  act_check(x, r);
+  at::Tensor out = at::empty_strided(x.sizes(), x.strides(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastsnn_act_quant", [&] {
+    act_run<scalar_t>(x.data_ptr<scalar_t>(), r.has_value() ? r->data_ptr<scalar_t>() : nullptr,
+                      out.data_ptr<scalar_t>(), x.numel(), alpha, n, step);
+  });
+  return out;
+}
+
+void act_quant_inplace(const at::Tensor& x, const c10::optional<at::Tensor>& r, double alpha, double n, double step) {
+  act_check(x, r);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastsnn_act_quant_", [&] {
+    act_run<scalar_t>(x.data_ptr<scalar_t>(), r.has_value() ? r->data_ptr<scalar_t>() : nullptr,
+                      x.data_ptr<scalar_t>(), x.numel(), alpha, n, step);
+  });
+}
+
+// chunked parallel sum: the partial sums of a fixed partition, added in order (deterministic for a
+// given thread count)
+template <typename F>
+std::vector<double> chunk_sums(int64_t N, int k, F body) {
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / SERIAL));
+  const int64_t per = (N + nth - 1) / nth;
+  std::vector<double> part(nth * k, 0.0);
+  at::parallel_for(0, nth, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; c++) body(c * per, std::min(N, (c + 1) * per), part.data() + c * k);
+  });
+  std::vector<double> tot(k, 0.0);
+  for (int64_t c = 0; c < nth; c++)
+    for (int j = 0; j < k; j++) tot[j] += part[c * k + j];
+  return tot;
+}
+
+// backward of the quantized ReLU (straight-through estimator, quant.functional._ActQuant):
+// gx = g * (0 <= x <= alpha); galpha = sum(g * (y > alpha ? 1 : level / n - y / alpha)), y = max(x, 0)
+std::tuple<at::Tensor, at::Tensor> act_quant_bwd(const at::Tensor& x, const at::Tensor& g, double alpha_, double n_,
+                                                 bool want_x, bool want_alpha) {
+  check_float(x, "x");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastsnn: x must be dense");
+  check_like(g, x, "grad");
+  at::Tensor gx = want_x ? at::empty_strided(x.sizes(), x.strides(), x.options()) : at::empty({0}, x.options());
+  at::Tensor ga = at::zeros({}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastsnn_act_bwd", [&] {
+    using R = scalar_t;
+    const R alpha = R(alpha_), n = R(n_), inv_n = R(1.0 / n_);
+    const R* xp = x.data_ptr<R>();
+    const R* gp = g.data_ptr<R>();
+    R* gxp = want_x ? gx.data_ptr<R>() : nullptr;
+    const int64_t N = x.numel();
+    if (!want_alpha) {
+      if (gxp)
+        at::parallel_for(0, N, SERIAL, [&](int64_t i0, int64_t i1) {
+_Pragma("omp simd")
+          for (int64_t i = i0; i < i1; i++) {
+            const R xv = xp[i];
+            gxp[i] = gp[i] * ((xv >= R(0)) & (xv <= alpha) ? R(1) : R(0));
+          }
+        });
+      return;
+    }
+    auto tot = chunk_sums(N, 1, [&](int64_t i0, int64_t i1, double* acc) {
+      double s = 0.0;
+_Pragma("omp simd reduction(+ : s)")
+      for (int64_t i = i0; i < i1; i++) {
+        const R xv = xp[i], gv = gp[i];
+        if (gxp) gxp[i] = gv * ((xv >= R(0)) & (xv <= alpha) ? R(1) : R(0));
+        R u = xv / alpha;
+        u = u < R(0) ? R(0) : (u > R(1) ? R(1) : u);
+        const R level = std::floor(u * n + R(0.5));
+        // y = max(x, 0); for y <= alpha, y / alpha is the clamped u (same division)
+        const R d = (xv < R(0) ? R(0) : xv) > alpha ? R(1) : level * inv_n - u;
+        s += double(gv * d);
+      }
+      acc[0] = s;
+    });
+    ga.fill_(tot[0]);
+  });
+  return {gx, ga};
+}
+
+// --------------------------------------------------------------------------------- weight quantizer
+// quant.functional.weight_quant: w_hat = (w - mu) / s (s = std + eps), r = w_hat / alpha, v = clamp(r, -1, 1),
+// q = sign(v) * mags[#(mids < |v|)], out = q * alpha. mids: the L-1 midpoints, padded with +inf to 15 when
+// L <= 16 (a fixed trip count vectorises).
+template <typename R, int TRIP>
+inline R wq_q(R r, const R* mids, const R* mags, int L) {
+  const R v = r < R(-1) ? R(-1) : (r > R(1) ? R(1) : r);
+  const R a = v < R(0) ? -v : v;
+  int k = 0;
+  const int trip = TRIP > 0 ? TRIP : L - 1;
+  for (int j = 0; j < trip; j++) k += mids[j] < a;
+  const R sg = v > R(0) ? R(1) : (v < R(0) ? R(-1) : R(0));
+  return sg * mags[k];
+}
+
+void wq_check(const at::Tensor& w, const at::Tensor& mids, const at::Tensor& mags) {
+  check_float(w, "w");
+  TORCH_CHECK(w.is_contiguous(), "fastsnn: the weight must be contiguous");
+  check_float(mids, "mids");
+  check_float(mags, "mags");
+  TORCH_CHECK(mids.scalar_type() == w.scalar_type() && mags.scalar_type() == w.scalar_type(),
+              "fastsnn: mids / mags must have the weight's dtype");
+  TORCH_CHECK(mids.is_contiguous() && mags.is_contiguous() && mags.dim() == 1 && mids.dim() == 1,
+              "fastsnn: mids / mags must be contiguous vectors");
+  TORCH_CHECK(mags.numel() >= 1 && (mags.numel() > 16 ? mids.numel() >= mags.numel() - 1 : mids.numel() >= 15),
+              "fastsnn: mids must hold the L-1 midpoints (padded to 15 when L <= 16)");
+}
+
+at::Tensor wq_fwd(const at::Tensor& w, double mu_, double s_, double alpha_, const at::Tensor& mids,
+                  const at::Tensor& mags) {
+  wq_check(w, mids, mags);
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  const int L = int(mags.numel());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastsnn_wq_fwd", [&] {
+    using R = scalar_t;
+    const R mu = R(mu_), s = R(s_), alpha = R(alpha_);
+    const R* wp = w.data_ptr<R>();
+    const R* mi = mids.data_ptr<R>();
+    const R* ma = mags.data_ptr<R>();
+    R* op = out.data_ptr<R>();
+    at::parallel_for(0, w.numel(), SERIAL, [&](int64_t i0, int64_t i1) {
+      if (L <= 16) {
+_Pragma("omp simd")
+        for (int64_t i = i0; i < i1; i++) op[i] = wq_q<R, 15>(((wp[i] - mu) / s) / alpha, mi, ma, L) * alpha;
+      } else {
+        for (int64_t i = i0; i < i1; i++) op[i] = wq_q<R, 0>(((wp[i] - mu) / s) / alpha, mi, ma, L) * alpha;
+      }
+    });
+  });
+  return out;
+}
+
+// backward: pass 1 sums of gh = g * (inside or pass_outside), of gh * (w - mu), and of the clip's gradient
+// g * (outside ? sign(r) : q - r); pass 2: grad_w = gh / s + k0 + k1 * (w - mu) (standardisation backward:
+// mean and unbiased std). Returns (grad_w or an empty tensor, the three sums as float64).
+std::tuple<at::Tensor, at::Tensor> wq_bwd(const at::Tensor& w, const at::Tensor& g, double mu_, double s_, double sd,
+                                          double alpha_, const at::Tensor& mids, const at::Tensor& mags,
+                                          bool pass_outside, bool want_w) {
+  wq_check(w, mids, mags);
+  TORCH_CHECK(g.sizes() == w.sizes() && g.is_contiguous() && g.scalar_type() == w.scalar_type() && g.device().is_cpu(),
+              "fastsnn: the gradient must be a contiguous CPU tensor like the weight");
+  const int L = int(mags.numel());
+  const int64_t N = w.numel();
+  at::Tensor gw = want_w ? at::empty_like(w, at::MemoryFormat::Contiguous) : at::empty({0}, w.options());
+  at::Tensor sums = at::empty({3}, w.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastsnn_wq_bwd", [&] {
+    using R = scalar_t;
+    const R mu = R(mu_), s = R(s_), alpha = R(alpha_);
+    const R* wp = w.data_ptr<R>();
+    const R* gp = g.data_ptr<R>();
+    const R* mi = mids.data_ptr<R>();
+    const R* ma = mags.data_ptr<R>();
+    const int po = pass_outside ? 1 : 0;
+    auto tot = chunk_sums(N, 3, [&](int64_t i0, int64_t i1, double* acc) {
+      double s_g = 0.0, s_gc = 0.0, s_a = 0.0;
+      for (int64_t i = i0; i < i1; i++) {
+        const R c = wp[i] - mu;
+        const R r = (c / s) / alpha;
+        const R q = L <= 16 ? wq_q<R, 15>(r, mi, ma, L) : wq_q<R, 0>(r, mi, ma, L);
+        const int outside = (r < R(0) ? -r : r) > R(1);
+        const R gv = gp[i];
+        const R gh = gv * ((po | !outside) ? R(1) : R(0));
+        const R d = outside ? (r > R(0) ? R(1) : R(-1)) : q - r;
+        s_g += double(gh);
+        s_gc += double(gh) * double(c);
+        s_a += double(gv * d);
+      }
+      acc[0] = s_g;
+      acc[1] = s_gc;
+      acc[2] = s_a;
+    });
+    double* sp = sums.data_ptr<double>();
+    sp[0] = tot[0];
+    sp[1] = tot[1];
+    sp[2] = tot[2];
+    if (want_w) {
+      const double dlds = -tot[1] / (s_ * s_);                                      // d loss / d (std + eps)
+      const double k1d = N > 1 ? dlds / (double(N - 1) * sd) : std::numeric_limits<double>::quiet_NaN();
+      const double k0d = -(tot[0] / double(N)) / s_;                                // through w - mean(w)
+      const R k0 = R(k0d), k1 = R(k1d);
+      R* gwp = gw.data_ptr<R>();
+      at::parallel_for(0, N, SERIAL, [&](int64_t i0, int64_t i1) {
+_Pragma("omp simd")
+        for (int64_t i = i0; i < i1; i++) {
+          const R c = wp[i] - mu;
+          const R r = (c / s) / alpha;
+          const int outside = (r < R(0) ? -r : r) > R(1);
+          const R gh = gp[i] * ((po | !outside) ? R(1) : R(0));
+          gwp[i] = gh / s + k0 + k1 * c;
+        }
+      });
+    }
+  });
+  return {gw, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastsnn, m) {
+  m.def("if_steps(Tensor cur, Tensor? res, Tensor? v, Tensor? n, Tensor theta, Tensor neg, Tensor scale, float bound, "
+        "bool signed, bool state) -> (Tensor, Tensor, Tensor)");
+  m.def("if_steps_inplace(Tensor(a!) cur, Tensor? res, Tensor? v, Tensor? n, Tensor theta, Tensor neg, Tensor scale, "
+        "float bound, bool signed, bool state) -> (Tensor, Tensor)");
+  m.def("if_const(Tensor cur, Tensor theta, Tensor scale, int t0, int steps, int T, bool channels_last) -> Tensor");
+  m.def("nonzero_per_position(Tensor x) -> Tensor");
+  m.def("act_quant(Tensor x, Tensor? r, float alpha, float n, float step) -> Tensor");
+  m.def("act_quant_inplace(Tensor(a!) x, Tensor? r, float alpha, float n, float step) -> ()");
+  m.def("act_quant_bwd(Tensor x, Tensor g, float alpha, float n, bool want_x, bool want_alpha) -> (Tensor, Tensor)");
+  m.def("wq_fwd(Tensor w, float mu, float s, float alpha, Tensor mids, Tensor mags) -> Tensor");
+  m.def("wq_bwd(Tensor w, Tensor g, float mu, float s, float sd, float alpha, Tensor mids, Tensor mags, "
+        "bool pass_outside, bool want_w) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastsnn, CPU, m) {
+  m.impl("if_steps", &if_steps);
+  m.impl("if_steps_inplace", &if_steps_inplace);
+  m.impl("if_const", &if_const);
+  m.impl("nonzero_per_position", &nonzero_per_position);
+  m.impl("act_quant", &act_quant);
+  m.impl("act_quant_inplace", &act_quant_inplace);
+  m.impl("act_quant_bwd", &act_quant_bwd);
+  m.impl("wq_fwd", &wq_fwd);
+  m.impl("wq_bwd", &wq_bwd);
+}
