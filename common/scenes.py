@@ -34,7 +34,6 @@ CLI: ``python -m common.scenes --out data/scenes --train 200 --test 50 --size 12
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os

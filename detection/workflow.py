@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, save_checkpoint
+from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.metrics import write_json
@@ -204,8 +204,9 @@ def _init_model(model, path: str, args, num_classes: int):
             raise UserError(f"--init {path} does not fit {args.version} (width {model.width}): {e}",
                             "pass the same --width as the checkpoint, or the right checkpoint") from None
         if report["missing_quantizer"]:
-            log(f"--init: {len(report['missing_quantizer'])} activation clips not in {path}, initialised to "
-                f"{model.backbone[0].act.alpha_init if hasattr(model.backbone, '__getitem__') else 'the default'}")
+            import quant
+            start = next((m.alpha_init for m in model.modules() if isinstance(m, quant.QuantAct)), None)
+            log(f"--init: {len(report['missing_quantizer'])} activation clips are not in {path}: they start at {start}")
         log(f"initialised from {path}")
         return ckpt
     prefix = {"fc.": None, "": "backbone."} if args.version == "yolov2_r34" else {"features.": "backbone.", "": "backbone."}
@@ -346,8 +347,11 @@ def train(args) -> dict:
             f"{ctx.world_size} process(es) on {ctx.device}")
         if args.init and rckpt is None:
             _init_model(model, args.init, args, data.num_classes)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        if getattr(args, "optimizer", "sgd") == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay)
         ema = ModelEMA(model) if args.ema else None
         start, best, history = args.start_epoch, -1.0, []
         if rckpt is not None:
@@ -562,14 +566,14 @@ def finetune(args) -> dict:
         val_loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
         train_loader = D.make_loader(data.train, ctx, args.batch_size, args.num_workers, True, seed=args.seed or 0)
         make_metric = make_metric_fn(model, data, args)
-        score = None
-        if not args.force:
-            plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
-            score_loader = D.make_loader(plain, ctx, args.batch_size, args.num_workers, False)
+        plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
+        score_loader = D.make_loader(plain, ctx, args.batch_size, args.num_workers, False)
 
-            def score(n):
-                return pipeline.evaluate(n, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
-                                         progress=False, max_batches=args.score_batches)["map"]
+        def train_map(n):
+            """The SNN's mAP on the first --score-batches training batches (no augmentation)."""
+            return pipeline.evaluate(n, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
+                                     progress=False, max_batches=args.score_batches)["map"]
+        score = None if args.force else train_map
         out_dir = run_dir(args, "_ft")
         before = None
         if args.eval_before:

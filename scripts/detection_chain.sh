@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The seed README's detection recipe for one version, end to end (spec 3.11, 3.12):
+#   quantized YOLOv2 32 -> 4 -> 3 -> 2 bits (each stage --init from the previous best checkpoint),
+#   SNN evaluation of the 4 / 3 / 2-bit detectors (T = 15 / 7 / 3) with signed and unsigned IF neurons,
+#   layer-wise fine-tuning of the 3- and 2-bit SNNs (signed; evaluated after tuning).
+#
+# usage: bash scripts/detection_chain.sh [VERSION] [extra args passed to every script, e.g. -root DIR]
+#        VERSION: yolov2_tiny (default) or yolov2_r34
+# env:   DATASET (voc | coco, default voc), EPOCHS (per stage, default 250), BS (per process, default 4),
+#        NPROC (processes, default 1; >1 runs torch.distributed.run like the README's 4-GPU launch),
+#        TRAIN_FLAGS (default "-ms --ema --sybn"), FT_BITS (default "3 2"), FT_EPOCHS (snn_ft -n, default 1),
+#        OUT (save folder, default weights/), PYTHON (default .venv/bin/python)
+# Every training stage uses --resume auto: rerunning the chain after a crash continues where it stopped
+# (a finished stage returns at once).
+set -euo pipefail
+VERSION=${1:-yolov2_tiny}
+[ $# -gt 0 ] && shift
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+DATASET=${DATASET:-voc}
+EPOCHS=${EPOCHS:-250}
+BS=${BS:-4}
+NPROC=${NPROC:-1}
+TRAIN_FLAGS=${TRAIN_FLAGS:--ms --ema --sybn}
+FT_BITS=${FT_BITS:-3 2}
+FT_EPOCHS=${FT_EPOCHS:-1}
+OUT=${OUT:-weights}
+D=detection
+EVAL_SET=$DATASET; [ "$DATASET" = coco ] && EVAL_SET=coco-val
+
+launch() { if [ "$NPROC" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi; }
+run() { echo "+ $(launch) $*" >&2; $(launch) "$@"; }
+best() { echo "$OUT/$DATASET/${VERSION}_$1bit/model_best.pth.tar"; }
+train() {  # BIT [INIT_BIT] [extra...]
+  local bit=$1 init=$2; shift 2
+  # shellcheck disable=SC2086
+  run $D/train.py -d "$DATASET" -v "$VERSION" $TRAIN_FLAGS --batch_size "$BS" --bit "$bit" --epochs "$EPOCHS" \
+    --save_folder "$OUT" --resume auto ${init:+--init "$(best "$init")"} "$@"
+}
+
+train 32 "" "$@"
+train 4 32 "$@"
+train 3 4 "$@"
+train 2 3 "$@"
+for BIT in 4 3 2; do
+  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike --init "$(best "$BIT")" --save_folder "$OUT" "$@"
+  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike -u --init "$(best "$BIT")" --save_folder "$OUT" "$@"
+done
+for BIT in $FT_BITS; do
+  run $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" "$@"
+done
+echo "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/ and ${VERSION}_{${FT_BITS// /,}}bit_ft/" >&2
