@@ -17,6 +17,7 @@ recipe), trained once and cached in ``<out>/fidelity/result`` (a later run reuse
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from typing import Dict, List
@@ -132,6 +133,7 @@ class Study:
 
     def __init__(self, args, ann, data, device):
         self.args, self.ann, self.data, self.device = args, ann, data, device
+        self.done: Dict[str, tuple] = {}  # method spec -> (tuned net, seconds), for "<spec>+e2e" to continue
 
     def convert(self, **kw):
         from common import pipeline
@@ -151,7 +153,14 @@ class Study:
         from common import dist, pipeline
         name, kw = parse_method(spec)
         dist.seed_all(self.args.seed, 0)  # every method sees the same shuffles
-        net = self.convert()
+        net, before, reused = self.convert(), 0.0, None
+        stages = name.split("+")
+        if stages[-1] == "e2e" and len(stages) > 1 and not any(k in kw for k in ("epochs", "lr", "batches",
+                                                                                 "bias_iters", "schedule")):
+            prior = "+".join(stages[:-1])
+            if prior in self.done:  # continue from that run's tuned net: only the end-to-end stage is new
+                reused, (net, before) = prior, (copy.deepcopy(self.done[prior][0]), self.done[prior][1])
+                name = "e2e"
         loader = engine.ReshuffledLoader(self.data.train_loader)
         score_kind = kw.pop("score", "reshuffled")
         score_batches = int(kw.pop("score_batches", self.args.score_batches))
@@ -176,12 +185,14 @@ class Study:
                                  bn_mode=getattr(self.ann, "ft_bn_mode", "recalibrate"), max_batches=batches,
                                  cache="auto", cache_mb=self.args.cache_mb, progress=self.args.progress,
                                  log=lines.append, device=self.device, method=name, method_options=kw)
-        seconds = time.time() - t0
+        seconds = time.time() - t0 + before
+        if reused is None:
+            self.done[spec] = (copy.deepcopy(net), seconds)
         res = self.evaluate(net)
         accepted = sum(bool(h["accepted"]) for h in hist)
         return net, {"method": spec, "top1": res["top1"], "ann_top1": res["ann_top1"], "seconds": round(seconds, 1),
                      "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"],
-                     "accepted": f"{accepted}/{len(hist)}", "log": lines}
+                     "accepted": f"{accepted}/{len(hist)}", "continued_from": reused, "log": lines}
 
     def settle(self, kmax: int) -> dict:
         """Smallest K with top-1 within 0.1 of the ANN and every layer agreeing >= 0.999 (K = 0, 1, ...)."""

@@ -308,16 +308,22 @@ def load_weights(model: nn.Module, path: str, args, *, what: str = "--init", sam
     return ckpt
 
 
-def load_trained(args, task: Task, data: Data, device, path: str, what: str, hint: str):
+def load_trained(args, task: Task, data: Data, device, path: str, what: str, hint: str,
+                 raw_as_init: bool = False):
     """Build the model a trained checkpoint holds and load it: its recorded arch / bits / weight bits,
     class count and dataset must be the flags' (``--wbit`` defaults to the checkpoint's), every clip
-    present (see :func:`load_weights`). Returns ``(model, ckpt)``."""
+    present (see :func:`load_weights`). ``raw_as_init``: a file without that record (a plain state
+    dict, e.g. torchvision's weights) is loaded with the ``--init`` semantics instead (missing clips
+    at their defaults: ``main.py -e`` of a float model at ``--bit``). Returns ``(model, ckpt)``."""
     ckpt = load_checkpoint(path, what, hint)
+    exact = not (raw_as_init and ckpt.get("bit") is None)
     _check_meta(ckpt, args, path, what, same_bit=True, data=data, same_data=True)
     if args.wbit is None and ckpt.get("wbit") is not None:
         args.wbit = int(ckpt["wbit"])
     model = build_model(args, task, data.num_classes).to(device)
-    load_weights(model, path, args, what=what, same_bit=True, ckpt=ckpt, data=data)
+    load_weights(model, path, args, what=what, same_bit=exact, ckpt=ckpt, data=data)
+    if not exact:
+        log(f"{path} records no arch / bits: loaded as --init (quantizer clips it lacks start at their defaults)")
     return model, ckpt
 
 
@@ -517,7 +523,7 @@ def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
     path = args.init or (os.path.join(out_dir, CHECKPOINT) if args.resume == "auto" else args.resume) \
         or os.path.join(out_dir, BEST)
     model, ckpt = load_trained(args, task, data, ctx.device, path, "checkpoint",
-                               f"pass --init PATH, or train first ({task.train_script} without -e)")
+                               f"pass --init PATH, or train first ({task.train_script} without -e)", raw_as_init=True)
     res = engine.evaluate(model, data.val_loader, nn.CrossEntropyLoss(), desc="test", show_progress=args.progress)
     rec = _record(args, data, model, _ann_result(model, task, res["top1"], res["top5"], res["samples"]),
                   script="main.py -e", checkpoint=path, loss=res["loss"], finetuned=bool(ckpt.get("snn_finetuned")))

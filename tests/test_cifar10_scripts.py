@@ -384,8 +384,35 @@ def test_demo_quick(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
     s = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
+    # time per stage, so far, and left (issue 15.5)
+    assert "--- train 32-bit ANN: " in out and "(elapsed " in out and "step 1/9, about " in out and " left)" in out
+    assert "step 9/9, done" in out
     assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned" in out
     assert [r["bits"] for r in s["table"]] == [32, 4, 3, 2] and s["table"][3]["finetuned"] is not None
     assert s["table"][2]["T"] == 7 and s["table"][3]["T"] == 3
     assert os.path.exists(tmp_path / "summary.json")
     assert all(os.path.exists(p) for p in s["plots"]) and len(s["plots"]) == 3
+
+
+def test_demo_seeds(tmp_path, monkeypatch, fake_fmnist_system, capsys):
+    """classification.demo_seeds: one quick demo per seed, the table as mean ± spread; a seed already
+    measured with the same demo flags is not run again."""
+    from classification import demo, demo_seeds
+    monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
+    r = demo_seeds.main(["--seeds", "0", "--out", str(tmp_path), "--", "--quick", "--no-progress"])
+    assert r["seeds"] == [0] and [row["bits"] for row in r["rows"]] == [32, 4, 3, 2]
+    assert (tmp_path / "seeds.md").read_text().startswith("| bits | T | ANN top-1 |")
+    calls = []
+    monkeypatch.setattr(demo, "main", lambda argv: calls.append(argv))
+    again = demo_seeds.main(["--seeds", "0", "--out", str(tmp_path), "--", "--quick", "--no-progress"])
+    assert calls == [] and again["rows"] == r["rows"]
+    # the statistics and the table
+    runs = [{"table": [{"bits": 2, "T": 3, "ann_top1": a, "snn_signed": 10.0, "snn_unsigned": None,
+                        "finetuned": f}]} for a, f in ((70.0, 60.0), (72.0, 64.0), (74.0, 62.0))]
+    rows = demo_seeds.aggregate(runs)
+    assert rows[0]["ann_top1"]["mean"] == pytest.approx(72.0) and rows[0]["ann_top1"]["std"] == pytest.approx(2.0)
+    assert rows[0]["snn_unsigned"] is None and rows[0]["snn_signed"]["std"] == 0.0
+    md = demo_seeds.markdown(rows, [0, 1, 2])
+    assert "| 2 | 3 | 72.0 ± 2.0 (70.0–74.0) | 10.0 ± 0.0 (10.0–10.0) | – | 62.0 ± 2.0 (60.0–64.0) |" in md
+    with pytest.raises(Exception):
+        demo_seeds.main(["--out", str(tmp_path), "--", "--seed", "3"])

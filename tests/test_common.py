@@ -184,7 +184,12 @@ def test_write_json_atomic_and_jsonable(tmp_path):
     metrics.write_json(path, {"a": torch.tensor(1.5), "b": torch.arange(3), "c": float("nan"), "d": (1, 2),
                               "e": {1: torch.tensor([True])}})
     d = json.load(open(path))
+    env = d.pop("env")  # what the numbers depend on besides the flags
     assert d == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [1, 2], "e": {"1": True}}
+    assert env["threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    assert {"seed", "python", "torchvision", "host", "platform", "world_size"} <= set(env)
+    metrics.write_json(path, {"a": 1}, env=False)
+    assert json.load(open(path)) == {"a": 1}
     assert os.listdir(tmp_path / "sub") == ["m.json"]
     assert metrics.format_acc(91.234, 99.5) == " * Acc@1 91.234 Acc@5 99.500"
 
