@@ -7,7 +7,9 @@ Progressive recipe (spec 3.1), from the repository root or from this folder:
     python main.py --arch alex --bit 3 -id 0 --wd 1e-4 --lr 4e-2 --init result/alex_4bit/model_best.pth.tar
     python main.py --arch alex --bit 2 -id 0 --wd 3e-5 --lr 4e-2 --init result/alex_3bit/model_best.pth.tar
 
-Writes result/<arch>_<bit>bit/{checkpoint.pth.tar, model_best.pth.tar, history.json, metrics_ann.json};
+Writes result/<arch>_<bit>bit/{checkpoint.pth.tar, model_best.pth.tar, history.json, metrics_ann.json}
+(result/<dataset>/<arch>_<bit>bit for --dataset other than cifar10; -e writes metrics_ann_eval.json
+beside the evaluated checkpoint);
 --resume auto continues a killed run. Multi-GPU: torchrun --nproc_per_node=N main.py ...
 """
 from common.cli import ArgumentParser, unshadow_script_dir

@@ -4,7 +4,7 @@
     python snn.py --arch alex --bit 2 -id 0 -e -u --init result/alex_2bit/model_best.pth.tar   # unsigned IF, T=3
 
 Prints ' * Acc@1 .. Acc@5 ..' and writes metrics_snn_<signed|unsigned>_T<T>.json (accuracy vs t,
-per-layer firing rate / agreement with the ANN, SOPs, energy) into the run folder. -e is accepted
+per-layer firing rate / agreement with the ANN, SOPs, energy) beside the --init checkpoint. -e is accepted
 for compatibility: this script always evaluates. --init also accepts snn_ft.py's fine-tuned model.
 """
 from common.cli import ArgumentParser, unshadow_script_dir

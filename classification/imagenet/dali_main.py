@@ -10,7 +10,7 @@ torchrun --nproc_per_node=N works the same; without a launcher it runs in one pr
 else CPU). Architectures: alexnet, vgg16, vgg11, resnet18, resnet34. LR: lr * 0.1^(epoch // 20), an
 extra x0.1 from epoch 50 (not scaled by the number of processes). --pretrained starts from
 torchvision's weights (resnet18 / resnet34) or a local state-dict file. Writes
-result/<arch>_<bit>bit/{checkpoint.pth.tar, model_best.pth.tar, history.json, metrics_ann.json} on
+result/imagenet/<arch>_<bit>bit/{checkpoint.pth.tar, model_best.pth.tar, history.json, metrics_ann.json} on
 rank 0; --resume auto continues a killed run.
 """
 from common.cli import unshadow_script_dir

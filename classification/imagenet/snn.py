@@ -6,7 +6,7 @@ Seed README commands (spec 3.9; leave out -u for the signed IF neuron, the defau
     python -m torch.distributed.launch --nproc_per_node=4 snn.py -a alexnet -b 256 -e --bit 2 --init result/alexnet_2bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012
 
 3 bits -> T = 7, 2 bits -> T = 3. Prints ' * Acc@1 .. Acc@5 ..' and writes (rank 0)
-metrics_snn_<signed|unsigned>_T<T>.json into the run folder: SNN and ANN top-1/top-5, accuracy after
+metrics_snn_<signed|unsigned>_T<T>.json beside the --init checkpoint: SNN and ANN top-1/top-5, accuracy after
 every step, per-layer firing rate / agreement with the ANN, SOPs, energy -- all reduced over ranks.
 -e is accepted for compatibility: this script always evaluates. --init also takes snn_ft.py's output.
 """

@@ -9,7 +9,7 @@ Seed README commands (spec 3.10); they run under DDP and, unlike the original, i
 rates (the original's ImageNet behaviour, --ft-bn frozen to keep it). Without --force a tuned layer
 is kept only if the whole SNN's train-set top-1 improves (a full pass over the training set per layer
 and epoch; --score-batches N judges on N batches). Saves (rank 0)
-result/<arch>_<bit>bit_ft/model_best.pth.tar (an ANN-format state dict, reloadable by snn.py --init)
+result/imagenet/<arch>_<bit>bit_ft/model_best.pth.tar (an ANN-format state dict, reloadable by snn.py --init)
 and metrics_snn_ft_<neuron>_T<T>.json. -e evaluates the SNN of --init on the validation set and stops.
 """
 from common.cli import unshadow_script_dir
