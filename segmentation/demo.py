@@ -38,10 +38,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--train", type=int, default=300, help="training scenes (default 300)")
     p.add_argument("--test", type=int, default=60, help="test scenes (default 60)")
     p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
-    p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
+    p.add_argument("--crop", type=int, default=81, help="training crop (default 81 = 10 * 8 + 1)")
     p.add_argument("--test-size", type=int, default=97, help="test pad size (default 97 = 12 * 8 + 1)")
-    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
-    p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
+    p.add_argument("--epochs-fp", type=int, default=14, help="epochs of the 32-bit stage (default 14)")
+    p.add_argument("--epochs-q", type=int, default=2, help="epochs of each 4/3/2-bit stage (default 2)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
     p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
     p.add_argument("--alpha-init", type=float, default=3.0,

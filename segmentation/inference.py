@@ -1,6 +1,6 @@
 """Segment images with a trained ANN or its SNN; write a colour mask (VOC palette PNG) and an overlay PNG each.
 
-    python segmentation/inference.py --input photo.jpg --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar --bit 2
+    python segmentation/inference.py --input photo.jpg --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
     python segmentation/inference.py --input images/ --output out/ --spike --bit 2 -m deeplabv1_vgg9
 
 Each image is padded (mean pixel) to the next k * stride + 1 >= max(its side, --test_size), segmented,
@@ -17,7 +17,8 @@ from segmentation import workflow  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, bit_default=32, init_help="trained checkpoint (default the run folder's model_best.pth.tar)")
+    workflow.add_common_args(p, bit_default=None, init_help="trained checkpoint (default the run folder's model_best.pth.tar); "
+                                                           "--bit and --model default to the checkpoint's")
     p.add_argument("--input", "-i", required=True, metavar="PATH", help="an image file or a folder of images")
     p.add_argument("--output", "-o", default="seg_out", metavar="DIR", help="output folder (default seg_out/)")
     p.add_argument("--spike", action="store_true", help="run the SNN (T = 2^bit - 1) instead of the ANN")
@@ -26,7 +27,12 @@ def get_parser() -> ArgumentParser:
 
 
 def main(argv=None):
-    return workflow.infer(workflow.parse_args(get_parser(), argv))
+    import sys
+    args = workflow.parse_args(get_parser(), argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.model_default = not any(a in ("-m", "--model", "-v", "--version") or a.startswith(("--model=", "--version="))
+                                 for a in given)   # else: the checkpoint's model
+    return workflow.infer(args)
 
 
 if __name__ == "__main__":

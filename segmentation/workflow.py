@@ -65,7 +65,8 @@ def add_common_args(p: ArgumentParser, *, bit_default: int = 32, init_help: str 
     p.add_argument("-m", "--model", "-v", "--version", dest="model", default="deeplabv1_vgg9", choices=MODELS,
                    help="deeplabv1_vgg9 (default) or deeplabv3_r34")
     p.add_argument("--bit", type=int, default=bit_default, choices=BITS,
-                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+                   help="activation bits: 32 (float ANN), 5, 4, 3, 2 (default "
+                        + (f"{bit_default})" if bit_default is not None else "the checkpoint's)"))
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1.0: the paper's nets)")
     p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
                    help="initial activation clip of the quantizers (default 6); clips missing from --init start here")
@@ -677,19 +678,23 @@ def infer(args) -> List[str]:
     """``inference.py``: colour mask (VOC palette PNG) and overlay PNG per input image."""
     import numpy as np
     from PIL import Image
-    stride = OUTPUT_STRIDE[args.model]
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
     paths = _input_images(args.input)
     with dist.session(args.device, args.local_rank) as ctx:
+        if args.bit is None and not args.init:
+            args.bit = 32
         path = args.init or os.path.join(run_dir(args), BEST)
         ckpt = load_checkpoint(path, "--init", "pass --init PATH of a trained model (model_best.pth.tar)")
+        if args.bit is None:   # the checkpoint's bit-width (a fine-tuned SNN's too)
+            args.bit = int(ckpt.get("bit") or 32)
+        if args.model_default and ckpt.get("model") in OUTPUT_STRIDE:
+            args.model = ckpt["model"]
+        stride = OUTPUT_STRIDE[args.model]
         names = ckpt.get("class_names") or (segdata.read_classes(args.classes) if args.classes else None)
         n = ckpt_classes(ckpt, args.model)
         if names is None:
             names = list(segdata.VOC_CLASSES) if n == len(segdata.VOC_CLASSES) else [f"class{i}" for i in range(n)]
-        if args.spike and args.bit == 32 and ckpt.get("bit") not in (None, 32):
-            args.bit = int(ckpt["bit"])
         model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", "pass --init PATH")
         model.eval()
         runner = model

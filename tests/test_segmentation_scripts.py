@@ -103,7 +103,7 @@ def test_finetune_then_eval_and_inference(chain, tmp_path):
     assert all("accepted" in h for h in rec2["finetune"])
     # inference: a mask PNG (class indices) and an overlay per image, ANN and SNN
     img = os.path.join(chain["data"]["voc"], "JPEGImages", "val_001.jpg")
-    outs = inference.main(flags + ["--bit", "2", "--init", chain["best2"], "--input", img, "--output", str(tmp_path / "inf")])
+    outs = inference.main(flags + ["--init", chain["best2"], "--input", img, "--output", str(tmp_path / "inf")])  # bit 2 read from it
     outs += inference.main(flags + ["--bit", "2", "--spike", "--init", chain["best2"], "--input",
                                     os.path.dirname(img), "--output", str(tmp_path / "inf_snn")])
     from PIL import Image
