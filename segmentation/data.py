@@ -515,12 +515,12 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int, ctx=
     if seed is not None:
         g.manual_seed(seed + ctx.rank)
     if train:
-        if ctx.distributed:
-            from torch.utils.data.distributed import DistributedSampler
-            sampler, shuffle = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True,
-                                                  seed=seed or 0), None
-        else:
-            sampler, shuffle = None, True
+        # one process too: a DistributedSampler's order depends only on (seed, epoch), so a resumed run
+        # sees the batches the uninterrupted run would have seen (set_epoch every epoch)
+        from torch.utils.data.distributed import DistributedSampler
+        if seed is None:
+            seed = int(torch.randint(2 ** 31 - 1, ()))
+        sampler, shuffle = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True, seed=seed), None
         if drop_last is None:
             drop_last = len(ds) // max(ctx.world_size, 1) > batch_size
     else:

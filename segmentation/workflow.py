@@ -388,6 +388,20 @@ def _resume(args, model, optimizer, scheduler, out_dir):
     return ckpt, path
 
 
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict):
+    if isinstance(state.get("torch"), torch.Tensor):
+        torch.set_rng_state(state["torch"])
+    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def train(args) -> Dict:
     """``train.py``."""
     check_args(args)
@@ -415,8 +429,13 @@ def train(args) -> Dict:
             model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            scheduler.total_iters = total_iters   # this run's --epochs (a longer run continues the poly decay)
             start, best, history = int(ckpt["epoch"]), float(ckpt.get("best_miou", -1.0)), list(ckpt.get("history", []))
             init_info = ckpt.get("init")
+            if ckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
+                tr_loader.sampler.seed = int(ckpt["sampler_seed"])
+            if ckpt.get("rng") and not ctx.distributed:
+                _set_rng_state(ckpt["rng"])   # augmentation draws continue as in the uninterrupted run
             log(f"resumed {path}: {start} epochs done, best mIoU {best:.2f}")
         elif args.init:
             init_info = init_weights(model, args, data.num_classes)
@@ -456,7 +475,8 @@ def train(args) -> Dict:
                 if ctx.is_main:
                     state = dict(meta, epoch=epoch + 1, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 args=plain_args(args), history=history, init=init_info)
+                                 args=plain_args(args), history=history, init=init_info,
+                                 sampler_seed=getattr(tr_loader.sampler, "seed", None), rng=_rng_state())
                     save_checkpoint(state, out_dir, is_best)
                     write_json(os.path.join(out_dir, "history.json"), {"model": args.model, "bit": args.bit,
                                                                          "history": history})

@@ -114,7 +114,7 @@ def test_finetune_then_eval_and_inference(chain, tmp_path):
     assert len(outs) == 2 + 2 * 9
 
 
-def test_resume_auto_continues(chain, tmp_path):
+def test_resume_auto_continues(chain, tmp_path, monkeypatch):
     from segmentation import train
     flags = chain["flags"] + ["--save_folder", str(tmp_path), "--bit", "32", "--lr", "0.02"]
     train.main(flags + ["--epochs", "1"])
@@ -122,6 +122,26 @@ def test_resume_auto_continues(chain, tmp_path):
     ck = torch.load(os.path.join(tmp_path, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
                     map_location="cpu", weights_only=True)
     assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2] and rec["epochs"] == 2
+    # one process, seeded: a run killed after its first epoch and resumed equals the uninterrupted one
+    from segmentation import workflow
+    real = workflow.save_checkpoint
+
+    def save_then_die(state, *a, **kw):
+        real(state, *a, **kw)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+    killed = chain["flags"] + ["--save_folder", str(tmp_path / "killed"), "--bit", "32", "--lr", "0.02", "--epochs", "2"]
+    monkeypatch.setattr(workflow, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(killed)
+    monkeypatch.setattr(workflow, "save_checkpoint", real)
+    train.main(killed + ["--resume", "auto"])
+    train.main(chain["flags"] + ["--save_folder", str(tmp_path / "straight"), "--bit", "32", "--lr", "0.02", "--epochs", "2"])
+    a, b = (torch.load(os.path.join(tmp_path, d, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"), weights_only=True)
+            for d in ("killed", "straight"))
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     # a finished run rerun with --resume auto (a restarted chain) trains nothing and keeps its results
     again = train.main(flags + ["--epochs", "2", "--resume", "auto"])
     assert again["miou"] == rec["miou"] and again["epochs"] == 2
