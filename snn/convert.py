@@ -612,6 +612,112 @@ def split_graph(gm: fx.GraphModule, kinds: Dict[fx.Node, str]) -> Tuple[fx.Graph
     return pre, head, Boundary([b.name for b in boundary], flags)
 
 
+# ---------------------------------------------------------------------------------------- settle steps
+class _NoShift(nn.Module):
+    """A conv / linear / BN of the temporal part without its additive offset (bias, BN shift): the
+    layer as the settle steps run it (beyond the original; see :func:`settle_graph`)."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        m = self.m
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            mean = torch.zeros_like(m.running_mean) if m.running_mean is not None else None
+            return F.batch_norm(x, mean, m.running_var, m.weight, None, False, 0.0, m.eps)
+        bias = getattr(m, "bias", None)
+        if bias is None:
+            return m(x)
+        m.bias = None  # the layer's own forward (quantized / 8-bit / transposed weights), bias-free
+        try:
+            return m(x)
+        finally:
+            m.bias = bias
+
+
+_ADDITIVE = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}
+_GATHERS = {torch.cat, torch.concat, torch.stack}
+
+
+def settle_graph(net: fx.GraphModule, kinds: Dict[str, str]) -> fx.GraphModule:
+    """The temporal part as the *settle* steps run it: the analog input and every additive offset
+    switched off -- biases and BN shifts of the layers acting on trains, static (input-derived) or
+    constant tensors added to / concatenated with a train -- so each layer's total input charge over
+    all T + K steps stays T times its ANN pre-activation. The neurons (and their state) are shared
+    with ``net``; neurons driven by the analog input emit nothing after step T."""
+    g = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    modules = dict(net.named_modules())
+    holder = nn.Module()
+    wrapped: Dict[str, str] = {}
+
+    def k(n):
+        return kinds.get(n.name) if isinstance(n, fx.Node) else CONST
+
+    for node in net.graph.nodes:
+        new = g.node_copy(node, lambda a: env[a])
+        env[node] = new
+        if k(node) != TEMPORAL:
+            continue
+        if node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, _TimeOp) and m.op == "repeat":
+                continue  # handled by its users (a static value multiplying a train stays on)
+            shifted = isinstance(m, _SYNAPTIC) and getattr(m, "bias", None) is not None
+            shifted = shifted or (isinstance(m, _BN) and m.affine and m.bias is not None) \
+                or (isinstance(m, _BN) and m.running_mean is not None)
+            if shifted:
+                if node.target not in wrapped:
+                    name = "settle_" + node.target.replace(".", "_")
+                    holder.add_module(name, _NoShift(m))
+                    wrapped[node.target] = name
+                new.target = "_settle." + wrapped[node.target]
+            elif not isinstance(m, _LINEAR_MODULES + (IFNeuron, _TimeOp)):
+                raise ConversionError(f"settle steps: cannot remove the offset of '{node.target}' "
+                                      f"({type(m).__name__}); run without --settle")
+        elif node.op in ("call_function", "call_method"):
+            fn = node.target
+            if fn in (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose2d):
+                if len(new.args) > 2:
+                    new.args = new.args[:2] + (None,) + new.args[3:]
+                if "bias" in new.kwargs:
+                    new.kwargs = {**new.kwargs, "bias": None}
+            elif fn in _ADDITIVE or fn in _GATHERS:
+                # additive static / constant operands (incl. those repeated over time) are switched off
+                def off(a):
+                    if not isinstance(a, fx.Node):
+                        return 0 if isinstance(a, (int, float)) else a
+                    src = a
+                    if a.op == "call_module" and isinstance(modules.get(a.target), _TimeOp) \
+                            and modules[a.target].op == "repeat":
+                        src = a.args[0]
+                    if k(src) in (STATIC, CONST) and k(a) != TEMPORAL or src is not a:
+                        with g.inserting_before(new):
+                            return g.call_function(torch.zeros_like, (env[a],))
+                    return env[a]
+                if fn in _GATHERS:
+                    seq = node.args[0]
+                    new.args = ([off(a) for a in seq],) + tuple(new.args[1:])
+                else:
+                    new.args = tuple(off(a) if i < 2 else env.get(a, a) if isinstance(a, fx.Node) else a
+                                     for i, a in enumerate(node.args))
+    owners = {}
+    for n in g.nodes:
+        if n.op in ("call_module", "get_attr"):
+            t = n.target
+            owners[t] = holder.get_submodule(t[len("_settle."):]) if t.startswith("_settle.") else \
+                _fetch(net, t)
+    return fx.GraphModule(owners, g, class_name=type(net).__name__ + "Settle")
+
+
+def _fetch(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 # ---------------------------------------------------------------------------------------- the network
 def _act_bits(modules: Iterable[nn.Module]) -> set:
     return {m.bit for m in modules if isinstance(m, QuantAct)}
@@ -710,6 +816,8 @@ class SpikingNetwork(nn.Module):
         self.node_kinds = kinds  # node name -> static / temporal / const / meta / rate
         self.call_sites = dict(call_sites or {})
         self._root = [root]  # the ANN copy the modules come from (not a submodule: no duplicate state)
+        self.settle = 0
+        self._settle_net = [None, None]  # (the temporal part it was built from, the settle graph)
         self.net.eval()
 
     # -- structure -------------------------------------------------------------------------------
@@ -773,16 +881,44 @@ class SpikingNetwork(nn.Module):
         self.set_window(t0, steps)
         return self.net(*inputs)
 
-    def simulate(self, *inputs, steps: Optional[int] = None) -> Simulation:
-        """Run the temporal part over ``steps`` (default T) time steps, chunk by chunk."""
-        total = self.T if steps is None else int(steps)
+    def set_settle(self, K: int):
+        """Run ``K`` settle steps after the T input steps (signed, bounded neurons; see :func:`convert`)."""
+        K = int(K)
+        if K < 0:
+            raise ConversionError(f"settle={K} must be >= 0")
+        if K and not self.signed:
+            raise ConversionError("settle steps need signed neurons (a neuron must be able to cancel spikes "
+                                  "to reach the quantized level); convert with signed=True")
+        self.settle = K
+        for m in self.neurons().values():
+            m.bounded = bool(K)
+            m.horizon = self.T + K if K else None  # keep the state past step T
+
+    def settle_net(self) -> fx.GraphModule:
+        """The temporal part without input / offsets, for the settle steps (built on first use)."""
+        if self._settle_net[0] is not self.net:
+            self._settle_net = [self.net, settle_graph(self.net, self.node_kinds)]
+        return self._settle_net[1]
+
+    def _windows(self, total: int):
         chunk = self.chunk or total
+        for start, stop in ((0, min(self.T, total)), (self.T, total)):
+            for t0 in range(start, stop, chunk):
+                yield t0, min(chunk, stop - t0)
+
+    def simulate(self, *inputs, steps: Optional[int] = None) -> Simulation:
+        """Run the temporal part over ``steps`` time steps (default T + settle), chunk by chunk; the
+        steps after T run the settle graph."""
+        total = self.T + self.settle if steps is None else int(steps)
         flags = self.boundary.readout
         parts: List[List[torch.Tensor]] = [[] for _ in flags]
         others: List = [None] * len(flags)
-        for t0 in range(0, total, chunk):
-            n = min(chunk, total - t0)
-            vals = self.run_steps(*inputs, t0=t0, steps=n)
+        for t0, n in self._windows(total):
+            if t0 >= self.T:
+                self.set_window(t0, n)
+                vals = self.settle_net()(*inputs)
+            else:
+                vals = self.run_steps(*inputs, t0=t0, steps=n)
             for i, (v, is_train) in enumerate(zip(vals, flags)):
                 if is_train:
                     parts[i].append(v.view(n, v.shape[0] // n, *v.shape[1:]))
@@ -804,16 +940,25 @@ class SpikingNetwork(nn.Module):
         return sim.output()
 
     def extra_repr(self):
-        return f"T={self.T}, {'signed' if self.signed else 'unsigned'}, chunk={self.chunk}"
+        settle = f", settle={self.settle}" if self.settle else ""
+        return f"T={self.T}, {'signed' if self.signed else 'unsigned'}, chunk={self.chunk}{settle}"
 
 
 def convert(ann: nn.Module, T: Optional[int] = None, signed: bool = True, chunk: Optional[int] = None,
-            neg_tol: float = 1e-3, backend: Optional[str] = None) -> SpikingNetwork:
+            neg_tol: float = 1e-3, backend: Optional[str] = None, settle: int = 0) -> SpikingNetwork:
     """Convert a quantized ANN into a :class:`SpikingNetwork`. The ANN is not modified.
 
     ``T`` defaults to ``2**bit - 1`` of the activation quantizers (they must share one bit-width
     unless ``T`` is given). ``signed=False`` gives the traditional (unsigned) IF neuron. ``backend``:
     the neurons' kernel backend (passed to :class:`IFNeuron`; default: its own choice).
+
+    ``settle=K`` (beyond the original): the neurons are *bounded* signed IF neurons (net count kept in
+    [0, T]) and the network runs K more steps after the T input steps with the analog input and every
+    bias / BN shift switched off, so each layer's total input charge stays T times its ANN
+    pre-activation; every neuron then moves its count one spike per step towards ``clip(round(Q/theta),
+    0, T)``, the quantized ANN's level, and once the layers below have settled the network equals the
+    quantized ANN (worst case K ~ depth x T). The read-out is the sum over all T + K steps divided by T.
+    ``settle=0`` is the paper's SNN, unchanged.
     """
     bits = _act_bits(ann.modules())
     if not bits:
@@ -851,5 +996,8 @@ def convert(ann: nn.Module, T: Optional[int] = None, signed: bool = True, chunk:
     pre, head, boundary = split_graph(gm, kinds)
     for p in list(pre.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
-    return SpikingNetwork(pre, int(T), signed, names, chunk=chunk, head=head, boundary=boundary, ctx=ctx,
-                          call_sites=sites, root=model)
+    net = SpikingNetwork(pre, int(T), signed, names, chunk=chunk, head=head, boundary=boundary, ctx=ctx,
+                         call_sites=sites, root=model)
+    if settle:
+        net.set_settle(settle)
+    return net

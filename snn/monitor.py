@@ -268,12 +268,14 @@ class Monitor:
         L = len(names)
         n, ev, eq, ab, sq = (vals[4 + i * L: 4 + (i + 1) * L] for i in range(5))
         T = self.net.T
+        settle = int(getattr(self.net, "settle", 0))
+        steps = T + settle
         layers = []
         for i, name in enumerate(names):
             cnt = max(n[i], 1.0)
             layers.append({
                 "name": name,
-                "firing_rate": ev[i] / (cnt * T),
+                "firing_rate": ev[i] / (cnt * steps),
                 "agreement": eq[i] / cnt,
                 "mean_abs_error": ab[i] / cnt,
                 "mse": sq[i] / cnt,
@@ -285,6 +287,7 @@ class Monitor:
         ann_uj = ann_macs * E_MAC_PJ * 1e-6
         return {
             "T": T,
+            "settle": settle,
             "neuron": "signed" if self.net.signed else "unsigned",
             "samples": int(samples),
             "layers": layers,

@@ -549,3 +549,87 @@ def test_load_backbone_partial(tmp_path, capsys):
     renamed = {"backbone." + k: v for k, v in src.state_dict().items() if not k.startswith("cls")}
     rep = pipeline.load_backbone(SegLike(deep=True), renamed, prefix_map={"backbone.": ""}, log=msgs.append)
     assert len(rep["loaded"]) == len(renamed)
+
+
+# ---------------------------------------------------------------------------------------- settle mode
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), quant.QuantAct(2)
+        self.c2, self.b2, self.a2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), quant.QuantAct(2)
+
+    def forward(self, x):
+        return self.a2(self.b2(self.c2(self.a1(self.b1(self.c1(x))))) + x)
+
+
+class ResConcatReorg(nn.Module):
+    """A residual net with a concat and a reorg route (YOLOv2-R34 style), 7 spiking layers deep."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), quant.QuantAct(2)
+        self.b1, self.b2 = _Block(8), _Block(8)
+        self.side, self.sa = nn.Conv2d(8, 4, 1), quant.QuantAct(2)
+        self.mix, self.ma = nn.Conv2d(8 + 16, 8, 1), quant.QuantAct(2)
+        self.fc = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.b1(self.act(self.bn(self.stem(x))))
+        r = self.sa(self.side(y))
+        B, C, H, W = r.size()
+        r = r.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).contiguous().view(B, C * 4, H // 2, W // 2)
+        r = F.interpolate(r, scale_factor=2, mode="nearest")
+        return self.fc(self.ma(self.mix(torch.cat([self.b2(y), r], 1))))
+
+
+def _settle_model():
+    m = ResConcatReorg().double()
+    quant.randomize_bn(m, 0)
+    for a in m.modules():
+        if isinstance(a, quant.QuantAct):
+            with torch.no_grad():
+                a.act_alpha.fill_(1.0)
+    return m.eval()
+
+
+def test_settle_reaches_the_quantized_ann_exactly():
+    """After K = depth x T settle steps every layer's spike count equals the quantized ANN's level and
+    the output equals the ANN (float64; a negative-spike tolerance far below any tie)."""
+    torch.manual_seed(0)
+    m = _settle_model()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    T, depth = 3, 7
+    for chunk in (None, 2):
+        net = snn.convert(m, T=T, settle=depth * T, neg_tol=1e-9, chunk=chunk)
+        with snn.Monitor(m, net) as mon:
+            a, steps = mon.run(x)
+            stats = mon.summary()
+        assert [l["agreement"] for l in stats["layers"]] == [1.0] * depth
+        assert steps.shape[0] == T + depth * T and stats["settle"] == depth * T
+        torch.testing.assert_close(steps[-1], a, rtol=0, atol=1e-12)
+    plain = snn.convert(m, T=T, neg_tol=1e-9)
+    with snn.Monitor(m, plain) as mon:
+        mon.run(x)
+        assert min(l["agreement"] for l in mon.summary()["layers"]) < 1.0  # the gap settle closes
+
+
+def test_settle_zero_is_todays_simulation_and_unsigned_rejected():
+    m = _settle_model()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    a = snn.convert(m, settle=0)(x, per_step=True)
+    b = snn.convert(m)(x, per_step=True)
+    assert torch.equal(a, b)
+    with pytest.raises(snn.ConversionError, match="signed"):
+        snn.convert(m, signed=False, settle=3)
+
+
+def test_settle_graph_switches_offsets_off():
+    from snn.convert import settle_graph
+    m = _settle_model()
+    net = snn.convert(m, settle=3)
+    g = settle_graph(net.net, net.node_kinds)
+    wrapped = [n.target for n in g.graph.nodes if n.op == "call_module" and n.target.startswith("_settle.")]
+    # every conv with a bias and every BN acting on trains runs without its offset; the first layer
+    # (static, analog input) is not part of it
+    assert "_settle.settle_b1_c1" in wrapped and "_settle.settle_b1_b1" in wrapped
+    assert not any("settle_stem" in w or w == "_settle.settle_bn" for w in wrapped)
