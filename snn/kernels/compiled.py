@@ -60,7 +60,10 @@ def _make(src, name, key, consts):
     g = {"torch": torch, "if_step": if_step, "if_constant_counts": if_constant_counts, **consts}
     code = compile(src % {"key": key}, f"<fastsnn-compiled-{name}-{key}>", "exec")
     exec(code, g)  # noqa: S102 - our own template, constants only
-    return torch.compile(g[name], dynamic=True, fullgraph=True)
+    # emulate_precision_casts: on CUDA inductor's Triton code then keeps every mul / add separately
+    # rounded (no FMA contraction), as the reference computes them; on CPU it compiles with
+    # -ffp-contract=off already
+    return torch.compile(g[name], dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def _get(kind, key, consts):

@@ -113,7 +113,7 @@ def _launch_if(cur, res, out, vin, nin, vout, nout, theta, neg, scale, bound, si
                          nout if nout is not None else d, N, theta, neg, scale,
                          float(bound) if bound is not None else 0.0, T=T, SIGNED=bool(signed),
                          RES=res is not None, VIN=vin is not None, VOUT=vout is not None,
-                         BOUNDED=bound is not None, BLOCK=BLOCK)
+                         BOUNDED=bound is not None, BLOCK=BLOCK, enable_fp_fusion=False)  # no FMA: the reference's rounding
 
 
 def triton_cdiv(N):
@@ -177,7 +177,8 @@ def if_const_triton(cur: torch.Tensor, theta: torch.Tensor, scale: torch.Tensor,
     if N and steps:
         _, k = kernels()
         k[(triton_cdiv(N),)](src, out, N, theta, scale, T0=int(t0), K0=float(min(t0, T)),
-                             ON=max(0, min(int(steps), int(T) - int(t0))), STEPS=int(steps), BLOCK=BLOCK)
+                             ON=max(0, min(int(steps), int(T) - int(t0))), STEPS=int(steps), BLOCK=BLOCK,
+                             enable_fp_fusion=False)  # u * k + 0.5 rounded twice, as the reference does
     return out
 
 
