@@ -774,3 +774,23 @@ def test_kernel_suite_green_without_compiler(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     progress = "".join(ch for ch in r.stdout.split("[100%]")[0] if ch in ".sF")
     assert progress.count(".") >= 20 and "s" in progress, r.stdout[-2000:]  # ran, with the native tests skipped
+
+
+# ------------------------------------------------------------------------------------- settle networks
+def test_settle_network_per_backend_and_optimized():
+    """The lead's settle mode (bounded neurons, steps past T) on the native kernel and optimised:
+    the same output as the reference backend, equal to the quantized ANN."""
+    from test_dense_core import _settle_model
+    torch.manual_seed(0)
+    m = _settle_model()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = m(x)
+        ref = kernels.set_backend(snn.convert(m, T=3, settle=21, neg_tol=1e-9), "reference")(x)
+        torch.testing.assert_close(ref, a, rtol=0, atol=1e-12)
+        for b in ["auto"] + (["cpp"] if HAVE_CPP else []):
+            net = snn.convert(m, T=3, settle=21, neg_tol=1e-9, chunk=2, backend=b)
+            assert torch.equal(net(x), ref), b
+            assert all(n.bounded for n in net.neurons().values())
+        opt = snn.optimize(snn.convert(m, T=3, settle=21, neg_tol=1e-9))
+        torch.testing.assert_close(opt(x), a, rtol=0, atol=1e-12)
