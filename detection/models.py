@@ -62,11 +62,10 @@ class _Detector(nn.Module):
     def _init_pred(self, cin: int):
         A, C = self.num_anchors, self.num_classes
         self.pred = nn.Conv2d(cin, A * (5 + C), 1)
+        # small weights, zero bias: sigmoid(conf) starts at 0.5, where the objectness MSE has its largest
+        # gradient (a low prior such as 0.01 would flatten it and stall learning)
         nn.init.normal_(self.pred.weight, 0.0, 0.01)
-        with torch.no_grad():
-            b = self.pred.bias.view(A, 5 + C)
-            b.zero_()
-            b[:, 4] = -4.6   # objectness prior 0.01: the many empty cells do not swamp the first updates
+        nn.init.zeros_(self.pred.bias)
 
     def _flat(self, p):
         return flatten_prediction(self.pred(p), self.num_anchors, self.num_classes)

@@ -39,10 +39,15 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--test", type=int, default=96, help="test scenes (default 96)")
     p.add_argument("--size", type=int, default=128, help="canvas / input size (default 128)")
     p.add_argument("--width", type=float, default=0.25, help="yolov2_tiny channel multiplier (default 0.25)")
-    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
-    p.add_argument("--epochs-q", type=int, default=3, help="epochs of each quantized stage (default 3)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the 32-bit stage (default 3e-3)")
-    p.add_argument("--lr-q", type=float, default=1e-3, help="learning rate of the quantized stages (default 1e-3)")
+    p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.4, 0.7), help="item size / canvas (default 0.4 0.7)")
+    p.add_argument("--epochs-fp", type=int, default=10, help="epochs of the 32-bit stage (default 10)")
+    p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                   help="adam (default: reaches a usable detector in the few hundred steps a CPU affords) or sgd "
+                        "(the original's; needs far more epochs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the 32-bit stage (default 1e-3)")
+    p.add_argument("--lr-q", type=float, default=1e-4, help="learning rate of the quantized stages (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--alpha-init", type=float, default=3.0,
                    help="initial activation clip of the 4-bit stage (default 3.0, about the 99th percentile of the "
@@ -79,7 +84,8 @@ def main(argv=None):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     steps = Steps()
-    sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed)
+    sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed,
+                            max_items=args.max_items, scale=tuple(args.scale))
     weights = os.path.join(out, "weights")
     data = ["-d", "voc", "-v", "yolov2_tiny", "-root", sc.root, "--classes", sc.classes,
             "--num_workers", str(args.workers), "--no-progress"]
@@ -92,7 +98,8 @@ def main(argv=None):
                          "--val_size", str(args.size), "--epochs", str(args.epochs_fp if fp else args.epochs_q),
                          "--eval_epoch", str(args.epochs_fp if fp else args.epochs_q), "-bs", str(args.batch_size),
                          "--lr", str(args.lr if fp else args.lr_q), "--wp_epoch", "1" if fp else "0",
-                         "--aug", "flip", "--save_folder", weights, "--seed", str(args.seed), "--resume", "auto",
+                         "--aug", "flip", "--optimizer", args.optimizer,
+                         "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights, "--seed", str(args.seed), "--resume", "auto",
                          "--no-tfboard"]
         argv_t += ["--anchors", "auto"] if fp else ["--no_warmup", "--init", best[prev], "--alpha-init", str(args.alpha_init)]
         done = os.path.join(os.path.dirname(best[bit]), "metrics_ann.json")
