@@ -35,19 +35,22 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--out", default="demo_out/segmentation", help="output folder (default demo_out/segmentation)")
     p.add_argument("-m", "--model", default="deeplabv1_vgg9", choices=("deeplabv1_vgg9", "deeplabv3_r34"))
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
-    p.add_argument("--train", type=int, default=300, help="training scenes (default 300)")
-    p.add_argument("--test", type=int, default=60, help="test scenes (default 60)")
-    p.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
-    p.add_argument("--crop", type=int, default=81, help="training crop (default 81 = 10 * 8 + 1)")
-    p.add_argument("--test-size", type=int, default=97, help="test pad size (default 97 = 12 * 8 + 1)")
-    p.add_argument("--epochs-fp", type=int, default=14, help="epochs of the 32-bit stage (default 14)")
-    p.add_argument("--epochs-q", type=int, default=2, help="epochs of each 4/3/2-bit stage (default 2)")
+    p.add_argument("--train", type=int, default=400, help="training scenes (default 400)")
+    p.add_argument("--test", type=int, default=80, help="test scenes (default 80)")
+    p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
+    p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
+    p.add_argument("--item-scale", type=float, nargs=2, default=(0.45, 0.8), metavar=("MIN", "MAX"),
+                   help="item side as a fraction of the canvas (default 0.45 0.8: fewer background pixels)")
+    p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
+    p.add_argument("--test-size", type=int, default=65, help="test pad size (default 65)")
+    p.add_argument("--epochs-fp", type=int, default=24, help="epochs of the 32-bit stage (default 24)")
+    p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
     p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
     p.add_argument("--alpha-init", type=float, default=3.0,
                    help="initial activation clip of the quantized stages (default 3: a short run barely moves the "
                         "learned clip, and the models' 6 leaves most levels unused)")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="training batch (default 8)")
+    p.add_argument("-b", "--batch-size", type=int, default=16, help="training batch (default 16)")
     p.add_argument("--ft-batches", type=int, default=8, help="fine-tuning batches per layer (default 8)")
     p.add_argument("--score-batches", type=int, default=2,
                    help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
@@ -130,7 +133,8 @@ def main(argv=None) -> Dict:
     os.makedirs(out, exist_ok=True)
     from common.scenes import make_scenes
     data_dir = os.path.join(out, "data")
-    make_scenes(data_dir, args.train, args.test, args.size, args.seed)
+    make_scenes(data_dir, args.train, args.test, args.size, args.seed, max_items=args.max_items,
+                scale=tuple(args.item_scale))
     from segmentation import eval as seg_eval
     from segmentation import snn_ft, train
     common = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--crop_size",
