@@ -9,7 +9,9 @@
 # env:   DATASET (voc | coco, default voc), EPOCHS (per stage, default 250), BS (per process, default 4),
 #        NPROC (processes, default 1; >1 runs torch.distributed.run like the README's 4-GPU launch),
 #        TRAIN_FLAGS (default "-ms --ema --sybn"), FT_BITS (default "3 2"), FT_EPOCHS (snn_ft -n, default 1),
-#        OUT (save folder, default weights/), PYTHON (default .venv/bin/python)
+#        OUT (save folder, default weights/), PYTHON (default .venv/bin/python),
+#        TRAIN_ARGS / EVAL_ARGS / FT_ARGS: extra flags for train.py / eval.py / snn_ft.py only
+#        (e.g. TRAIN_ARGS="--train_size 320 --val_size 320 --width 0.5" EVAL_ARGS="-size 320")
 # Every training stage uses --resume auto: rerunning the chain after a crash continues where it stopped
 # (a finished stage returns at once).
 set -euo pipefail
@@ -36,7 +38,7 @@ train() {  # BIT [INIT_BIT] [extra...]
   local bit=$1 init=$2; shift 2
   # shellcheck disable=SC2086
   run $D/train.py -d "$DATASET" -v "$VERSION" $TRAIN_FLAGS --batch_size "$BS" --bit "$bit" --epochs "$EPOCHS" \
-    --save_folder "$OUT" --resume auto ${init:+--init "$(best "$init")"} "$@"
+    --save_folder "$OUT" --resume auto ${init:+--init "$(best "$init")"} ${TRAIN_ARGS:-} "$@"
 }
 
 train 32 "" "$@"
@@ -44,10 +46,13 @@ train 4 32 "$@"
 train 3 4 "$@"
 train 2 3 "$@"
 for BIT in 4 3 2; do
-  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike --init "$(best "$BIT")" --save_folder "$OUT" "$@"
-  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike -u --init "$(best "$BIT")" --save_folder "$OUT" "$@"
+  # shellcheck disable=SC2086
+  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike --init "$(best "$BIT")" --save_folder "$OUT" ${EVAL_ARGS:-} "$@"
+  # shellcheck disable=SC2086
+  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike -u --init "$(best "$BIT")" --save_folder "$OUT" ${EVAL_ARGS:-} "$@"
 done
 for BIT in $FT_BITS; do
-  run $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" "$@"
+  # shellcheck disable=SC2086
+  run $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" ${FT_ARGS:-} "$@"
 done
 echo "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/ and ${VERSION}_{${FT_BITS// /,}}bit_ft/" >&2
