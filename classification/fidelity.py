@@ -52,9 +52,15 @@ def get_parser() -> ArgumentParser:
                    help="accept / revert score: SNN top-1 on this many training batches (default 8, the demo's)")
     p.add_argument("--eval-batches", type=int, default=None, help="test batches (default all of --val-subset)")
     p.add_argument("--settle-max", type=int, default=None, help="largest K tried (default 3 x depth x T)")
+    p.add_argument("--settle-k", default="", metavar="K,K,...",
+                   help="try only these K (default every K up to --settle-max, stopping at the first that passes)")
     p.add_argument("--no-settle", action="store_true", help="skip the settle sweep")
     p.add_argument("--backend", default=None, help="IF neuron kernel backend (default: snn's choice)")
     p.add_argument("--cache-mb", type=int, default=6144, help="fine-tuner prefix cache memory (default 6144, the demo's)")
+    p.add_argument("--ft-from", default=None, metavar="JSON",
+                   help="without --methods: take the figure's fine-tuned curve (t = 1..T) from the best method of "
+                        "an earlier run's fidelity_<arch>.json")
+    p.add_argument("--tag", default="", help="suffix of the output names (fidelity_<arch><tag>.json / .png)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     return p
@@ -180,11 +186,15 @@ class Study:
         batches = kw.pop("batches", self.args.ft_batches)
         t0 = time.time()
         lines: List[str] = []
+
+        def log(line: str):
+            lines.append(line)
+            print(f"  [{spec}] {line}", flush=True)
         hist = pipeline.finetune(self.ann, net, loader, score=score, epochs=epochs, lr=lr,
                                  weight_decay=getattr(self.ann, "ft_weight_decay", 1e-4),
                                  bn_mode=getattr(self.ann, "ft_bn_mode", "recalibrate"), max_batches=batches,
                                  cache="auto", cache_mb=self.args.cache_mb, progress=self.args.progress,
-                                 log=lines.append, device=self.device, method=name, method_options=kw)
+                                 log=log, device=self.device, method=name, method_options=kw)
         seconds = time.time() - t0 + before
         if reused is None:
             self.done[spec] = (copy.deepcopy(net), seconds)
@@ -194,13 +204,15 @@ class Study:
                      "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"],
                      "accepted": f"{accepted}/{len(hist)}", "continued_from": reused, "log": lines}
 
-    def settle(self, kmax: int) -> dict:
-        """Smallest K with top-1 within 0.1 of the ANN and every layer agreeing >= 0.999 (K = 0, 1, ...)."""
+    def settle(self, kmax: int, ks=None) -> dict:
+        """Smallest K with top-1 within 0.1 of the ANN and every layer agreeing >= 0.999 (K = 0, 1, ... or
+        the given ``ks``)."""
         sweep = []
-        for K in range(kmax + 1):
+        for K in (range(kmax + 1) if ks is None else ks):
             res = self.evaluate(self.convert(settle=K)) if K else self.evaluate(self.convert())
             sweep.append({"K": K, "top1": res["top1"], "ann_top1": res["ann_top1"],
-                          "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"]})
+                          "min_agreement": res["min_agreement"], "per_step_top1": res["per_step_top1"],
+                          "agreement": {l["name"]: l["agreement"] for l in res["layers"]}})
             print(f"settle K={K}: top-1 {res['top1']:.2f} (ANN {res['ann_top1']:.2f}), "
                   f"min layer agreement {res['min_agreement']:.4f}", flush=True)
             if abs(res["top1"] - res["ann_top1"]) <= 0.1 and res["min_agreement"] >= 0.999:
@@ -245,27 +257,35 @@ def main(argv=None) -> Dict:
                   flush=True)
             if best is None or row["top1"] > best[1]["top1"]:
                 best = (net, row)
-            write_json(os.path.join(args.out, f"fidelity_{args.arch}.json"), dict(out, methods=rows))
+            write_json(os.path.join(args.out, f"fidelity_{args.arch}{args.tag}.json"), dict(out, methods=rows))
         out["methods"] = rows
         if not args.no_settle:
             depth = len(st.convert().neurons())
             kmax = args.settle_max if args.settle_max is not None else depth * T
-            out["settle"] = st.settle(kmax)
+            ks = [int(k) for k in args.settle_k.split(",")] if args.settle_k else None
+            out["settle"] = st.settle(kmax if ks is None else max(ks), ks)
             K = out["settle"]["K"]
-            steps = T + (K if K is not None else kmax)
+            steps = T + (K if K is not None else out["settle"]["sweep"][-1]["K"])
             curves = {}
             for label, kw in (("unsigned", {"signed": False}), ("signed", {})):
                 curves[label] = st.evaluate(st.convert(T=steps, **kw))["per_step_top1"]
             if best is not None:
                 best[0].set_T(steps)
                 curves[f"signed + fine-tuned ({best[1]['method']})"] = st.evaluate(best[0])["per_step_top1"]
-            curves[f"signed + settle (K = {K if K is not None else kmax})"] = out["settle"]["sweep"][-1]["per_step_top1"]
+            elif args.ft_from:  # the best method of an earlier run (its t = 1..T)
+                import json
+                with open(args.ft_from) as f:
+                    rows_ = json.load(f).get("methods") or []
+                if rows_:
+                    r = max(rows_, key=lambda r: r["top1"])
+                    curves[f"signed + fine-tuned ({r['method']})"] = r["per_step_top1"]
+            curves[f"signed + settle (K = {out['settle']['sweep'][-1]['K']})"] = out["settle"]["sweep"][-1]["per_step_top1"]
             out["curves"] = curves
             out["figure"] = plot_accuracy_vs_t(
-                curves, os.path.join(args.out, f"fidelity_{args.arch}_accuracy_vs_steps.png"),
+                curves, os.path.join(args.out, f"fidelity_{args.arch}{args.tag}_accuracy_vs_steps.png"),
                 {f"ANN {args.bit}-bit": base["ann_top1"]},
                 f"{args.arch} {args.bit}-bit (T = {T}): accuracy vs total time steps")
-    write_json(os.path.join(args.out, f"fidelity_{args.arch}.json"), out)
+    write_json(os.path.join(args.out, f"fidelity_{args.arch}{args.tag}.json"), out)
     print(f"\n{args.arch} {args.bit}-bit on {args.dataset}: ANN {out['ann_top1']:.2f}, SNN {out['snn_top1']:.2f} "
           f"(T = {out['T']})\n" + "\n".join(f"  {r['method']:40s} {r['top1']:6.2f}  {r['seconds']:7.1f} s"
                                              for r in out.get("methods", [])))

@@ -144,3 +144,18 @@ def test_fidelity_script_help():
     r = subprocess.run([sys.executable, "-m", "classification.fidelity", "--help"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "--methods" in r.stdout and "settle" in r.stdout
+
+
+@pytest.mark.slow
+def test_fidelity_script_quick_run(tmp_path):
+    """The ablation end to end on a tiny chain: methods table, settle sweep, figure, JSON; cached checkpoints."""
+    from classification import fidelity
+    out = fidelity.main(["--quick", "--out", str(tmp_path), "--methods", "fastsnn;fastsnn+e2e:e2e_batches=1",
+                         "--settle-k", "0,1", "--no-progress"])
+    assert [r["method"] for r in out["methods"]] == ["fastsnn", "fastsnn+e2e:e2e_batches=1"]
+    assert out["methods"][1]["continued_from"] == "fastsnn"
+    assert [s["K"] for s in out["settle"]["sweep"]][0] == 0 and os.path.exists(out["figure"])
+    assert len(out["curves"]) == 4 and os.path.exists(tmp_path / "fidelity_resnet20.json")
+    mtime = os.path.getmtime(out["checkpoint"])
+    again = fidelity.main(["--quick", "--out", str(tmp_path), "--methods", "", "--no-settle", "--no-progress"])
+    assert again["checkpoint"] == out["checkpoint"] and os.path.getmtime(out["checkpoint"]) == mtime  # not retrained
