@@ -146,7 +146,6 @@ def test_fidelity_script_help():
     assert r.returncode == 0 and "--methods" in r.stdout and "settle" in r.stdout
 
 
-@pytest.mark.slow
 def test_fidelity_script_quick_run(tmp_path):
     """The ablation end to end on a tiny chain: methods table, settle sweep, figure, JSON; cached checkpoints."""
     from classification import fidelity
