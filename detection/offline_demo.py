@@ -1,9 +1,9 @@
 """The offline detection demo: the whole Fast-SNN detection pipeline on the Fashion-MNIST scene set, on a CPU.
 
-1. the scene set (``common.scenes``: 1-4 tinted Fashion-MNIST items on textured 128 x 128 canvases,
+1. the scene set (``common.scenes``: 1-2 tinted Fashion-MNIST items on textured 96 x 96 canvases,
    VOC layout) in ``<out>/data/scenes``;
 2. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, each stage ``--init`` from the
-   previous best; ``--width 0.25``, input 128, anchors by k-means of the training boxes);
+   previous best; ``--width 0.5``, input 96 = a 3 x 3 grid, anchors by k-means of the training boxes);
 3. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
    unsigned IF neurons (mAP after every step, per-layer statistics);
 4. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
@@ -35,18 +35,18 @@ FT_BIT = 2
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out/detection", help="output folder (default demo_out/detection)")
-    p.add_argument("--train", type=int, default=384, help="training scenes (default 384)")
+    p.add_argument("--train", type=int, default=640, help="training scenes (default 640)")
     p.add_argument("--test", type=int, default=96, help="test scenes (default 96)")
-    p.add_argument("--size", type=int, default=128, help="canvas / input size (default 128)")
-    p.add_argument("--width", type=float, default=0.25, help="yolov2_tiny channel multiplier (default 0.25)")
-    p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
-    p.add_argument("--scale", type=float, nargs=2, default=(0.4, 0.7), help="item size / canvas (default 0.4 0.7)")
-    p.add_argument("--epochs-fp", type=int, default=10, help="epochs of the 32-bit stage (default 10)")
+    p.add_argument("--size", type=int, default=96, help="canvas / input size (default 96: a 3 x 3 grid at stride 32)")
+    p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
+    p.add_argument("--max-items", type=int, default=2, help="items per scene: 1..N (default 2)")
+    p.add_argument("--scale", type=float, nargs=2, default=(0.45, 0.75), help="item size / canvas (default 0.45 0.75)")
+    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
                    help="adam (default: reaches a usable detector in the few hundred steps a CPU affords) or sgd "
                         "(the original's; needs far more epochs)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the 32-bit stage (default 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the 32-bit stage (default 2e-3)")
     p.add_argument("--lr-q", type=float, default=1e-4, help="learning rate of the quantized stages (default 1e-4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--alpha-init", type=float, default=3.0,
