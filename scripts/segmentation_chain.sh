@@ -8,7 +8,7 @@
 #        MODEL: deeplabv1_vgg9 | deeplabv3_r34
 # env:   EPOCHS (ANN epochs per stage, default 50), FT_EPOCHS (snn_ft -n, default 1), FT_ARGS (extra snn_ft
 #        flags, default --force), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
-#        default none), SAVE (--save_folder, default work_dirs), NPROC (processes per stage via torchrun,
+#        default none), SAVE (--save_folder, default weights), NPROC (processes per stage via torchrun,
 #        default 1), PYTHON (default .venv/bin/python)
 # Every training stage runs with --resume auto and every evaluation is skipped when its metrics JSON
 # exists, so rerunning the chain after a crash continues where it stopped.
@@ -21,7 +21,7 @@ PY=${PYTHON:-.venv/bin/python}
 EPOCHS=${EPOCHS:-50}
 FT_EPOCHS=${FT_EPOCHS:-1}
 FT_ARGS=${FT_ARGS:---force}
-SAVE=${SAVE:-work_dirs}
+SAVE=${SAVE:-weights}
 NPROC=${NPROC:-1}
 INIT32=${INIT32:-}
 S=segmentation
