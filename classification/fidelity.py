@@ -134,6 +134,26 @@ def _ft_args(args, path: str):
     return a
 
 
+class Top1:
+    """Top-1 (%) of a classifier's logits (a :class:`common.pipeline.Metric`), reduced over DDP ranks."""
+
+    def __init__(self):
+        self.correct, self.n = 0, 0
+
+    def update(self, output, batch):
+        y = batch[1].to(output.device)
+        self.correct += int((output.argmax(1) == y).sum())
+        self.n += int(y.numel())
+
+    def compute(self) -> dict:
+        import torch
+        from common import dist
+        t = torch.tensor([float(self.correct), float(self.n)])
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(t)
+        return {"top1": 100.0 * float(t[0]) / max(float(t[1]), 1.0), "samples": int(t[1])}
+
+
 class Study:
     """The trained ANN, its data and the measurements on it."""
 
@@ -146,9 +166,11 @@ class Study:
         return pipeline.convert(self.ann, backend=self.args.backend, **kw).to(self.device)
 
     def evaluate(self, net) -> dict:
-        from classification import engine
-        res = engine.evaluate_snn(self.ann, net, self.data.val_loader, show_progress=self.args.progress,
-                                  print_result=False, max_batches=self.args.eval_batches)
+        """ANN and SNN side by side on the test images (:func:`common.pipeline.evaluate_snn`: per-step top-1
+        over all T + settle steps, per-layer agreement)."""
+        from common import pipeline
+        res = pipeline.evaluate_snn(self.ann, net, self.data.val_loader, Top1, key="top1", device=self.device,
+                                    progress=self.args.progress, max_batches=self.args.eval_batches)
         res["min_agreement"] = min(l["agreement"] for l in res["layers"])
         return res
 
