@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--backends", default="cpp,compile,reference")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stat", choices=("median", "min"), default="median")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,7 +68,7 @@ def main(argv=None):
                 first, theta, 0, T, T=T, scale=theta, channels_last=True, backend=b))
         names = {"|".join(k): f for k, f in fns.items()}
         res = interleaved(names, repeats=args.repeats, warmup=2)
-        med = {tuple(k.split("|")): v["median"] for k, v in res.items()}
+        med = {tuple(k.split("|")): v[args.stat] for k, v in res.items()}
         for b in backends:
             total = med[(b, "16x32x32", "constant")]
             for C, S, n_plain, n_res in LAYERS:
