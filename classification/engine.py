@@ -181,7 +181,7 @@ def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_pr
     ctx = dist.context()
     ann.eval()
     net.eval()
-    snn_c, ann_c, step_c = CountMeter(len(TOPK)), CountMeter(len(TOPK)), CountMeter(net.T)
+    snn_c, ann_c, step_c = CountMeter(len(TOPK)), CountMeter(len(TOPK)), CountMeter(net.T + int(getattr(net, "settle", 0)))
     t0 = time.time()
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     with snn.Monitor(ann, net) as mon:
@@ -203,7 +203,7 @@ def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_pr
         log(format_acc(top1, top5))
     return {"T": net.T, "neuron": "signed" if net.signed else "unsigned", "samples": int(snn_c.total),
             "top1": top1, "top5": top5, "ann_top1": ann_top1, "ann_top5": ann_top5,
-            "per_step_top1": step_c.percent(), "layers": stats["layers"], "sops": stats["sops"],
+            "per_step_top1": step_c.percent(), "settle": stats.get("settle", 0), "layers": stats["layers"], "sops": stats["sops"],
             "snn_macs": stats.get("snn_macs"), "ann_macs": stats["ann_macs"], "energy": stats["energy"],
             "seconds": time.time() - t0}
 

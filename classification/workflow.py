@@ -546,9 +546,10 @@ def _load_for_snn(args, task, data, ctx):
 
 
 def _convert(args, model, ckpt):
-    import snn
     T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
-    net = snn.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk)
+    from common import pipeline
+    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk,
+                           settle=getattr(args, "settle", 0) or 0)
     log(f"converted {args.arch} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} "
         f"IF neurons ({len(net.neurons())} spiking layers)")
     return net
@@ -687,6 +688,9 @@ def add_snn_args(p: ArgumentParser):
     p.add_argument("--T", type=int, default=None, help="time steps (default 2^bit - 1)")
     p.add_argument("--chunk", type=int, default=None, metavar="K",
                    help="simulate at most K >= 1 steps at once (bounded memory; default all T)")
+    p.add_argument("--settle", type=int, default=0, metavar="K",
+                   help="K extra steps with the input and every bias / BN shift off, so each neuron's count moves "
+                        "to the quantized ANN's level (signed neurons only; default 0 = the paper's SNN)")
 
 
 FT_CACHE = {"auto": "auto", "on": True, "off": False}  # --ft-cache -> snn.finetune(cache=...)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from classification import engine
+from common import UserError
 from classification.cifar10 import main as train_script
 from classification.cifar10 import snn as snn_script
 from classification.cifar10 import snn_ft as ft_script
@@ -144,6 +145,11 @@ def test_snn_signed_and_unsigned(chain, fake_cifar):
             assert _json(path)["neuron"] == n
         # T override
         assert _snn(base + ["--T", "5", "--chunk", "2"])["T"] == 5
+    # settle steps (signed only): per-step top-1 over T + K steps; -u --settle is a one-line error
+    st = _snn(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--settle", "4"))
+    assert st["T"] == 3 and len(st["per_step_top1"]) == 7 and st["settle"] == 4
+    with pytest.raises(UserError, match="--settle needs signed neurons"):
+        _snn(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--settle", "4", "-u"))
 
 
 def test_metrics_out_and_plots(chain, fake_cifar, tmp_path):
