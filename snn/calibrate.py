@@ -294,7 +294,7 @@ def end_to_end(ann: nn.Module, net: SpikingNetwork, loader, *, epochs: int = 1, 
         for epoch in range(epochs):
             it = itertools.islice(loader, max_batches)
             if progress:
-                from tqdm.auto import tqdm
+                from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates its argument eagerly
                 it = tqdm(it, desc=f"ft end-to-end ep {epoch + 1}", total=n_per, leave=False, dynamic_ncols=True)
             losses = []
             for batch in it:

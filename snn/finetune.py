@@ -296,7 +296,7 @@ def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, 
     neuron = layer.neuron
     it = prefixes
     if desc is not None:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates its argument eagerly
         it = tqdm(prefixes, desc=desc, total=total, leave=False, dynamic_ncols=True)
     losses = []
     for target, ins in it:
