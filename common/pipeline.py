@@ -43,11 +43,8 @@ def default_inputs(batch):
 
 
 def _to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return tuple(_to_device(v, device) for v in x)
-    return x
+    from snn.prefix_cache import _to_device as move  # one definition (the fine-tuner's)
+    return move(x, device)
 
 
 def _as_args(x) -> tuple:
