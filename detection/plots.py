@@ -43,22 +43,8 @@ def plot_map_vs_t(curves: Mapping[str, Sequence[float]], path: str, ann: Optiona
 
 def plot_layers(runs: Mapping[str, List[dict]], path: str, title: str = "") -> str:
     """``runs``: label -> ``layers`` of a metrics JSON: agreement with the ANN and firing rate per layer."""
-    plt = _pyplot()
-    n = max(len(v) for v in runs.values())
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, 0.3 * n), 6), sharex=True)
-    for label, layers in runs.items():
-        idx = range(1, len(layers) + 1)
-        a1.plot(idx, [l["agreement"] for l in layers], marker=".", label=label)
-        a2.plot(idx, [l["firing_rate"] for l in layers], marker=".", label=label)
-    a1.set_ylabel("agreement with ANN")
-    a1.set_ylim(0, 1.02)
-    a2.set_ylabel("firing rate")
-    a2.set_xlabel("spiking layer")
-    a1.set_title(title or "per-layer agreement and firing rate")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    return _save(fig, path)
+    from common.plots import plot_layers as common_plot_layers
+    return common_plot_layers(runs, path, title)
 
 
 def plot_training(history: List[Dict], path: str, title: str = "") -> str:
