@@ -275,7 +275,7 @@ def _bad_cases(data, ckpts, tmp):
         "default init missing": (snn_script, common + ["-a", "vgg11"], "does not exist"),
         "-u on 32-bit": (snn_script, common + ["--bit", "32", "-u"], "full-precision"),
         "ft -u on 32-bit": (ft_script, common + ["--bit", "32", "-u"], "full-precision"),
-        "bad T": (snn_script, common + ["--init", ckpts["resnet20"], "--T", "0"], "T=0"),
+        "bad T": (snn_script, common + ["--init", ckpts["resnet20"], "--T", "0"], "--T 0 must be at least 1"),
         "bad ft layers": (ft_script, common + ["--init", ckpts["resnet20"], "--ft-layers", "nope*"], "matches none"),
         "snn of other weight bits": (snn_script, common + ["--init", ckpts["raw_w32"]], "--wbit"),
         "resume without state": (train_script, common + ["--bit", "2", "--resume", ckpts["raw2"]], "without training"),
