@@ -600,7 +600,7 @@ def test_settle_reaches_the_quantized_ann_exactly():
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     T, depth = 3, 7
     for chunk in (None, 2):
-        net = snn.convert(m, T=T, settle=depth * T, neg_tol=1e-9, chunk=chunk)
+        net = snn.convert(m, T=T, settle=depth * T, chunk=chunk)  # the mode's own tolerance (0)
         with snn.Monitor(m, net) as mon:
             a, steps = mon.run(x)
             stats = mon.summary()
@@ -611,6 +611,35 @@ def test_settle_reaches_the_quantized_ann_exactly():
     with snn.Monitor(m, plain) as mon:
         mon.run(x)
         assert min(l["agreement"] for l in mon.summary()["layers"]) < 1.0  # the gap settle closes
+
+
+def _band_model():
+    """Three first-layer neurons at levels 1, 2, 3 of T = 3 (spikes at t = 2 / t = 1, 3 / every step)
+    drive one neuron with weights (0.6, -0.05015, 0): it fires at t = 2 and ends at v = -0.0003 theta,
+    inside the default negative-spike tolerance band (Q / theta = 0.4997: the ANN's level is 0)."""
+    m = nn.Sequential(quant.QuantAct(2), nn.Linear(3, 1, bias=False), quant.QuantAct(2))
+    with torch.no_grad():
+        m[0].act_alpha.fill_(1.0)
+        m[2].act_alpha.fill_(1.0)
+        m[1].weight.copy_(torch.tensor([[0.6, -0.05015, 0.0]]))
+    return m.eval(), torch.tensor([[1 / 3, 2 / 3, 1.0]])
+
+
+def test_settle_uses_the_exact_rounding_criterion():
+    """The default tolerance (1e-3) leaves the band neuron one level high; the settle mode's exact
+    criterion (v in [0, theta)) gives the ANN's level, while settle=0 stays today's simulation."""
+    m, x = _band_model()
+    levels = []
+    for kw in ({}, {"settle": 1}, {"settle": 1, "neg_tol": 1e-3}):
+        net = snn.convert(m, **kw)
+        with snn.Monitor(m, net) as mon:
+            mon.run(x)
+            levels.append(mon.summary()["layers"][-1]["agreement"])
+    assert levels == [0.0, 1.0, 0.0]  # plain: n = 1 vs level 0; settle: exact; explicit tol honoured
+    net = snn.convert(m, settle=2)
+    assert {n.neg_tol for n in net.neurons().values()} == {0.0}
+    net.set_settle(0)
+    assert {n.neg_tol for n in net.neurons().values()} == {1e-3}
 
 
 def test_settle_zero_is_todays_simulation_and_unsigned_rejected():
