@@ -1,4 +1,6 @@
-"""Training and evaluation loops for image classifiers, ANN and SNN (shared by CIFAR and ImageNet).
+"""Training and evaluation loops of the image classifiers' ANNs (shared by CIFAR and ImageNet), and what
+the SNN fine-tuner needs of the classification task (a reshuffling training loader, the train-top-1
+score); the SNN itself is evaluated and fine-tuned through :mod:`common.pipeline`.
 
 Every loop is DDP-aware: it reads :func:`common.dist.context`, reduces its counts over the ranks and
 shows progress / writes output on rank 0 only. Loaders yield ``(images, targets)`` (a DALI pipeline
@@ -16,9 +18,9 @@ import torch.nn as nn
 from common import UserError
 from common import dist
 from common.logger import TensorBoard, log, progress
-from common.metrics import AverageMeter, CountMeter, correct_topk, format_acc, reduce_meters
+from common.metrics import AverageMeter, CountMeter, reduce_meters
 
-TOPK = (1, 5)
+from .metrics import TOPK, TopK, correct_topk, format_acc
 
 
 def _to(batch, device):
@@ -167,65 +169,7 @@ def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epo
     return best_acc1, history
 
 
-# ---------------------------------------------------------------------------------------- SNN
-@torch.no_grad()
-def evaluate_snn(ann: nn.Module, net, loader, *, desc: str = "snn test", show_progress: bool = True,
-                 print_result: bool = True, max_batches: Optional[int] = None) -> Dict:
-    """Run the ANN and its SNN side by side (``snn.Monitor``) over the loader.
-
-    Returns SNN ``top1`` / ``top5`` (read-out after T steps), ``ann_top1`` / ``ann_top5``,
-    ``per_step_top1`` (t = 1..T), and the Monitor's ``layers``, ``sops``, ``snn_macs``, ``ann_macs``,
-    ``energy`` (per sample), all reduced over ranks. ``max_batches``: only the first N batches.
-    """
-    import snn
-    ctx = dist.context()
-    ann.eval()
-    net.eval()
-    snn_c, ann_c, step_c = CountMeter(len(TOPK)), CountMeter(len(TOPK)), CountMeter(net.T + int(getattr(net, "settle", 0)))
-    t0 = time.time()
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    with snn.Monitor(ann, net) as mon:
-        for i, batch in enumerate(progress(loader, desc, show_progress, total=total)):
-            if i >= total:
-                break
-            x, y = _to(batch, ctx.device)
-            ann_out, steps = mon.run(x)
-            n = y.shape[0]
-            snn_c.update(correct_topk(steps[-1], y, TOPK), n)
-            ann_c.update(correct_topk(ann_out, y, TOPK), n)
-            step_c.update((steps.argmax(-1) == y.unsqueeze(0)).sum(1).tolist(), n)
-        stats = mon.summary()
-    for c in (snn_c, ann_c, step_c):
-        c.reduce()
-    top1, top5 = snn_c.percent()
-    ann_top1, ann_top5 = ann_c.percent()
-    if print_result:
-        log(format_acc(top1, top5))
-    return {"T": net.T, "neuron": "signed" if net.signed else "unsigned", "samples": int(snn_c.total),
-            "top1": top1, "top5": top5, "ann_top1": ann_top1, "ann_top5": ann_top5,
-            "per_step_top1": step_c.percent(), "settle": stats.get("settle", 0), "layers": stats["layers"], "sops": stats["sops"],
-            "snn_macs": stats.get("snn_macs"), "ann_macs": stats["ann_macs"], "energy": stats["energy"],
-            "seconds": time.time() - t0}
-
-
-@torch.no_grad()
-def snn_top1(net, loader, *, max_batches: Optional[int] = None, desc: str = "score",
-             show_progress: bool = True) -> float:
-    """Top-1 of the whole SNN over (the first ``max_batches`` batches of) a loader -- the fine-tuner's
-    acceptance score (spec 8: on the training set, with augmentation)."""
-    ctx = dist.context()
-    net.eval()
-    counts = CountMeter(1)
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for i, batch in enumerate(progress(loader, desc, show_progress, total=total)):
-        if i >= total:
-            break
-        x, y = _to(batch, ctx.device)
-        counts.update(correct_topk(net(x), y, (1,)), y.shape[0])
-    counts.reduce()
-    return counts.percent()[0]
-
-
+# ---------------------------------------------------------------------------------------- SNN fine-tuning
 class ReshuffledLoader:
     """Iterating it again starts a new epoch of its DistributedSampler (the fine-tuner walks the
     training set once per layer and epoch)."""
@@ -242,30 +186,13 @@ class ReshuffledLoader:
         return iter(self.loader)
 
 
-def finetune_snn(ann: nn.Module, net, train_loader, *, epochs: int, lr: float, momentum: float,
-                 weight_decay: float, bn_mode: str, force: bool, score_batches: Optional[int] = None,
-                 max_batches: Optional[int] = None, layers: Optional[List[str]] = None,
-                 cache="auto", cache_mb: int = 2048, show_progress: bool = True,
-                 tb: Optional[TensorBoard] = None) -> List[dict]:
-    """Layer-wise fine-tuning (spec 8) via ``snn.finetune``. Without ``force`` a layer is kept only
-    when the whole SNN's train-set top-1 (over ``score_batches`` batches) improves. ``layers``:
-    only these spiking layers (neuron names). ``cache``: the prefix cache (True / False / "auto":
-    with ``max_batches``, the batches are drawn once and the frozen prefixes carried between layers)."""
-    import snn
-    ctx = dist.context()
-    loader = ReshuffledLoader(train_loader)
-    score_fn = None
-    if not force:
-        def score_fn(n):
-            return snn_top1(n, loader, max_batches=score_batches, desc="score (train top-1)",
-                            show_progress=show_progress)
-    history = snn.finetune(ann, net, loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           bn_mode=bn_mode, force=force, score_fn=score_fn, device=ctx.device, log=log,
-                           progress=show_progress, max_batches=max_batches, layers=layers, cache=cache,
-                           cache_mb=cache_mb)
-    if tb is not None:
-        for i, h in enumerate(history):
-            last = h["epochs"][-1] if h["epochs"] else {}
-            tb.scalars(i + 1, "finetune/", mse=last.get("loss_mean"), score=last.get("score"),
-                       accepted=float(h["accepted"]))
-    return history
+def top1_score(loader, *, max_batches: Optional[int] = None, desc: str = "score (train top-1)",
+               show_progress: bool = True) -> Callable[[nn.Module], float]:
+    """``score(net)``: the whole SNN's top-1 over (the first ``max_batches`` batches of) ``loader`` --
+    the fine-tuner's acceptance score (spec 8: on the training set, with augmentation)."""
+    from common import pipeline
+
+    def score(net) -> float:
+        return pipeline.evaluate(net, loader, TopK.factory((1,)), desc=desc, progress=show_progress,
+                                 max_batches=max_batches)["top1"]
+    return score

@@ -134,26 +134,6 @@ def _ft_args(args, path: str):
     return a
 
 
-class Top1:
-    """Top-1 (%) of a classifier's logits (a :class:`common.pipeline.Metric`), reduced over DDP ranks."""
-
-    def __init__(self):
-        self.correct, self.n = 0, 0
-
-    def update(self, output, batch):
-        y = batch[1].to(output.device)
-        self.correct += int((output.argmax(1) == y).sum())
-        self.n += int(y.numel())
-
-    def compute(self) -> dict:
-        import torch
-        from common import dist
-        t = torch.tensor([float(self.correct), float(self.n)])
-        if dist.world_size() > 1:
-            torch.distributed.all_reduce(t)
-        return {"top1": 100.0 * float(t[0]) / max(float(t[1]), 1.0), "samples": int(t[1])}
-
-
 class Study:
     """The trained ANN, its data and the measurements on it."""
 
@@ -169,7 +149,8 @@ class Study:
         """ANN and SNN side by side on the test images (:func:`common.pipeline.evaluate_snn`: per-step top-1
         over all T + settle steps, per-layer agreement)."""
         from common import pipeline
-        res = pipeline.evaluate_snn(self.ann, net, self.data.val_loader, Top1, key="top1", device=self.device,
+        from classification.metrics import TopK
+        res = pipeline.evaluate_snn(self.ann, net, self.data.val_loader, TopK.factory((1,)), key="top1", device=self.device,
                                     progress=self.args.progress, max_batches=self.args.eval_batches)
         res["min_agreement"] = min(l["agreement"] for l in res["layers"])
         return res
@@ -196,9 +177,9 @@ class Study:
             score = None
         elif score_kind == "fixed":  # the same training batches for every score
             fixed = [b for _, b in zip(range(score_batches), self.data.train_loader)]
-            score = lambda n: engine.snn_top1(n, fixed, show_progress=False)  # noqa: E731
+            score = engine.top1_score(fixed, show_progress=False)
         elif score_kind == "reshuffled":  # the demo's: the first N batches of a new shuffle
-            score = lambda n: engine.snn_top1(n, loader, max_batches=score_batches, show_progress=False)  # noqa: E731
+            score = engine.top1_score(loader, max_batches=score_batches, show_progress=False)
         else:
             raise ValueError(f"score={score_kind!r}: use reshuffled, fixed or none")
         if kw.get("e2e_loss") == "ce":
@@ -248,7 +229,7 @@ def main(argv=None) -> Dict:
     from classification.cifar10.task import TASK
     from common import dist
     from common.metrics import write_json
-    from common.plots import plot_accuracy_vs_t
+    from classification.plots import plot_accuracy_vs_t
     args = get_parser().parse_args(argv)
     if args.quick:
         args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 64), min(args.val_subset, 32), 16

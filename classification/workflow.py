@@ -4,6 +4,9 @@
 * :func:`evaluate_snn`  (``snn.py``)    -- convert a trained ANN and evaluate the SNN against it;
 * :func:`finetune_snn`  (``snn_ft.py``) -- layer-wise fine-tuning of the converted SNN, saved in ANN format.
 
+The SNN is converted, evaluated and fine-tuned through :mod:`common.pipeline` (as in detection and
+segmentation), with the top-k metric of :mod:`classification.metrics`.
+
 A :class:`Task` says what differs between datasets: the arch names, how loaders are built, the LR
 schedule. :func:`add_common_args` defines the flags every script shares (the original's flags plus
 this project's); each script adds its own and calls one workflow.
@@ -24,13 +27,15 @@ import torch.nn as nn
 
 from common import UserError
 from common import dist
-from common.checkpoint import BEST, CHECKPOINT, atomic_save, load_checkpoint, load_scheduler_state, \
+from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_state, \
     plain_scheduler_state, rng_state, save_checkpoint, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
 from common.metrics import write_json
+from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
 
 from . import engine
+from .metrics import TopK, format_acc
 
 BITS = (32, 5, 4, 3, 2)
 WBITS = (2, 3, 4, 5, 6, 7, 8, 32)
@@ -176,10 +181,16 @@ def check_args(args):
         raise UserError(f"-j/--workers {args.workers} must not be negative", "pass 0 (in-process loading) or more")
     if getattr(args, "max_iters", None) is not None and args.max_iters < 1:
         raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
-    for name in ("lr", "weight_decay", "momentum"):
+    for name in ("lr", "weight_decay", "momentum", "e2e_lr"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise UserError(f"--{name.replace('_', '-')} {v} must not be negative", "pass a value >= 0")
+    for name in ("e2e_batches", "e2e_epochs"):
+        v = getattr(args, name, 1)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} {v} must be at least 1", "pass a positive number")
+    if getattr(args, "method", None) is not None:
+        check_method(args.method)
 
 
 def run_dir(args, suffix: str = "") -> str:
@@ -374,7 +385,7 @@ def _write_metrics(args, rec: Dict, default_path: str, plot: Callable[[Dict, str
 
 
 def _plot_snn(rec, path):
-    from common.plots import plot_snn_metrics
+    from .plots import plot_snn_metrics
     return plot_snn_metrics(rec, path)
 
 
@@ -581,6 +592,26 @@ def _snn_line(res: Dict) -> str:
     return f"SNN top-1 {res['top1']:.2f} ({ann}); per step " + " ".join(f"{a:.1f}" for a in res["per_step_top1"])
 
 
+def run_snn_eval(model: nn.Module, net, loader, args, *, desc: str = "snn test",
+                 max_batches: Optional[int] = None) -> Dict:
+    """The ANN and its SNN side by side (:func:`common.pipeline.evaluate_snn` with a top-1 / top-5
+    metric): SNN ``top1`` / ``top5`` after the last step, ``ann_top1`` / ``ann_top5``, ``per_step_top1``
+    (t = 1..T + settle), ``T``, ``neuron``, ``settle``, ``samples``, ``layers``, ``sops``, ``snn_macs``,
+    ``ann_macs``, ``energy``, ``seconds``. Prints the ``* Acc@1 .. Acc@5 ..`` line."""
+    from common import pipeline
+    res = pipeline.evaluate_snn(model, net, loader, TopK.factory(), key="top1", desc=desc,
+                                progress=args.progress, max_batches=max_batches)
+    snn_res, ann_res = res.pop("snn"), res.pop("ann")
+    res.update(top5=snn_res["top5"], ann_top5=ann_res["top5"])
+    log(format_acc(res["top1"], res["top5"]))
+    return res
+
+
+def _snn_metrics_name(res: Dict, prefix: str = "metrics_snn") -> str:
+    """``<prefix>_<neuron>_T<T>.json`` (``..._settle<K>.json`` with settle steps)."""
+    return f"{prefix}_{res['neuron']}_T{res['T']}" + (f"_settle{res['settle']}" if res.get("settle") else "") + ".json"
+
+
 def evaluate_snn(args, task: Task) -> Dict:
     """``snn.py``: convert the ANN and evaluate the SNN on the test set (``-e`` or not). The metrics go
     beside the evaluated checkpoint (or to ``--metrics-out``)."""
@@ -591,13 +622,11 @@ def evaluate_snn(args, task: Task) -> Dict:
         data = task.build_data(args, ctx)
         model, ckpt, path = _load_for_snn(args, task, data, ctx)
         net = _convert(args, model, ckpt)
-        res = ann_reference(engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress,
-                                                max_batches=args.max_iters), ckpt)
+        res = ann_reference(run_snn_eval(model, net, data.val_loader, args, max_batches=args.max_iters), ckpt)
         log(_snn_line(res))
         finetuned = bool(ckpt.get("snn_finetuned"))
         rec = _record(args, data, model, res, script="snn.py", checkpoint=path, finetuned=finetuned)
-        name = f"metrics_snn_{res['neuron']}_T{res['T']}.json"
-        _write_metrics(args, rec, os.path.join(eval_dir(path, run_dir(args)), name), _plot_snn)
+        _write_metrics(args, rec, os.path.join(eval_dir(path, run_dir(args)), _snn_metrics_name(res)), _plot_snn)
         return rec
 
 
@@ -616,53 +645,71 @@ def finetune_snn(args, task: Task) -> Dict:
         net = _convert(args, model, ckpt).to(ctx.device)
         out_dir = run_dir(args, "_ft")
         if args.evaluate:  # the SNN on the test set (the original evaluated the ANN on the train set)
-            res = ann_reference(engine.evaluate_snn(model, net, data.val_loader, show_progress=args.progress), ckpt)
+            res = ann_reference(run_snn_eval(model, net, data.val_loader, args), ckpt)
             log(_snn_line(res))
             rec = _record(args, data, model, res, script="snn_ft.py -e", checkpoint=path,
                           finetuned=bool(ckpt.get("snn_finetuned")))
-            _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir),
-                                                   f"metrics_snn_{res['neuron']}_T{res['T']}.json"), _plot_snn)
+            _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir), _snn_metrics_name(res)), _plot_snn)
             return rec
         return _run_finetune(args, task, data, model, net, path, out_dir)
 
 
+def method_options(args) -> Dict:
+    """``--method``'s further settings (:func:`snn.finetune`'s ``e2e_*`` arguments): only for a method
+    with the end-to-end stage (``--method fastsnn`` passes none, so it runs the original algorithm)."""
+    if "e2e" not in args.method.split("+"):
+        return {}
+    return {"e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr}
+
+
+def _method_text(args) -> str:
+    opts = method_options(args)
+    if not opts:
+        return args.method
+    lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
+    return f"{args.method} (e2e: {opts['e2e_batches']} batches x {opts['e2e_epochs']} epoch(s), lr {lr})"
+
+
 def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
+    from common import pipeline
     bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
     wd = args.weight_decay if args.weight_decay is not None else getattr(model, "ft_weight_decay", 1e-4)
     before = None
     if args.eval_before:
         log("SNN before fine-tuning:")
-        before = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (before)",
-                                     show_progress=args.progress)
+        before = run_snn_eval(model, net, data.val_loader, args, desc="snn test (before)")
     log(f"fine-tuning {args.arch} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, "
-        f"wd {wd}, BN {bn_mode}, {'--force (accept every layer)' if args.force else 'accept on train top-1'}")
+        f"wd {wd}, BN {bn_mode}, {'--force (accept every layer)' if args.force else 'accept on train top-1'}, "
+        f"method {_method_text(args)}")
+    loader = engine.ReshuffledLoader(data.train_loader)
+    score = None if args.force else engine.top1_score(loader, max_batches=args.score_batches,
+                                                      show_progress=args.progress)
     t0 = time.time()
     with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-        history = engine.finetune_snn(model, net, data.train_loader, epochs=args.num_epochs, lr=args.lr,
-                                      momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode, force=args.force,
-                                      score_batches=args.score_batches, max_batches=args.max_iters,
-                                      layers=select_layers(net, args.ft_layers), show_progress=args.progress,
-                                      cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb, tb=tb)
+        history = pipeline.finetune(model, net, loader, score=score, epochs=args.num_epochs, lr=args.lr,
+                                    momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode,
+                                    max_batches=args.max_iters, layers=select_layers(net, args.ft_layers),
+                                    progress=args.progress, cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb,
+                                    tb=tb, method=args.method, method_options=method_options(args))
     seconds = time.time() - t0
     log("SNN after fine-tuning:")
-    res = engine.evaluate_snn(model, net, data.val_loader, desc="snn test (after)", show_progress=args.progress)
+    res = run_snn_eval(model, net, data.val_loader, args, desc="snn test (after)")
     ckpt_path = os.path.join(out_dir, BEST)
-    if dist.is_main():
-        # the source ANN (not the tuned weights run as an ANN) is the reference of this SNN: its test
-        # accuracy, measured beside the SNN on the same images, and its checkpoint go into the file
-        atomic_save({"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
-                     "dataset": data.name, "state_dict": net.ann_state_dict(), "snn_finetuned": True,
-                     "T": net.T, "neuron": res["neuron"], "bn_mode": bn_mode, "epoch": args.num_epochs,
-                     "best_acc1": res["top1"], "top1": res["top1"], "init": init_path,
-                     "ann_top1": res["ann_top1"], "ann_top5": res["ann_top5"], "ann_samples": res["samples"],
-                     "seed": args.seed, "args": plain_args(args), "history": history}, ckpt_path)
-        log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
+    # the source ANN (not the tuned weights run as an ANN) is the reference of this SNN: its test
+    # accuracy, measured beside the SNN on the same images, and its checkpoint go into the file
+    pipeline.save_finetuned(ckpt_path, net, {
+        "arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
+        "dataset": data.name, "bn_mode": bn_mode, "method": args.method, "method_options": method_options(args),
+        "epoch": args.num_epochs, "best_acc1": res["top1"], "top1": res["top1"], "init": init_path,
+        "ann_top1": res["ann_top1"], "ann_top5": res["ann_top5"], "ann_samples": res["samples"], "seed": args.seed,
+        "args": plain_args(args), "history": history})
+    log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
     rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True,
-                  init=init_path, ann_checkpoint=init_path, bn_mode=bn_mode, weight_decay=wd, finetune_seconds=seconds,
+                  init=init_path, ann_checkpoint=init_path, bn_mode=bn_mode, weight_decay=wd, method=args.method,
+                  method_options=method_options(args), finetune_seconds=seconds,
                   before={k: before[k] for k in ("top1", "top5", "per_step_top1", "layers")} if before else None,
                   finetune=history)
-    _write_metrics(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{res['neuron']}_T{res['T']}.json"),
-                   _plot_snn)
+    _write_metrics(args, rec, os.path.join(out_dir, _snn_metrics_name(res, "metrics_snn_ft")), _plot_snn)
     if before is not None:
         log(f"SNN top-1 {before['top1']:.2f} -> {res['top1']:.2f} after fine-tuning (ANN {res['ann_top1']:.2f})")
     return rec
@@ -680,17 +727,6 @@ def select_layers(net, patterns: str) -> Optional[List[str]]:
         raise UserError(f"--ft-layers {patterns!r} matches none of the spiking layers",
                         f"choose from {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
     return chosen
-
-
-def add_snn_args(p: ArgumentParser):
-    """Flags of snn.py and snn_ft.py."""
-    p.add_argument("-u", "--unsigned", action="store_true", help="traditional (unsigned) IF neurons; default signed")
-    p.add_argument("--T", type=int, default=None, help="time steps (default 2^bit - 1)")
-    p.add_argument("--chunk", type=int, default=None, metavar="K",
-                   help="simulate at most K >= 1 steps at once (bounded memory; default all T)")
-    p.add_argument("--settle", type=int, default=0, metavar="K",
-                   help="K extra steps with the input and every bias / BN shift off, so each neuron's count moves "
-                        "to the quantized ANN's level (signed neurons only; default 0 = the paper's SNN)")
 
 
 FT_CACHE = {"auto": "auto", "on": True, "off": False}  # --ft-cache -> snn.finetune(cache=...)
@@ -718,3 +754,27 @@ def add_finetune_args(p: ArgumentParser):
                         "prefixes are recomputed instead (default 2048)")
     p.add_argument("--eval-before", action=argparse_bool(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")
+    p.add_argument("--method", default="fastsnn+e2e", metavar="STAGES",
+                   help="fine-tuning method: stages joined by '+' from fastsnn (the original layer-wise algorithm), "
+                        "bias (bias correction), bnstats (BN statistics from SNN rates), e2e (an end-to-end "
+                        "straight-through pass after the layer-wise stages, KL to the ANN's logits; last); "
+                        "default fastsnn+e2e; --method fastsnn is the original algorithm")
+    p.add_argument("--e2e-batches", type=int, default=20, metavar="N",
+                   help="batches per epoch of the end-to-end stage (default 20)")
+    p.add_argument("--e2e-epochs", type=int, default=1, metavar="N",
+                   help="epochs of the end-to-end stage (default 1)")
+    p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
+                   help="learning rate of the end-to-end stage, cosine-decayed (default: --lr)")
+
+
+def check_method(method: str, flag: str = "--method"):
+    """A one-line error unless ``method`` is distinct stages of :data:`snn.finetune.STAGES` joined by
+    '+', the end-to-end stage (if any) last -- before any data is read."""
+    import importlib
+    stages_ok = importlib.import_module("snn.finetune").STAGES  # snn.finetune is also the function
+    stages = method.split("+")
+    hint = f"choose stages of {', '.join(stages_ok)} joined by '+', e.g. fastsnn+e2e (fastsnn: the original)"
+    if not all(st in stages_ok for st in stages) or len(set(stages)) != len(stages):
+        raise UserError(f"{flag} {method!r} is not a method", hint)
+    if "e2e" in stages and stages[-1] != "e2e":
+        raise UserError(f"{flag} {method!r}: the end-to-end stage e2e must come last", hint)

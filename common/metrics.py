@@ -1,4 +1,5 @@
-"""Accuracy, running meters (reduced over DDP ranks) and the metrics JSON writer."""
+"""Running meters (reduced over DDP ranks) and the metrics JSON writer (top-k accuracy:
+:mod:`classification.metrics`)."""
 from __future__ import annotations
 
 import json
@@ -12,21 +13,6 @@ import torch
 
 from . import dist
 from .checkpoint import _atomic
-
-
-@torch.no_grad()
-def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> List[float]:
-    """Number of samples of ``output [B, C]`` whose label is among the ``k`` highest scores, for each
-    ``k`` (clamped to the number of classes)."""
-    maxk = min(max(topk), output.shape[-1])
-    hit = output.topk(maxk, dim=-1).indices == target.unsqueeze(-1)   # [B, maxk]
-    return [float(hit[:, :min(k, maxk)].any(-1).sum()) for k in topk]
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[float]:
-    """Top-k accuracies in percent."""
-    n = max(target.numel(), 1)
-    return [100.0 * c / n for c in correct_topk(output, target, topk)]
 
 
 class AverageMeter:
@@ -134,8 +120,3 @@ def write_json(path: str, data: Dict, env: bool = True) -> str:
 def read_json(path: str) -> Dict:
     with open(path) as f:
         return json.load(f)
-
-
-def format_acc(top1: float, top5: float) -> str:
-    """The line every evaluation prints (the torchvision / APoT format)."""
-    return f" * Acc@1 {top1:.3f} Acc@5 {top5:.3f}"

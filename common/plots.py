@@ -1,14 +1,16 @@
-"""PNG figures (matplotlib, Agg backend -- no display needed).
+"""PNG figures (matplotlib, Agg backend -- no display needed), shared by the tasks.
 
-* :func:`plot_accuracy_vs_t`: SNN top-1 after t = 1..T steps (one curve per run), ANN top-1 as a line;
+* :func:`plot_metric_vs_t`: a task's SNN metric after t = 1..T steps (one curve per run), the ANN's as a line;
 * :func:`plot_layers`: per-layer agreement with the ANN's quantized levels and firing rate;
 * :func:`plot_training`: loss / accuracy / learning-rate curves of an ANN training run;
-* :func:`plot_snn_metrics`: the first two for one metrics JSON, written next to it.
+* :func:`plot_snn_record`: the first two for one SNN metrics JSON, written next to it.
+
+The classification figures (top-1 vs t) are :mod:`classification.plots`.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 
 def _pyplot():
@@ -29,19 +31,19 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def plot_accuracy_vs_t(curves: Mapping[str, Sequence[float]], path: str,
-                       ann_top1: Optional[Mapping[str, float]] = None, title: str = "") -> str:
-    """``curves``: label -> top-1 (%) after t = 1..T. ``ann_top1``: label -> horizontal reference."""
+def plot_metric_vs_t(curves: Mapping[str, Sequence[float]], path: str, ann: Optional[Mapping[str, float]] = None,
+                     title: str = "", ylabel: str = "metric (%)") -> str:
+    """``curves``: label -> the SNN's metric after t = 1..T; ``ann``: label -> horizontal reference line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, acc in curves.items():
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
-    for i, (label, acc) in enumerate((ann_top1 or {}).items()):
-        if acc is not None:
-            ax.axhline(acc, ls="--", lw=1, color=f"C{i}", alpha=0.6, label=label)
+    for i, (label, vals) in enumerate(curves.items()):
+        ax.plot(range(1, len(vals) + 1), vals, marker="o", label=label, color=f"C{i}")
+    for i, (label, v) in enumerate((ann or {}).items()):
+        if v is not None:
+            ax.axhline(v, ls="--", lw=1, color=f"C{i}", alpha=0.6, label=label)
     ax.set_xlabel("time step t")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "SNN accuracy vs time step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"SNN {ylabel.split(' (')[0]} vs time step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -90,15 +92,18 @@ def plot_training(history: List[Dict], path: str, title: str = "") -> str:
     return _save(fig, path)
 
 
-def plot_snn_metrics(metrics: Dict, json_path: str) -> List[str]:
-    """Accuracy-vs-t and per-layer PNGs for one SNN metrics JSON, named after it."""
+def plot_snn_record(rec: Dict, json_path: str, *, key: str, model: str, curve: Callable[..., str],
+                    suffix: str) -> List[str]:
+    """The PNGs of one SNN metrics record, named after its JSON: ``<stem>_<suffix>.png`` (``curve`` of
+    ``rec["per_step_<key>"]`` with ``rec["ann_<key>"]`` as the reference line) and ``<stem>_layers.png``.
+    ``model``: the record's key naming the network (for the title)."""
     stem = os.path.splitext(json_path)[0]
-    label = f"{metrics.get('neuron')} T={metrics.get('T')}"
-    title = f"{metrics.get('arch')} {metrics.get('bit')}-bit, {label}"
+    label = f"{rec.get('neuron')} T={rec.get('T')}"
+    title = f"{rec.get(model)} {rec.get('bit')}-bit, {label}"
     out = []
-    if metrics.get("per_step_top1"):
-        out.append(plot_accuracy_vs_t({f"SNN {label}": metrics["per_step_top1"]}, stem + "_acc_vs_t.png",
-                                      {"ANN": metrics.get("ann_top1")}, title))
-    if metrics.get("layers"):
-        out.append(plot_layers({label: metrics["layers"]}, stem + "_layers.png", title))
+    if rec.get(f"per_step_{key}"):
+        out.append(curve({f"SNN {label}": rec[f"per_step_{key}"]}, f"{stem}_{suffix}.png",
+                         {"ANN": rec.get(f"ann_{key}")}, title))
+    if rec.get("layers"):
+        out.append(plot_layers({label: rec["layers"]}, stem + "_layers.png", title))
     return out

@@ -146,8 +146,13 @@ def test_snn_signed_and_unsigned(chain, fake_cifar):
         # T override
         assert _snn(base + ["--T", "5", "--chunk", "2"])["T"] == 5
     # settle steps (signed only): per-step top-1 over T + K steps; -u --settle is a one-line error
+    plain = _json(out / "resnet20_2bit" / "metrics_snn_signed_T3.json")
     st = _snn(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--settle", "4"))
     assert st["T"] == 3 and len(st["per_step_top1"]) == 7 and st["settle"] == 4
+    # its own metrics file: the plain signed one (no --settle: settle 0, T steps) is left as it was
+    assert _json(out / "resnet20_2bit" / "metrics_snn_signed_T3_settle4.json")["settle"] == 4
+    after = _json(out / "resnet20_2bit" / "metrics_snn_signed_T3.json")
+    assert after == plain and after["settle"] == 0 and len(after["per_step_top1"]) == 3
     with pytest.raises(UserError, match="--settle needs signed neurons"):
         _snn(_base(fake_cifar, out, "-a", "resnet20", "--bit", "2", "--settle", "4", "-u"))
 
@@ -170,9 +175,12 @@ def test_snn_ft_force_then_reload(chain, fake_cifar, tmp_path):
     out, _ = chain
     init = str(out / "resnet20_2bit" / BEST)
     base = _base(fake_cifar, tmp_path, "-a", "resnet20", "--bit", "2", "--init", init)
-    f = _ft(base + ["-n", "2", "--force", "--ft-layers", "layer1.*"])
-    assert [h["layer"] for h in f["finetune"]] == [f"layer1.{b}.act{i}" for b in range(3) for i in (1, 2)]
-    assert all(len(h["epochs"]) == 2 for h in f["finetune"])  # -n honoured
+    f = _ft(base + ["-n", "2", "--force", "--ft-layers", "layer1.*", "--e2e-batches", "1"])
+    # the default method fastsnn+e2e: the layer-wise stage, then one end-to-end entry
+    assert [h["layer"] for h in f["finetune"]] == [f"layer1.{b}.act{i}" for b in range(3) for i in (1, 2)] + \
+        ["end-to-end"]
+    assert f["method"] == "fastsnn+e2e" and f["method_options"]["e2e_batches"] == 1
+    assert all(len(h["epochs"]) == 2 for h in f["finetune"][:-1])  # -n honoured
     assert f["before"]["top1"] is not None and f["bn_mode"] == "recalibrate" and f["weight_decay"] == 1e-4
     path = tmp_path / "resnet20_2bit_ft" / "metrics_snn_ft_signed_T3.json"
     assert _json(path)["finetune"][0]["accepted"] is True

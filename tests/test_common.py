@@ -158,13 +158,6 @@ def test_bad_checkpoints_are_user_errors(tmp_path, kind, needle):
 
 
 # ------------------------------------------------------------------------------------------ metrics
-def test_accuracy_topk_and_clamp():
-    out = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
-    y = torch.tensor([1, 2, 2, 0])
-    assert metrics.correct_topk(out, y, (1, 2, 5)) == [2.0, 3.0, 4.0]  # k=5 clamps to 3 classes
-    assert metrics.accuracy(out, y, (1,)) == [50.0]
-
-
 def test_meters():
     m = metrics.AverageMeter("loss")
     m.update(1.0, 2)
@@ -191,7 +184,6 @@ def test_write_json_atomic_and_jsonable(tmp_path):
     metrics.write_json(path, {"a": 1}, env=False)
     assert json.load(open(path)) == {"a": 1}
     assert os.listdir(tmp_path / "sub") == ["m.json"]
-    assert metrics.format_acc(91.234, 99.5) == " * Acc@1 91.234 Acc@5 99.500"
 
 
 # ------------------------------------------------------------------------------------------ dist
@@ -266,15 +258,16 @@ def _png(path):
 
 def test_plots(tmp_path):
     layers = [{"name": f"l{i}", "agreement": 1 - i / 10, "firing_rate": i / 20} for i in range(5)]
-    p1 = plots.plot_accuracy_vs_t({"signed": [50, 60, 70], "unsigned": [40, 50, 55]}, str(tmp_path / "a.png"),
-                                  {"ANN": 72.0})
+    p1 = plots.plot_metric_vs_t({"signed": [50, 60, 70], "unsigned": [40, 50, 55]}, str(tmp_path / "a.png"),
+                                {"ANN": 72.0}, ylabel="top-1 accuracy (%)")
     p2 = plots.plot_layers({"signed": layers}, str(tmp_path / "l.png"))
     hist = [{"epoch": e, "train_loss": 2 / e, "test_loss": 2.1 / e, "train_top1": 10 * e, "test_top1": 9 * e,
              "lr": 0.1 / e} for e in range(1, 4)]
     p3 = plots.plot_training(hist, str(tmp_path / "t" / "c.png"))
     m = {"arch": "a", "bit": 2, "T": 3, "neuron": "signed", "per_step_top1": [1, 2, 3], "ann_top1": 3,
          "layers": layers}
-    ps = plots.plot_snn_metrics(m, str(tmp_path / "metrics_snn_signed_T3.json"))
+    ps = plots.plot_snn_record(m, str(tmp_path / "metrics_snn_signed_T3.json"), key="top1", model="arch",
+                               curve=plots.plot_metric_vs_t, suffix="acc_vs_t")
     assert [os.path.basename(p) for p in ps] == ["metrics_snn_signed_T3_acc_vs_t.png",
                                                  "metrics_snn_signed_T3_layers.png"]
     assert all(_png(p) for p in [p1, p2, p3] + ps)

@@ -2,8 +2,9 @@
 
     python snn_ft.py --arch alex --bit 2 -id 0 -n 1 --force --init result/alex_2bit/model_best.pth.tar
 
-Without --force a tuned layer is kept only if the whole SNN's train-set top-1 improves
-(--score-batches N judges on N batches). Saves result/<arch>_<bit>bit_ft/model_best.pth.tar (an
+--method STAGES chooses the stages (default fastsnn+e2e: the original layer-wise algorithm, then a short
+end-to-end pass of --e2e-batches batches; --method fastsnn is the original alone). Without --force a
+tuned layer is kept only if the whole SNN's train-set top-1 improves (--score-batches N judges on N batches). Saves result/<arch>_<bit>bit_ft/model_best.pth.tar (an
 ANN-format state dict, reloadable by snn.py --init) and metrics_snn_ft_<neuron>_T<T>.json with the
 per-layer history. -e evaluates the SNN of --init on the test set and stops.
 """

@@ -6,7 +6,8 @@ Seed README commands (spec 3.10); they run under DDP and, unlike the original, i
     python -m torch.distributed.launch --nproc_per_node=4 snn_ft.py -a alexnet -b 128 --bit 2 --init result/alexnet_2bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012
 
 -n epochs per layer (default 1), SGD lr 1e-3 (--lr), momentum 0.9, wd 1e-4; BN re-estimated from SNN
-rates (the original's ImageNet behaviour, --ft-bn frozen to keep it). Without --force a tuned layer
+rates (the original's ImageNet behaviour, --ft-bn frozen to keep it); --method STAGES as in the CIFAR
+snn_ft.py (default fastsnn+e2e; fastsnn: the original alone). Without --force a tuned layer
 is kept only if the whole SNN's train-set top-1 improves (a full pass over the training set per layer
 and epoch; --score-batches N judges on N batches). Saves (rank 0)
 result/imagenet/<arch>_<bit>bit_ft/model_best.pth.tar (an ANN-format state dict, reloadable by snn.py --init)
