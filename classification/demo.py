@@ -3,14 +3,16 @@
 1. a progressive 32 -> 4 -> 3 -> 2-bit ResNet-20 chain (main.py; the spec 3.1 lr / wd recipe, on a
    fixed subset of the training images and a few epochs so it fits the time budget);
 2. SNN evaluation (snn.py) of the 3-bit (T = 7) and 2-bit (T = 3) ANNs, signed and unsigned IF neurons;
-3. layer-wise fine-tuning (snn_ft.py -n 1, each layer kept only if the train-batch top-1 improves) of the
-   2-bit signed SNN;
-4. a table ``bits | T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned``, ``summary.json`` and
-   figures in ``--out`` (default ``demo_out/``).
+   then the 2-bit signed SNN with ``--settle K`` extra steps (default 9: input and biases off, each
+   neuron's count moves to the quantized ANN's level);
+3. fine-tuning (snn_ft.py -n 1 --method fastsnn+e2e by default: the layer-wise algorithm, each layer kept
+   only if the train-batch top-1 improves, then a short end-to-end pass) of the 2-bit signed SNN;
+4. a table ``bits | T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned | settle (K = 9)``,
+   ``summary.json`` and figures in ``--out`` (default ``demo_out/``).
 
 Every step calls the CIFAR scripts' ``main(argv)`` -- the same code as the command line -- and prints
 the equivalent command, and after it the time it took, the time so far and an estimate of the time
-left (from the steps' shares of a reference run on an idle 2-core machine, ~6.5 min in all, scaled
+left (from the steps' shares of a reference run on an idle 2-core machine, ~7 min in all, scaled
 by how fast this machine has been so far). Data: ``<out>/data`` (Fashion-MNIST copied there from
 Debian's ``dataset-fashion-mnist``, or downloaded by torchvision when online).
 
@@ -36,8 +38,10 @@ CHAIN = ((32, 0.1, 5e-4), (4, 4e-2, 1e-4), (3, 4e-2, 1e-4), (2, 4e-2, 3e-5))
 SNN_BITS = (3, 2)
 FT_BIT = 2
 # seconds of each step on an idle 2-core machine (the default budget): the shares the time-left
-# estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); fine-tuning: the whole step.
-REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "ft": 136.0}
+# estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); settle: the 2-bit signed SNN with
+# K = 9 settle steps (12 steps); fine-tuning: the whole step (fastsnn ~136 s + e2e with 20 batches ~20 s).
+REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 160.0}
+FT_METHOD = "fastsnn+e2e"
 
 
 def get_parser() -> ArgumentParser:
@@ -61,6 +65,14 @@ def get_parser() -> ArgumentParser:
                    help="initial activation clip of the quantized stages (default 3: with a few epochs the "
                         "learned clip barely moves from its start, and the models' 6 leaves most levels unused)")
     p.add_argument("--ft-layers", default="", help="fine-tune only these layers (globs; default all)")
+    p.add_argument("--ft-method", default=FT_METHOD, metavar="STAGES",
+                   help=f"snn_ft.py --method: fine-tuning stages joined by '+' (fastsnn, bias, bnstats, e2e; "
+                        f"default {FT_METHOD}; fastsnn alone is the original algorithm)")
+    p.add_argument("--e2e-batches", type=int, default=20,
+                   help="batches of the end-to-end fine-tuning stage (snn_ft.py --e2e-batches; default 20)")
+    p.add_argument("--settle", type=int, default=9, metavar="K",
+                   help="also evaluate the 2-bit signed SNN with K settle steps (snn.py --settle K; default 9, "
+                        "0: skip that step)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
     p.add_argument("--seed", type=int, default=0)
@@ -110,34 +122,42 @@ def _step(title: str, script: str, argv: List[str], fn, log: List[dict], clock: 
 
 
 def step_weights(args) -> List[float]:
-    """Reference seconds of the demo's steps, in order (train x4, SNN x4, fine-tune), for ``args``'s budget."""
+    """Reference seconds of the demo's steps, in order (train x4, SNN x4, settle, fine-tune), for ``args``'s
+    budget."""
     scale = args.train_subset / 8000
     train = [REF_SECONDS["epoch_fp"] * args.epochs_fp * scale] + \
         [REF_SECONDS["epoch_q"] * args.epochs_q * scale] * (len(CHAIN) - 1)
     val = args.val_subset / 1000
     snn = [REF_SECONDS["snn"][b] * val for b in SNN_BITS for _ in ("signed", "unsigned")]
-    return train + snn + [REF_SECONDS["ft"] * args.ft_batches / 63]
+    settle = [REF_SECONDS["settle"] * val * (2 ** FT_BIT - 1 + args.settle) / 12] if args.settle else []
+    return train + snn + settle + [REF_SECONDS["ft"] * args.ft_batches / 63]
 
 
 def _fmt(v: Optional[float]) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def table(rows: List[Dict]) -> str:
-    head = ("bits", "T", "ANN top-1", "SNN signed", "SNN unsigned", "fine-tuned")
+def table(rows: List[Dict], settle: int = 0) -> str:
+    head = ("bits", "T", "ANN top-1", "SNN signed", "SNN unsigned", "fine-tuned") + \
+        ((f"settle (K = {settle})",) if settle else ())
     body = [(str(r["bits"]), "–" if r["T"] is None else str(r["T"]), _fmt(r["ann_top1"]), _fmt(r["snn_signed"]),
-             _fmt(r["snn_unsigned"]), _fmt(r["finetuned"])) for r in rows]
+             _fmt(r["snn_unsigned"]), _fmt(r["finetuned"])) + ((_fmt(r.get("settle")),) if settle else ())
+            for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), "-+-".join("-" * w for w in widths)] + [line(b) for b in body])
 
 
-def _plots(out: str, snn_recs: Dict, ft_rec: Optional[Dict], train_hist: Dict) -> List[str]:
-    from common.plots import plot_accuracy_vs_t, plot_layers, plot_training
+def _plots(out: str, snn_recs: Dict, ft_rec: Optional[Dict], train_hist: Dict,
+           settle_rec: Optional[Dict] = None) -> List[str]:
+    from classification.plots import plot_accuracy_vs_t
+    from common.plots import plot_layers, plot_training
     paths = []
     curves = {f"{b}-bit {n} (T={r['T']})": r["per_step_top1"] for (b, n), r in snn_recs.items()}
     if ft_rec is not None:
         curves[f"{FT_BIT}-bit fine-tuned (T={ft_rec['T']})"] = ft_rec["per_step_top1"]
+    if settle_rec is not None:  # t = 1..T + K
+        curves[f"{FT_BIT}-bit signed + settle (K={settle_rec['settle']})"] = settle_rec["per_step_top1"]
     anns = {f"ANN {b}-bit": snn_recs[(b, "signed")]["ann_top1"] for b in SNN_BITS if (b, "signed") in snn_recs}
     paths.append(plot_accuracy_vs_t(curves, os.path.join(out, "accuracy_vs_t.png"), anns,
                                     "SNN top-1 vs time step (Fashion-MNIST demo)"))
@@ -166,9 +186,10 @@ def _history(run: str) -> list:
 
 def main(argv=None) -> Dict:
     args = get_parser().parse_args(argv)
+    check_args(args)
     if args.quick:
         args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 32), min(args.val_subset, 16), 8
-        args.epochs_fp, args.epochs_q, args.ft_batches = 1, 1, 1
+        args.epochs_fp, args.epochs_q, args.ft_batches, args.e2e_batches = 1, 1, 1, 1
         args.ft_layers = args.ft_layers or "layer1.0.*"
     from classification.cifar10 import main as train_script
     from classification.cifar10 import snn as snn_script
@@ -202,10 +223,16 @@ def main(argv=None) -> Dict:
         for neuron in ("signed", "unsigned"):
             argv_ = snn_base + ["--bit", str(bit), "-e"] + (["-u"] if neuron == "unsigned" else [])
             snn_recs[(bit, neuron)] = _step(f"SNN {bit}-bit {neuron}", "snn.py", argv_, snn_script.main, steps, clock)
-    ft = _step(f"fine-tune {FT_BIT}-bit SNN", "snn_ft.py",
+    settle = None
+    if args.settle:
+        settle = _step(f"SNN {FT_BIT}-bit signed + settle (K = {args.settle})", "snn.py",
+                       snn_base + ["--bit", str(FT_BIT), "-e", "--settle", str(args.settle)], snn_script.main, steps,
+                       clock)
+    ft = _step(f"fine-tune {FT_BIT}-bit SNN ({args.ft_method})", "snn_ft.py",
                snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
-                       "--score-batches", str(args.score_batches),
-                       "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
+                           "--score-batches", str(args.score_batches), "--method", args.ft_method,
+                           "--e2e-batches", str(args.e2e_batches),
+                           "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
                ft_script.main, steps, clock)
     rows = []
@@ -213,24 +240,46 @@ def main(argv=None) -> Dict:
         s, u = snn_recs.get((bit, "signed")), snn_recs.get((bit, "unsigned"))
         rows.append({"bits": bit, "T": s["T"] if s else (None if bit == 32 else 2 ** bit - 1),
                      "ann_top1": ann[bit]["top1"], "snn_signed": s["top1"] if s else None,
-                     "snn_unsigned": u["top1"] if u else None, "finetuned": ft["top1"] if bit == FT_BIT else None})
-    text = table(rows)
+                     "snn_unsigned": u["top1"] if u else None, "finetuned": ft["top1"] if bit == FT_BIT else None,
+                     "settle": settle["top1"] if settle and bit == FT_BIT else None})
+    text = table(rows, args.settle)
     hist = {b: _history(os.path.join(runs, f"{args.arch}_{b}bit")) for b, _, _ in CHAIN}
-    plots = _plots(args.out, snn_recs, ft, hist)
+    plots = _plots(args.out, snn_recs, ft, hist, settle)
     wall = time.time() - t_start
+    keys = ("T", "top1", "top5", "ann_top1", "per_step_top1", "sops", "ann_macs", "energy")
+    snn_summary = {f"{b}bit_{n}": {k: r[k] for k in keys} for (b, n), r in snn_recs.items()}
+    if settle is not None:
+        snn_summary[f"{FT_BIT}bit_settle"] = {k: settle[k] for k in keys + ("settle",)}
     summary = {"dataset": args.dataset, "arch": args.arch, "seed": args.seed, "train_subset": args.train_subset,
-               "val_subset": args.val_subset, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
-               "plots": plots,
-               "snn": {f"{b}bit_{n}": {k: r[k] for k in ("T", "top1", "top5", "ann_top1", "per_step_top1", "sops",
-                                                         "ann_macs", "energy")} for (b, n), r in snn_recs.items()},
+               "val_subset": args.val_subset, "ft_method": args.ft_method, "e2e_batches": args.e2e_batches,
+               "settle": args.settle, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
+               "plots": plots, "snn": snn_summary,
                "finetuned": {k: ft.get(k) for k in ("T", "top1", "top5", "ann_top1", "per_step_top1")},
                "finetune_history": ft.get("finetune")}
     write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"\nFast-SNN demo: {args.arch} on {args.dataset} ({args.train_subset} training / {args.val_subset} test "
-          f"images), top-1 % on the test images\n\n{text}\n")
+          f"images), top-1 % on the test images; {caption(args)}\n\n{text}\n")
     print(f"wall time {wall / 60:.1f} min; summary -> {os.path.join(args.out, 'summary.json')}; "
           f"figures -> {', '.join(plots)}", flush=True)
     return summary
+
+
+def caption(args) -> str:
+    """What the last columns of the table are."""
+    return (f"fine-tuned ({args.ft_method}): signed, snn_ft.py --method {args.ft_method}"
+            + (f"; settle (K = {args.settle}): signed, {args.settle} settle steps after T (snn.py --settle "
+               f"{args.settle})" if args.settle else ""))
+
+
+def check_args(args):
+    """One-line errors for bad demo flags, before the first (minutes-long) step."""
+    from classification.workflow import check_method
+    from common import UserError
+    check_method(args.ft_method, "--ft-method")
+    if args.settle < 0:
+        raise UserError(f"--settle {args.settle} must not be negative", "pass K >= 0 (0 skips the settle step)")
+    if args.e2e_batches < 1:
+        raise UserError(f"--e2e-batches {args.e2e_batches} must be at least 1", "pass a positive number")
 
 
 if __name__ == "__main__":

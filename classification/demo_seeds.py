@@ -13,7 +13,6 @@ measurement continues.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from common.cli import ArgumentParser
 from common.metrics import write_json
 
 COLUMNS = (("ann_top1", "ANN top-1"), ("snn_signed", "SNN signed"), ("snn_unsigned", "SNN unsigned"),
-           ("finetuned", "fine-tuned (signed)"))
+           ("finetuned", "fine-tuned (signed)"), ("settle", "signed + settle"))
 
 
 def get_parser() -> ArgumentParser:
@@ -53,7 +52,7 @@ def aggregate(summaries: List[Dict]) -> List[Dict]:
     for i, row in enumerate(summaries[0]["table"]):
         out = {"bits": row["bits"], "T": row["T"]}
         for key, _ in COLUMNS:
-            out[key] = stats([s["table"][i][key] for s in summaries])
+            out[key] = stats([s["table"][i].get(key) for s in summaries])  # older summaries: no settle
         rows.append(out)
     return rows
 
@@ -66,7 +65,8 @@ def _cell(st: Optional[Dict]) -> str:
     return f"{st['mean']:.1f} ± {st['std']:.1f} ({st['min']:.1f}–{st['max']:.1f})"
 
 
-def markdown(rows: List[Dict], seeds: Sequence[int]) -> str:
+def markdown(rows: List[Dict], seeds: Sequence[int], summary: Optional[Dict] = None) -> str:
+    """The Markdown table; ``summary`` (one run's): its fine-tuning method and settle steps in the caption."""
     head = "| bits | T | " + " | ".join(name for _, name in COLUMNS) + " |"
     lines = [head, "|" + "---:|" * (2 + len(COLUMNS))]
     for r in rows:
@@ -74,7 +74,9 @@ def markdown(rows: List[Dict], seeds: Sequence[int]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Top-1 % on the test images: mean ± sample standard deviation (min–max) over seeds "
-                 f"{', '.join(map(str, seeds))}.")
+                 f"{', '.join(map(str, seeds))}."
+                 + (f" Fine-tuned: --method {summary['ft_method']}." if (summary or {}).get("ft_method") else "")
+                 + (f" Settle: K = {summary['settle']} steps after T." if (summary or {}).get("settle") else ""))
     return "\n".join(lines)
 
 
@@ -119,7 +121,7 @@ def main(argv=None) -> Dict:
         write_json(path, s)
         summaries.append(s)
     rows = aggregate(summaries)
-    text = markdown(rows, args.seeds)
+    text = markdown(rows, args.seeds, summaries[0])
     result = {"seeds": list(args.seeds), "demo_argv": demo_argv, "rows": rows,
               "wall_seconds": [s.get("wall_seconds") for s in summaries],
               "runs": [{"seed": s.get("seed"), "table": s["table"], "env": s.get("env")} for s in summaries]}

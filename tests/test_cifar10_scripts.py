@@ -399,10 +399,16 @@ def test_demo_quick(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     s = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     # time per stage, so far, and left (issue 15.5)
-    assert "--- train 32-bit ANN: " in out and "(elapsed " in out and "step 1/9, about " in out and " left)" in out
-    assert "step 9/9, done" in out
-    assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned" in out
+    assert "--- train 32-bit ANN: " in out and "(elapsed " in out and "step 1/10, about " in out and " left)" in out
+    assert "step 10/10, done" in out
+    assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned | settle (K = 9)" in out
+    assert "fine-tuned (fastsnn+e2e)" in out and "--method fastsnn+e2e --e2e-batches 1" in out
     assert [r["bits"] for r in s["table"]] == [32, 4, 3, 2] and s["table"][3]["finetuned"] is not None
+    # the settle step: 2-bit row only, per-step top-1 over T + K = 12 steps
+    assert s["table"][3]["settle"] is not None and s["table"][2]["settle"] is None
+    st = s["snn"]["2bit_settle"]
+    assert st["settle"] == 9 and len(st["per_step_top1"]) == 12 and st["per_step_top1"][-1] == st["top1"]
+    assert s["ft_method"] == "fastsnn+e2e" and s["finetune_history"][-1]["layer"] == "end-to-end"
     assert s["table"][2]["T"] == 7 and s["table"][3]["T"] == 3
     assert os.path.exists(tmp_path / "summary.json")
     assert all(os.path.exists(p) for p in s["plots"]) and len(s["plots"]) == 3
@@ -415,7 +421,10 @@ def test_demo_seeds(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
     r = demo_seeds.main(["--seeds", "0", "--out", str(tmp_path), "--", "--quick", "--no-progress"])
     assert r["seeds"] == [0] and [row["bits"] for row in r["rows"]] == [32, 4, 3, 2]
-    assert (tmp_path / "seeds.md").read_text().startswith("| bits | T | ANN top-1 |")
+    md = (tmp_path / "seeds.md").read_text()
+    assert md.startswith("| bits | T | ANN top-1 |") and "| signed + settle |" in md
+    assert "Fine-tuned: --method fastsnn+e2e. Settle: K = 9 steps after T." in md
+    assert r["rows"][3]["settle"]["n"] == 1 and r["rows"][2]["settle"] is None
     calls = []
     monkeypatch.setattr(demo, "main", lambda argv: calls.append(argv))
     again = demo_seeds.main(["--seeds", "0", "--out", str(tmp_path), "--", "--quick", "--no-progress"])

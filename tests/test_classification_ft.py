@@ -122,3 +122,15 @@ def test_snn_metrics_figures(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.mark.parametrize("argv, needle", [(["--ft-method", "nope"], "--ft-method 'nope' is not a method"),
+                                          (["--settle", "-1"], "--settle -1 must not be negative"),
+                                          (["--e2e-batches", "0"], "--e2e-batches 0 must be at least 1")])
+def test_demo_bad_flags_fail_before_the_first_step(argv, needle, tmp_path, capsys):
+    from classification import demo
+    with pytest.raises(SystemExit) as e:
+        run_cli(demo.main, argv + ["--out", str(tmp_path), "--quick"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not os.listdir(tmp_path)
