@@ -258,7 +258,7 @@ def main(argv=None) -> Dict:
                "finetune_history": ft.get("finetune")}
     write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"\nFast-SNN demo: {args.arch} on {args.dataset} ({args.train_subset} training / {args.val_subset} test "
-          f"images), top-1 % on the test images; {caption(args)}\n\n{text}\n")
+          f"images), top-1 % on the test images\n{caption(args)}\n\n{text}\n")
     print(f"wall time {wall / 60:.1f} min; summary -> {os.path.join(args.out, 'summary.json')}; "
           f"figures -> {', '.join(plots)}", flush=True)
     return summary
@@ -266,9 +266,9 @@ def main(argv=None) -> Dict:
 
 def caption(args) -> str:
     """What the last columns of the table are."""
-    return (f"fine-tuned ({args.ft_method}): signed, snn_ft.py --method {args.ft_method}"
-            + (f"; settle (K = {args.settle}): signed, {args.settle} settle steps after T (snn.py --settle "
-               f"{args.settle})" if args.settle else ""))
+    return (f"fine-tuned ({args.ft_method}): the signed SNN after snn_ft.py --method {args.ft_method}"
+            + (f"; settle (K = {args.settle}): the signed SNN with {args.settle} settle steps after T "
+               f"(snn.py --settle {args.settle})" if args.settle else ""))
 
 
 def check_args(args):

@@ -134,3 +134,13 @@ def test_demo_bad_flags_fail_before_the_first_step(argv, needle, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not os.listdir(tmp_path)
+
+
+def test_imagenet_snn_ft_has_the_method_flags(tmp_path):
+    from classification.imagenet import task
+    a = task.parse_args("ft", ["-a", "resnet18", "--bit", "2", str(tmp_path)])
+    assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr) == ("fastsnn+e2e", 20, 1, None)
+    a = task.parse_args("ft", ["-a", "resnet18", "--method", "bias+fastsnn", "--e2e-lr", "0.01", str(tmp_path)])
+    assert a.method == "bias+fastsnn" and workflow.method_options(a) == {}
+    with pytest.raises(Exception, match="is not a method"):
+        workflow.check_method("fastsnn+nope")
