@@ -2,12 +2,16 @@
 
 1. the scene set (``common.scenes``: 1-2 tinted Fashion-MNIST items on textured 96 x 96 canvases,
    VOC layout) in ``<out>/data/scenes``;
-2. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, each stage ``--init`` from the
-   previous best; ``--width 0.5``, input 96 = a 3 x 3 grid, anchors by k-means of the training boxes);
-3. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
+2. backbone pretraining (``detection/pretrain.py``, the offline stand-in for the paper's ImageNet
+   backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 64 x 64
+   canvases drawn from Fashion-MNIST's training images (``--pretrain 0`` skips it);
+3. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, the 32-bit stage ``--init``
+   from the pretrained backbone, each later stage from the previous best; ``--width 0.5``, input 96 =
+   a 3 x 3 grid, anchors by k-means of the training boxes);
+4. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
    unsigned IF neurons (mAP after every step, per-layer statistics);
-4. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
-5. ``<out>/results.md`` (table ``bits | T | ANN mAP | SNN signed | SNN unsigned | fine-tuned``),
+5. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
+6. ``<out>/results.md`` (table ``bits | T | ANN mAP | SNN signed | SNN unsigned | fine-tuned``),
    ``summary.json``, ``map_vs_t.png``, ``layers.png`` and boxes drawn by the 2-bit ANN / SNN on test
    images (``boxes_ann/``, ``boxes_snn/``).
 
@@ -35,12 +39,18 @@ FT_BIT = 2
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out/detection", help="output folder (default demo_out/detection)")
-    p.add_argument("--train", type=int, default=640, help="training scenes (default 640)")
+    p.add_argument("--train", type=int, default=1280, help="training scenes (default 1280)")
     p.add_argument("--test", type=int, default=96, help="test scenes (default 96)")
     p.add_argument("--size", type=int, default=96, help="canvas / input size (default 96: a 3 x 3 grid at stride 32)")
     p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
     p.add_argument("--max-items", type=int, default=2, help="items per scene: 1..N (default 2)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.45, 0.75), help="item size / canvas (default 0.45 0.75)")
+    p.add_argument("--pretrain", type=int, default=8000,
+                   help="single-item canvases of the backbone pretraining (default 8000; 0 = no pretraining, "
+                        "the 32-bit stage starts from random weights)")
+    p.add_argument("--pretrain-epochs", type=int, default=6, help="passes of the pretraining (default 6)")
+    p.add_argument("--pretrain-lr", type=float, default=1e-2, help="peak Adam lr of the pretraining (default 1e-2)")
+    p.add_argument("--pretrain-size", type=int, default=64, help="canvas side of the pretraining (default 64)")
     p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
@@ -77,6 +87,7 @@ def main(argv=None):
     from common import scenes
     from detection import demo as demo_script
     from detection import eval as eval_script
+    from detection import pretrain as pretrain_script
     from detection import snn_ft as ft_script
     from detection import train as train_script
     out = os.path.abspath(args.out)
@@ -90,6 +101,20 @@ def main(argv=None):
     data = ["-d", "voc", "-v", "yolov2_tiny", "-root", sc.root, "--classes", sc.classes,
             "--num_workers", str(args.workers), "--no-progress"]
     best = {b: os.path.join(weights, "voc", f"yolov2_tiny_{b}bit", "model_best.pth.tar") for b in CHAIN_BITS}
+    pre = None
+    bb_path = os.path.join(weights, "voc", f"yolov2_tiny_backbone_w{args.width:g}.pth.tar")
+    if args.pretrain > 0:
+        argv_p = ["--out", bb_path, "--width", str(args.width), "--size", str(args.pretrain_size), "--train",
+                  str(args.pretrain), "--epochs", str(args.pretrain_epochs), "--lr", str(args.pretrain_lr),
+                  "--seed", str(args.seed)]
+        done_p = bb_path + ".json"
+        if os.path.isfile(done_p) and os.path.isfile(bb_path) and read_json(done_p).get("argv") == argv_p:
+            print(f"\n=== pretrain backbone: done before ({bb_path})", flush=True)
+            pre = read_json(done_p)
+        else:
+            pre = steps.run("pretrain backbone", pretrain_script.main, argv_p)
+            pre = {"accuracy": pre["accuracy"], "history": pre["history"], "argv": argv_p}
+            write_json(done_p, pre)
     ann: Dict[int, dict] = {}
     prev = None
     for bit in CHAIN_BITS:
@@ -101,7 +126,10 @@ def main(argv=None):
                          "--aug", "flip", "--optimizer", args.optimizer,
                          "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights, "--seed", str(args.seed), "--resume", "auto",
                          "--no-tfboard"]
-        argv_t += ["--anchors", "auto"] if fp else ["--no_warmup", "--init", best[prev], "--alpha-init", str(args.alpha_init)]
+        if fp:
+            argv_t += ["--anchors", "auto"] + (["--init", bb_path] if args.pretrain > 0 else [])
+        else:
+            argv_t += ["--no_warmup", "--init", best[prev], "--alpha-init", str(args.alpha_init)]
         done = os.path.join(os.path.dirname(best[bit]), "metrics_ann.json")
         want = args.epochs_fp if fp else args.epochs_q
         if os.path.isfile(done) and os.path.isfile(best[bit]) and read_json(done).get("epochs") == want:
@@ -134,13 +162,13 @@ def main(argv=None):
     steps.run("boxes (2-bit ANN)", demo_script.main, common_demo + ["--init", best[FT_BIT], "--out", os.path.join(out, "boxes_ann")])
     steps.run("boxes (2-bit fine-tuned SNN)", demo_script.main,
               common_demo + ["--init", ft_path, "--spike", "--out", os.path.join(out, "boxes_snn")])
-    summary = report(out, args, ann, snn, ft_rec, time.time() - steps.t0)
+    summary = report(out, args, ann, snn, ft_rec, time.time() - steps.t0, pre)
     print(f"\n{summary['table']}\nresults -> {os.path.join(out, 'results.md')}, summary.json, map_vs_t.png, layers.png "
           f"({summary['minutes']:.1f} min)")
     return summary
 
 
-def report(out: str, args, ann, snn, ft_rec, seconds: float) -> dict:
+def report(out: str, args, ann, snn, ft_rec, seconds: float, pre=None) -> dict:
     from detection.plots import plot_layers, plot_map_vs_t
     rows = ["| activation bits | T | ANN mAP | SNN signed | SNN unsigned | SNN signed, fine-tuned |",
             "|---|---|---|---|---|---|",
@@ -164,12 +192,16 @@ def report(out: str, args, ann, snn, ft_rec, seconds: float) -> dict:
                "snn": {f"{b}bit_{n}": {k: r[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron", "sops", "energy")}
                        for (b, n), r in snn.items()},
                "finetuned": {k: ft_rec[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron")},
-               "ann_refs": refs}
+               "ann_refs": refs, "pretrain_accuracy": pre["accuracy"] if pre else None}
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# Detection demo (yolov2_tiny, width {args.width}, {args.size}x{args.size}, {args.train} train / "
                 f"{args.test} test scenes, seed {args.seed})\n\nmAP@0.5 (VOC07 11-point, %) on the test scenes; "
-                f"{seconds / 60:.1f} min.\n\n{table}\n")
+                f"{seconds / 60:.1f} min. "
+                + (f"Backbone pretrained as a Fashion-MNIST classifier ({args.pretrain} canvases x "
+                   f"{args.pretrain_epochs} epochs, held-out accuracy {pre['accuracy']:.1f} %)." if pre else
+                   "No backbone pretraining.")
+                + f"\n\n{table}\n")
     return summary
 
 

@@ -492,3 +492,47 @@ def test_bad_input_one_line_errors(trained, scene_root, tmp_path, capsys):
     check(E.main, argv, "could not be decoded", "000010.jpg")
     check(T.main, ["-d", "voc", "-root", str(bad), "--classes", scene_root.classes, "--train_size", "100"],
           "not a multiple of 32")
+
+
+# ---------------------------------------------------------------------------------------- offline demo
+@needs_fmnist
+def test_pretrain_backbone_loads_into_the_detector(scene_root, tmp_path):
+    from common import pipeline
+    from detection import pretrain as P
+    from detection import train as T
+    bb = str(tmp_path / "bb.pth.tar")
+    rec = P.main(["--out", bb, "--width", "0.125", "--size", "32", "--train", "64", "--test", "16", "--epochs", "1",
+                  "-bs", "16"])
+    assert 0.0 <= rec["accuracy"] <= 100.0 and len(rec["history"]) == 1
+    sd = torch.load(bb, weights_only=True)["state_dict"]
+    assert sd and all(k.startswith("backbone.") for k in sd)
+    model = get_model("yolov2_tiny", 10, None, 32, 0.125)
+    got = pipeline.load_backbone(model, bb, log=lambda s: None)
+    own_bb = [k for k in model.state_dict() if k.startswith("backbone.")]
+    assert sorted(got["loaded"]) == sorted(k for k in own_bb if k in sd)
+    assert not any(k.startswith(("head.", "pred.")) for k in got["loaded"])
+    assert torch.equal(model.state_dict()["backbone.0.conv.weight"], sd["backbone.0.conv.weight"])
+    # the 32-bit stage starts from it (train.py --init)
+    r = T.main(["-d", "voc", "-v", "yolov2_tiny", "-root", scene_root.root, "--classes", scene_root.classes,
+                "--width", "0.125", "--train_size", "64", "--val_size", "64", "--epochs", "1", "-bs", "2",
+                "--num_workers", "0", "--no-progress", "--no-tfboard", "--max-iters", "1", "--init", bb,
+                "--save_folder", str(tmp_path / "w"), "--seed", "0"])
+    assert r["epochs"] == 1
+    code = subprocess.run([sys.executable, "-m", "detection.pretrain", "--out", bb, "--size", "40"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert code.returncode == 2 and "not a multiple of 32" in code.stderr
+
+
+@needs_fmnist
+def test_offline_demo_tiny_end_to_end(tmp_path):
+    from detection import offline_demo as O
+    out = str(tmp_path / "demo")
+    argv = ["--out", out, "--train", "8", "--test", "4", "--size", "64", "--width", "0.125", "--pretrain", "32",
+            "--pretrain-epochs", "1", "--pretrain-size", "32", "--epochs-fp", "1", "--epochs-q", "1",
+            "--batch-size", "4", "--ft-iters", "1", "--workers", "0"]
+    s = O.main(argv)
+    assert s["pretrain_accuracy"] is not None and set(s["ann_map"]) == {32, 4, 3, 2}
+    assert "| 2 | 3 |" in s["table"] and len(s["snn"]) == 6
+    for f in ("results.md", "summary.json", "map_vs_t.png", "layers.png"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert "pretrained as a Fashion-MNIST classifier" in open(os.path.join(out, "results.md")).read()
