@@ -5,39 +5,18 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from common.plots import _pyplot, _save, plot_layers
+from common.plots import _pyplot, _save, plot_metric_vs_t, plot_snn_record
 
 
 def plot_miou_vs_t(curves: Mapping[str, Sequence[float]], path: str,
                    ann: Optional[Mapping[str, Optional[float]]] = None, title: str = "") -> str:
     """``curves``: label -> SNN mIoU (%) after t = 1..T; ``ann``: label -> ANN mIoU reference lines."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (label, vals) in enumerate(curves.items()):
-        ax.plot(range(1, len(vals) + 1), vals, marker="o", ms=3, label=label, color=f"C{i}")
-    for i, (label, v) in enumerate((ann or {}).items()):
-        if v is not None:
-            ax.axhline(v, ls="--", lw=1, color=f"C{i}", alpha=0.6, label=label)
-    ax.set_xlabel("time step t")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title or "SNN mIoU vs time step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return plot_metric_vs_t(curves, path, ann, title, ylabel="mIoU (%)")
 
 
 def plot_metrics(rec: Dict, json_path: str) -> List[str]:
     """mIoU-vs-t and per-layer PNGs for one SNN metrics record (nothing for an ANN record)."""
-    stem = os.path.splitext(json_path)[0]
-    out = []
-    label = f"{rec.get('neuron')} T={rec.get('T')}"
-    title = f"{rec.get('model')} {rec.get('bit')}-bit, {label}"
-    if rec.get("per_step_miou"):
-        out.append(plot_miou_vs_t({f"SNN {label}": rec["per_step_miou"]}, stem + "_miou_vs_t.png",
-                                  {"ANN": rec.get("ann_miou")}, title))
-    if rec.get("layers"):
-        out.append(plot_layers({label: rec["layers"]}, stem + "_layers.png", title))
-    return out
+    return plot_snn_record(rec, json_path, key="miou", model="model", curve=plot_miou_vs_t, suffix="miou_vs_t")
 
 
 def plot_training(history: List[Dict], path: str, title: str = "") -> str:
