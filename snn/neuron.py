@@ -38,6 +38,62 @@ from .kernels.reference import (DEFAULT_NEG_TOL, if_constant, if_constant_counts
                                 if_step)
 
 
+class BufferPool:
+    """Output buffers an optimised network's neurons reuse from one forward pass to the next (CPU).
+
+    :func:`snn.optimize` gives every neuron whose output train is read only inside the network a
+    *slot*; two neurons share a slot when their outputs are never alive at the same time (a liveness
+    plan over the graph). A slot's buffer is allocated on first use, grows to the largest train it
+    holds, and is then reused, so a forward pass allocates no new spike trains: the convolutions'
+    outputs are then the only large temporaries, freed right after the neuron reads them, and the
+    process heap does not grow and shrink (page-fault) every forward -- without touching the
+    allocator. Not part of the state dict; a copy (``copy.deepcopy``, pickling) starts empty.
+    """
+
+    def __init__(self, slots: int = 0):
+        self.slots = int(slots)
+        self.bufs = [None] * self.slots
+
+    def get(self, slot: int, shape, strides, like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        b = self.bufs[slot]
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            b = self.bufs[slot] = None  # the old buffer goes first (it is not alive: the plan says so)
+            b = self.bufs[slot] = torch.empty(max(numel, 1), dtype=like.dtype, device=like.device)
+        return b.as_strided(shape, strides)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bufs if b is not None)
+
+    def clear(self):
+        self.bufs = [None] * self.slots
+
+    def __deepcopy__(self, memo):
+        return BufferPool(self.slots)
+
+    def __getstate__(self):
+        return {"slots": self.slots}
+
+    def __setstate__(self, state):
+        self.__init__(state["slots"])
+
+    def __repr__(self):
+        return f"BufferPool(slots={self.slots}, {self.nbytes() / 2**20:.1f} MB)"
+
+
+def _dense_strides(shape, channels_last: bool):
+    if channels_last and len(shape) == 4:
+        n, c, h, w = shape
+        return (c * h * w, 1, w * c, c)
+    st, acc = [], 1
+    for d in reversed(shape):
+        st.append(acc)
+        acc *= max(int(d), 1)
+    return tuple(reversed(st))
+
+
 class IFNeuron(nn.Module):
     """Multi-step integrate-and-fire layer replacing one ``QuantAct``.
 
@@ -56,7 +112,9 @@ class IFNeuron(nn.Module):
     ``forward(current, residual=None)``: ``current`` (and ``residual``, added to it first) folded
     ``[steps*B, ...]``; returns ``theta * spikes`` in the same layout. ``inplace``: the output may
     overwrite ``current`` (set by :func:`snn.optimize` where nothing else reads it; never while the
-    module has hooks); ``channels_last``: a constant-input neuron emits a channels-last train.
+    module has hooks); ``channels_last``: a constant-input neuron emits a channels-last train;
+    ``pool`` / ``pool_slot``: the :class:`BufferPool` slot the output train is written into (set by
+    :func:`snn.optimize`; used on CPU for windows within T, never while the module has hooks or records).
     """
 
     supported_backends = ["reference", "compile", "cpp", "triton"]
@@ -80,6 +138,8 @@ class IFNeuron(nn.Module):
         self.v = self.n = None
         self.inplace = False
         self.channels_last = False
+        self.pool: Optional[BufferPool] = None
+        self.pool_slot = -1
         # recording (used by snn.Monitor): net spike count and number of spike events, per sample
         self.record = False
         self.count = self.events = None
@@ -125,11 +185,19 @@ class IFNeuron(nn.Module):
         grad = torch.is_grad_enabled() and theta.requires_grad
         direct = not self.record and not grad
         scale = self._levels(current.dtype)[0] if direct and not grad else None
+        pooled = (direct and self.pool is not None and current.device.type == "cpu" and t0 + steps <= self.T
+                  and not self._hooked())
         if self.constant_input:
             if residual is not None:
                 current = current + residual
+            buf = None
+            if pooled:
+                shape = (steps * current.shape[0],) + tuple(current.shape[1:])
+                cl = len(shape) == 4 and (self.channels_last or (
+                    current.is_contiguous(memory_format=torch.channels_last) and not current.is_contiguous()))
+                buf = self.pool.get(self.pool_slot, shape, _dense_strides(shape, cl), current)
             out = kernels.if_const_steps(current, theta, t0, steps, T=self.T, scale=scale,
-                                         channels_last=self.channels_last, backend=self.backend)
+                                         channels_last=self.channels_last, backend=self.backend, out=buf)
             spikes = None if direct else out
         else:
             if current.shape[0] % max(steps, 1) != 0:
@@ -144,11 +212,13 @@ class IFNeuron(nn.Module):
                                    "(T + settle steps) before simulating it in several windows")
             keep = t0 + steps < (self.horizon if self.horizon is not None else self.T)
             inplace = self.inplace and direct and not self._hooked()
+            buf = self.pool.get(self.pool_slot, cur.shape, cur.stride(), cur) \
+                if pooled and kernels._dense_train(cur) else None
             out, v, n = kernels.if_steps(cur, theta, self.signed, self.neg_tol, residual=res,
                                          v=None if fresh else self.v, n=None if fresh else self.n, state=keep,
                                          scale=scale, inplace=inplace, backend=self.backend,
                                          bound=self.T if self.bounded else None,
-                                         levels=self._levels(current.dtype) if not grad else None)
+                                         levels=self._levels(current.dtype) if not grad else None, out=buf)
             self.v, self.n = (v, n) if keep else (None, None)
             out = out.view(current.shape)
             spikes = None if direct else out.view(steps, b, *current.shape[1:])
@@ -171,4 +241,4 @@ class IFNeuron(nn.Module):
             self.count, self.events = self.count + c, self.events + e
 
 
-__all__ = ["IFNeuron", "if_step", "if_multistep", "if_constant", "if_constant_counts", "DEFAULT_NEG_TOL"]
+__all__ = ["IFNeuron", "BufferPool", "if_step", "if_multistep", "if_constant", "if_constant_counts", "DEFAULT_NEG_TOL"]

@@ -13,6 +13,12 @@ stays bit-identical to the ANN):
   one pass, :mod:`snn.kernels`, and writes ``theta * spikes`` directly) writes its output into its
   input current where nothing else reads it (``inplace``); the first (constant-current) neurons emit
   their closed-form train in the convolutions' layout (``channels_last``);
+* **reused output buffers** (CPU): every neuron whose train is read only inside the network writes
+  it into a :class:`~snn.neuron.BufferPool` slot shared, by a liveness plan over the graph, with
+  neurons whose trains are never alive at the same time (a residual neuron takes the slot of the train
+  it reads last, element by element). A forward pass then allocates no spike trains; its only large
+  temporaries are the convolutions' outputs, freed right after their neuron, so the heap does not
+  grow and shrink (page faults) every forward -- no allocator tuning (``reuse_buffers=False``: off);
 * **no private ops by default**: the residual sum stays the neuron's residual input; the oneDNN
   convolution post-op (``torch.ops.mkldnn._convolution_pointwise_``, private) only with
   ``conv_add_postop=True``;
@@ -41,7 +47,7 @@ from quant.fused import fold_weight_layers, fuse_conv_add, guard_views, is_add, 
 
 from .convert import TEMPORAL, SpikingNetwork
 from .kernels import check_backend
-from .neuron import IFNeuron
+from .neuron import BufferPool, IFNeuron
 
 
 _FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -56,7 +62,7 @@ def _fresh(node: fx.Node, modules) -> bool:
 
 def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fuse_residual: bool = True,
              inplace: bool = True, backend: Optional[str] = None, example: Optional[torch.Tensor] = None,
-             conv_add_postop: bool = False) -> SpikingNetwork:
+             conv_add_postop: bool = False, reuse_buffers: bool = True) -> SpikingNetwork:
     """An inference-optimised copy of ``net`` (see the module docstring). ``backend``: set every
     neuron's backend (:mod:`snn.kernels`; ``None``: keep theirs, normally ``"auto"``).
     ``channels_last``: the layout of the spike trains and conv weights, True / False, or ``"auto"``:
@@ -64,7 +70,8 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
     channels-last without an example. ``conv_add_postop`` (opt-in): a residual sum ``conv(x) + b``
     becomes oneDNN's fused post-op through the private ``torch.ops.mkldnn._convolution_pointwise_``
     (falls back to ``conv(x) + b`` where that op is missing); by default the sum is the neuron's
-    residual input."""
+    residual input. ``reuse_buffers``: the neurons write their trains into reused buffers
+    (:class:`~snn.neuron.BufferPool`, see the module docstring)."""
     if getattr(net, "optimized", False):
         return net
     if backend is not None:
@@ -74,7 +81,8 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
             channels_last = True
         else:
             return pick_layout(lambda cl: optimize(net, cl, fold_bn, fuse_residual, inplace, backend,
-                                                   conv_add_postop=conv_add_postop), example)
+                                                   conv_add_postop=conv_add_postop,
+                                                   reuse_buffers=reuse_buffers), example)
     new = copy.deepcopy(net)
     gm = new.net
     kinds = new.node_kinds
@@ -116,6 +124,8 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
             kinds[c.name] = TEMPORAL
     graph.lint()
     gm.recompile()
+    if reuse_buffers:
+        plan_buffers(gm)
     for p in gm.parameters():
         p.requires_grad_(False)
     new.optimized = True
@@ -124,9 +134,92 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
     return new
 
 
+# modules whose output is a new tensor (never a view or an in-place update of an input)
+_NEW_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, IFNeuron,
+               nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
+
+
+def _new_output(node: fx.Node, modules) -> bool:
+    if node.op != "call_module":
+        return False
+    m = modules.get(node.target)
+    from quant.fused import Conv2dAdd
+    return isinstance(m, _NEW_OUTPUT) and not isinstance(m, Conv2dAdd)  # conv_add writes into its input
+
+
+def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
+    """Give the neurons of ``gm`` reused output buffers (:class:`~snn.neuron.BufferPool` slots).
+
+    A neuron's train is alive from its node to the last reader of it or of anything that may alias
+    it: every user that is not a module known to return a new tensor (conv, linear, BN, pooling,
+    neuron) is taken to be a view, and its readers extend the lifetime. A train that reaches the
+    graph's output (directly or through such a user) gets no slot. Slots are assigned in graph order
+    (interval colouring); a neuron whose current or residual train dies at it takes that train's slot
+    (the kernel reads every element before it writes it). Returns the pool (``None``: no neuron
+    qualified)."""
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    neurons = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), IFNeuron)]
+    calls = {}
+    for n in neurons:
+        calls[n.target] = calls.get(n.target, 0) + 1
+    last = {}
+    for nd in neurons:
+        end, escapes, stack, seen = pos[nd], False, [nd], {nd}
+        while stack and not escapes:
+            v = stack.pop()
+            for u in v.users:
+                if u.op == "output":
+                    escapes = True
+                    break
+                end = max(end, pos[u])
+                if not _new_output(u, modules) and u not in seen:  # may alias: its readers count too
+                    seen.add(u)
+                    stack.append(u)
+        if not escapes and calls[nd.target] == 1:  # a module called at several nodes: no slot
+            last[nd] = end
+    for nd in neurons:  # reset any earlier plan
+        m = modules[nd.target]
+        m.pool, m.pool_slot = None, -1
+    if not last:
+        return None
+    slot_of, free, active, nslots = {}, [], [], 0  # active: (last position, node)
+    for nd in neurons:
+        if nd not in last:
+            continue
+        p = pos[nd]
+        still = []
+        for end, other in active:  # trains whose last reader came before this node: slot free
+            if end < p:
+                free.append(slot_of[other])
+            else:
+                still.append((end, other))
+        active = still
+        slot = None
+        for a in nd.args[:2]:  # the current / residual train dying here: take its slot
+            if isinstance(a, fx.Node) and a in slot_of and last.get(a) == p and any(o is a for _, o in active):
+                slot = slot_of[a]
+                active = [(e, o) for e, o in active if o is not a]
+                break
+        if slot is None:
+            if free:
+                slot = free.pop()
+            else:
+                slot, nslots = nslots, nslots + 1
+        slot_of[nd] = slot
+        active.append((last[nd], nd))
+    pool = BufferPool(nslots)
+    for nd, slot in slot_of.items():
+        m = modules[nd.target]
+        m.pool, m.pool_slot = pool, slot
+    return pool
+
+
 def _set(root: nn.Module, path: str, new: nn.Module):
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "plan_buffers"]

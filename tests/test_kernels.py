@@ -503,6 +503,134 @@ def test_optimized_network_equals_plain(model_fn, bit):
         assert torch.equal(opt(x, per_step=True), y_opt)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + NATIVE)
+def test_if_steps_out_buffer_and_aliases(backend):
+    """``out=``: the same values as a new tensor, also when ``out`` is the residual or the current itself
+    (every element is read before it is written), channels-last included."""
+    theta = torch.tensor(0.75)
+    cur = _currents(3, (4, 6, 5, 5), torch.float32, 0.75, seed=7).reshape(12, 6, 5, 5)
+    cur = cur.contiguous(memory_format=torch.channels_last).view(3, 4, 6, 5, 5)
+    res = _currents(3, (4, 6, 5, 5), torch.float32, 0.75, seed=8).reshape(12, 6, 5, 5)
+    res = res.contiguous(memory_format=torch.channels_last).view(3, 4, 6, 5, 5)
+    for signed in (True, False):
+        ref, v_ref, n_ref = kernels.if_steps(cur, theta, signed, residual=res, scale=theta, backend="reference")
+        buf = torch.empty_like(cur)
+        got, v, n = kernels.if_steps(cur, theta, signed, residual=res, scale=theta, backend=backend, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref) and torch.equal(v, v_ref)
+        for alias in ("res", "cur"):
+            c, r = cur.clone(), res.clone()
+            dst = r if alias == "res" else c
+            got, v, _ = kernels.if_steps(c, theta, signed, residual=r, scale=theta, backend=backend, out=dst)
+            assert got.data_ptr() == dst.data_ptr() and torch.equal(got, ref) and torch.equal(v, v_ref), alias
+    x = torch.randn(4, 6, 5, 5) * 0.8
+    ref = kernels.if_const_steps(x, theta, 0, 3, T=3, scale=theta, channels_last=True, backend="reference")
+    for cl in (True, False):
+        buf = torch.empty(12, 6, 5, 5, memory_format=torch.channels_last if cl else torch.contiguous_format)
+        got = kernels.if_const_steps(x, theta, 0, 3, T=3, scale=theta, backend=backend, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+    with pytest.raises(ValueError):
+        kernels.if_const_steps(x, theta, 0, 3, T=3, backend=backend, out=torch.empty(11, 6, 5, 5))
+
+
+@pytest.mark.parametrize("model_fn", [lambda: TinyResNet(2), lambda: TinyYolo(2), lambda: TinyDeepLab(2)])
+def test_optimized_network_reuses_buffers(model_fn):
+    """``snn.optimize`` plans reused output buffers (no spike train allocated per forward); results equal
+    ``reuse_buffers=False`` bit for bit, over repeated forwards, batch changes, chunks and every backend;
+    a neuron with a hook or recording writes a fresh tensor; the network's outputs never alias a buffer."""
+    torch.manual_seed(3)
+    ann = _randomise_bn(model_fn())
+    x = torch.randn(4, 3, 16, 16)
+    net = snn.convert(ann)
+    plain = snn.optimize(net, reuse_buffers=False)
+    assert all(m.pool is None for m in plain.neurons().values())
+    opt = snn.optimize(net)
+    pooled = [m for m in opt.neurons().values() if m.pool is not None]
+    assert pooled and len({id(m.pool) for m in pooled}) == 1
+    pool = pooled[0].pool
+    assert pool.slots < len(pooled)  # slots are shared
+    backends = ["auto", "reference"] + [b for b, ok in (("cpp", HAVE_CPP), ("compile", HAVE_COMPILE)) if ok]
+    with torch.no_grad():
+        for xx in (x, torch.randn(2, 3, 16, 16), x):
+            want = plain(xx, per_step=True)
+            for b in backends:
+                kernels.set_backend(opt, b)
+                y1 = opt(xx, per_step=True)
+                y2 = opt(xx, per_step=True)
+                assert torch.equal(y1, want) and torch.equal(y2, want), b
+                bufs = {t.untyped_storage().data_ptr() for t in pool.bufs if t is not None}
+                assert bufs and not (_storages(y1) & bufs)
+        kernels.set_backend(opt, "auto")
+        # the same buffers from one forward to the next
+        opt(x)
+        ptrs = [t.data_ptr() if t is not None else None for t in pool.bufs]
+        opt(x)
+        assert ptrs == [t.data_ptr() if t is not None else None for t in pool.bufs]
+        # chunked windows
+        opt.chunk = plain.chunk = 1
+        assert torch.equal(opt(x, per_step=True), plain(x, per_step=True))
+        opt.chunk = plain.chunk = None
+        # hooks: the hooked neuron's output is a new tensor each forward (what a hook keeps stays valid)
+        name, m = next((k, v) for k, v in opt.neurons().items() if v.pool is not None and not v.constant_input)
+        kept = []
+        h = m.register_forward_hook(lambda mod, i, o: kept.append(o))
+        opt(x)
+        opt(torch.randn(4, 3, 16, 16))
+        h.remove()
+        assert kept[0].data_ptr() != kept[1].data_ptr()
+        assert not ({kept[0].untyped_storage().data_ptr()} & {t.untyped_storage().data_ptr()
+                                                             for t in pool.bufs if t is not None})
+    # copies start with an empty pool of the same plan
+    c = copy.deepcopy(opt)
+    cp = next(m.pool for m in c.neurons().values() if m.pool is not None)
+    assert cp is not pool and cp.slots == pool.slots and all(b is None for b in cp.bufs)
+
+
+def _storages(y):
+    if isinstance(y, torch.Tensor):
+        return {y.untyped_storage().data_ptr()}
+    if isinstance(y, (list, tuple)):
+        return set().union(*(_storages(v) for v in y)) if y else set()
+    if isinstance(y, dict):
+        return set().union(*(_storages(v) for v in y.values())) if y else set()
+    return set()
+
+
+def test_buffer_plan_never_shares_a_live_train():
+    """Liveness of the plan: two trains alive at the same node never share a slot; a train read by the
+    graph's output gets none."""
+    from snn.optimize import plan_buffers  # noqa: F401 - public helper
+    torch.manual_seed(0)
+    ann = _randomise_bn(TinyDeepLab(2))
+    opt = snn.optimize(snn.convert(ann))
+    gm = opt.net
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    mods = dict(gm.named_modules())
+    slot = {n: mods[n.target].pool_slot for n in nodes if n.op == "call_module" and isinstance(mods[n.target], IFNeuron)
+            and mods[n.target].pool is not None}
+    assert slot
+
+    def last_use(n, seen=None):
+        seen = seen or set()
+        end = pos[n]
+        for u in n.users:
+            end = max(end, pos[u])
+            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear, IFNeuron)):
+                continue
+            if u not in seen:
+                seen.add(u)
+                end = max(end, last_use(u, seen))
+        return end
+    for a in slot:
+        for b in slot:
+            if a is not b and slot[a] == slot[b]:
+                lo, hi = (a, b) if pos[a] < pos[b] else (b, a)
+                # hi may take lo's slot only if lo's last reader is hi itself (written over as it is read)
+                assert last_use(lo) < pos[hi] or (last_use(lo) == pos[hi] and lo in hi.args[:2]), (lo, hi)
+    out = next(n for n in nodes if n.op == "output")
+    assert not any(n in out.all_input_nodes for n in slot)
+
+
 def test_optimized_network_folds_and_fuses_without_private_ops():
     ann = _randomise_bn(TinyResNet(bit=2))
     net = snn.convert(ann)

@@ -20,7 +20,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -62,12 +68,40 @@ void check_train(const at::Tensor& cur) {
 }
 
 // ------------------------------------------------------------------------------------ IF neurons
+// copy a block to memory with non-temporal (streaming) stores where the CPU has them and the
+// destination is aligned: an output buffer that is not one of the inputs is then written without being
+// read into the cache first; same values either way
+template <typename R>
+inline void stream_block(R* dst, const R* src, int64_t len) {
+#if defined(__AVX512F__)
+  if (std::is_same<R, float>::value && (reinterpret_cast<uintptr_t>(dst) % 64) == 0) {
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16)
+      _mm512_stream_ps(reinterpret_cast<float*>(dst) + j, _mm512_loadu_ps(reinterpret_cast<const float*>(src) + j));
+    for (; j < len; j++) dst[j] = src[j];
+    return;
+  }
+#elif defined(__AVX__)
+  if (std::is_same<R, float>::value && (reinterpret_cast<uintptr_t>(dst) % 32) == 0) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8)
+      _mm256_stream_ps(reinterpret_cast<float*>(dst) + j, _mm256_loadu_ps(reinterpret_cast<const float*>(src) + j));
+    for (; j < len; j++) dst[j] = src[j];
+    return;
+  }
+#endif
+  std::memcpy(dst, src, sizeof(R) * len);
+}
+
 template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
 void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,
                const R* vin, const R* nin, R* vout, R* nout) {
   const int64_t nb = (N + BLK - 1) / BLK;
+  // a separate output (not the current / residual): streamed, see stream_block
+  const bool nt = out != cur && out != res;
   at::parallel_for(0, nb, grain_blocks(BLK * T), [&](int64_t b0, int64_t b1) {
     R v[BLK], n[BLK];
+    alignas(64) R ob[BLK];
     for (int64_t b = b0; b < b1; b++) {
       const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
       const R half = R(0.5) * theta;  // V0 = theta / 2 (the reference: full_like(cur[0], 0.5) * theta)
@@ -78,7 +112,8 @@ void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta
       for (int64_t t = 0; t < T; t++) {
         const R* a = cur + t * N + i0;
         const R* r = RES ? res + t * N + i0 : a;
-        R* o = out + t * N + i0;
+        R* const od = out + t * N + i0;
+        R* o = nt ? ob : od;
 _Pragma("omp simd")
         for (int64_t j = 0; j < len; j++) {
           const R x = RES ? a[j] + r[j] : a[j];   // residual current added first: v + (a + r)
@@ -97,6 +132,7 @@ _Pragma("omp simd")
           v[j] = vv;
           o[j] = sp * scale;
         }
+        if (nt) stream_block(od, ob, len);
       }
       if (VOUT) {
         for (int64_t j = 0; j < len; j++) vout[i0 + j] = v[j];
@@ -104,6 +140,9 @@ _Pragma("omp simd")
           for (int64_t j = 0; j < len; j++) nout[i0 + j] = n[j];
       }
     }
+#if defined(__AVX__)
+    if (nt) _mm_sfence();
+#endif
   });
 }
 
@@ -235,6 +274,23 @@ std::tuple<at::Tensor, at::Tensor> if_steps_inplace(const at::Tensor& cur, const
   return {vo, no};
 }
 
+// the same into a given output (a reused buffer): ``out`` has cur's shape and strides; it may be cur itself or
+// the residual (every element is read before the same element is written, step by step)
+std::tuple<at::Tensor, at::Tensor> if_steps_into(const at::Tensor& cur, const c10::optional<at::Tensor>& res,
+                                                 const c10::optional<at::Tensor>& v,
+                                                 const c10::optional<at::Tensor>& n, const at::Tensor& theta,
+                                                 const at::Tensor& neg, const at::Tensor& scale, double bound,
+                                                 bool is_signed, bool state, const at::Tensor& out) {
+  if_check(cur, res, v, n, theta, neg, scale, is_signed, bound);
+  check_like(out, cur, "out");
+  auto [vo, no] = state_buffers(cur, is_signed, state);
+  if (cur.scalar_type() == at::kFloat)
+    if_run<float>(cur, res, out, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  else
+    if_run<double>(cur, res, out, v, n, vo, no, theta, neg, scale, bound, is_signed, state);
+  return {vo, no};
+}
+
 // ------------------------------------------------------------------------ constant input (closed form)
 // out[t] = (n_{k(t0+t+1)} - n_{k(t0+t)}) * scale, n_k = floor(clamp(cur / theta, 0, 1) * k + 0.5),
 // k(t) = min(t, T): the input is switched off after T steps (settle steps emit nothing).
@@ -307,22 +363,22 @@ _Pragma("omp simd")
   });
 }
 
-at::Tensor if_const(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0, int64_t steps,
-                    int64_t T, bool channels_last) {
+void if_const_check(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0,
+                    int64_t steps, int64_t T) {
   check_float(cur, "current");
   check_scalar(theta, cur, "theta");
   check_scalar(scale, cur, "scale");
   TORCH_CHECK(cur.dim() >= 1, "fastsnn: the current must be [B, ...]");
   TORCH_CHECK(t0 >= 0 && steps >= 0 && T >= 1, "fastsnn: bad window t0=", t0, " steps=", steps, " T=", T);
+}
+
+// the closed-form train written into ``out`` ([steps*B, ...], contiguous or channels-last)
+void if_const_run(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0, int64_t steps,
+                  int64_t T, const at::Tensor& out) {
   const int64_t B = cur.size(0);
-  std::vector<int64_t> shape(cur.sizes().begin(), cur.sizes().end());
-  shape[0] = steps * B;
-  const bool cl_in = cur.dim() == 4 && cur.is_contiguous(at::MemoryFormat::ChannelsLast) && !cur.is_contiguous();
-  const bool cl = cur.dim() == 4 && (channels_last || cl_in);
-  at::Tensor out = at::empty(shape, cur.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                                    : at::MemoryFormat::Contiguous));
+  const bool cl = cur.dim() == 4 && out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   const int64_t N = cur.numel();
-  if (N == 0 || steps == 0) return out;
+  if (N == 0 || steps == 0) return;
   AT_DISPATCH_FLOATING_TYPES(cur.scalar_type(), "fastsnn_if_const", [&] {
     const scalar_t th = scalar_of<scalar_t>(theta), sc = scalar_of<scalar_t>(scale);
     if (cl && cur.is_contiguous()) {  // NCHW in, channels-last out: transposed in the kernel
@@ -334,7 +390,36 @@ at::Tensor if_const(const at::Tensor& cur, const at::Tensor& theta, const at::Te
       const_flat<scalar_t>(c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), N, t0, steps, T, th, sc);
     }
   });
+}
+
+at::Tensor if_const(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0, int64_t steps,
+                    int64_t T, bool channels_last) {
+  if_const_check(cur, theta, scale, t0, steps, T);
+  const int64_t B = cur.size(0);
+  std::vector<int64_t> shape(cur.sizes().begin(), cur.sizes().end());
+  shape[0] = steps * B;
+  const bool cl_in = cur.dim() == 4 && cur.is_contiguous(at::MemoryFormat::ChannelsLast) && !cur.is_contiguous();
+  const bool cl = cur.dim() == 4 && (channels_last || cl_in);
+  at::Tensor out = at::empty(shape, cur.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                    : at::MemoryFormat::Contiguous));
+  if_const_run(cur, theta, scale, t0, steps, T, out);
   return out;
+}
+
+// the same into a given output (a reused buffer) of shape [steps*B, ...], contiguous or channels-last
+void if_const_into(const at::Tensor& cur, const at::Tensor& theta, const at::Tensor& scale, int64_t t0, int64_t steps,
+                   int64_t T, const at::Tensor& out) {
+  if_const_check(cur, theta, scale, t0, steps, T);
+  check_float(out, "out");
+  TORCH_CHECK(out.scalar_type() == cur.scalar_type(), "fastsnn: out has dtype ", out.scalar_type(), ", expected ",
+              cur.scalar_type());
+  std::vector<int64_t> shape(cur.sizes().begin(), cur.sizes().end());
+  shape[0] = steps * cur.size(0);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "fastsnn: out must have shape ", at::IntArrayRef(shape),
+              " (got ", out.sizes(), ")");
+  TORCH_CHECK(out.is_contiguous() || (out.dim() == 4 && out.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "fastsnn: out must be contiguous or channels-last");
+  if_const_run(cur, theta, scale, t0, steps, T, out);
 }
 
 // ------------------------------------------------------------------ statistics: non-zeros per position
@@ -613,6 +698,9 @@ TORCH_LIBRARY(fastsnn, m) {
         "bool signed, bool state) -> (Tensor, Tensor, Tensor)");
   m.def("if_steps_inplace(Tensor(a!) cur, Tensor? res, Tensor? v, Tensor? n, Tensor theta, Tensor neg, Tensor scale, "
         "float bound, bool signed, bool state) -> (Tensor, Tensor)");
+  m.def("if_steps_into(Tensor cur, Tensor? res, Tensor? v, Tensor? n, Tensor theta, Tensor neg, Tensor scale, "
+        "float bound, bool signed, bool state, Tensor(a!) out) -> (Tensor, Tensor)");
+  m.def("if_const_into(Tensor cur, Tensor theta, Tensor scale, int t0, int steps, int T, Tensor(a!) out) -> ()");
   m.def("if_const(Tensor cur, Tensor theta, Tensor scale, int t0, int steps, int T, bool channels_last) -> Tensor");
   m.def("nonzero_per_position(Tensor x) -> Tensor");
   m.def("act_quant(Tensor x, Tensor? r, float alpha, float n, float step) -> Tensor");
@@ -627,6 +715,8 @@ TORCH_LIBRARY_IMPL(fastsnn, CPU, m) {
   m.impl("if_steps", &if_steps);
   m.impl("if_steps_inplace", &if_steps_inplace);
   m.impl("if_const", &if_const);
+  m.impl("if_steps_into", &if_steps_into);
+  m.impl("if_const_into", &if_const_into);
   m.impl("nonzero_per_position", &nonzero_per_position);
   m.impl("act_quant", &act_quant);
   m.impl("act_quant_inplace", &act_quant_inplace);

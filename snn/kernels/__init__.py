@@ -193,7 +193,7 @@ def if_steps(cur: torch.Tensor, theta: torch.Tensor, signed: bool, neg_tol: floa
              residual: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
              n: Optional[torch.Tensor] = None, state: bool = True, scale: Optional[float] = None,
              inplace: bool = False, backend: Optional[str] = "auto", bound: Optional[int] = None,
-             levels: Optional[Tuple[float, float]] = None
+             levels: Optional[Tuple[float, float]] = None, out: Optional[torch.Tensor] = None
              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Fused IF layer over ``T = cur.shape[0]`` steps.
 
@@ -203,7 +203,10 @@ def if_steps(cur: torch.Tensor, theta: torch.Tensor, signed: bool, neg_tol: floa
     (``None``: spikes in {-1, 0, 1}; ``theta``: the layer's output train; a float or 0-dim tensor);
     ``inplace``: write the result into ``cur`` (``cur`` is returned; copied back if its layout needs a
     dense copy first); ``bound``: the bounded signed neuron's cap on the net count (``T``); ``levels``:
-    ``threshold_levels(theta, cur.dtype, neg_tol)`` if already known. Returns ``(spikes * scale, v, n)``; ``n`` is ``None`` for unsigned neurons.
+    ``threshold_levels(theta, cur.dtype, neg_tol)`` if already known; ``out``: a tensor of ``cur``'s
+    shape to write the result into (a reused buffer; it may be ``cur`` or ``residual`` itself: every
+    element is read before it is written; same values as without it). Returns ``(spikes * scale, v,
+    n)``; ``n`` is ``None`` for unsigned neurons.
     """
     if bound is not None and not signed:
         raise ValueError("a bounded IF neuron must be signed")
@@ -211,7 +214,7 @@ def if_steps(cur: torch.Tensor, theta: torch.Tensor, signed: bool, neg_tol: floa
     theta_d = theta if grad else theta.detach()
 
     def reference():
-        return _ref_run(cur, theta_d, signed, neg_tol, residual, v, n, state, scale, inplace, bound)
+        return _ref_run(cur, theta_d, signed, neg_tol, residual, v, n, state, scale, inplace, bound, out)
 
     def prepared():
         return _prepare(cur, residual, v, n, signed, inplace)
@@ -219,8 +222,15 @@ def if_steps(cur: torch.Tensor, theta: torch.Tensor, signed: bool, neg_tol: floa
     def native(impl):
         c, r, vv, nn_, ip = prepared()
         th, neg = levels if levels is not None else threshold_levels(theta_d, c.dtype, neg_tol)
-        out = impl(c, th, neg, signed, r, vv, nn_, state, _scale_tensor(th, scale), ip, bound)
-        return _finish(out, cur, inplace)
+        sc = _scale_tensor(th, scale)
+        if out is not None:
+            if out.dtype == c.dtype and out.device == c.device and out.shape == c.shape and dense_same_layout(out, c):
+                return impl(c, th, neg, signed, r, vv, nn_, state, sc, False, bound, out)
+            s, v2, n2 = impl(c, th, neg, signed, r, vv, nn_, state, sc, False, bound)
+            out.copy_(s)
+            return out, v2, n2
+        res = impl(c, th, neg, signed, r, vv, nn_, state, sc, ip, bound)
+        return _finish(res, cur, inplace)
 
     def cpp():
         if cur.device.type != "cpu":
@@ -251,21 +261,31 @@ def _finish(res, cur, inplace):
 
 def if_const_steps(current: torch.Tensor, theta: torch.Tensor, t0: int, steps: int, T: Optional[int] = None,
                    scale: Optional[float] = None, channels_last: bool = False,
-                   backend: Optional[str] = "auto") -> torch.Tensor:
+                   backend: Optional[str] = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Closed form of a constant-current IF layer (:func:`if_constant`) in one pass: the folded train
     ``[steps*B, ...]`` of ``spikes * scale`` (``scale=None``: spikes) for steps ``t0 .. t0+steps-1``, in
     channels-last layout if asked (4-d); with ``T``, steps ``t >= T`` emit nothing (the input is switched
-    off after T steps). Bit-identical to ``if_constant(...) / theta * scale``."""
+    off after T steps). Bit-identical to ``if_constant(...) / theta * scale``. ``out``: a tensor of shape
+    ``[steps*B, ...]`` (contiguous or channels-last; it decides the layout) to write the train into."""
     Tm = int(T) if T is not None else int(t0) + int(steps)
     grad = _needs_grad(current, theta)
     theta_d = theta if grad else theta.detach()
 
+    if out is not None:
+        shape = (int(steps) * current.shape[0],) + tuple(current.shape[1:])
+        ok = tuple(out.shape) == shape and out.dtype == current.dtype and out.device == current.device and (
+            out.is_contiguous() or (out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)))
+        if not ok:
+            raise ValueError(f"if_const_steps: out must be a contiguous or channels-last {current.dtype} tensor "
+                             f"of shape {shape} on {current.device} (got {tuple(out.shape)}, {out.dtype})")
+        channels_last = out.dim() == 4 and not out.is_contiguous()
+
     def reference():
-        return _ref_const(current, theta_d, t0, steps, Tm, scale, channels_last)
+        return _ref_const(current, theta_d, t0, steps, Tm, scale, channels_last, out)
 
     def native(impl):
         th = theta_d.detach().to(current.dtype)
-        return impl(current, th, t0, steps, Tm, _scale_tensor(th, scale), channels_last)
+        return impl(current, th, t0, steps, Tm, _scale_tensor(th, scale), channels_last, out)
 
     def cpp():
         if current.device.type != "cpu":

@@ -24,7 +24,7 @@ _STATE = {"error": None}
 
 # the loop, instantiated once per variant (exec gives every variant a new code object)
 _SRC = '''
-def loop(cur, res, v, n, theta, neg_level, scale):
+def loop(cur, res, v, n, theta, neg_level, scale, dst):
     """[T, N] currents (+ residual) -> spikes * scale, final state (flags baked in: %(key)s)."""
     if not VIN:
         v = torch.zeros_like(cur[0]) + theta * 0.5
@@ -37,8 +37,8 @@ def loop(cur, res, v, n, theta, neg_level, scale):
         s, v, n = if_step(v, n, x, theta, neg_level, SIGNED, BOUND)
         outs.append(s * scale)
     out = torch.stack(outs)
-    if INPLACE:
-        cur.copy_(out)
+    if INPLACE:  # into the current itself or a given buffer (dst)
+        dst.copy_(out)
         out = None
     if VOUT:
         return out, v, (n if SIGNED else None)
@@ -46,10 +46,13 @@ def loop(cur, res, v, n, theta, neg_level, scale):
 '''
 
 _CONST_SRC = '''
-def const(cur, theta, scale):
+def const(cur, theta, scale, dst):
     """Closed form of a constant-current layer, steps %(key)s."""
     n = if_constant_counts(cur, theta, T0, STEPS, TMAX)
     s = ((n[1:] - n[:-1]) * scale).reshape(STEPS * cur.shape[0], *cur.shape[1:])
+    if DST:  # into a given buffer (its layout)
+        dst.copy_(s)
+        return None
     if CL:
         s = s.contiguous(memory_format=torch.channels_last)
     return s
@@ -97,17 +100,22 @@ def _flat(t, shape):
     return t.as_strided(shape, (shape[1], 1) if len(shape) == 2 else (1,))
 
 
-def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
+def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound, out=None):
     """:func:`snn.kernels.if_steps` compiled (operands already dense in ``cur``'s layout; ``th`` /
-    ``neg`` / ``sc``: 0-dim tensors of ``cur``'s dtype)."""
+    ``neg`` / ``sc``: 0-dim tensors of ``cur``'s dtype; ``out``: a buffer of ``cur``'s layout to write
+    the result into)."""
     T = cur.shape[0]
     N = cur[0].numel() if T else 0
     if T == 0 or N == 0:
+        if out is not None:
+            s, v2, n2 = _empty(cur, th, signed, v, n, state, False)
+            return out, v2, n2
         return _empty(cur, th, signed, v, n, state, inplace)
+    mode = 2 if out is not None else int(inplace)  # 0: new tensor, 1: into cur, 2: into out
     key = (T, int(signed), int(bound is not None), int(residual is not None), int(v is not None), int(state),
-           int(inplace))
+           mode)
     consts = {"T": T, "SIGNED": bool(signed), "BOUND": bound, "RES": residual is not None, "VIN": v is not None,
-              "VOUT": bool(state), "INPLACE": bool(inplace)}
+              "VOUT": bool(state), "INPLACE": mode > 0}
     if bound is not None:
         key = key + (int(bound),)
     fn = _get("if", key, consts)
@@ -115,8 +123,9 @@ def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
     r = _flat(residual, (T, N)) if residual is not None else None
     vv = _flat(v, (N,)) if v is not None else None
     nn_ = _flat(n, (N,)) if (v is not None and signed) else None
-    s, v2, n2 = _guard(lambda: fn(c, r, vv, nn_, th, neg, sc))
-    s = cur if inplace else s.as_strided(cur.size(), cur.stride())  # flat result in cur's memory order
+    d = _flat(out, (T, N)) if mode == 2 else (c if mode == 1 else None)
+    s, v2, n2 = _guard(lambda: fn(c, r, vv, nn_, th, neg, sc, d))
+    s = out if mode == 2 else cur if mode == 1 else s.as_strided(cur.size(), cur.stride())  # cur's memory order
     if state:
         c0 = cur[0]
         v2 = v2.as_strided(c0.size(), c0.stride())
@@ -133,9 +142,10 @@ def _empty(cur, th, signed, v, n, state, inplace):
     return out, v, n if signed else None
 
 
-def run_const(current, th, t0, steps, T, sc, channels_last):
+def run_const(current, th, t0, steps, T, sc, channels_last, out=None):
     cl = current.dim() == 4 and (channels_last or (current.is_contiguous(memory_format=torch.channels_last)
                                                    and not current.is_contiguous()))
-    key = (int(t0), int(steps), int(T), int(cl))
-    fn = _get("const", key, {"T0": int(t0), "STEPS": int(steps), "TMAX": int(T), "CL": cl})
-    return _guard(lambda: fn(current, th, sc))
+    key = (int(t0), int(steps), int(T), int(cl), int(out is not None))
+    fn = _get("const", key, {"T0": int(t0), "STEPS": int(steps), "TMAX": int(T), "CL": cl, "DST": out is not None})
+    s = _guard(lambda: fn(current, th, sc, out))
+    return out if out is not None else s

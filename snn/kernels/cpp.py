@@ -146,6 +146,14 @@ def _register_python_parts():
     def _(cur, res, v, n, theta, neg, scale, bound, signed, state):
         return _state_like(cur, signed, state)
 
+    @lib.register_fake("fastsnn::if_steps_into")
+    def _(cur, res, v, n, theta, neg, scale, bound, signed, state, out):
+        return _state_like(cur, signed, state)
+
+    @lib.register_fake("fastsnn::if_const_into")
+    def _(cur, theta, scale, t0, steps, T, out):
+        return None
+
     @lib.register_fake("fastsnn::if_const")
     def _(cur, theta, scale, t0, steps, T, channels_last):
         shape = (steps * cur.shape[0],) + tuple(cur.shape[1:])
@@ -202,12 +210,14 @@ def _register_python_parts():
 
 
 # ------------------------------------------------------------------------------------------ wrappers
-def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
+def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound, out=None):
     """:func:`snn.kernels.if_steps` on the C++ op (operands already in ``cur``'s layout; ``th`` /
-    ``neg`` / ``sc``: 0-dim tensors of ``cur``'s dtype)."""
+    ``neg`` / ``sc``: 0-dim tensors of ``cur``'s dtype; ``out``: write the result there)."""
     ops = load()
     b = float("inf") if bound is None else float(bound)
-    if inplace:
+    if out is not None:
+        vo, no = ops.if_steps_into(cur, residual, v, n, th, neg, sc, b, bool(signed), bool(state), out)
+    elif inplace:
         vo, no = ops.if_steps_inplace(cur, residual, v, n, th, neg, sc, b, bool(signed), bool(state))
         out = cur
     else:
@@ -215,5 +225,8 @@ def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
     return out, (vo if state else None), (no if state and signed else None)
 
 
-def run_const(current, th, t0, steps, T, sc, channels_last):
+def run_const(current, th, t0, steps, T, sc, channels_last, out=None):
+    if out is not None:
+        load().if_const_into(current, th, sc, int(t0), int(steps), int(T), out)
+        return out
     return load().if_const(current, th, sc, int(t0), int(steps), int(T), bool(channels_last))

@@ -76,20 +76,23 @@ def init_state(cur: torch.Tensor, theta: torch.Tensor, signed: bool, v=None, n=N
     return v, n
 
 
-def run(cur, theta, signed, neg_tol, residual, v, n, state, scale, inplace, bound):
+def run(cur, theta, signed, neg_tol, residual, v, n, state, scale, inplace, bound, out=None):
     """The reference backend behind :func:`snn.kernels.if_steps`."""
     v, n = init_state(cur, theta, signed, v, n)
     x = cur if residual is None else cur + residual
     s, v, n = if_multistep(x, theta, v, n if signed else None, signed, neg_tol, bound)
     if scale is not None:
         s = s * scale
-    if inplace:
+    if out is not None:
+        out.copy_(s)
+        s = out
+    elif inplace:
         cur.copy_(s)
         s = cur
     return s, (v if state else None), (n if state and signed else None)
 
 
-def run_const(current, theta, t0, steps, T, scale, channels_last):
+def run_const(current, theta, t0, steps, T, scale, channels_last, out=None):
     """The reference backend behind :func:`snn.kernels.if_const_steps`: ``spikes * scale`` (with
     ``scale = theta`` exactly :func:`if_constant`)."""
     n = if_constant_counts(current, theta, t0, steps, T)
@@ -97,6 +100,9 @@ def run_const(current, theta, t0, steps, T, scale, channels_last):
     if scale is not None:
         s = s * scale
     s = s.reshape(steps * current.shape[0], *current.shape[1:])
+    if out is not None:
+        out.copy_(s)
+        return out
     if channels_last and s.dim() == 4:
         s = s.contiguous(memory_format=torch.channels_last)
     return s

@@ -228,12 +228,15 @@ def _selfcheck(device) -> Optional[str]:
         return f"the Triton IF kernel failed on {device} ({type(e).__name__}: {str(e)[:300]})"
 
 
-def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
+def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound, out=None):
     if cur.dtype != torch.float32:
         raise BackendUnavailable(f"the Triton backend runs float32 only (got {cur.dtype})")
     check_device(cur.device)
     b = float("inf") if bound is None else float(bound)
-    if inplace:
+    if out is not None:  # a given output buffer (CPU networks only reuse buffers): computed, then copied
+        s, vo, no = torch.ops.fastsnn_triton.if_steps(cur, residual, v, n, th, neg, sc, b, bool(signed), bool(state))
+        out.copy_(s)
+    elif inplace:
         vo, no = torch.ops.fastsnn_triton.if_steps_inplace(cur, residual, v, n, th, neg, sc, b,
                                                            bool(signed), bool(state))
         out = cur
@@ -243,8 +246,12 @@ def run(cur, th, neg, signed, residual, v, n, state, sc, inplace, bound):
     return out, (vo if state else None), (no if state and signed else None)
 
 
-def run_const(current, th, t0, steps, T, sc, channels_last):
+def run_const(current, th, t0, steps, T, sc, channels_last, out=None):
     if current.dtype != torch.float32:
         raise BackendUnavailable(f"the Triton backend runs float32 only (got {current.dtype})")
     check_device(current.device)
-    return torch.ops.fastsnn_triton.if_const(current, th, sc, int(t0), int(steps), int(T), bool(channels_last))
+    s = torch.ops.fastsnn_triton.if_const(current, th, sc, int(t0), int(steps), int(T), bool(channels_last))
+    if out is not None:
+        out.copy_(s)
+        return out
+    return s
