@@ -16,7 +16,8 @@ process, interleaved round-robin, after warm-up, ``--repeats`` times; medians ar
   neuron a no-op, every BN an identity, no residual sums) -- what the convolutions cost inside a
   network, where outputs stay alive and inputs are not cache-hot (``ann_chain``: the same for the ANN);
 * ``snn``: ours, ``snn.optimize(snn.convert(ann, T, signed))`` with the neurons' default backend
-  (``auto``: the C++ custom operators on CPU);
+  (``auto``: the C++ custom operators on CPU) and its default reused output buffers
+  (``--no-reuse-buffers``: every neuron writes a new train, as before issue 14's fix);
 * ``snn_compile``: the same network with ``backend="compile"`` (the reference loop compiled by
   ``torch.compile`` / inductor) -- the column a native kernel must beat by >= 10 % to be kept
   (``--no-compile-kernel`` skips it);
@@ -200,6 +201,13 @@ def _set(root, path, new):
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
+def _pool_mb(net) -> float:
+    """MB held by the network's reused output buffers (allocated once; not in ``peak_mb``, which counts
+    what one forward adds)."""
+    pools = {id(m.pool): m.pool for m in net.neurons().values() if m.pool is not None}
+    return round(sum(p.nbytes() for p in pools.values()) / 2**20, 1)
+
+
 # ------------------------------------------------------------------------------------------ checks
 def spike_agreement(ref: snn.SpikingNetwork, opt: snn.SpikingNetwork, x) -> float:
     got = {}
@@ -249,8 +257,10 @@ def profile_breakdown(fn, label: str, runs: int = 3) -> dict:
         ms = e.self_cpu_time_total / 1e3 / runs
         if "convolution" in name or name in ("aten::addmm", "aten::mm", "aten::linear"):
             cat = "conv/linear"
-        elif name == "fused_if_neuron":
+        elif name.startswith("fastsnn::") or "fastsnn" in name or "cpp_fused" in name:
             cat = "IF kernels (incl. constant-input)"
+        elif name == "fused_if_neuron":  # the neuron's Python wrapper, self time (dispatch, checks)
+            cat = "IF neuron wrapper (Python)"
         elif name.startswith("aten::empty") or name in ("aten::resize_",):
             cat = "allocation"
         else:
@@ -281,11 +291,12 @@ def bench_arch(arch, Ts, neurons, args, records, log):
         log(f"\n== {arch} ({ds}, batch {B}), T={T} (bit {bit})")
         t0 = time.time()
         pop = args.conv_add_postop
+        reuse = not args.no_reuse_buffers
         ann_opt = optimize_ann(ann, example=x, conv_add_postop=pop)  # layout: the faster on this batch
         nets = {s: snn.convert(ann, T=T, signed=(s == "signed")) for s in neurons}
-        first = snn.optimize(nets[neurons[0]], example=x, conv_add_postop=pop)
+        first = snn.optimize(nets[neurons[0]], example=x, conv_add_postop=pop, reuse_buffers=reuse)
         ours = {s: first if s == neurons[0] else snn.optimize(nets[s], channels_last=first.layout == "channels_last",
-                                                              conv_add_postop=pop)
+                                                              conv_add_postop=pop, reuse_buffers=reuse)
                 for s in neurons}
         ann_replay, ann_layout = best_replay(conv_calls(ann_opt, x))
         floor_replay, floor_layout = best_replay(conv_calls(first, x))
@@ -303,7 +314,8 @@ def bench_arch(arch, Ts, neurons, args, records, log):
             fns["snn_" + s] = (lambda net: (lambda: net(x)))(ours[s])
             if not args.no_compile_kernel:  # the same optimised network, neurons through torch.compile
                 fns["snn_compile_" + s] = (lambda net: (lambda: net(x)))(snn.optimize(
-                    nets[s], channels_last=first.layout == "channels_last", backend="compile", conv_add_postop=pop))
+                    nets[s], channels_last=first.layout == "channels_last", backend="compile", conv_add_postop=pop,
+                    reuse_buffers=reuse))
         sj = sj_cl = None
         if not args.no_sj:
             try:
@@ -339,7 +351,8 @@ def bench_arch(arch, Ts, neurons, args, records, log):
             fns = {k: (lambda f: (lambda: (f(), torch.cuda.synchronize())))(f) for k, f in fns.items()}
         with torch.no_grad():
             res = interleaved(fns, repeats=args.repeats, warmup=args.warmup, log=log if args.verbose else None,
-                              quiet=not args.no_wait)
+                              quiet=not args.no_wait,
+                              clock=time.process_time if args.clock == "cpu" else time.perf_counter)
             mem = {k: peak_extra_mb(f) for k, f in fns.items()} if not args.no_memory and dev.type == "cpu" else {}
             prof = None
             if args.profile and T in args.profile_T:
@@ -368,6 +381,7 @@ def bench_arch(arch, Ts, neurons, args, records, log):
                 "ratio_ann_chain": med["ann"] / med["ann_chain"],
                 "ratio_ann_eager_convs": med["ann_eager"] / med["ann_convs"],
                 "peak_mb": mem.get("snn_" + s), "peak_mb_sj": mem.get("sj"), "peak_mb_floor": mem.get("floor"),
+                "buffers_mb": _pool_mb(ours[s]), "reuse_buffers": reuse,
                 "peak_mb_ann": mem.get("ann"),
                 "floor_layout": floor_layout, "snn_layout": first.layout, "ann_layout": ann_opt.layout,
                 "sj_neuron": "IFNode (unsigned; SpikingJelly has no signed IF)" if s == "signed" else "IFNode",
@@ -391,7 +405,7 @@ COLS = [("arch", "arch", None), ("T", "T", None), ("neuron", "neuron", None), ("
         ("SNN/SJ", "ratio_sj", "{:.2f}"), ("SJ/SNN", "speedup_sj", "{:.2f}"), ("SJ-cl/SNN", "speedup_sj_cl", "{:.2f}"),
         ("ANN/convs", "ratio_ann_convs", "{:.2f}"), ("chain floor", "floor_chain_ms", "{:.1f}"),
         ("SNN/chain", "ratio_floor_chain", "{:.2f}"), ("ANN/chain", "ratio_ann_chain", "{:.2f}"),
-        ("peak MB", "peak_mb", "{:.0f}"),
+        ("peak MB", "peak_mb", "{:.0f}"), ("buffers MB", "buffers_mb", "{:.0f}"),
         ("SJ MB", "peak_mb_sj", "{:.0f}"), ("floor MB", "peak_mb_floor", "{:.0f}")]
 
 
@@ -422,6 +436,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="statistic of the timed rounds in the table (min: on a machine shared with other jobs)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time by this process's CPU time (for a machine shared with other jobs; use with "
+                         "--threads 1 --no-wait)")
     ap.add_argument("--quick", action="store_true", help="resnet20 at T = 3 and 7 only")
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--no-sj", action="store_true", help="skip SpikingJelly")
@@ -433,6 +450,9 @@ def main(argv=None):
                     help="do not time our optimised network with the torch.compile neuron backend")
     ap.add_argument("--conv-add-postop", action="store_true",
                     help="residual sums as oneDNN convolution post-ops (private torch.ops.mkldnn op; opt-in)")
+    ap.add_argument("--no-reuse-buffers", action="store_true",
+                    help="ablation: the optimised SNN without reused output buffers (every neuron writes a new "
+                         "train; the heap grows and shrinks every forward)")
     ap.add_argument("--profile", action="store_true", help="print the op breakdown of ours and of the floor")
     ap.add_argument("--profile-T", default="3,7")
     ap.add_argument("--verbose", action="store_true")
@@ -456,7 +476,8 @@ def main(argv=None):
     meta = machine()
     meta.update({"command": " ".join(sys.argv), "batch": args.batch, "imagenet_batch": args.imagenet_batch,
                  "repeats": args.repeats, "stat": args.stat, "kernel": kernels.default_backend(),
-                 "cpp_kernel": kernels.cpp_available(), "malloc_tuned": malloc_tuned})
+                 "cpp_kernel": kernels.cpp_available(), "malloc_tuned": malloc_tuned,
+                 "reuse_buffers": not args.no_reuse_buffers, "clock": args.clock, "threads": args.threads})
     print(f"machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs, torch {meta['torch']} "
           f"({args.threads} threads), load average {meta['load_avg']}")
     if meta["load_avg"] and meta["load_avg"][0] > 0.5 * (os.cpu_count() or 1):
