@@ -47,7 +47,8 @@ class BufferPool:
     holds, and is then reused, so a forward pass allocates no new spike trains: the convolutions'
     outputs are then the only large temporaries, freed right after the neuron reads them, and the
     process heap does not grow and shrink (page-fault) every forward -- without touching the
-    allocator. Not part of the state dict; a copy (``copy.deepcopy``, pickling) starts empty.
+    allocator. Not part of the state dict; a copy (``copy.deepcopy``, pickling) starts empty. One
+    forward at a time per network (threads sharing one network would share its buffers).
     """
 
     def __init__(self, slots: int = 0):
