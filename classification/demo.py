@@ -39,8 +39,8 @@ SNN_BITS = (3, 2)
 FT_BIT = 2
 # seconds of each step on an idle 2-core machine (the default budget): the shares the time-left
 # estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); settle: the 2-bit signed SNN with
-# K = 9 settle steps (12 steps); fine-tuning: the whole step (fastsnn ~136 s + e2e with 20 batches ~20 s).
-REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 160.0}
+# K = 9 settle steps (12 steps); fine-tuning: the whole step (fastsnn ~136 s + e2e over the 63 batches ~60 s).
+REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 200.0}
 FT_METHOD = "fastsnn+e2e"
 
 
@@ -68,8 +68,11 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-method", default=FT_METHOD, metavar="STAGES",
                    help=f"snn_ft.py --method: fine-tuning stages joined by '+' (fastsnn, bias, bnstats, e2e; "
                         f"default {FT_METHOD}; fastsnn alone is the original algorithm)")
-    p.add_argument("--e2e-batches", type=int, default=20,
-                   help="batches of the end-to-end fine-tuning stage (snn_ft.py --e2e-batches; default 20)")
+    p.add_argument("--e2e-batches", type=int, default=None,
+                   help="batches of the end-to-end fine-tuning stage (snn_ft.py --e2e-batches; default: "
+                        "--ft-batches, one pass over the layer-wise stage's batches)")
+    p.add_argument("--e2e-loss", default="ce", choices=("ce", "kl", "mse"),
+                   help="loss of the end-to-end stage (snn_ft.py --e2e-loss; default ce: cross-entropy with the labels)")
     p.add_argument("--settle", type=int, default=9, metavar="K",
                    help="also evaluate the 2-bit signed SNN with K settle steps (snn.py --settle K; default 9, "
                         "0: skip that step)")
@@ -231,8 +234,9 @@ def main(argv=None) -> Dict:
     ft = _step(f"fine-tune {FT_BIT}-bit SNN ({args.ft_method})", "snn_ft.py",
                snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
                            "--score-batches", str(args.score_batches), "--method", args.ft_method,
-                           "--e2e-batches", str(args.e2e_batches),
-                           "--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
+                           "--e2e-loss", args.e2e_loss]
+               + (["--e2e-batches", str(args.e2e_batches)] if args.e2e_batches is not None else [])
+               + ["--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
                ft_script.main, steps, clock)
     rows = []
@@ -252,6 +256,7 @@ def main(argv=None) -> Dict:
         snn_summary[f"{FT_BIT}bit_settle"] = {k: settle[k] for k in keys + ("settle",)}
     summary = {"dataset": args.dataset, "arch": args.arch, "seed": args.seed, "train_subset": args.train_subset,
                "val_subset": args.val_subset, "ft_method": args.ft_method, "e2e_batches": args.e2e_batches,
+               "e2e_loss": args.e2e_loss,
                "settle": args.settle, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
                "plots": plots, "snn": snn_summary,
                "finetuned": {k: ft.get(k) for k in ("T", "top1", "top5", "ann_top1", "per_step_top1")},
@@ -278,7 +283,7 @@ def check_args(args):
     check_method(args.ft_method, "--ft-method")
     if args.settle < 0:
         raise UserError(f"--settle {args.settle} must not be negative", "pass K >= 0 (0 skips the settle step)")
-    if args.e2e_batches < 1:
+    if args.e2e_batches is not None and args.e2e_batches < 1:
         raise UserError(f"--e2e-batches {args.e2e_batches} must be at least 1", "pass a positive number")
 
 

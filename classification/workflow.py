@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import UserError
 from common import dist
@@ -659,7 +660,21 @@ def method_options(args) -> Dict:
     with the end-to-end stage (``--method fastsnn`` passes none, so it runs the original algorithm)."""
     if "e2e" not in args.method.split("+"):
         return {}
-    return {"e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr}
+    return {"e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
+            "e2e_loss": args.e2e_loss}
+
+
+def _cross_entropy(out, ann_out, batch):
+    """The end-to-end loss ``--e2e-loss ce``: cross-entropy of the SNN's logits with the batch's labels."""
+    return F.cross_entropy(out, batch[1].to(out.device))
+
+
+def finetune_options(args) -> Dict:
+    """:func:`method_options` as :func:`snn.finetune` takes them (``ce`` as the loss callable)."""
+    opts = dict(method_options(args))
+    if opts.get("e2e_loss") == "ce":
+        opts["e2e_loss"] = _cross_entropy
+    return opts
 
 
 def _method_text(args) -> str:
@@ -667,7 +682,9 @@ def _method_text(args) -> str:
     if not opts:
         return args.method
     lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
-    return f"{args.method} (e2e: {opts['e2e_batches']} batches x {opts['e2e_epochs']} epoch(s), lr {lr})"
+    n = opts["e2e_batches"] if opts["e2e_batches"] is not None else (args.max_iters or "all")
+    return (f"{args.method} (e2e: {n} batches x {opts['e2e_epochs']} epoch(s), lr {lr}, "
+            f"loss {opts['e2e_loss']})")
 
 
 def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
@@ -690,7 +707,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
                                     momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode,
                                     max_batches=args.max_iters, layers=select_layers(net, args.ft_layers),
                                     progress=args.progress, cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb,
-                                    tb=tb, method=args.method, method_options=method_options(args))
+                                    tb=tb, method=args.method, method_options=finetune_options(args))
     seconds = time.time() - t0
     log("SNN after fine-tuning:")
     res = run_snn_eval(model, net, data.val_loader, args, desc="snn test (after)")
@@ -757,10 +774,15 @@ def add_finetune_args(p: ArgumentParser):
     p.add_argument("--method", default="fastsnn+e2e", metavar="STAGES",
                    help="fine-tuning method: stages joined by '+' from fastsnn (the original layer-wise algorithm), "
                         "bias (bias correction), bnstats (BN statistics from SNN rates), e2e (an end-to-end "
-                        "straight-through pass after the layer-wise stages, KL to the ANN's logits; last); "
+                        "straight-through pass after the layer-wise stages, loss --e2e-loss; last); "
                         "default fastsnn+e2e; --method fastsnn is the original algorithm")
-    p.add_argument("--e2e-batches", type=int, default=20, metavar="N",
-                   help="batches per epoch of the end-to-end stage (default 20)")
+    p.add_argument("--e2e-batches", type=int, default=None, metavar="N",
+                   help="batches per epoch of the end-to-end stage (default: those of the layer-wise stage, "
+                        "--max-iters; a full pass when that is not given)")
+    p.add_argument("--e2e-loss", default="ce", choices=("ce", "kl", "mse"),
+                   help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
+                        "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
+                        "mse = squared error to them")
     p.add_argument("--e2e-epochs", type=int, default=1, metavar="N",
                    help="epochs of the end-to-end stage (default 1)")
     p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
