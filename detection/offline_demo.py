@@ -1,7 +1,7 @@
 """The offline detection demo: the whole Fast-SNN detection pipeline on the Fashion-MNIST scene set, on a CPU.
 
-1. the scene set (``common.scenes``: 1-2 tinted Fashion-MNIST items on textured 96 x 96 canvases,
-   VOC layout) in ``<out>/data/scenes``;
+1. the scene set (``common.scenes``: 2560 training / 96 test scenes of 1-2 tinted Fashion-MNIST items on
+   textured 96 x 96 canvases, VOC layout) in ``<out>/data/scenes``;
 2. backbone pretraining (``detection/pretrain.py``, the offline stand-in for the paper's ImageNet
    backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 64 x 64
    canvases drawn from Fashion-MNIST's training images (``--pretrain 0`` skips it);
@@ -39,19 +39,20 @@ FT_BIT = 2
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out/detection", help="output folder (default demo_out/detection)")
-    p.add_argument("--train", type=int, default=1280, help="training scenes (default 1280)")
+    p.add_argument("--train", type=int, default=2560, help="training scenes (default 2560)")
     p.add_argument("--test", type=int, default=96, help="test scenes (default 96)")
     p.add_argument("--size", type=int, default=96, help="canvas / input size (default 96: a 3 x 3 grid at stride 32)")
     p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
     p.add_argument("--max-items", type=int, default=2, help="items per scene: 1..N (default 2)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.45, 0.75), help="item size / canvas (default 0.45 0.75)")
-    p.add_argument("--pretrain", type=int, default=8000,
-                   help="single-item canvases of the backbone pretraining (default 8000; 0 = no pretraining, "
+    p.add_argument("--pretrain", type=int, default=16000,
+                   help="single-item canvases of the backbone pretraining (default 16000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
     p.add_argument("--pretrain-epochs", type=int, default=6, help="passes of the pretraining (default 6)")
     p.add_argument("--pretrain-lr", type=float, default=1e-2, help="peak Adam lr of the pretraining (default 1e-2)")
     p.add_argument("--pretrain-size", type=int, default=64, help="canvas side of the pretraining (default 64)")
-    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
+    p.add_argument("--epochs-fp", type=int, default=6,
+                   help="epochs of the 32-bit stage (default 6: more scenes beat more epochs here)")
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
                    help="adam (default: reaches a usable detector in the few hundred steps a CPU affords) or sgd "

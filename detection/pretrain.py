@@ -7,7 +7,9 @@ average pooling and a linear layer, is trained to classify one tinted Fashion-MN
 ``--size`` canvas (``common.scenes.render_scene`` with ``max_items=1``; the items come from Fashion-MNIST's
 *training* images, as the training scenes, so the test scenes stay unseen). The canvases are rendered
 once into a uint8 tensor (no decoding or data-loader processes), horizontal flip is the only augmentation.
-Adam with a linear warm-up and a cosine decay.
+Adam with a linear warm-up (5 % of the steps) and a cosine decay. With the defaults (16000 canvases,
+6 epochs, width 0.5) the held-out accuracy is 70.3 % (1000 canvases of Fashion-MNIST's test items; seed 0)
+in about 140 CPU-seconds.
 
 Writes ``<out>`` = ``{"state_dict": {"backbone.*": ...}, "accuracy": ..., ...}``, which
 ``train.py --init <out>`` loads into the detector's backbone (the head and the prediction layer keep
@@ -41,11 +43,11 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="canvas side (default 64)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.6, 1.0),
                    help="item side / canvas side (default 0.6 1.0: items of 38-64 pixels, as in the 96-pixel scenes)")
-    p.add_argument("--train", type=int, default=8000, help="training canvases (default 8000)")
+    p.add_argument("--train", type=int, default=16000, help="training canvases (default 16000)")
     p.add_argument("--test", type=int, default=1000, help="held-out canvases from Fashion-MNIST's test images (default 1000)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the canvases (default 2)")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the canvases (default 6)")
     p.add_argument("-bs", "--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (default 3e-3)")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
