@@ -27,7 +27,7 @@ import shutil
 import time
 from typing import Dict, List
 
-from common import run_cli
+from common import UserError, run_cli
 from common.cli import ArgumentParser
 from common.metrics import read_json, write_json
 
@@ -95,6 +95,17 @@ def main(argv=None):
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    # a resumed run must be the same recipe: its finished stages are reused as they are
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                if k not in ("out", "fresh", "workers")}
+    stamp = os.path.join(out, "demo_args.json")
+    if os.path.isfile(stamp):
+        old = read_json(stamp)
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise UserError(f"{out} holds a demo run with other settings ({', '.join('--' + k.replace('_', '-') for k in changed)})",
+                            "pass --fresh to start over there, or another --out")
+    write_json(stamp, settings)
     steps = Steps()
     sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed,
                             max_items=args.max_items, scale=tuple(args.scale))

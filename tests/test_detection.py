@@ -536,3 +536,5 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     for f in ("results.md", "summary.json", "map_vs_t.png", "layers.png"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert "pretrained as a Fashion-MNIST classifier" in open(os.path.join(out, "results.md")).read()
+    with pytest.raises(UserError, match="other settings.*--seed"):
+        O.main(argv + ["--seed", "1"])       # a resumed run must be the same recipe (--fresh to start over)
