@@ -35,9 +35,11 @@ def plot_metric_vs_t(curves: Mapping[str, Sequence[float]], path: str, ann: Opti
                      title: str = "", ylabel: str = "metric (%)") -> str:
     """``curves``: label -> the SNN's metric after t = 1..T; ``ann``: label -> horizontal reference line."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, vals) in enumerate(curves.items()):
-        ax.plot(range(1, len(vals) + 1), vals, marker="o", label=label, color=f"C{i}")
+        ax.plot(range(1, len(vals) + 1), vals, marker="o", ms=4, label=label, color=f"C{i}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for i, (label, v) in enumerate((ann or {}).items()):
         if v is not None:
             ax.axhline(v, ls="--", lw=1, color=f"C{i}", alpha=0.6, label=label)
