@@ -8,6 +8,7 @@ must be wrapped to yield those). Accuracies are percentages.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Callable, Dict, List, Optional
@@ -184,6 +185,12 @@ class ReshuffledLoader:
         set_loader_epoch(self.loader, self.epoch)
         self.epoch += 1
         return iter(self.loader)
+
+
+def fixed_batches(loader, n: int) -> List:
+    """The first ``n`` batches of ``loader``, drawn once and kept (tensors copied: a DALI pipeline may
+    reuse its buffers) -- the same images for every accept / revert decision of the fine-tuner."""
+    return [tuple(t.clone() if torch.is_tensor(t) else t for t in b) for b in itertools.islice(iter(loader), n)]
 
 
 def top1_score(loader, *, max_batches: Optional[int] = None, desc: str = "score (train top-1)",

@@ -156,9 +156,7 @@ class Study:
         return res
 
     def finetune(self, spec: str):
-        import torch
-        import torch.nn.functional as F
-        from classification import engine
+        from classification import engine, workflow
         from common import dist, pipeline
         name, kw = parse_method(spec)
         dist.seed_all(self.args.seed, 0)  # every method sees the same shuffles
@@ -176,14 +174,14 @@ class Study:
         if score_kind == "none":
             score = None
         elif score_kind == "fixed":  # the same training batches for every score
-            fixed = [b for _, b in zip(range(score_batches), self.data.train_loader)]
+            fixed = engine.fixed_batches(self.data.train_loader, score_batches)
             score = engine.top1_score(fixed, show_progress=False)
         elif score_kind == "reshuffled":  # the demo's: the first N batches of a new shuffle
             score = engine.top1_score(loader, max_batches=score_batches, show_progress=False)
         else:
             raise ValueError(f"score={score_kind!r}: use reshuffled, fixed or none")
         if kw.get("e2e_loss") == "ce":
-            kw["e2e_loss"] = lambda out, ref, batch: F.cross_entropy(out, batch[1].to(out.device))
+            kw["e2e_loss"] = workflow.cross_entropy_loss
         epochs = int(kw.pop("epochs", 1))
         lr = float(kw.pop("lr", 1e-3))
         batches = kw.pop("batches", self.args.ft_batches)

@@ -17,7 +17,6 @@ import argparse
 import bisect
 import collections
 import datetime
-import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -665,7 +664,7 @@ def method_options(args) -> Dict:
             "e2e_loss": args.e2e_loss}
 
 
-def _cross_entropy(out, ann_out, batch):
+def cross_entropy_loss(out, ann_out, batch):
     """The end-to-end loss ``--e2e-loss ce``: cross-entropy of the SNN's logits with the batch's labels."""
     return F.cross_entropy(out, batch[1].to(out.device))
 
@@ -674,7 +673,7 @@ def finetune_options(args) -> Dict:
     """:func:`method_options` as :func:`snn.finetune` takes them (``ce`` as the loss callable)."""
     opts = dict(method_options(args))
     if opts.get("e2e_loss") == "ce":
-        opts["e2e_loss"] = _cross_entropy
+        opts["e2e_loss"] = cross_entropy_loss
     return opts
 
 
@@ -707,9 +706,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
         # N batches drawn once: every accept / revert decision compares the SNN before and after on the
         # same images (the first N batches of a new shuffle each time made it an unpaired comparison, whose
         # noise at N = 8 -- about 2 points -- decided about as many layers as the tuning did)
-        fixed = [tuple(t.clone() if torch.is_tensor(t) else t for t in b)  # (DALI may reuse its buffers)
-                 for b in itertools.islice(iter(loader), args.score_batches)]
-        score = engine.top1_score(fixed, show_progress=args.progress)
+        score = engine.top1_score(engine.fixed_batches(loader, args.score_batches), show_progress=args.progress)
     t0 = time.time()
     with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
         history = pipeline.finetune(model, net, loader, score=score, epochs=args.num_epochs, lr=args.lr,
