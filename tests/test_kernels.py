@@ -204,6 +204,34 @@ def test_cpp_float64_layouts_and_threads():
         torch.set_num_threads(threads)
 
 
+
+@needs_cpp
+@pytest.mark.skipif(not getattr(torch._C, "has_openmp", False), reason="this PyTorch has no OpenMP")
+def test_cpp_kernels_are_built_with_openmp_and_equal_across_thread_counts():
+    # at::parallel_for is inline: compiled without -fopenmp the kernels ran on one thread whatever
+    # torch.set_num_threads said (found 2026-12-02). The library must call into the OpenMP runtime ...
+    assert "-fopenmp" in kcpp.CFLAGS
+    libs = [os.path.join(r, f) for r, _, fs in os.walk(kcpp.build_dir()) for f in fs if f.endswith(".so")]
+    assert libs, kcpp.build_dir()
+    with open(libs[0], "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+    # ... and give the same values on 1 and 2 threads (the reductions' partition too)
+    theta = torch.tensor(0.9)
+    cur = _currents(3, (80_000,), torch.float32, theta, seed=7)
+    x = torch.randn(40, 16, 32, 32)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            s, v, nn_ = kernels.if_steps(cur, theta, True, backend="cpp")
+            outs.append((s, v, nn_, kernels.nonzero_per_position(torch.relu(x - 1)),
+                         fused.act_quant_infer(x, torch.tensor(2.0), 3)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
 _TRITON_SCRIPT = r"""
 import torch
 from snn import kernels

@@ -3,7 +3,10 @@
 The source is ``snn/csrc/fastsnn_ops.cpp`` (``TORCH_LIBRARY(fastsnn, ...)``). It is compiled on first
 use by :func:`torch.utils.cpp_extension.load` (``is_python_module=False``: the library registers its
 operators with the dispatcher when loaded) with ``-O3 -march=native``, without fast-math and with
-``-ffp-contract=off`` so every float operation is the reference's, into
+``-ffp-contract=off`` so every float operation is the reference's, and with ``-fopenmp`` where PyTorch
+itself runs on OpenMP (``torch._C.has_openmp``): ``at::parallel_for`` is a header template that runs
+*serially* in code compiled without it. Nothing is linked: the OpenMP calls resolve to the runtime
+PyTorch already loaded, so ``torch.set_num_threads`` governs the kernels too. The build goes into
 ``$FASTSNN_CACHE/torch_extensions/<host id>`` (default ``~/.cache/fast_snn``; ~15 s once per machine).
 This module adds what the dispatcher needs from Python: a fake (meta) implementation of every op, so
 ``torch.compile`` / ``torch.export`` can trace them, and the autograd formula of the IF op.
@@ -26,6 +29,11 @@ import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "fastsnn_ops.cpp")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+# at::parallel_for spreads the kernels over torch's threads only when compiled with OpenMP (it is
+# inline: without -fopenmp every op ran on one thread); the partitions of the chunked reductions depend
+# on at::get_num_threads() alone, so the values are the same either way
+if getattr(torch._C, "has_openmp", False):
+    CFLAGS.append("-fopenmp")
 
 
 class BackendUnavailable(RuntimeError):
