@@ -40,7 +40,7 @@ FT_BIT = 2
 # seconds of each step on an idle 2-core machine (the default budget): the shares the time-left
 # estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); settle: the 2-bit signed SNN with
 # K = 9 settle steps (12 steps); fine-tuning: the whole step (fastsnn ~136 s + e2e over the 63 batches ~60 s).
-REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 200.0}
+REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 115.0, "e2e_epoch": 45.0}
 FT_METHOD = "fastsnn+e2e"
 
 
@@ -68,6 +68,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-method", default=FT_METHOD, metavar="STAGES",
                    help=f"snn_ft.py --method: fine-tuning stages joined by '+' (fastsnn, bias, bnstats, e2e; "
                         f"default {FT_METHOD}; fastsnn alone is the original algorithm)")
+    p.add_argument("--e2e-epochs", type=int, default=3,
+                   help="epochs of the end-to-end fine-tuning stage (snn_ft.py --e2e-epochs; default 3)")
     p.add_argument("--e2e-batches", type=int, default=None,
                    help="batches of the end-to-end fine-tuning stage (snn_ft.py --e2e-batches; default: "
                         "--ft-batches, one pass over the layer-wise stage's batches)")
@@ -133,7 +135,9 @@ def step_weights(args) -> List[float]:
     val = args.val_subset / 1000
     snn = [REF_SECONDS["snn"][b] * val for b in SNN_BITS for _ in ("signed", "unsigned")]
     settle = [REF_SECONDS["settle"] * val * (2 ** FT_BIT - 1 + args.settle) / 12] if args.settle else []
-    return train + snn + settle + [REF_SECONDS["ft"] * args.ft_batches / 63]
+    e2e = REF_SECONDS["e2e_epoch"] * args.e2e_epochs * (args.e2e_batches or args.ft_batches) / 63 \
+        if "e2e" in args.ft_method.split("+") else 0.0
+    return train + snn + settle + [REF_SECONDS["ft"] * args.ft_batches / 63 + e2e]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -192,7 +196,7 @@ def main(argv=None) -> Dict:
     check_args(args)
     if args.quick:
         args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 32), min(args.val_subset, 16), 8
-        args.epochs_fp, args.epochs_q, args.ft_batches, args.e2e_batches = 1, 1, 1, 1
+        args.epochs_fp, args.epochs_q, args.ft_batches, args.e2e_batches, args.e2e_epochs = 1, 1, 1, 1, 1
         args.ft_layers = args.ft_layers or "layer1.0.*"
     from classification.cifar10 import main as train_script
     from classification.cifar10 import snn as snn_script
@@ -235,6 +239,7 @@ def main(argv=None) -> Dict:
                snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
                            "--score-batches", str(args.score_batches), "--method", args.ft_method,
                            "--e2e-loss", args.e2e_loss]
+               + ["--e2e-epochs", str(args.e2e_epochs)]
                + (["--e2e-batches", str(args.e2e_batches)] if args.e2e_batches is not None else [])
                + ["--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
@@ -256,6 +261,7 @@ def main(argv=None) -> Dict:
         snn_summary[f"{FT_BIT}bit_settle"] = {k: settle[k] for k in keys + ("settle",)}
     summary = {"dataset": args.dataset, "arch": args.arch, "seed": args.seed, "train_subset": args.train_subset,
                "val_subset": args.val_subset, "ft_method": args.ft_method, "e2e_batches": args.e2e_batches,
+               "e2e_epochs": args.e2e_epochs,
                "e2e_loss": args.e2e_loss,
                "settle": args.settle, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,
                "plots": plots, "snn": snn_summary,
@@ -283,6 +289,8 @@ def check_args(args):
     check_method(args.ft_method, "--ft-method")
     if args.settle < 0:
         raise UserError(f"--settle {args.settle} must not be negative", "pass K >= 0 (0 skips the settle step)")
+    if args.e2e_epochs < 1:
+        raise UserError(f"--e2e-epochs {args.e2e_epochs} must be at least 1", "pass a positive number")
     if args.e2e_batches is not None and args.e2e_batches < 1:
         raise UserError(f"--e2e-batches {args.e2e_batches} must be at least 1", "pass a positive number")
 

@@ -402,7 +402,7 @@ def test_demo_quick(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     assert "--- train 32-bit ANN: " in out and "(elapsed " in out and "step 1/10, about " in out and " left)" in out
     assert "step 10/10, done" in out
     assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned | settle (K = 9)" in out
-    assert "fine-tuned (fastsnn+e2e)" in out and "--method fastsnn+e2e --e2e-loss ce --e2e-batches 1" in out
+    assert "fine-tuned (fastsnn+e2e)" in out and "--method fastsnn+e2e --e2e-loss ce --e2e-epochs 1 --e2e-batches 1" in out
     assert [r["bits"] for r in s["table"]] == [32, 4, 3, 2] and s["table"][3]["finetuned"] is not None
     # the settle step: 2-bit row only, per-step top-1 over T + K = 12 steps
     assert s["table"][3]["settle"] is not None and s["table"][2]["settle"] is None

@@ -69,9 +69,10 @@ def test_method_fastsnn_is_snn_finetune_unchanged(ann2, fake_cifar, tmp_path):
 def test_default_method_and_options_recorded(ann2, fake_cifar, tmp_path, capsys):
     rec = ft_script.main(_ft_argv(fake_cifar, tmp_path, ann2, "--e2e-batches", "1", "--e2e-lr", "0.01"))
     out = capsys.readouterr().out
-    assert "method fastsnn+e2e (e2e: 1 batches x 1 epoch(s), lr 0.01, loss ce)" in out
+    assert "method fastsnn+e2e (e2e: 1 batches x 3 epoch(s), lr 0.01, loss ce)" in out
     assert rec["method"] == "fastsnn+e2e" and rec["finetune"][-1]["layer"] == "end-to-end"
-    opts = {"e2e_batches": 1, "e2e_epochs": 1, "e2e_lr": 0.01, "e2e_loss": "ce"}
+    opts = {"e2e_batches": 1, "e2e_epochs": 3, "e2e_lr": 0.01, "e2e_loss": "ce"}
+    assert [e["epoch"] for e in rec["finetune"][-1]["epochs"]] == [1, 2, 3]
     assert rec["method_options"] == opts
     ck = torch.load(tmp_path / "resnet20_2bit_ft" / BEST, weights_only=True)
     assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
@@ -82,6 +83,7 @@ def test_default_method_and_options_recorded(ann2, fake_cifar, tmp_path, capsys)
     (["--method", "fastsnn+fastsnn"], "is not a method"),
     (["--method", "e2e+fastsnn"], "e2e must come last"),
     (["--e2e-batches", "0"], "--e2e-batches 0 must be at least 1"),
+    (["--e2e-epochs", "0"], "--e2e-epochs 0 must be at least 1"),
     (["--e2e-lr", "-1"], "--e2e-lr -1.0 must not be negative"),
 ])
 def test_bad_method_is_one_line_error(extra, needle, fake_cifar, tmp_path, capsys):
@@ -139,7 +141,7 @@ def test_demo_bad_flags_fail_before_the_first_step(argv, needle, tmp_path, capsy
 def test_imagenet_snn_ft_has_the_method_flags(tmp_path):
     from classification.imagenet import task
     a = task.parse_args("ft", ["-a", "resnet18", "--bit", "2", str(tmp_path)])
-    assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 1, None, "ce")
+    assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 3, None, "ce")
     a = task.parse_args("ft", ["-a", "resnet18", "--method", "bias+fastsnn", "--e2e-lr", "0.01", str(tmp_path)])
     assert a.method == "bias+fastsnn" and workflow.method_options(a) == {}
     with pytest.raises(Exception, match="is not a method"):
