@@ -39,7 +39,8 @@ SNN_BITS = (3, 2)
 FT_BIT = 2
 # seconds of each step on an idle 2-core machine (the default budget): the shares the time-left
 # estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); settle: the 2-bit signed SNN with
-# K = 9 settle steps (12 steps); fine-tuning: the whole step (fastsnn ~136 s + e2e over the 63 batches ~60 s).
+# K = 9 settle steps (12 steps); fine-tuning: the layer-wise stage over 63 batches ("ft") plus each
+# end-to-end epoch of 63 batches ("e2e_epoch").
 REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 115.0, "e2e_epoch": 45.0}
 FT_METHOD = "fastsnn+e2e"
 
@@ -284,15 +285,12 @@ def caption(args) -> str:
 
 def check_args(args):
     """One-line errors for bad demo flags, before the first (minutes-long) step."""
-    from classification.workflow import check_method
+    from classification import workflow
     from common import UserError
-    check_method(args.ft_method, "--ft-method")
+    workflow.check_method(args.ft_method, "--ft-method")
+    workflow.check_args(args)  # the scripts' own checks of the flags the demo shares (-b, -j, --e2e-*)
     if args.settle < 0:
         raise UserError(f"--settle {args.settle} must not be negative", "pass K >= 0 (0 skips the settle step)")
-    if args.e2e_epochs < 1:
-        raise UserError(f"--e2e-epochs {args.e2e_epochs} must be at least 1", "pass a positive number")
-    if args.e2e_batches is not None and args.e2e_batches < 1:
-        raise UserError(f"--e2e-batches {args.e2e_batches} must be at least 1", "pass a positive number")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,6 @@ def test_cpp_float64_layouts_and_threads():
         torch.set_num_threads(threads)
 
 
-
 @needs_cpp
 @pytest.mark.skipif(not getattr(torch._C, "has_openmp", False), reason="this PyTorch has no OpenMP")
 def test_cpp_kernels_are_built_with_openmp_and_equal_across_thread_counts():
@@ -231,6 +230,7 @@ def test_cpp_kernels_are_built_with_openmp_and_equal_across_thread_counts():
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
 
 _TRITON_SCRIPT = r"""
 import torch
