@@ -473,6 +473,59 @@ def test_neuron_record_and_gradient_paths():
     assert torch.allclose(neuron.act_alpha.grad, ref.sum())
 
 
+@needs_cpp
+@pytest.mark.parametrize("mode", ["plain", "inplace", "pooled"])
+@pytest.mark.parametrize("signed,bounded", [(True, False), (False, False), (True, True)])
+def test_neuron_fast_path_equals_general_path(mode, signed, bounded):
+    """The cached fast path of an inference call makes the general path's C++ call: equal bit for bit,
+    with and without a residual; a changed threshold, flag, layout, hook or recording is seen at once."""
+    from snn.neuron import BufferPool
+    T, theta = 3, torch.tensor(0.7)
+
+    def make():
+        m = IFNeuron(theta, T, 2, signed=signed, bounded=bounded)
+        m.inplace = mode == "inplace"
+        if mode == "pooled":
+            m.pool, m.pool_slot = BufferPool(1), 0
+        return m
+
+    fast, slow = make(), make()
+    for seed, res in [(1, False), (2, True), (3, True), (4, False)]:
+        cur = _currents(T, (5, 6, 4, 4), torch.float32, theta, seed=seed).flatten(0, 1)
+        cur = cur.contiguous(memory_format=torch.channels_last) if seed == 3 else cur
+        r = torch.randn_like(cur) * 0.3 if res else None
+        with torch.no_grad():
+            want = slow._forward(cur.clone(), None if r is None else r.clone()).clone()
+            got = fast(cur.clone(), None if r is None else r.clone()).clone()
+        assert fast._plan is not None and fast._plan[1] is not None  # the fast path was taken
+        assert torch.equal(got, want)
+        assert fast.v is None and fast.n is None  # a run that ends here keeps no state
+        fast.v = torch.zeros(1)  # a stale state from an earlier windowed run is dropped as well
+    with torch.no_grad():
+        fast.act_alpha.mul_(1.5)  # in place: the plan's threshold levels must follow
+        slow.act_alpha.mul_(1.5)
+        assert torch.equal(fast(cur.clone()), slow._forward(cur.clone()))
+        fast.act_alpha.data = torch.tensor(0.6)  # a new tensor behind the parameter, too
+        slow.act_alpha.data = torch.tensor(0.6)
+        assert torch.equal(fast(cur.clone()), slow._forward(cur.clone()))
+        fast.signed = slow.signed = not signed
+        fast.bounded = slow.bounded = False
+        assert torch.equal(fast(cur.clone()), slow._forward(cur.clone()))
+        seen = []
+        h = fast.register_forward_hook(lambda m, i, o: seen.append(o))
+        fast(cur.clone())
+        h.remove()
+        assert len(seen) == 1
+        fast.record = True
+        fast(cur.clone())
+        assert fast.count is not None and tuple(fast.count.shape) == (5, 6, 4, 4)
+    assert copy.deepcopy(fast)._plan is None
+    fast.record = False
+    fast.act_alpha.requires_grad_(True)  # a gradient is needed: the general (differentiable) path
+    y = fast(cur.clone())
+    assert y.requires_grad
+
+
 # ------------------------------------------------------------------------------------- networks
 def _spike_trains(net, x):
     got = {}
@@ -527,8 +580,11 @@ def test_optimized_network_equals_plain(model_fn, bit):
         if same == total:
             assert torch.allclose(y_ref, y_opt, atol=1e-4, rtol=1e-4)
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
-        # without hooks the in-place path runs; same result
+        # without hooks the in-place path runs, through the neurons' cached fast path; same result
         assert torch.equal(opt(x, per_step=True), y_opt)
+        if HAVE_CPP and kernels.resolve("auto", x) == "cpp":
+            assert all(m._plan is not None and m._plan[1] is not None
+                       for m in opt.neurons().values() if not m.constant_input)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + NATIVE)
