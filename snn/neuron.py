@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .kernels import cpp as _cpp
 from .kernels.reference import (DEFAULT_NEG_TOL, if_constant, if_constant_counts, if_multistep,  # noqa: F401
                                 if_step)
 
@@ -210,10 +211,8 @@ class IFNeuron(nn.Module):
         if residual is not None and (residual.shape != current.shape or residual.dtype != current.dtype
                                      or not kernels.dense_same_layout(residual, current)):
             return None
-        from .kernels import cpp as _cpp
-        ops = _cpp.load()
         th, neg = self._levels(current.dtype)
-        bound = float(self.T) if self.bounded else float("inf")
+        bound = self.T if self.bounded else None
         signed, vshape, vstride = self.signed, cur.shape, cur.stride()
         pool, slot = (self.pool, self.pool_slot) if self.pool is not None and steps <= self.T else (None, -1)
         inplace, fshape = self.inplace, current.shape
@@ -222,16 +221,13 @@ class IFNeuron(nn.Module):
         def run(current, residual):
             c = current.view(vshape)
             r = None if residual is None else residual.view(vshape)
-            if pool is not None:
-                if pool.bufs[slot] is not views[0] or views[0] is None:  # (re)allocated since: new views
-                    out = pool.get(slot, vshape, vstride, c)
-                    views[:] = [pool.bufs[slot], out, out.view(fshape)]
-                ops.if_steps_into(c, r, None, None, th, neg, th, bound, signed, False, views[1])
-                return views[2]
-            if inplace:
-                ops.if_steps_inplace(c, r, None, None, th, neg, th, bound, signed, False)
-                return current
-            return ops.if_steps(c, r, None, None, th, neg, th, bound, signed, False)[0].view(current.shape)
+            if pool is None:
+                return _cpp.run(c, th, neg, signed, r, None, None, False, th, inplace, bound)[0].view(fshape)
+            if pool.bufs[slot] is not views[0] or views[0] is None:  # (re)allocated since: new views
+                out = pool.get(slot, vshape, vstride, c)
+                views[:] = [pool.bufs[slot], out, out.view(fshape)]
+            _cpp.run(c, th, neg, signed, r, None, None, False, th, False, bound, views[1])
+            return views[2]
         return run
 
     def forward(self, current: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
