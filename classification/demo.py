@@ -69,8 +69,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-method", default=FT_METHOD, metavar="STAGES",
                    help=f"snn_ft.py --method: fine-tuning stages joined by '+' (fastsnn, bias, bnstats, e2e; "
                         f"default {FT_METHOD}; fastsnn alone is the original algorithm)")
-    p.add_argument("--e2e-epochs", type=int, default=6,
-                   help="epochs of the end-to-end fine-tuning stage (snn_ft.py --e2e-epochs; default 6)")
+    p.add_argument("--e2e-epochs", type=int, default=3,
+                   help="epochs of the end-to-end fine-tuning stage (snn_ft.py --e2e-epochs; default 3)")
     p.add_argument("--e2e-batches", type=int, default=None,
                    help="batches of the end-to-end fine-tuning stage (snn_ft.py --e2e-batches; default: "
                         "--ft-batches, one pass over the layer-wise stage's batches)")

@@ -790,9 +790,9 @@ def add_finetune_args(p: ArgumentParser):
                    help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
                         "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
                         "mse = squared error to them")
-    p.add_argument("--e2e-epochs", type=int, default=6, metavar="N",
+    p.add_argument("--e2e-epochs", type=int, default=3, metavar="N",
                    help="epochs of the end-to-end stage, each kept only if the accept / revert score improves "
-                        "(default 6: the best measured, docs/fidelity.md)")
+                        "(default 3: the best measured, docs/fidelity.md)")
     p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
                    help="learning rate of the end-to-end stage, cosine-decayed (default: --lr)")
 

@@ -141,7 +141,7 @@ def test_demo_bad_flags_fail_before_the_first_step(argv, needle, tmp_path, capsy
 def test_imagenet_snn_ft_has_the_method_flags(tmp_path):
     from classification.imagenet import task
     a = task.parse_args("ft", ["-a", "resnet18", "--bit", "2", str(tmp_path)])
-    assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 6, None, "ce")
+    assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 3, None, "ce")
     a = task.parse_args("ft", ["-a", "resnet18", "--method", "bias+fastsnn", "--e2e-lr", "0.01", str(tmp_path)])
     assert a.method == "bias+fastsnn" and workflow.method_options(a) == {}
     with pytest.raises(Exception, match="is not a method"):
