@@ -40,6 +40,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--epochs-fp", type=int, default=4)
     p.add_argument("--epochs-q", type=int, default=2)
     p.add_argument("--alpha-init", type=float, default=3.0)
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiplies every training stage's learning rate (the demo's 0.1 / 4e-2; default 1; "
+                        "0.1 for vgg11, which diverges at lr 0.1)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
@@ -69,7 +72,8 @@ def get_parser() -> ArgumentParser:
 def _runs(args):
     """The run folders of the cached chain: one per training budget (subset, epochs, clip init, seed)."""
     result = os.path.join(args.out, "fidelity", f"n{args.train_subset}_e{args.epochs_fp}-{args.epochs_q}"
-                                                f"_a{args.alpha_init:g}_b{args.batch_size}_s{args.seed}")
+                                                f"_a{args.alpha_init:g}_b{args.batch_size}_s{args.seed}"
+                                                + (f"_lr{args.lr_scale:g}" if args.lr_scale != 1 else ""))
     return os.path.join(result, "" if args.dataset == "cifar10" else args.dataset), result
 
 
@@ -88,7 +92,8 @@ def train_chain(args) -> str:
         path = os.path.join(runs, f"{args.arch}_{bit}bit", "model_best.pth.tar")
         if not os.path.exists(path):
             epochs = args.epochs_fp if bit == 32 else args.epochs_q
-            argv = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd),
+            argv = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", f"{lr * args.lr_scale:g}",
+                           "--wd", str(wd),
                            "--alpha-init", str(args.alpha_init), "-p", "20"] + (["--init", prev] if prev else [])
             print(f"train {bit}-bit: python classification/cifar10/main.py {' '.join(argv)}", flush=True)
             train_script.main(argv)

@@ -158,3 +158,26 @@ def test_fidelity_script_quick_run(tmp_path):
     mtime = os.path.getmtime(out["checkpoint"])
     again = fidelity.main(["--quick", "--out", str(tmp_path), "--methods", "", "--no-settle", "--no-progress"])
     assert again["checkpoint"] == out["checkpoint"] and os.path.getmtime(out["checkpoint"]) == mtime  # not retrained
+
+
+def test_fidelity_lr_scale_scales_every_stage_and_keeps_its_own_folder(tmp_path, monkeypatch):
+    """--lr-scale multiplies the chain's learning rates (vgg11 diverges at 0.1) and caches in its own folder."""
+    from classification import fidelity
+    from classification.cifar10 import main as train_script
+    calls = []
+
+    def fake_train(argv):
+        calls.append(argv)
+        out, bit = argv[argv.index("--out") + 1], argv[argv.index("--bit") + 1]
+        path = os.path.join(out, "fashionmnist", f"vgg11_{bit}bit", "model_best.pth.tar")
+        os.makedirs(os.path.dirname(path))
+        open(path, "w").close()
+    monkeypatch.setattr(train_script, "main", fake_train)
+    base = ["--out", str(tmp_path), "--data", str(tmp_path / "data"), "-a", "vgg11"]
+    plain = fidelity.train_chain(fidelity.get_parser().parse_args(base))
+    lrs = [a[a.index("--lr") + 1] for a in calls]
+    assert lrs == ["0.1", "0.04", "0.04", "0.04"]
+    calls.clear()
+    scaled = fidelity.train_chain(fidelity.get_parser().parse_args(base + ["--lr-scale", "0.1"]))
+    assert [a[a.index("--lr") + 1] for a in calls] == ["0.01", "0.004", "0.004", "0.004"]
+    assert scaled != plain and "_lr0.1" in scaled
