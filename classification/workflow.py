@@ -186,7 +186,7 @@ def check_args(args):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise UserError(f"--{name.replace('_', '-')} {v} must not be negative", "pass a value >= 0")
-    for name in ("e2e_batches", "e2e_epochs"):
+    for name in ("e2e_batches", "e2e_epochs", "local_batches"):
         v = getattr(args, name, 1)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} {v} must be at least 1", "pass a positive number")
@@ -658,9 +658,12 @@ def finetune_snn(args, task: Task) -> Dict:
 def method_options(args) -> Dict:
     """``--method``'s further settings (:func:`snn.finetune`'s ``e2e_*`` arguments): only for a method
     with the end-to-end stage (``--method fastsnn`` passes none, so it runs the original algorithm)."""
+    opts = {}
+    if getattr(args, "ft_accept", "score") != "score":
+        opts.update(accept=args.ft_accept, local_batches=args.local_batches)
     if "e2e" not in args.method.split("+"):
-        return {}
-    return {"e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
+        return opts
+    return {**opts, "e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
             "e2e_loss": args.e2e_loss}
 
 
@@ -679,12 +682,13 @@ def finetune_options(args) -> Dict:
 
 def _method_text(args) -> str:
     opts = method_options(args)
-    if not opts:
-        return args.method
+    acc = f", layer-wise steps judged by the layer's error on {opts['local_batches']} batches" if "accept" in opts else ""
+    if "e2e_loss" not in opts:
+        return args.method + acc
     lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
     n = opts["e2e_batches"] if opts["e2e_batches"] is not None else (args.max_iters or "all")
     return (f"{args.method} (e2e: {n} batches x {opts['e2e_epochs']} epoch(s), lr {lr}, "
-            f"loss {opts['e2e_loss']})")
+            f"loss {opts['e2e_loss']}){acc}")
 
 
 def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
@@ -766,6 +770,13 @@ def add_finetune_args(p: ArgumentParser):
     p.add_argument("--score-batches", type=int, default=None,
                    help="without --force: judge each tuning step on N training batches, drawn once and the "
                         "same for every decision (default: a pass over the whole training set, the original's)")
+    p.add_argument("--ft-accept", choices=("score", "local"), default="score",
+                   help="without --force, how a layer-wise step is judged: score = the whole SNN's train top-1 "
+                        "must improve (the original's test, default); local = the tuned layer's own rate error "
+                        "against the ANN's activation must fall, on --local-batches training batches drawn once "
+                        "(the end-to-end stage is judged by the score either way)")
+    p.add_argument("--local-batches", type=int, default=8, metavar="N",
+                   help="batches of the --ft-accept local test (default 8)")
     p.add_argument("--ft-layers", default="", metavar="PATTERNS",
                    help="tune only the spiking layers whose names match these comma-separated globs "
                         "(e.g. 'layer1.*,layer2.0.act2'; default: every layer from the 2nd on)")

@@ -149,7 +149,7 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
              cache=False, cache_mb: float = 2048, inputs: Optional[Callable] = None,
              method: str = "fastsnn", schedule: str = "constant", bias_iters: int = 2,
              e2e_epochs: int = 1, e2e_lr: Optional[float] = None, e2e_loss="auto",
-             e2e_batches: Optional[int] = None) -> List[dict]:
+             e2e_batches: Optional[int] = None, accept: str = "score", local_batches: int = 8) -> List[dict]:
     """Tune ``net`` in place, layer by layer. Returns one JSON-ready dict per tuned layer.
 
     ``loader`` yields ``(images, targets)`` (targets unused), dicts with an ``"image"`` entry, or
@@ -181,6 +181,14 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     bias / bnstats stage of a layer. ``schedule="cosine"``: the fastsnn stage's lr decays over each
     layer's steps (default ``"constant"``, the original). ``method="fastsnn"`` is the original algorithm,
     unchanged.
+
+    ``accept``: how a layer-wise step is judged without ``force``. ``"score"`` (default, the original):
+    ``score_fn(net)``, the whole SNN's score, must improve. ``"local"``: the tuned layer's own error must
+    fall -- the MSE between its rate output and the ANN's activation there, on ``local_batches`` batches
+    drawn from ``loader`` once, before any tuning, and the same for every decision (the whole-SNN score
+    at the first layers is near chance while the layers after them are uncorrected, so it mostly judges
+    noise there). The end-to-end stage is always judged by ``score_fn`` (accepting every epoch when
+    there is none).
     """
     stages = method.split("+") if isinstance(method, str) else list(method)
     bad = [st for st in stages if st not in STAGES]
@@ -196,7 +204,12 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         raise ValueError(f"bn_mode={bn_mode!r}: use 'recalibrate' or 'frozen'")
     if cache not in (False, True, "auto"):
         raise ValueError(f"cache={cache!r}: use False, True or 'auto'")
-    if not force and score_fn is None:
+    if accept not in ("score", "local"):
+        raise ValueError(f"accept={accept!r}: use 'score' (the whole SNN's score_fn) or 'local' (the layer's error)")
+    local = accept == "local" and not force
+    if local and local_batches < 1:
+        raise ValueError(f"local_batches={local_batches}: judge the layers on at least one batch")
+    if not force and score_fn is None and not local:
         log("finetune: no score function given, accepting every epoch (as with --force)")
         force = True
     device = device or next(net.parameters()).device
@@ -209,12 +222,19 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         unknown = set(layers) - {l.name for l in all_layers}
         if unknown:
             raise ValueError(f"unknown layers {sorted(unknown)}: choose from {[l.name for l in all_layers]}")
-    best = None if force else float(score_fn(net))
+    best = None if force or local else float(score_fn(net))
     if best is not None:
         log(f"finetune: initial score {best:.3f}")
     history = []
     show = progress and (not _dist_on() or dist.get_rank() == 0)
+    held = None
     if layer_stages:
+        if local and todo:  # drawn once, before the training batches
+            held = Batches(ann, net, todo, loader, local_batches, device, inputs)
+            held.use_cache(True, cache_mb, lambda m: log(m.replace("finetune: prefix cache", "finetune: local "
+                                                                   "accept test: prefix cache")))
+            log(f"finetune: each layer-wise step is kept only if the layer's own rate error on "
+                f"{held.total()} batches falls (accept=local)")
         batches = Batches(ann, net, todo, loader, max_batches, device, inputs)
         if cache and todo:
             batches.use_cache(cache, cache_mb, log)
@@ -224,12 +244,21 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         t_start = time.time()
         record = layer.state()
         entry = {"layer": layer.name, "epochs": [], "accepted": False}
+        best_local = None
+        if held is not None:
+            best_local = entry["local_error_before"] = _layer_error(layer, held.prefixes(li), T, device)
 
         def judge(ep):
-            nonlocal best, record
+            nonlocal best, record, best_local
             if force:
                 record, entry["accepted"] = layer.state(), True
                 return "accepted"
+            if held is not None:
+                err = ep["local_error"] = _layer_error(layer, held.prefixes(li), T, device)
+                if err < best_local:
+                    best_local, record, entry["accepted"] = err, layer.state(), True
+                    return f"updated (layer error {err:.5f})"
+                return f"kept previous (layer error {err:.5f} >= best {best_local:.5f})"
             score = float(score_fn(net))
             ep["score"] = score
             if score > best:
@@ -278,16 +307,37 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         entry["seconds"] = time.time() - t_start
         if best is not None:
             entry["best_score"] = best
+        if best_local is not None:
+            entry["best_local_error"] = best_local
         history.append(entry)
     if "e2e" in stages:
         entry = calibrate.end_to_end(ann, net, loader, epochs=e2e_epochs, lr=lr if e2e_lr is None else e2e_lr,
                                      momentum=momentum, weight_decay=0.0, loss=e2e_loss,
                                      max_batches=max_batches if e2e_batches is None else e2e_batches,
-                                     device=device, inputs=inputs, force=force, score_fn=score_fn, best=best,
+                                     device=device, inputs=inputs, force=force or score_fn is None,
+                                     score_fn=score_fn, best=best,
                                      log=log, progress=show)
         history.append(entry)
     net.eval()
     return history
+
+
+def _layer_error(layer: SpikingLayer, prefixes, T: int, device=None) -> float:
+    """The mean squared error between ``layer``'s rate output and the ANN's activation, over ``prefixes``
+    (averaged over the ranks under DDP)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for target, ins in prefixes:
+            rate = _time_mean(layer.neuron(layer.module(*ins)), T)
+            total += float(torch.nn.functional.mse_loss(rate, target, reduction="sum"))
+            n += target.numel()
+    if not n:
+        raise ValueError("the local accept test got no batches: the training loader is empty")
+    if _dist_on():
+        t = torch.tensor([total / n], dtype=torch.float64, device=device)
+        _average([t])
+        return float(t)
+    return total / n
 
 
 def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, T, bn_mode,

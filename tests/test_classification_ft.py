@@ -78,6 +78,17 @@ def test_default_method_and_options_recorded(ann2, fake_cifar, tmp_path, capsys)
     assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
 
 
+def test_local_accept_flag(ann2, fake_cifar, tmp_path, capsys):
+    argv = [a for a in _ft_argv(fake_cifar, tmp_path, ann2, "--method", "fastsnn", "--ft-accept", "local",
+                                "--local-batches", "1", "--score-batches", "1") if a != "--force"]
+    rec = ft_script.main(argv)
+    out = capsys.readouterr().out
+    assert "layer-wise steps judged by the layer's error on 1 batches" in out
+    assert "kept only if the layer's own rate error on 1 batches falls" in out
+    assert rec["method_options"] == {"accept": "local", "local_batches": 1}
+    assert all("local_error_before" in h and "score" not in h["epochs"][0] for h in rec["finetune"])
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--method", "fastsnn+foo"], "--method 'fastsnn+foo' is not a method"),
     (["--method", "fastsnn+fastsnn"], "is not a method"),
@@ -85,6 +96,7 @@ def test_default_method_and_options_recorded(ann2, fake_cifar, tmp_path, capsys)
     (["--e2e-batches", "0"], "--e2e-batches 0 must be at least 1"),
     (["--e2e-epochs", "0"], "--e2e-epochs 0 must be at least 1"),
     (["--e2e-lr", "-1"], "--e2e-lr -1.0 must not be negative"),
+    (["--local-batches", "0"], "--local-batches 0 must be at least 1"),
 ])
 def test_bad_method_is_one_line_error(extra, needle, fake_cifar, tmp_path, capsys):
     capsys.readouterr()

@@ -129,6 +129,43 @@ def test_fastsnn_is_the_original_algorithm_bit_for_bit(tiny, cache, bn_mode):
         assert all(torch.equal(n0(x), n1(x)) for x, _ in held_out)
 
 
+def test_local_accept_keeps_a_layer_only_when_its_own_error_falls(tiny):
+    ann, net0, train, held_out = tiny
+    net = copy.deepcopy(net0)
+    hist = snn.finetune(ann, net, train, epochs=2, lr=1e-2, force=False, accept="local", local_batches=2,
+                        progress=False, log=lambda s: None, method="fastsnn+e2e", e2e_loss="mse")
+    layers = [h for h in hist if h["layer"] != "end-to-end"]
+    assert layers and any(h["accepted"] for h in layers)
+    for h in layers:  # the kept state is the one with the lowest error, never above the starting one
+        errs = [h["local_error_before"]] + [e["local_error"] for e in h["epochs"]]
+        assert h["best_local_error"] == min(errs) and "score" not in h["epochs"][0]
+        assert h["accepted"] == (min(errs) < errs[0])
+    assert hist[-1]["layer"] == "end-to-end" and hist[-1]["accepted"]  # no score_fn: every e2e epoch kept
+    assert _output_mse(ann, net, held_out) < 0.8 * _output_mse(ann, net0, held_out)
+
+
+def test_local_accept_reverts_a_step_that_makes_the_layer_worse(tiny, monkeypatch):
+    ann, net0, train, held_out = tiny
+    net = copy.deepcopy(net0)
+    real = ft._tune_epoch
+
+    def harmful(layer, *a, **k):  # tune, then wreck the layer's weights
+        out = real(layer, *a, **k)
+        with torch.no_grad():
+            for p in layer.params:
+                if p.dim() > 1:
+                    p.mul_(-3.0)
+        return out
+    monkeypatch.setattr(ft, "_tune_epoch", harmful)
+    hist = snn.finetune(ann, net, train, lr=1e-2, force=False, accept="local", local_batches=2,
+                        progress=False, log=lambda s: None)
+    assert hist and not any(h["accepted"] for h in hist)
+    s0, s1 = net0.ann_state_dict(), net.ann_state_dict()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    with pytest.raises(ValueError, match="accept="):
+        snn.finetune(ann, net, train, force=False, accept="global", progress=False)
+
+
 def test_bad_methods():
     ann = TinyResNet().eval()
     net = snn.convert(ann)
