@@ -34,6 +34,9 @@ from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
 from common.metrics import write_json
 from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
+from common.pipeline import (add_method_args, check_method, check_method_args, method_options,  # noqa: F401
+                             method_text)
+from common.pipeline import finetune_options as pipeline_finetune_options
 
 from . import engine
 from .metrics import TopK, format_acc
@@ -158,10 +161,6 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
                    help={"train": "cap iterations per epoch (smoke tests)",
                          "snn": "evaluate only the first N test batches (smoke tests)",
                          "ft": "cap the fine-tuning batches per layer (smoke tests, the prefix cache)"}[script])
-    if not train:
-        p.add_argument("--tune-malloc", action="store_true",
-                       help="keep freed memory in the process heap (glibc mallopt, process-wide): the SNN "
-                            "reallocates the same large spike trains every batch; ~15 %% faster on the CPU")
     if task.extra_args is not None:
         task.extra_args(p)
     return p
@@ -182,16 +181,11 @@ def check_args(args):
         raise UserError(f"-j/--workers {args.workers} must not be negative", "pass 0 (in-process loading) or more")
     if getattr(args, "max_iters", None) is not None and args.max_iters < 1:
         raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
-    for name in ("lr", "weight_decay", "momentum", "e2e_lr"):
+    for name in ("lr", "weight_decay", "momentum"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise UserError(f"--{name.replace('_', '-')} {v} must not be negative", "pass a value >= 0")
-    for name in ("e2e_batches", "e2e_epochs", "local_batches"):
-        v = getattr(args, name, 1)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')} {v} must be at least 1", "pass a positive number")
-    if getattr(args, "method", None) is not None:
-        check_method(args.method)
+    check_method_args(args)
 
 
 def run_dir(args, suffix: str = "") -> str:
@@ -241,12 +235,9 @@ def build_model(args, task: Task, num_classes: int) -> nn.Module:
 
 
 def _tune_malloc(args):
-    """``--tune-malloc`` (opt-in): SNN runs allocate the same large spike trains batch after batch; keep
-    freed blocks in the heap instead of returning them to the OS and page-faulting them back (glibc)."""
-    if getattr(args, "tune_malloc", False):
-        from quant.fused import tune_malloc
-        log("--tune-malloc: " + ("freed memory stays in the process heap" if tune_malloc()
-                                 else "not applied (no glibc mallopt here)"))
+    """``--tune-malloc`` (opt-in; :func:`common.pipeline.tune_malloc_if_asked`)."""
+    from common.pipeline import tune_malloc_if_asked
+    tune_malloc_if_asked(args, log)
 
 
 def _script(args) -> str:
@@ -655,18 +646,6 @@ def finetune_snn(args, task: Task) -> Dict:
         return _run_finetune(args, task, data, model, net, path, out_dir)
 
 
-def method_options(args) -> Dict:
-    """``--method``'s further settings (:func:`snn.finetune`'s ``e2e_*`` arguments): only for a method
-    with the end-to-end stage (``--method fastsnn`` passes none, so it runs the original algorithm)."""
-    opts = {}
-    if getattr(args, "ft_accept", "score") != "score":
-        opts.update(accept=args.ft_accept, local_batches=args.local_batches)
-    if "e2e" not in args.method.split("+"):
-        return opts
-    return {**opts, "e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
-            "e2e_loss": args.e2e_loss}
-
-
 def cross_entropy_loss(out, ann_out, batch):
     """The end-to-end loss ``--e2e-loss ce``: cross-entropy of the SNN's logits with the batch's labels."""
     return F.cross_entropy(out, batch[1].to(out.device))
@@ -674,21 +653,11 @@ def cross_entropy_loss(out, ann_out, batch):
 
 def finetune_options(args) -> Dict:
     """:func:`method_options` as :func:`snn.finetune` takes them (``ce`` as the loss callable)."""
-    opts = dict(method_options(args))
-    if opts.get("e2e_loss") == "ce":
-        opts["e2e_loss"] = cross_entropy_loss
-    return opts
+    return pipeline_finetune_options(args, {"ce": cross_entropy_loss})
 
 
 def _method_text(args) -> str:
-    opts = method_options(args)
-    acc = f", layer-wise steps judged by the layer's error on {opts['local_batches']} batches" if "accept" in opts else ""
-    if "e2e_loss" not in opts:
-        return args.method + acc
-    lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
-    n = opts["e2e_batches"] if opts["e2e_batches"] is not None else (args.max_iters or "all")
-    return (f"{args.method} (e2e: {n} batches x {opts['e2e_epochs']} epoch(s), lr {lr}, "
-            f"loss {opts['e2e_loss']}){acc}")
+    return method_text(args, args.max_iters)
 
 
 def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
@@ -770,13 +739,6 @@ def add_finetune_args(p: ArgumentParser):
     p.add_argument("--score-batches", type=int, default=None,
                    help="without --force: judge each tuning step on N training batches, drawn once and the "
                         "same for every decision (default: a pass over the whole training set, the original's)")
-    p.add_argument("--ft-accept", choices=("score", "local"), default="score",
-                   help="without --force, how a layer-wise step is judged: score = the whole SNN's train top-1 "
-                        "must improve (the original's test, default); local = the tuned layer's own rate error "
-                        "against the ANN's activation must fall, on --local-batches training batches drawn once "
-                        "(the end-to-end stage is judged by the score either way)")
-    p.add_argument("--local-batches", type=int, default=8, metavar="N",
-                   help="batches of the --ft-accept local test (default 8)")
     p.add_argument("--ft-layers", default="", metavar="PATTERNS",
                    help="tune only the spiking layers whose names match these comma-separated globs "
                         "(e.g. 'layer1.*,layer2.0.act2'; default: every layer from the 2nd on)")
@@ -789,33 +751,11 @@ def add_finetune_args(p: ArgumentParser):
                         "prefixes are recomputed instead (default 2048)")
     p.add_argument("--eval-before", action=argparse_bool(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")
-    p.add_argument("--method", default="fastsnn+e2e", metavar="STAGES",
-                   help="fine-tuning method: stages joined by '+' from fastsnn (the original layer-wise algorithm), "
-                        "bias (bias correction), bnstats (BN statistics from SNN rates), e2e (an end-to-end "
-                        "straight-through pass after the layer-wise stages, loss --e2e-loss; last); "
-                        "default fastsnn+e2e; --method fastsnn is the original algorithm")
-    p.add_argument("--e2e-batches", type=int, default=None, metavar="N",
-                   help="batches per epoch of the end-to-end stage (default: those of the layer-wise stage, "
-                        "--max-iters; a full pass when that is not given)")
-    p.add_argument("--e2e-loss", default="ce", choices=("ce", "kl", "mse"),
-                   help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
-                        "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
-                        "mse = squared error to them")
-    p.add_argument("--e2e-epochs", type=int, default=3, metavar="N",
-                   help="epochs of the end-to-end stage, each kept only if the accept / revert score improves "
-                        "(default 3: the best measured, docs/fidelity.md)")
-    p.add_argument("--e2e-lr", type=float, default=None, metavar="LR",
-                   help="learning rate of the end-to-end stage, cosine-decayed (default: --lr)")
+    add_method_args(p, default="fastsnn+e2e", losses=("ce", "kl", "mse"), default_loss="ce",
+                    loss_help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
+                              "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
+                              "mse = squared error to them",
+                    epochs_default=3, epochs_help="epochs of the end-to-end stage, each kept only if the accept / "
+                                                  "revert score improves (default 3: the best measured, docs/fidelity.md)")
 
 
-def check_method(method: str, flag: str = "--method"):
-    """A one-line error unless ``method`` is distinct stages of :data:`snn.finetune.STAGES` joined by
-    '+', the end-to-end stage (if any) last -- before any data is read."""
-    import importlib
-    stages_ok = importlib.import_module("snn.finetune").STAGES  # snn.finetune is also the function
-    stages = method.split("+")
-    hint = f"choose stages of {', '.join(stages_ok)} joined by '+', e.g. fastsnn+e2e (fastsnn: the original)"
-    if not all(st in stages_ok for st in stages) or len(set(stages)) != len(stages):
-        raise UserError(f"{flag} {method!r} is not a method", hint)
-    if "e2e" in stages and stages[-1] != "e2e":
-        raise UserError(f"{flag} {method!r}: the end-to-end stage e2e must come last", hint)

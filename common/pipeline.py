@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, List, Mapping, Optional, Protocol
+from typing import Callable, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,22 @@ def add_snn_args(p):
     p.add_argument("--settle", type=int, default=0, metavar="K",
                    help="run K extra steps with the input and every bias / BN shift off, so each neuron's count "
                         "moves to the quantized ANN's level (signed neurons only; default 0 = the paper's SNN)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="keep freed memory in the process heap (glibc mallopt, process-wide): the SNN "
+                        "reallocates the same large spike trains every batch; a little faster on the CPU (opt-in)")
     return p
+
+
+def tune_malloc_if_asked(args, log: Callable[[str], None] = None) -> bool:
+    """``--tune-malloc`` (opt-in, :func:`add_snn_args`): keep freed blocks in the heap instead of returning
+    them to the OS and page-faulting them back (glibc). Never applied unless the flag is given."""
+    if not getattr(args, "tune_malloc", False):
+        return False
+    from quant.fused import tune_malloc
+    ok = tune_malloc()
+    (log or _log)("--tune-malloc: " + ("freed memory stays in the process heap" if ok
+                                       else "not applied (no glibc mallopt here)"))
+    return ok
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -158,6 +173,100 @@ def evaluate_snn(ann: nn.Module, net, loader, make_metric: Callable[[], object],
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
+def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("mse", "kl"),
+                    default_loss: str = "mse", loss_help: str = "", method_help: str = "",
+                    epochs_default: int = 1, epochs_help: str = ""):
+    """The fine-tuning method flags shared by every ``snn_ft.py``: ``--method`` (stages of
+    :data:`snn.finetune.STAGES` joined by '+'), the end-to-end stage's ``--e2e-batches / --e2e-epochs /
+    --e2e-lr / --e2e-loss`` (``losses``: the names the task accepts; ``kl`` / ``mse`` compare with the
+    ANN's output, a task's own name -- ``ce``, ``yolo`` -- is its training loss on the labels) and the
+    layer-wise accept test ``--ft-accept score|local``, ``--local-batches``."""
+    p.add_argument("--method", default=default, metavar="STAGES",
+                   help="fine-tuning method: stages joined by '+' from fastsnn (the original layer-wise algorithm), "
+                        "bias (bias correction), bnstats (BN statistics from SNN rates), e2e (an end-to-end "
+                        "straight-through pass after the layer-wise stages, loss --e2e-loss; last); "
+                        f"default {default}" + (f" ({method_help})" if method_help else "")
+                        + "; --method fastsnn is the original algorithm")
+    p.add_argument("--e2e-batches", "--e2e_batches", dest="e2e_batches", type=int, default=None, metavar="N",
+                   help="batches per epoch of the end-to-end stage (default: those of the layer-wise stage, "
+                        "--max-iters; a full pass when that is not given)")
+    p.add_argument("--e2e-loss", "--e2e_loss", dest="e2e_loss", default=default_loss, choices=tuple(losses),
+                   help=loss_help or "loss of the end-to-end stage: kl = KL divergence to the quantized ANN's "
+                                     "logits, mse = squared error to its output")
+    p.add_argument("--e2e-epochs", "--e2e_epochs", dest="e2e_epochs", type=int, default=epochs_default, metavar="N",
+                   help=epochs_help or f"epochs of the end-to-end stage, each kept only if the accept / revert "
+                                       f"score improves (default {epochs_default})")
+    p.add_argument("--e2e-lr", "--e2e_lr", dest="e2e_lr", type=float, default=None, metavar="LR",
+                   help="learning rate of the end-to-end stage, cosine-decayed (default: --lr)")
+    p.add_argument("--ft-accept", "--ft_accept", dest="ft_accept", choices=("score", "local"), default="score",
+                   help="without --force, how a layer-wise step is judged: score = the whole SNN's score on "
+                        "--score-batches training batches must improve (the original's test, default); local = the "
+                        "tuned layer's own rate error against the ANN's activation must fall, on --local-batches "
+                        "training batches drawn once (the end-to-end stage is judged by the score either way)")
+    p.add_argument("--local-batches", "--local_batches", dest="local_batches", type=int, default=8, metavar="N",
+                   help="batches of the --ft-accept local test (default 8)")
+    return p
+
+
+def check_method(method: str, flag: str = "--method"):
+    """A one-line error unless ``method`` is distinct stages of :data:`snn.finetune.STAGES` joined by
+    '+', the end-to-end stage (if any) last -- before any data is read."""
+    import importlib
+    stages_ok = importlib.import_module("snn.finetune").STAGES  # snn.finetune is also the function
+    stages = method.split("+")
+    hint = f"choose stages of {', '.join(stages_ok)} joined by '+', e.g. fastsnn+e2e (fastsnn: the original)"
+    if not all(st in stages_ok for st in stages) or len(set(stages)) != len(stages):
+        raise UserError(f"{flag} {method!r} is not a method", hint)
+    if "e2e" in stages and stages[-1] != "e2e":
+        raise UserError(f"{flag} {method!r}: the end-to-end stage e2e must come last", hint)
+
+
+def check_method_args(args):
+    """One-line errors for the :func:`add_method_args` flags."""
+    if getattr(args, "e2e_lr", None) is not None and args.e2e_lr < 0:
+        raise UserError(f"--e2e-lr {args.e2e_lr} must not be negative", "pass a value >= 0")
+    for name in ("e2e_batches", "e2e_epochs", "local_batches"):
+        v = getattr(args, name, 1)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} {v} must be at least 1", "pass a positive number")
+    if getattr(args, "method", None) is not None:
+        check_method(args.method)
+
+
+def method_options(args) -> dict:
+    """The JSON-ready settings of the :func:`add_method_args` flags that :func:`snn.finetune` takes: the
+    accept test (only when not the default) and, for a method with the end-to-end stage, its ``e2e_*``
+    settings (``--method fastsnn`` passes none, so it runs the original algorithm)."""
+    opts = {}
+    if getattr(args, "ft_accept", "score") != "score":
+        opts.update(accept=args.ft_accept, local_batches=args.local_batches)
+    if "e2e" not in args.method.split("+"):
+        return opts
+    return {**opts, "e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
+            "e2e_loss": args.e2e_loss}
+
+
+def finetune_options(args, task_losses: Optional[Mapping[str, Callable]] = None) -> dict:
+    """:func:`method_options` as :func:`snn.finetune` takes them: a task loss named by ``--e2e-loss``
+    (``task_losses``: name -> ``loss(output, ann_output, batch)``) replaced by its callable."""
+    opts = dict(method_options(args))
+    if opts.get("e2e_loss") in (task_losses or {}):
+        opts["e2e_loss"] = task_losses[opts["e2e_loss"]]
+    return opts
+
+
+def method_text(args, max_batches=None) -> str:
+    """A one-line description of the chosen method for the run's log."""
+    opts = method_options(args)
+    acc = f", layer-wise steps judged by the layer's error on {opts['local_batches']} batches" if "accept" in opts else ""
+    if "e2e_loss" not in opts:
+        return args.method + acc
+    lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
+    n = opts["e2e_batches"] if opts["e2e_batches"] is not None else (max_batches or "all")
+    return (f"{args.method} (e2e: {n} batches x {opts['e2e_epochs']} epoch(s), lr {lr}, "
+            f"loss {opts['e2e_loss']}){acc}")
+
+
 def finetune(ann: nn.Module, net, loader, *, score: Optional[Callable] = None, inputs: Callable = None,
              epochs: int = 1, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 1e-4,
              bn_mode: str = "recalibrate", max_batches: Optional[int] = None, cache="auto",
@@ -263,5 +372,6 @@ def load_backbone(model: nn.Module, src, *, prefix_map: Optional[Mapping[str, Op
     return {"loaded": loaded, "initialised": initialised, "ignored": ignored}
 
 
-__all__ = ["Metric", "default_inputs", "convert", "add_snn_args", "evaluate", "evaluate_snn", "finetune",
+__all__ = ["Metric", "default_inputs", "convert", "add_snn_args", "tune_malloc_if_asked", "add_method_args",
+           "check_method", "check_method_args", "method_options", "finetune_options", "method_text", "evaluate", "evaluate_snn", "finetune",
            "save_finetuned", "load_backbone"]

@@ -5,7 +5,9 @@
 
 Each spiking layer in turn is trained to match the quantized ANN's activation from the SNN's input
 rates; without --force a tuned layer is kept only when the SNN's mAP on the first --score-batches
-training images (no augmentation) does not drop. Saved in ANN format to
+training images (no augmentation) improves (--ft-accept local: when the layer's own rate error falls).
+--method fastsnn (default) is that algorithm; --method fastsnn+e2e adds an end-to-end pass (all layers
+together, loss --e2e-loss: the YOLO loss with the labels by default). Saved in ANN format to
 <save_folder>/<dataset>/<version>_<bit>bit_ft/model_best.pth.tar: eval.py --spike --init reads it.
 """
 from common.cli import ArgumentParser, unshadow_script_dir
@@ -17,7 +19,7 @@ from detection import workflow as W  # noqa: E402
 
 
 def get_parser() -> ArgumentParser:
-    from common.pipeline import add_snn_args
+    from common.pipeline import add_method_args, add_snn_args
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     W.add_model_args(p, bit_default=2)
     W.add_data_args(p, W.DATASETS_TRAIN, "voc")
@@ -43,6 +45,9 @@ def get_parser() -> ArgumentParser:
                    help="also evaluate the SNN before fine-tuning (default on)")
     p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/")
     p.add_argument("--tfboard", action=W.bool_flag(), default=True, help="TensorBoard logs in the run folder's tb/")
+    add_method_args(p, default="fastsnn", losses=("yolo", "mse"), default_loss="yolo",
+                    loss_help="loss of the end-to-end stage: yolo = the YOLO training loss with the ground-truth "
+                              "boxes (default), mse = squared error to the quantized ANN's raw predictions")
     add_snn_args(p)
     W.add_post_args(p)
     return p

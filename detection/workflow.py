@@ -552,12 +552,23 @@ def _coco_test(args, model, data, loader, make_metric, path, ctx) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
+def e2e_yolo_loss(anchors):
+    """The end-to-end loss ``--e2e-loss yolo``: the YOLO training loss of the SNN's predictions against the
+    batch's ground-truth boxes (at the batch's image size)."""
+    def loss(out, ann_out, batch):
+        size = tuple(batch["image"].shape[-2:])
+        targets = build_targets(batch["boxes"], batch["labels"], anchors, size)
+        return yolo_loss(out, targets, anchors, size)[0]
+    return loss
+
+
 def finetune(args) -> dict:
     _positive(args, "batch_size", "max_iters", "score_batches", "num_epochs", "input_size")
     if args.bit == 32:
         raise UserError("--bit 32: a full-precision ANN has no activation clips to become thresholds",
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
     from common import pipeline
+    pipeline.check_method_args(args)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
         data = _data(args, True, True, args.input_size, args.input_size)
@@ -583,24 +594,29 @@ def finetune(args) -> dict:
             log(f"  SNN mAP {before['map']:.2f} (ANN {before['ann_map']:.2f})")
         log(f"fine-tuning {args.version} {args.bit}-bit SNN (T={net.T}, {'signed' if net.signed else 'unsigned'}): "
             f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, "
-            + ("--force (accept every layer)" if args.force else f"accept on the mAP of {args.score_batches} training batches"))
+            + ("--force (accept every layer)" if args.force else f"accept on the mAP of {args.score_batches} training batches")
+            + f", method {pipeline.method_text(args, args.max_iters)}")
         t0 = time.time()
         with TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None) as tb:
             history = pipeline.finetune(model, net, train_loader, score=score, inputs=D.inputs, epochs=args.num_epochs,
                                         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                         bn_mode=args.ft_bn, max_batches=args.max_iters, cache=args.ft_cache,
-                                        progress=args.progress, log=log, tb=tb, device=ctx.device)
+                                        progress=args.progress, log=log, tb=tb, device=ctx.device, method=args.method,
+                                        method_options=pipeline.finetune_options(
+                                            args, {"yolo": e2e_yolo_loss(model.anchors)}))
         seconds = time.time() - t0
         after = pipeline.evaluate_snn(model, net, val_loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
                                       progress=args.progress, desc="snn eval (after)")
         ckpt_path = os.path.join(out_dir, BEST)
         meta = {**_meta(model, data, args), "init": path, "map": after["map"], "best_map": after["map"],
+                "method": args.method, "method_options": pipeline.method_options(args),
                 "args": plain_args(args), "history": history}
         pipeline.save_finetuned(ckpt_path, net, meta)
         log(f"SNN mAP {before['map'] if before else float('nan'):.2f} -> {after['map']:.2f} after fine-tuning "
             f"(ANN {after['ann_map']:.2f}); fine-tuned model (ANN format) -> {ckpt_path}")
         rec = _record(args, "snn_ft.py", model, data, after, ckpt_path, finetuned=True, init=path,
-                      finetune_seconds=seconds, finetune=history,
+                      finetune_seconds=seconds, finetune=history, method=args.method,
+                      method_options=pipeline.method_options(args),
                       before={k: before[k] for k in ("map", "ann_map", "per_step_map", "layers")} if before else None)
         _write(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{after['neuron']}_T{after['T']}.json"), _plot_eval)
         return rec

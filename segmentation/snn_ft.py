@@ -7,7 +7,9 @@
 Each spiking layer from the second on is tuned against the quantized ANN's activation (layer-local
 MSE, straight-through gradient at the SNN's input rates). Without --force a tuned layer is kept only
 if the SNN's mIoU on the first --score-batches training batches (un-augmented, padded to --test_size)
-improves. Saves <save_folder>/<dataset>/<model>_<bit>bit_ft/model_best.pth.tar (ANN format: eval.py
+improves (--ft-accept local: when the layer's own rate error falls). --method fastsnn (default) is that
+algorithm; --method fastsnn+e2e adds an end-to-end pass (loss --e2e-loss, per-pixel cross-entropy with the
+labels by default). Saves <save_folder>/<dataset>/<model>_<bit>bit_ft/model_best.pth.tar (ANN format: eval.py
 --spike --init reads it) and metrics_snn_ft_<neuron>_T<T>.json (before / after, per-layer history).
 """
 from common.cli import ArgumentParser, unshadow_script_dir
@@ -16,7 +18,7 @@ unshadow_script_dir(__file__)
 
 import argparse  # noqa: E402
 
-from common import run_cli  # noqa: E402
+from common import pipeline, run_cli  # noqa: E402
 from segmentation import workflow  # noqa: E402
 
 
@@ -36,6 +38,10 @@ def get_parser() -> ArgumentParser:
                    help="fine-tuning batches per layer and epoch (default: the whole training set)")
     p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=argparse.BooleanOptionalAction,
                    default=True, help="also evaluate the SNN before fine-tuning (default on)")
+    pipeline.add_method_args(p, default="fastsnn", losses=("ce", "kl", "mse"), default_loss="ce",
+                             loss_help="loss of the end-to-end stage: ce = per-pixel cross-entropy with the label "
+                                       "masks (ignore 255; default), kl = per-pixel KL divergence to the quantized "
+                                       "ANN's logits, mse = squared error to them")
     return p
 
 

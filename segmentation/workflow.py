@@ -113,7 +113,8 @@ def add_snn_args(p: ArgumentParser):
 #: flags that only some of the scripts have (a preset may set them for the script it is meant for)
 SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "spike", "unsigned", "T", "chunk",
                "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
-               "output"}
+               "output", "tune_malloc", "method", "e2e_batches", "e2e_loss", "e2e_epochs", "e2e_lr", "ft_accept",
+               "local_batches"}
 
 
 def preset_path(name: str) -> str:
@@ -570,8 +571,8 @@ def evaluate(args) -> Dict:
     """``eval.py``: mIoU of the ANN (default) or, with ``--spike``, of its SNN next to the ANN."""
     check_args(args)
     if args.spike:
-        from quant.fused import tune_malloc
-        tune_malloc()
+        from common import pipeline
+        pipeline.tune_malloc_if_asked(args, log)
     with dist.session(args.device, args.local_rank) as ctx:
         data = build_data(args, train=False, ctx=ctx)
         loader = val_loader(args, data, ctx)
@@ -618,6 +619,15 @@ def count_macs(model: nn.Module, size: int, device) -> float:
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
+def e2e_cross_entropy(out, ann_out, batch):
+    """The end-to-end loss ``--e2e-loss ce``: per-pixel cross-entropy of the SNN's logits with the batch's
+    label mask (255 ignored; zero for a batch of ignored pixels only)."""
+    y = batch[1].to(out.device)
+    if not bool((y != IGNORE).any()):
+        return out.sum() * 0.0
+    return F.cross_entropy(out.float(), y, ignore_index=IGNORE)
+
+
 class _Reshuffled:
     """A new DistributedSampler epoch on every pass (the fine-tuner walks the loader per layer)."""
 
@@ -641,8 +651,8 @@ def finetune(args) -> Dict:
     if args.num_epochs < 1:
         raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
     from common import pipeline
-    from quant.fused import tune_malloc
-    tune_malloc()
+    pipeline.check_method_args(args)
+    pipeline.tune_malloc_if_asked(args, log)
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
         data = build_data(args, train=True, ctx=ctx)
@@ -669,23 +679,27 @@ def finetune(args) -> Dict:
             score = train_miou
         bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
         log(f"fine-tuning {args.model} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, BN "
-            f"{bn_mode}, {'--force (accept every layer)' if args.force else f'accept on train mIoU ({args.score_batches} batches)'}")
+            f"{bn_mode}, {'--force (accept every layer)' if args.force else f'accept on train mIoU ({args.score_batches} batches)'}"
+            f", method {pipeline.method_text(args, args.max_iters)}")
         t0 = time.time()
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             history = pipeline.finetune(model, net, _Reshuffled(tr_loader), score=score, epochs=args.num_epochs,
                                         lr=args.lr, bn_mode=bn_mode, max_batches=args.max_iters,
-                                        progress=args.progress, log=log, tb=tb)
+                                        progress=args.progress, log=log, tb=tb, method=args.method,
+                                        method_options=pipeline.finetune_options(args, {"ce": e2e_cross_entropy}))
         seconds = time.time() - t0
         log("SNN after fine-tuning:")
         result = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (after)")
         ckpt_path = os.path.join(out_dir, BEST)
         meta = dict(_meta(args, data, model), T=net.T, neuron=result["neuron"], bn_mode=bn_mode, init=init_path,
-                    miou=result["miou"], epoch=args.num_epochs, args=plain_args(args))
+                    miou=result["miou"], epoch=args.num_epochs, method=args.method,
+                    method_options=pipeline.method_options(args), args=plain_args(args))
         if ctx.is_main:
             pipeline.save_finetuned(ckpt_path, net, meta)
             log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
         rec = record(args, data, result, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True, init=init_path,
-                     bn_mode=bn_mode, finetune_seconds=seconds, finetune=history,
+                     bn_mode=bn_mode, finetune_seconds=seconds, finetune=history, method=args.method,
+                     method_options=pipeline.method_options(args),
                      before={k: before[k] for k in ("miou", "ann_miou", "per_step_miou", "layers")} if before else None)
         if before is not None:
             log(f"SNN mIoU {before['miou']:.2f} -> {result['miou']:.2f} after fine-tuning (ANN {result['ann_miou']:.2f})")

@@ -454,6 +454,39 @@ def test_snn_ft_and_demo(trained, scene_root, tmp_path):
     assert len(written) == 12 and all(os.path.isfile(p) for p in written)
 
 
+def test_snn_ft_methods(trained, scene_root, tmp_path, capsys):
+    """--method fastsnn+e2e with the YOLO loss on the labels, --ft-accept local; recorded in JSON and checkpoint."""
+    from detection import snn_ft as S
+    base = ["-d", "voc", "-v", "yolov2_tiny", "--bit", "2", "--init", trained["best2"], "-root", scene_root.root,
+            "--classes", scene_root.classes, "-size", "64", "--num_workers", "0", "--no-progress", "-bs", "4",
+            "--max-iters", "1", "--score-batches", "1", "--no-eval-before", "--no-tfboard"]
+    rec = S.main(base + ["--save_folder", str(tmp_path / "a"), "--method", "fastsnn+e2e", "--e2e-epochs", "2",
+                         "--ft-accept", "local", "--local-batches", "1"])
+    out = capsys.readouterr().out
+    assert "method fastsnn+e2e (e2e: 1 batches x 2 epoch(s), lr 0.001, loss yolo), layer-wise steps judged" in out
+    opts = {"accept": "local", "local_batches": 1, "e2e_batches": None, "e2e_epochs": 2, "e2e_lr": None,
+            "e2e_loss": "yolo"}
+    assert rec["method"] == "fastsnn+e2e" and rec["method_options"] == opts
+    e2e = rec["finetune"][-1]
+    assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
+    assert all(math.isfinite(e["loss_mean"]) and e["loss_mean"] > 0 for e in e2e["epochs"])
+    assert all("local_error_before" in h for h in rec["finetune"][:-1])
+    ck = torch.load(os.path.join(str(tmp_path / "a"), "voc", "yolov2_tiny_2bit_ft", "model_best.pth.tar"),
+                    weights_only=True)
+    assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
+    # the YOLO loss of the end-to-end stage is the training loss on the batch's boxes
+    from detection import workflow as W
+    from detection.loss import build_targets, yolo_loss
+    anchors = ck["anchors"]
+    pred = torch.randn(2, 4 * len(anchors), 5 + 10)
+    batch = {"image": torch.zeros(2, 3, 64, 64), "boxes": [torch.tensor([[4.0, 4.0, 30.0, 40.0]]), torch.zeros(0, 4)],
+             "labels": [torch.tensor([3]), torch.zeros(0, dtype=torch.long)]}
+    want = yolo_loss(pred, build_targets(batch["boxes"], batch["labels"], anchors, (64, 64)), anchors, (64, 64))[0]
+    assert torch.equal(W.e2e_yolo_loss(anchors)(pred, None, batch), want)
+    code, err = _cli(S.main, base + ["--save_folder", str(tmp_path / "b"), "--method", "e2e+fastsnn"], capsys)
+    assert code == 2 and "e2e must come last" in err and len(err.splitlines()) == 1
+
+
 def test_bad_input_one_line_errors(trained, scene_root, tmp_path, capsys):
     from detection import eval as E
     from detection import train as T

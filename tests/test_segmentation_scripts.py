@@ -114,6 +114,43 @@ def test_finetune_then_eval_and_inference(chain, tmp_path):
     assert len(outs) == 2 + 2 * 9
 
 
+def test_finetune_methods_and_opt_in_malloc(chain, tmp_path, monkeypatch, capsys):
+    """snn_ft.py --method fastsnn+e2e (per-pixel cross-entropy with the masks) and --ft-accept local, recorded;
+    the glibc heap tuning only with --tune-malloc."""
+    import quant.fused
+    from segmentation import eval as seg_eval
+    from segmentation import snn_ft, workflow
+    calls = []
+    monkeypatch.setattr(quant.fused, "tune_malloc", lambda *a, **k: calls.append(1) or True)
+    flags = chain["flags"]
+    rec = snn_ft.main(flags + ["--bit", "2", "-n", "1", "--max-iters", "1", "--score-batches", "1", "--no-eval-before",
+                               "--method", "fastsnn+e2e", "--e2e-epochs", "2", "--ft-accept", "local",
+                               "--local-batches", "1", "--save_folder", str(tmp_path / "ft"), "--init", chain["best2"]])
+    assert calls == []
+    opts = {"accept": "local", "local_batches": 1, "e2e_batches": None, "e2e_epochs": 2, "e2e_lr": None,
+            "e2e_loss": "ce"}
+    assert rec["method"] == "fastsnn+e2e" and rec["method_options"] == opts
+    e2e = rec["finetune"][-1]
+    assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
+    assert all("local_error_before" in h for h in rec["finetune"][:-1])
+    assert "loss ce), layer-wise steps judged by the layer's error on 1 batches" in capsys.readouterr().out
+    ck = torch.load(os.path.join(str(tmp_path / "ft"), "voc", "deeplabv1_vgg9_2bit_ft", "model_best.pth.tar"),
+                    map_location="cpu", weights_only=True)
+    assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
+    # the loss: cross-entropy over the labelled pixels, zero when every pixel is ignored
+    out = torch.randn(2, 4, 5, 5)
+    y = torch.randint(0, 4, (2, 5, 5))
+    y[0, :2] = 255
+    assert torch.allclose(workflow.e2e_cross_entropy(out, None, (None, y)),
+                          torch.nn.functional.cross_entropy(out, y, ignore_index=255))
+    assert float(workflow.e2e_cross_entropy(out, None, (None, torch.full_like(y, 255)))) == 0.0
+    seg_eval.main(flags + ["--bit", "2", "--spike", "--max-batches", "1", "--metrics-out", str(tmp_path / "m.json")])
+    assert calls == []
+    seg_eval.main(flags + ["--bit", "2", "--spike", "--max-batches", "1", "--tune-malloc",
+                           "--metrics-out", str(tmp_path / "m2.json")])
+    assert calls == [1]
+
+
 def test_resume_auto_continues(chain, tmp_path, monkeypatch):
     from segmentation import train
     flags = chain["flags"] + ["--save_folder", str(tmp_path), "--bit", "32", "--lr", "0.02"]
