@@ -167,8 +167,8 @@ class Study:
         dist.seed_all(self.args.seed, 0)  # every method sees the same shuffles
         net, before, reused = self.convert(), 0.0, None
         stages = name.split("+")
-        if stages[-1] == "e2e" and len(stages) > 1 and not any(k in kw for k in ("epochs", "lr", "batches",
-                                                                                 "bias_iters", "schedule")):
+        layerwise = ("epochs", "lr", "batches", "bias_iters", "schedule", "accept", "local_batches")
+        if stages[-1] == "e2e" and len(stages) > 1 and not any(k in kw for k in layerwise):
             prior = "+".join(stages[:-1])
             if prior in self.done:  # continue from that run's tuned net: only the end-to-end stage is new
                 reused, (net, before) = prior, (copy.deepcopy(self.done[prior][0]), self.done[prior][1])
@@ -181,7 +181,8 @@ class Study:
         elif score_kind == "fixed":  # the same training batches for every score
             fixed = engine.fixed_batches(self.data.train_loader, score_batches)
             score = engine.top1_score(fixed, show_progress=False)
-        elif score_kind == "reshuffled":  # the demo's: the first N batches of a new shuffle
+        elif score_kind == "reshuffled":  # the first N batches of a new shuffle (the default here; snn_ft.py
+            # and the demo draw their N batches once: score=fixed)
             score = engine.top1_score(loader, max_batches=score_batches, show_progress=False)
         else:
             raise ValueError(f"score={score_kind!r}: use reshuffled, fixed or none")

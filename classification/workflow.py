@@ -657,7 +657,8 @@ def finetune_options(args) -> Dict:
 
 
 def _method_text(args) -> str:
-    return method_text(args, args.max_iters)
+    n = "the whole training set" if args.score_batches is None else f"{args.score_batches} batches"
+    return method_text(args, args.max_iters, f"the train top-1 ({n})")
 
 
 def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
@@ -669,8 +670,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
         log("SNN before fine-tuning:")
         before = run_snn_eval(model, net, data.val_loader, args, desc="snn test (before)")
     log(f"fine-tuning {args.arch} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, "
-        f"wd {wd}, BN {bn_mode}, {'--force (accept every layer)' if args.force else 'accept on train top-1'}, "
-        f"method {_method_text(args)}")
+        f"wd {wd}, BN {bn_mode}, method {_method_text(args)}")
     loader = engine.ReshuffledLoader(data.train_loader)
     score = None
     if not args.force and args.score_batches is None:  # the original's test: a pass over the training set

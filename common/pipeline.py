@@ -198,11 +198,14 @@ def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("ms
                                        f"score improves (default {epochs_default})")
     p.add_argument("--e2e-lr", "--e2e_lr", dest="e2e_lr", type=float, default=None, metavar="LR",
                    help="learning rate of the end-to-end stage, cosine-decayed (default: --lr)")
-    p.add_argument("--ft-accept", "--ft_accept", dest="ft_accept", choices=("score", "local"), default="score",
+    p.add_argument("--ft-accept", "--ft_accept", dest="ft_accept", choices=("auto", "score", "local"),
+                   default="auto",
                    help="without --force, how a layer-wise step is judged: score = the whole SNN's score on "
-                        "--score-batches training batches must improve (the original's test, default); local = the "
-                        "tuned layer's own rate error against the ANN's activation must fall, on --local-batches "
-                        "training batches drawn once (the end-to-end stage is judged by the score either way)")
+                        "--score-batches training batches must improve (the original's test); local = the tuned "
+                        "layer's own rate error against the ANN's activation must fall, on --local-batches training "
+                        "batches drawn once (the end-to-end stage is judged by the score either way); auto "
+                        "(default) = score for --method fastsnn (the original algorithm, unchanged), local for "
+                        "every other method (the better measured, docs/fidelity.md)")
     p.add_argument("--local-batches", "--local_batches", dest="local_batches", type=int, default=8, metavar="N",
                    help="batches of the --ft-accept local test (default 8)")
     return p
@@ -238,12 +241,22 @@ def method_options(args) -> dict:
     accept test (only when not the default) and, for a method with the end-to-end stage, its ``e2e_*``
     settings (``--method fastsnn`` passes none, so it runs the original algorithm)."""
     opts = {}
-    if getattr(args, "ft_accept", "score") != "score":
-        opts.update(accept=args.ft_accept, local_batches=args.local_batches)
+    accept = accept_mode(args)
+    if accept != "score" and not getattr(args, "force", False):
+        opts.update(accept=accept, local_batches=args.local_batches)
     if "e2e" not in args.method.split("+"):
         return opts
     return {**opts, "e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,
             "e2e_loss": args.e2e_loss}
+
+
+def accept_mode(args) -> str:
+    """``--ft-accept`` resolved: ``auto`` is ``score`` for ``--method fastsnn`` (the original algorithm and its
+    accept / revert test) and ``local`` for every other method."""
+    mode = getattr(args, "ft_accept", "score")
+    if mode == "auto":
+        return "score" if args.method == "fastsnn" else "local"
+    return mode
 
 
 def finetune_options(args, task_losses: Optional[Mapping[str, Callable]] = None) -> dict:
@@ -255,10 +268,17 @@ def finetune_options(args, task_losses: Optional[Mapping[str, Callable]] = None)
     return opts
 
 
-def method_text(args, max_batches=None) -> str:
-    """A one-line description of the chosen method for the run's log."""
+def method_text(args, max_batches=None, score: str = "the score") -> str:
+    """A one-line description of the chosen method and its accept / revert test for the run's log
+    (``score``: what the task's score is, e.g. "train top-1 (8 batches)")."""
     opts = method_options(args)
-    acc = f", layer-wise steps judged by the layer's error on {opts['local_batches']} batches" if "accept" in opts else ""
+    if getattr(args, "force", False):
+        acc = ", --force (every step kept)"
+    elif "accept" in opts:
+        acc = (f", layer-wise steps kept if the layer's error on {opts['local_batches']} batches falls"
+               + (f", end-to-end epochs if {score} improves" if "e2e_loss" in opts else ""))
+    else:
+        acc = f", each step kept if {score} improves"
     if "e2e_loss" not in opts:
         return args.method + acc
     lr = opts["e2e_lr"] if opts["e2e_lr"] is not None else args.lr
@@ -373,5 +393,5 @@ def load_backbone(model: nn.Module, src, *, prefix_map: Optional[Mapping[str, Op
 
 
 __all__ = ["Metric", "default_inputs", "convert", "add_snn_args", "tune_malloc_if_asked", "add_method_args",
-           "check_method", "check_method_args", "method_options", "finetune_options", "method_text", "evaluate", "evaluate_snn", "finetune",
+           "check_method", "check_method_args", "method_options", "accept_mode", "finetune_options", "method_text", "evaluate", "evaluate_snn", "finetune",
            "save_finetuned", "load_backbone"]

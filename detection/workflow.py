@@ -593,9 +593,8 @@ def finetune(args) -> dict:
                                            device=ctx.device, progress=args.progress, desc="snn eval (before)")
             log(f"  SNN mAP {before['map']:.2f} (ANN {before['ann_map']:.2f})")
         log(f"fine-tuning {args.version} {args.bit}-bit SNN (T={net.T}, {'signed' if net.signed else 'unsigned'}): "
-            f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, "
-            + ("--force (accept every layer)" if args.force else f"accept on the mAP of {args.score_batches} training batches")
-            + f", method {pipeline.method_text(args, args.max_iters)}")
+            f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, method "
+            + pipeline.method_text(args, args.max_iters, f"the mAP of {args.score_batches} training batches"))
         t0 = time.time()
         with TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None) as tb:
             history = pipeline.finetune(model, net, train_loader, score=score, inputs=D.inputs, epochs=args.num_epochs,

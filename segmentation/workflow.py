@@ -679,8 +679,8 @@ def finetune(args) -> Dict:
             score = train_miou
         bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
         log(f"fine-tuning {args.model} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, BN "
-            f"{bn_mode}, {'--force (accept every layer)' if args.force else f'accept on train mIoU ({args.score_batches} batches)'}"
-            f", method {pipeline.method_text(args, args.max_iters)}")
+            f"{bn_mode}, method "
+            + pipeline.method_text(args, args.max_iters, f"the train mIoU ({args.score_batches} batches)"))
         t0 = time.time()
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             history = pipeline.finetune(model, net, _Reshuffled(tr_loader), score=score, epochs=args.num_epochs,

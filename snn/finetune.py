@@ -31,6 +31,7 @@ Prefix cache (``finetune(cache=True / "auto")``): see :mod:`snn.prefix_cache`.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from typing import Callable, Dict, List, Optional
@@ -229,8 +230,9 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     show = progress and (not _dist_on() or dist.get_rank() == 0)
     held = None
     if layer_stages:
-        if local and todo:  # drawn once, before the training batches
-            held = Batches(ann, net, todo, loader, local_batches, device, inputs)
+        if local and todo:  # drawn once, before the training batches; copied (a DALI loader reuses buffers)
+            drawn = [_clone(_input(b, device, inputs)) for b in itertools.islice(loader, local_batches)]
+            held = Batches(ann, net, todo, drawn, None, device, lambda b: b)
             held.use_cache(True, cache_mb, lambda m: log(m.replace("finetune: prefix cache", "finetune: local "
                                                                    "accept test: prefix cache")))
             log(f"finetune: each layer-wise step is kept only if the layer's own rate error on "
@@ -320,6 +322,10 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         history.append(entry)
     net.eval()
     return history
+
+
+def _clone(x):
+    return tuple(_clone(v) for v in x) if isinstance(x, tuple) else x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def _layer_error(layer: SpikingLayer, prefixes, T: int, device=None) -> float:

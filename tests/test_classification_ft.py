@@ -83,10 +83,24 @@ def test_local_accept_flag(ann2, fake_cifar, tmp_path, capsys):
                                 "--local-batches", "1", "--score-batches", "1") if a != "--force"]
     rec = ft_script.main(argv)
     out = capsys.readouterr().out
-    assert "layer-wise steps judged by the layer's error on 1 batches" in out
+    assert "layer-wise steps kept if the layer's error on 1 batches falls" in out
     assert "kept only if the layer's own rate error on 1 batches falls" in out
     assert rec["method_options"] == {"accept": "local", "local_batches": 1}
     assert all("local_error_before" in h and "score" not in h["epochs"][0] for h in rec["finetune"])
+
+
+def test_accept_auto_is_the_original_test_for_the_original_method(tmp_path):
+    """--ft-accept auto (default): the layer-wise steps of the default method are judged locally; --method fastsnn
+    keeps the original's whole-SNN score (so its options stay empty: the original algorithm); --force needs none."""
+    parse = lambda *a: ft_script.get_parser().parse_args(["--data", str(tmp_path), *a])  # noqa: E731
+    e2e = {"e2e_batches": None, "e2e_epochs": 3, "e2e_lr": None, "e2e_loss": "ce"}
+    assert workflow.method_options(parse()) == {"accept": "local", "local_batches": 8, **e2e}
+    assert workflow.method_options(parse("--force")) == e2e
+    assert workflow.method_options(parse("--method", "fastsnn")) == {}
+    assert workflow.method_options(parse("--method", "fastsnn", "--ft-accept", "local", "--local-batches", "2")) == \
+        {"accept": "local", "local_batches": 2}
+    assert workflow.method_options(parse("--ft-accept", "score")) == e2e
+    assert workflow.method_options(parse("--method", "bias+fastsnn"))["accept"] == "local"
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -155,6 +169,6 @@ def test_imagenet_snn_ft_has_the_method_flags(tmp_path):
     a = task.parse_args("ft", ["-a", "resnet18", "--bit", "2", str(tmp_path)])
     assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 3, None, "ce")
     a = task.parse_args("ft", ["-a", "resnet18", "--method", "bias+fastsnn", "--e2e-lr", "0.01", str(tmp_path)])
-    assert a.method == "bias+fastsnn" and workflow.method_options(a) == {}
+    assert a.method == "bias+fastsnn" and workflow.method_options(a) == {"accept": "local", "local_batches": 8}
     with pytest.raises(Exception, match="is not a method"):
         workflow.check_method("fastsnn+nope")

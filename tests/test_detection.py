@@ -463,7 +463,7 @@ def test_snn_ft_methods(trained, scene_root, tmp_path, capsys):
     rec = S.main(base + ["--save_folder", str(tmp_path / "a"), "--method", "fastsnn+e2e", "--e2e-epochs", "2",
                          "--ft-accept", "local", "--local-batches", "1"])
     out = capsys.readouterr().out
-    assert "method fastsnn+e2e (e2e: 1 batches x 2 epoch(s), lr 0.001, loss yolo), layer-wise steps judged" in out
+    assert "method fastsnn+e2e (e2e: 1 batches x 2 epoch(s), lr 0.001, loss yolo), layer-wise steps kept if the layer" in out
     opts = {"accept": "local", "local_batches": 1, "e2e_batches": None, "e2e_epochs": 2, "e2e_lr": None,
             "e2e_loss": "yolo"}
     assert rec["method"] == "fastsnn+e2e" and rec["method_options"] == opts

@@ -133,7 +133,7 @@ def test_finetune_methods_and_opt_in_malloc(chain, tmp_path, monkeypatch, capsys
     e2e = rec["finetune"][-1]
     assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
     assert all("local_error_before" in h for h in rec["finetune"][:-1])
-    assert "loss ce), layer-wise steps judged by the layer's error on 1 batches" in capsys.readouterr().out
+    assert "loss ce), layer-wise steps kept if the layer's error on 1 batches falls" in capsys.readouterr().out
     ck = torch.load(os.path.join(str(tmp_path / "ft"), "voc", "deeplabv1_vgg9_2bit_ft", "model_best.pth.tar"),
                     map_location="cpu", weights_only=True)
     assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
