@@ -41,7 +41,8 @@ FT_BIT = 2
 # estimate uses. Training: per epoch; SNN evaluation: per (bit, neuron); settle: the 2-bit signed SNN with
 # K = 9 settle steps (12 steps); fine-tuning: the layer-wise stage over 63 batches ("ft") plus each
 # end-to-end epoch of 63 batches ("e2e_epoch").
-REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 115.0, "e2e_epoch": 45.0}
+REF_SECONDS = {"epoch_fp": 20.0, "epoch_q": 24.0, "snn": {3: 9.0, 2: 4.0}, "settle": 14.0, "ft": 115.0, "ft_local": 55.0,
+               "e2e_epoch": 45.0}
 FT_METHOD = "fastsnn+e2e"
 
 
@@ -58,8 +59,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-batches", type=int, default=63,
                    help="fine-tuning batches per layer (default 63: one epoch of the 8000 images)")
     p.add_argument("--score-batches", type=int, default=8,
-                   help="a tuned layer is kept only if the SNN's top-1 on this many training batches improves "
-                        "(the original's accept / revert test without --force; default 8)")
+                   help="an end-to-end epoch (and, with --ft-accept score, a tuned layer) is kept only if the SNN's "
+                        "top-1 on this many training batches improves (default 8)")
     p.add_argument("--ft-cache-mb", type=int, default=6144,
                    help="memory for the fine-tuner's prefix cache (default 6144; one epoch needs ~3.6 GB)")
     p.add_argument("--alpha-init", type=float, default=3.0,
@@ -69,6 +70,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-method", default=FT_METHOD, metavar="STAGES",
                    help=f"snn_ft.py --method: fine-tuning stages joined by '+' (fastsnn, bias, bnstats, e2e; "
                         f"default {FT_METHOD}; fastsnn alone is the original algorithm)")
+    p.add_argument("--ft-accept", choices=("auto", "score", "local"), default="auto",
+                   help="snn_ft.py --ft-accept: how a layer-wise step is judged (auto, the default: the layer's own "
+                        "error for every method but fastsnn, which keeps the original's whole-SNN score)")
     p.add_argument("--e2e-epochs", type=int, default=3,
                    help="epochs of the end-to-end fine-tuning stage (snn_ft.py --e2e-epochs; default 3)")
     p.add_argument("--e2e-batches", type=int, default=None,
@@ -138,7 +142,9 @@ def step_weights(args) -> List[float]:
     settle = [REF_SECONDS["settle"] * val * (2 ** FT_BIT - 1 + args.settle) / 12] if args.settle else []
     e2e = REF_SECONDS["e2e_epoch"] * args.e2e_epochs * (args.e2e_batches or args.ft_batches) / 63 \
         if "e2e" in args.ft_method.split("+") else 0.0
-    return train + snn + settle + [REF_SECONDS["ft"] * args.ft_batches / 63 + e2e]
+    local = args.ft_accept == "local" or (args.ft_accept == "auto" and args.ft_method != "fastsnn")
+    ft = REF_SECONDS["ft_local" if local else "ft"] * args.ft_batches / 63
+    return train + snn + settle + [ft + e2e]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -238,9 +244,9 @@ def main(argv=None) -> Dict:
                        clock)
     ft = _step(f"fine-tune {FT_BIT}-bit SNN ({args.ft_method})", "snn_ft.py",
                snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
-                           "--score-batches", str(args.score_batches), "--method", args.ft_method,
-                           "--e2e-loss", args.e2e_loss]
-               + ["--e2e-epochs", str(args.e2e_epochs)]
+                           "--score-batches", str(args.score_batches), "--method", args.ft_method]
+               + (["--ft-accept", args.ft_accept] if args.ft_accept != "auto" else [])
+               + ["--e2e-loss", args.e2e_loss, "--e2e-epochs", str(args.e2e_epochs)]
                + (["--e2e-batches", str(args.e2e_batches)] if args.e2e_batches is not None else [])
                + ["--no-eval-before", "--ft-cache-mb", str(args.ft_cache_mb)]
                + (["--ft-layers", args.ft_layers] if args.ft_layers else []),
@@ -261,7 +267,8 @@ def main(argv=None) -> Dict:
     if settle is not None:
         snn_summary[f"{FT_BIT}bit_settle"] = {k: settle[k] for k in keys + ("settle",)}
     summary = {"dataset": args.dataset, "arch": args.arch, "seed": args.seed, "train_subset": args.train_subset,
-               "val_subset": args.val_subset, "ft_method": args.ft_method, "e2e_batches": args.e2e_batches,
+               "val_subset": args.val_subset, "ft_method": args.ft_method, "ft_accept": args.ft_accept,
+               "e2e_batches": args.e2e_batches,
                "e2e_epochs": args.e2e_epochs,
                "e2e_loss": args.e2e_loss,
                "settle": args.settle, "table": rows, "wall_seconds": round(wall, 1), "steps": steps,

@@ -75,7 +75,9 @@ def markdown(rows: List[Dict], seeds: Sequence[int], summary: Optional[Dict] = N
     lines.append("")
     lines.append(f"Top-1 % on the test images: mean ± sample standard deviation (min–max) over seeds "
                  f"{', '.join(map(str, seeds))}."
-                 + (f" Fine-tuned: --method {summary['ft_method']}." if (summary or {}).get("ft_method") else "")
+                 + (f" Fine-tuned: --method {summary['ft_method']}"
+                    + (f" --ft-accept {summary['ft_accept']}" if summary.get("ft_accept") else "") + "."
+                    if (summary or {}).get("ft_method") else "")
                  + (f" Settle: K = {summary['settle']} steps after T." if (summary or {}).get("settle") else ""))
     return "\n".join(lines)
 
