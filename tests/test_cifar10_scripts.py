@@ -198,10 +198,15 @@ def test_snn_ft_force_then_reload(chain, fake_cifar, tmp_path):
 def test_snn_ft_without_force_scores_on_train_set(fake_cifar, tmp_path):
     base = _base(fake_cifar, tmp_path, "-a", "alex", "--bit", "2", "--max-iters", "1")
     train_script.main(base)
-    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u"])
+    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u", "--ft-accept", "score"])
     assert f["neuron"] == "unsigned" and f["bn_mode"] == "frozen" and f["weight_decay"] == 5e-4  # alex defaults
     for h in f["finetune"]:
         assert "score" in h["epochs"][0] and "best_score" in h
+    # the default (--ft-accept auto): the layers judged by their own error, the end-to-end epochs by the score
+    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u", "--local-batches", "1"])
+    *layers, e2e = f["finetune"]
+    assert layers and all("local_error" in h["epochs"][0] and "score" not in h["epochs"][0] for h in layers)
+    assert e2e["layer"] == "end-to-end" and all("score" in ep for ep in e2e["epochs"]) and "best_score" in e2e
 
 
 def test_weight_bits_follow_the_checkpoint(fake_cifar, tmp_path):
@@ -423,7 +428,7 @@ def test_demo_seeds(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     assert r["seeds"] == [0] and [row["bits"] for row in r["rows"]] == [32, 4, 3, 2]
     md = (tmp_path / "seeds.md").read_text()
     assert md.startswith("| bits | T | ANN top-1 |") and "| signed + settle |" in md
-    assert "Fine-tuned: --method fastsnn+e2e. Settle: K = 9 steps after T." in md
+    assert "Fine-tuned: --method fastsnn+e2e --ft-accept auto. Settle: K = 9 steps after T." in md
     assert r["rows"][3]["settle"]["n"] == 1 and r["rows"][2]["settle"] is None
     calls = []
     monkeypatch.setattr(demo, "main", lambda argv: calls.append(argv))
