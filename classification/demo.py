@@ -142,7 +142,8 @@ def step_weights(args) -> List[float]:
     settle = [REF_SECONDS["settle"] * val * (2 ** FT_BIT - 1 + args.settle) / 12] if args.settle else []
     e2e = REF_SECONDS["e2e_epoch"] * args.e2e_epochs * (args.e2e_batches or args.ft_batches) / 63 \
         if "e2e" in args.ft_method.split("+") else 0.0
-    local = args.ft_accept == "local" or (args.ft_accept == "auto" and args.ft_method != "fastsnn")
+    from common.pipeline import accept_mode
+    local = accept_mode(args.ft_accept, args.ft_method) == "local"
     ft = REF_SECONDS["ft_local" if local else "ft"] * args.ft_batches / 63
     return train + snn + settle + [ft + e2e]
 

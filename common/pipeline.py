@@ -174,7 +174,7 @@ def evaluate_snn(ann: nn.Module, net, loader, make_metric: Callable[[], object],
 
 # ---------------------------------------------------------------------------------------- fine-tuning
 def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("mse", "kl"),
-                    default_loss: str = "mse", loss_help: str = "", method_help: str = "",
+                    default_loss: str = "mse", loss_help: str = "",
                     epochs_default: int = 1, epochs_help: str = ""):
     """The fine-tuning method flags shared by every ``snn_ft.py``: ``--method`` (stages of
     :data:`snn.finetune.STAGES` joined by '+'), the end-to-end stage's ``--e2e-batches / --e2e-epochs /
@@ -185,8 +185,7 @@ def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("ms
                    help="fine-tuning method: stages joined by '+' from fastsnn (the original layer-wise algorithm), "
                         "bias (bias correction), bnstats (BN statistics from SNN rates), e2e (an end-to-end "
                         "straight-through pass after the layer-wise stages, loss --e2e-loss; last); "
-                        f"default {default}" + (f" ({method_help})" if method_help else "")
-                        + "; --method fastsnn is the original algorithm")
+                        f"default {default}; --method fastsnn is the original algorithm")
     p.add_argument("--e2e-batches", "--e2e_batches", dest="e2e_batches", type=int, default=None, metavar="N",
                    help="batches per epoch of the end-to-end stage (default: those of the layer-wise stage, "
                         "--max-iters; a full pass when that is not given)")
@@ -241,7 +240,7 @@ def method_options(args) -> dict:
     accept test (only when not the default) and, for a method with the end-to-end stage, its ``e2e_*``
     settings (``--method fastsnn`` passes none, so it runs the original algorithm)."""
     opts = {}
-    accept = accept_mode(args)
+    accept = accept_mode(getattr(args, "ft_accept", "score"), args.method)
     if accept != "score" and not getattr(args, "force", False):
         opts.update(accept=accept, local_batches=args.local_batches)
     if "e2e" not in args.method.split("+"):
@@ -250,12 +249,11 @@ def method_options(args) -> dict:
             "e2e_loss": args.e2e_loss}
 
 
-def accept_mode(args) -> str:
+def accept_mode(mode: str, method: str) -> str:
     """``--ft-accept`` resolved: ``auto`` is ``score`` for ``--method fastsnn`` (the original algorithm and its
     accept / revert test) and ``local`` for every other method."""
-    mode = getattr(args, "ft_accept", "score")
     if mode == "auto":
-        return "score" if args.method == "fastsnn" else "local"
+        return "score" if method == "fastsnn" else "local"
     return mode
 
 
@@ -393,5 +391,5 @@ def load_backbone(model: nn.Module, src, *, prefix_map: Optional[Mapping[str, Op
 
 
 __all__ = ["Metric", "default_inputs", "convert", "add_snn_args", "tune_malloc_if_asked", "add_method_args",
-           "check_method", "check_method_args", "method_options", "accept_mode", "finetune_options", "method_text", "evaluate", "evaluate_snn", "finetune",
-           "save_finetuned", "load_backbone"]
+           "check_method", "check_method_args", "method_options", "accept_mode", "finetune_options", "method_text",
+           "evaluate", "evaluate_snn", "finetune", "save_finetuned", "load_backbone"]

@@ -348,9 +348,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, 
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
-        loss = F.cross_entropy(out, y, ignore_index=IGNORE)
-        if not bool((y != IGNORE).any()):
-            loss = out.sum() * 0.0  # a crop of ignore pixels only
+        loss = pixel_cross_entropy(out, y)
         _check_finite(loss, epoch, i + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -619,13 +617,18 @@ def count_macs(model: nn.Module, size: int, device) -> float:
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
-def e2e_cross_entropy(out, ann_out, batch):
-    """The end-to-end loss ``--e2e-loss ce``: per-pixel cross-entropy of the SNN's logits with the batch's
-    label mask (255 ignored; zero for a batch of ignored pixels only)."""
-    y = batch[1].to(out.device)
+def pixel_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss: per-pixel cross-entropy with the label mask, 255 ignored (zero, with a gradient
+    graph, for a crop of ignored pixels only)."""
     if not bool((y != IGNORE).any()):
         return out.sum() * 0.0
-    return F.cross_entropy(out.float(), y, ignore_index=IGNORE)
+    return F.cross_entropy(out, y, ignore_index=IGNORE)
+
+
+def e2e_cross_entropy(out, ann_out, batch):
+    """The end-to-end loss ``--e2e-loss ce``: :func:`pixel_cross_entropy` of the SNN's logits with the batch's
+    label mask."""
+    return pixel_cross_entropy(out, batch[1].to(out.device))
 
 
 class _Reshuffled:
