@@ -181,6 +181,13 @@ def test_constant_input_closed_form_per_backend(backend):
         xcl = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(kernels.if_const_steps(xcl, theta, t0, steps, T=T, scale=float(theta),
                                                   backend=backend), ref)
+    # several kernel blocks and register blocks with a ragged tail (16 x 33 x 33 per sample), both layouts
+    xl = torch.randn(3, 16, 33, 33, generator=g) * 2
+    xl.view(-1)[::5] = torch.randint(-2, 17, ((xl.numel() + 4) // 5,), generator=g).float() * theta / 14
+    ref = if_constant(xl, theta, 0, 7, 7)
+    for cl in (False, True):
+        got = kernels.if_const_steps(xl, theta, 0, 7, T=7, scale=float(theta), channels_last=cl, backend=backend)
+        assert torch.equal(got, ref), cl
 
 
 @needs_cpp

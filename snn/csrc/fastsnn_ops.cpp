@@ -24,9 +24,6 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -68,71 +65,67 @@ void check_train(const at::Tensor& cur) {
 }
 
 // ------------------------------------------------------------------------------------ IF neurons
-// copy a block to memory with non-temporal (streaming) stores where the CPU has them and the
-// destination is aligned: an output buffer that is not one of the inputs is then written without being
-// read into the cache first; same values either way
-template <typename R>
-inline void stream_block(R* dst, const R* src, int64_t len) {
-#if defined(__AVX512F__)
-  if (std::is_same<R, float>::value && (reinterpret_cast<uintptr_t>(dst) % 64) == 0) {
-    int64_t j = 0;
-    for (; j + 16 <= len; j += 16)
-      _mm512_stream_ps(reinterpret_cast<float*>(dst) + j, _mm512_loadu_ps(reinterpret_cast<const float*>(src) + j));
-    for (; j < len; j++) dst[j] = src[j];
-    return;
+// One IF step of `len` neurons (the reference's if_step, operation by operation): v, n updated in place,
+// theta * spike written to o. With a compile-time `len` (one register block, LANES below) the loops are
+// unrolled and v, n live in vector registers across the whole time loop.
+template <typename R, bool SIGNED, bool RES, bool BOUNDED, int64_t FIXED>
+inline __attribute__((always_inline)) void if_lanes(const R* a, const R* r, R* o, R* v, R* n, int64_t len, R theta,
+                                                    R neg, R scale, R bound) {
+  const int64_t m = FIXED > 0 ? FIXED : len;
+_Pragma("omp simd")
+  for (int64_t j = 0; j < m; j++) {
+    const R x = RES ? a[j] + r[j] : a[j];   // residual current added first: v + (a + r)
+    R vv = v[j] + x;                         // V <- V + I
+    bool p = vv >= theta;                    // positive spike ...
+    if (BOUNDED) p = p && (n[j] < bound);    // ... suppressed while the net count is at T
+    vv = p ? vv - theta : vv;                // reset by subtraction
+    R sp = p ? R(1) : R(0);
+    if (SIGNED) {
+      const R nn = n[j];
+      const bool ng = (vv < neg) && (nn > R(0));  // negative spike, only while n > 0
+      vv = ng ? vv + theta : vv;
+      sp = sp - (ng ? R(1) : R(0));
+      n[j] = nn + sp;
+    }
+    v[j] = vv;
+    o[j] = sp * scale;
   }
-#elif defined(__AVX__)
-  if (std::is_same<R, float>::value && (reinterpret_cast<uintptr_t>(dst) % 32) == 0) {
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8)
-      _mm256_stream_ps(reinterpret_cast<float*>(dst) + j, _mm256_loadu_ps(reinterpret_cast<const float*>(src) + j));
-    for (; j < len; j++) dst[j] = src[j];
-    return;
-  }
-#endif
-  std::memcpy(dst, src, sizeof(R) * len);
 }
+
+// neurons per register block: four 64-byte vectors; membrane and net count (8 vectors) stay in registers
+// while the block runs all T steps (one read of each step's current, one write of its train)
+template <typename R>
+constexpr int64_t LANES = 4 * 64 / int64_t(sizeof(R));
 
 template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
 void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,
                const R* vin, const R* nin, R* vout, R* nout) {
+  constexpr int64_t W = LANES<R>;
   const int64_t nb = (N + BLK - 1) / BLK;
-  // a separate output (not the current / residual): streamed, see stream_block
-  const bool nt = out != cur && out != res;
   at::parallel_for(0, nb, grain_blocks(BLK * T), [&](int64_t b0, int64_t b1) {
-    R v[BLK], n[BLK];
-    alignas(64) R ob[BLK];
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
-      const R half = R(0.5) * theta;  // V0 = theta / 2 (the reference: full_like(cur[0], 0.5) * theta)
-      for (int64_t j = 0; j < len; j++) {
-        v[j] = VIN ? vin[i0 + j] : half;
-        n[j] = (VIN && SIGNED) ? nin[i0 + j] : R(0);
+    // copies: the lambda's captures are references, which the compiler must otherwise reload after every store
+    const R th = theta, ng = neg, sc = scale, bd = bound;
+    const R half = R(0.5) * th;  // V0 = theta / 2 (the reference: full_like(cur[0], 0.5) * theta)
+    const int64_t i_end = std::min(N, b1 * BLK);
+    for (int64_t i0 = b0 * BLK; i0 < i_end; i0 += W) {
+      const int64_t len = std::min(W, i_end - i0);
+      alignas(64) R v[W], n[W];
+      for (int64_t j = 0; j < W; j++) {
+        v[j] = (VIN && j < len) ? vin[i0 + j] : half;
+        n[j] = (VIN && SIGNED && j < len) ? nin[i0 + j] : R(0);
       }
-      for (int64_t t = 0; t < T; t++) {
-        const R* a = cur + t * N + i0;
-        const R* r = RES ? res + t * N + i0 : a;
-        R* const od = out + t * N + i0;
-        R* o = nt ? ob : od;
-_Pragma("omp simd")
-        for (int64_t j = 0; j < len; j++) {
-          const R x = RES ? a[j] + r[j] : a[j];   // residual current added first: v + (a + r)
-          R vv = v[j] + x;                         // V <- V + I
-          bool p = vv >= theta;                    // positive spike ...
-          if (BOUNDED) p = p && (n[j] < bound);    // ... suppressed while the net count is at T
-          vv = p ? vv - theta : vv;                // reset by subtraction
-          R sp = p ? R(1) : R(0);
-          if (SIGNED) {
-            const R nn = n[j];
-            const bool ng = (vv < neg) && (nn > R(0));  // negative spike, only while n > 0
-            vv = ng ? vv + theta : vv;
-            sp = sp - (ng ? R(1) : R(0));
-            n[j] = nn + sp;
-          }
-          v[j] = vv;
-          o[j] = sp * scale;
+      if (len == W) {
+        for (int64_t t = 0; t < T; t++) {
+          const R* a = cur + t * N + i0;
+          if_lanes<R, SIGNED, RES, BOUNDED, W>(a, RES ? res + t * N + i0 : a, out + t * N + i0, v, n, W, th, ng,
+                                              sc, bd);
         }
-        if (nt) stream_block(od, ob, len);
+      } else {
+        for (int64_t t = 0; t < T; t++) {
+          const R* a = cur + t * N + i0;
+          if_lanes<R, SIGNED, RES, BOUNDED, 0>(a, RES ? res + t * N + i0 : a, out + t * N + i0, v, n, len, th, ng,
+                                              sc, bd);
+        }
       }
       if (VOUT) {
         for (int64_t j = 0; j < len; j++) vout[i0 + j] = v[j];
@@ -140,9 +133,6 @@ _Pragma("omp simd")
           for (int64_t j = 0; j < len; j++) nout[i0 + j] = n[j];
       }
     }
-#if defined(__AVX__)
-    if (nt) _mm_sfence();
-#endif
   });
 }
 
@@ -294,37 +284,58 @@ std::tuple<at::Tensor, at::Tensor> if_steps_into(const at::Tensor& cur, const c1
 // ------------------------------------------------------------------------ constant input (closed form)
 // out[t] = (n_{k(t0+t+1)} - n_{k(t0+t)}) * scale, n_k = floor(clamp(cur / theta, 0, 1) * k + 0.5),
 // k(t) = min(t, T): the input is switched off after T steps (settle steps emit nothing).
+// `len` neurons of the closed form (register block of LANES when FIXED): x the currents, o = out + offset
+// of the first; step t goes to o + t * N
+template <typename R, int64_t FIXED>
+inline __attribute__((always_inline)) void const_lanes(const R* x, R* o, int64_t N, int64_t len, int64_t t0,
+                                                       int64_t steps, int64_t T, R theta, R scale) {
+  constexpr int64_t W = FIXED > 0 ? FIXED : LANES<R>;
+  const int64_t m = FIXED > 0 ? FIXED : len;
+  alignas(64) R u[W], prev[W];
+  const R k0 = R(std::min(t0, T));
+_Pragma("omp simd")
+  for (int64_t j = 0; j < m; j++) {
+    R y = x[j] / theta;
+    y = y < R(0) ? R(0) : (y > R(1) ? R(1) : y);
+    u[j] = y;
+    prev[j] = std::floor(y * k0 + R(0.5));
+  }
+  for (int64_t t = 0; t < steps; t++) {
+    const R k = R(std::min(t0 + t + 1, T));
+    R* ot = o + t * N;
+_Pragma("omp simd")
+    for (int64_t j = 0; j < m; j++) {
+      const R nx = std::floor(u[j] * k + R(0.5));
+      ot[j] = (nx - prev[j]) * scale;
+      prev[j] = nx;
+    }
+  }
+}
+
+// `len` (<= BLK) neurons from x, in register blocks
+template <typename R>
+inline void const_run_block(const R* x, R* o, int64_t N, int64_t len, int64_t t0, int64_t steps, int64_t T, R theta,
+                            R scale) {
+  constexpr int64_t W = LANES<R>;
+  int64_t i = 0;
+  for (; i + W <= len; i += W) const_lanes<R, W>(x + i, o + i, N, W, t0, steps, T, theta, scale);
+  if (i < len) const_lanes<R, 0>(x + i, o + i, N, len - i, t0, steps, T, theta, scale);
+}
+
 template <typename R>
 void const_flat(const R* cur, R* out, int64_t N, int64_t t0, int64_t steps, int64_t T, R theta, R scale) {
   const int64_t nb = (N + BLK - 1) / BLK;
   at::parallel_for(0, nb, grain_blocks(BLK * std::max<int64_t>(steps, 1)), [&](int64_t b0, int64_t b1) {
-    R u[BLK], prev[BLK];
+    const R th = theta, sc = scale;
     for (int64_t b = b0; b < b1; b++) {
       const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
-      const R k0 = R(std::min(t0, T));
-_Pragma("omp simd")
-      for (int64_t j = 0; j < len; j++) {
-        R x = cur[i0 + j] / theta;
-        x = x < R(0) ? R(0) : (x > R(1) ? R(1) : x);
-        u[j] = x;
-        prev[j] = std::floor(x * k0 + R(0.5));
-      }
-      for (int64_t t = 0; t < steps; t++) {
-        const R k = R(std::min(t0 + t + 1, T));
-        R* o = out + t * N + i0;
-_Pragma("omp simd")
-        for (int64_t j = 0; j < len; j++) {
-          const R nx = std::floor(u[j] * k + R(0.5));
-          o[j] = (nx - prev[j]) * scale;
-          prev[j] = nx;
-        }
-      }
+      const_run_block<R>(cur + i0, out + i0, N, len, t0, steps, T, th, sc);
     }
   });
 }
 
 // the same from an NCHW current [B, C, HW] into a channels-last train out[t*N + (b*HW + hw)*C + c]
-// (tiles of hwb pixels x C channels transposed in L1)
+// (tiles of hwb pixels x C channels: the currents transposed into L1 first, then the closed form as above)
 template <typename R>
 void const_nchw_to_cl(const R* cur, R* out, int64_t B, int64_t C, int64_t HW, int64_t t0, int64_t steps, int64_t T,
                       R theta, R scale) {
@@ -333,32 +344,19 @@ void const_nchw_to_cl(const R* cur, R* out, int64_t B, int64_t C, int64_t HW, in
   hwb = std::min(hwb, std::max<int64_t>(HW, 1));
   const int64_t ntile = (HW + hwb - 1) / hwb;
   at::parallel_for(0, B * ntile, grain_blocks(hwb * C * std::max<int64_t>(steps, 1)), [&](int64_t j0, int64_t j1) {
-    std::vector<R> tu(hwb * C), tp(hwb * C);
+    const R th = theta, sc = scale;
+    std::vector<R> tx(hwb * C);
     for (int64_t job = j0; job < j1; job++) {
       const int64_t b = job / ntile, h0 = (job % ntile) * hwb;
       const int64_t len = std::min(hwb, HW - h0), m = len * C;
-      const R k0 = R(std::min(t0, T));
+      R* px = tx.data();
       for (int64_t c = 0; c < C; c++) {
         const R* src = cur + (b * C + c) * HW + h0;
-        for (int64_t h = 0; h < len; h++) {
-          R x = src[h] / theta;
-          x = x < R(0) ? R(0) : (x > R(1) ? R(1) : x);
-          tu[h * C + c] = x;
-          tp[h * C + c] = std::floor(x * k0 + R(0.5));
-        }
+        for (int64_t h = 0; h < len; h++) px[h * C + c] = src[h];
       }
-      for (int64_t t = 0; t < steps; t++) {
-        const R k = R(std::min(t0 + t + 1, T));
-        R* o = out + t * N + (b * HW + h0) * C;
-        R* pu = tu.data();
-        R* pp = tp.data();
-_Pragma("omp simd")
-        for (int64_t i = 0; i < m; i++) {
-          const R nx = std::floor(pu[i] * k + R(0.5));
-          o[i] = (nx - pp[i]) * scale;
-          pp[i] = nx;
-        }
-      }
+      R* o = out + (b * HW + h0) * C;
+      for (int64_t i = 0; i < m; i += BLK)
+        const_run_block<R>(px + i, o + i, N, std::min(BLK, m - i), t0, steps, T, th, sc);
     }
   });
 }
