@@ -92,10 +92,17 @@ _Pragma("omp simd")
   }
 }
 
-// neurons per register block: four 64-byte vectors; membrane and net count (8 vectors) stay in registers
-// while the block runs all T steps (one read of each step's current, one write of its train)
+// neurons per register block: four SIMD vectors; membrane and net count (8 of the 16 / 32 vector registers)
+// stay in registers while the block runs all T steps (one read of each step's current, one write of its train)
+#if defined(__AVX512F__)
+constexpr int64_t VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int64_t VBYTES = 32;
+#else
+constexpr int64_t VBYTES = 16;
+#endif
 template <typename R>
-constexpr int64_t LANES = 4 * 64 / int64_t(sizeof(R));
+constexpr int64_t LANES = 4 * VBYTES / int64_t(sizeof(R));
 
 template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
 void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,

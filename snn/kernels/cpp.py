@@ -38,6 +38,7 @@ if getattr(torch._C, "has_openmp", False):
 # are four vectors wide; elementwise results are the same at any width
 if platform.machine().lower() in ("x86_64", "amd64"):
     CFLAGS.append("-mprefer-vector-width=512")
+CFLAGS += os.environ.get("FASTSNN_EXTRA_CFLAGS", "").split()  # benchmarks of other ISAs (e.g. -mno-avx512f)
 
 
 class BackendUnavailable(RuntimeError):
