@@ -14,6 +14,7 @@ equal between the two libraries first.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -85,7 +86,9 @@ def main(argv=None):
         x = torch.randn(args.batch, 3, 32, 32)
         records = []
         for T in [int(t) for t in args.T.split(",")]:
-            bit = {1: 1, 3: 2, 7: 3, 15: 4}[T]
+            bit = int(round(math.log2(T + 1)))
+            if 2 ** bit - 1 != T:
+                raise SystemExit(f"T={T} is not 2**bit - 1")
             ann = S.random_bn(S.get_model("resnet20", bit, dataset="cifar"), seed=bit)
             for p in ann.parameters():
                 p.requires_grad_(False)

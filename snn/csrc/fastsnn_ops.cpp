@@ -21,7 +21,6 @@
 #include <cmath>
 #include <limits>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -121,19 +120,18 @@ void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta
         v[j] = (VIN && j < len) ? vin[i0 + j] : half;
         n[j] = (VIN && SIGNED && j < len) ? nin[i0 + j] : R(0);
       }
-      if (len == W) {
+      // the time loop, with the block width fixed at compile time (full block) or not (the ragged tail)
+      auto run_steps = [&](auto fixed) {
         for (int64_t t = 0; t < T; t++) {
           const R* a = cur + t * N + i0;
-          if_lanes<R, SIGNED, RES, BOUNDED, W>(a, RES ? res + t * N + i0 : a, out + t * N + i0, v, n, W, th, ng,
-                                              sc, bd);
+          if_lanes<R, SIGNED, RES, BOUNDED, decltype(fixed)::value>(a, RES ? res + t * N + i0 : a, out + t * N + i0,
+                                                                   v, n, len, th, ng, sc, bd);
         }
-      } else {
-        for (int64_t t = 0; t < T; t++) {
-          const R* a = cur + t * N + i0;
-          if_lanes<R, SIGNED, RES, BOUNDED, 0>(a, RES ? res + t * N + i0 : a, out + t * N + i0, v, n, len, th, ng,
-                                              sc, bd);
-        }
-      }
+      };
+      if (len == W)
+        run_steps(std::integral_constant<int64_t, W>());
+      else
+        run_steps(std::integral_constant<int64_t, 0>());
       if (VOUT) {
         for (int64_t j = 0; j < len; j++) vout[i0 + j] = v[j];
         if (SIGNED)

@@ -60,6 +60,7 @@ def _host_id() -> str:
                     break
     except OSError:
         pass
+    parts.append(" ".join(CFLAGS))  # a build with other flags (FASTSNN_EXTRA_CFLAGS) gets its own directory
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
