@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed README's CIFAR-10 recipe for one architecture, end to end (spec 3.1):
+# The original README's CIFAR-10 recipe for one architecture, end to end:
 #   quantized ANNs 32 -> 4 -> 3 -> 2 bits (each stage initialised from the previous best checkpoint),
 #   SNN evaluation of the 3-bit (T=7) and 2-bit (T=3) ANNs with signed and unsigned IF neurons,
 #   layer-wise fine-tuning of the 2-bit SNN (signed, --force).
@@ -15,8 +15,9 @@
 #        SEED (--seed of the training and fine-tuning stages; default unseeded),
 #        OUT (output root when --out is not given, default result), PYTHON (default .venv/bin/python),
 #        DRY=1 (print the commands, run nothing)
-# Runs from the repository root (so --data defaults to ./data). Every training stage uses
-# --resume auto: rerunning the chain after a crash continues where it stopped.
+# Runs from the repository root (so --data defaults to ./data). Every training stage uses --resume auto,
+# and an evaluation or fine-tuning whose output exists is skipped: rerunning the chain after a crash
+# continues where it stopped (scripts/lib/chain.sh).
 set -euo pipefail
 usage() { sed -n '7,18p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -eq 0 ]; then
@@ -54,6 +55,7 @@ DATASET=${DATASET:-cifar10}
 NS=""
 [ "$DATASET" != cifar10 ] && NS="$DATASET/"
 cd "$(dirname "$0")/.."
+. scripts/lib/chain.sh
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 EPOCHS=${EPOCHS:-300}
@@ -62,11 +64,9 @@ SEED_ARGS=()
 [ -n "${SEED:-}" ] && SEED_ARGS=(--seed "$SEED")
 S=classification/cifar10
 
-run() {
-  echo "+ python $*" >&2
-  if [ "${DRY:-0}" != 1 ]; then "$PY" "$@"; fi
-}
-best() { echo "$OUT/$NS${ARCH}_$1bit/model_best.pth.tar"; }
+run() { chain_run "$PY" "$@"; }
+rdir() { echo "$OUT/$NS${ARCH}_$1bit$2"; }
+best() { echo "$(rdir "$1" "")/model_best.pth.tar"; }
 train() {  # BIT WD LR [INIT_BIT]
   local bit=$1 wd=$2 lr=$3 init=$4
   run $S/main.py --arch "$ARCH" --bit "$bit" --wd "$wd" --lr "$lr" --epochs "$EPOCHS" --out "$OUT" \
@@ -78,11 +78,14 @@ train 4 1e-4 4e-2 32
 train 3 1e-4 4e-2 4
 train 2 3e-5 4e-2 3
 for BIT in 3 2; do
-  run $S/snn.py --arch "$ARCH" --bit "$BIT" -e --init "$(best "$BIT")" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"}
-  run $S/snn.py --arch "$ARCH" --bit "$BIT" -e -u --init "$(best "$BIT")" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"}
+  T=$(( (1 << BIT) - 1 ))
+  for NEURON in signed unsigned; do
+    U=(); [ "$NEURON" = unsigned ] && U=(-u)
+    js="$(rdir "$BIT" "")/metrics_snn_${NEURON}_T${T}.json"
+    chain_step "$js" "$PY" $S/snn.py --arch "$ARCH" --bit "$BIT" -e ${U[@]+"${U[@]}"} --init "$(best "$BIT")" --out "$OUT" \
+      --metrics-out "$js" ${EXTRA[@]+"${EXTRA[@]}"}
+  done
 done
-run $S/snn_ft.py --arch "$ARCH" --bit 2 -n "$FT_EPOCHS" --force --init "$(best 2)" --out "$OUT" \
-  ${SEED_ARGS[@]+"${SEED_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
-if [ "${DRY:-0}" != 1 ]; then
-  echo "chain done: metrics JSONs in $OUT/$NS${ARCH}_{32,4,3,2}bit/ and $OUT/$NS${ARCH}_2bit_ft/" >&2
-fi
+chain_step "$(rdir 2 _ft)/model_best.pth.tar" "$PY" $S/snn_ft.py --arch "$ARCH" --bit 2 -n "$FT_EPOCHS" --force \
+  --init "$(best 2)" --out "$OUT" ${SEED_ARGS[@]+"${SEED_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+chain_done "chain done: metrics JSONs in $OUT/$NS${ARCH}_{32,4,3,2}bit/ and $OUT/$NS${ARCH}_2bit_ft/"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed README's detection recipe for one version, end to end (spec 3.11, 3.12):
+# The original README's detection recipe for one version, end to end:
 #   quantized YOLOv2 32 -> 4 -> 3 -> 2 bits (each stage --init from the previous best checkpoint),
 #   SNN evaluation of the 4 / 3 / 2-bit detectors (T = 15 / 7 / 3) with signed and unsigned IF neurons,
 #   layer-wise fine-tuning of the 3- and 2-bit SNNs (signed; evaluated after tuning).
@@ -11,13 +11,15 @@
 #        TRAIN_FLAGS (default "-ms --ema --sybn"), FT_BITS (default "3 2"), FT_EPOCHS (snn_ft -n, default 1),
 #        OUT (save folder, default weights/), PYTHON (default .venv/bin/python),
 #        TRAIN_ARGS / EVAL_ARGS / FT_ARGS: extra flags for train.py / eval.py / snn_ft.py only
-#        (e.g. TRAIN_ARGS="--train_size 320 --val_size 320 --width 0.5" EVAL_ARGS="-size 320")
-# Every training stage uses --resume auto: rerunning the chain after a crash continues where it stopped
-# (a finished stage returns at once).
+#        (e.g. TRAIN_ARGS="--train_size 320 --val_size 320 --width 0.5" EVAL_ARGS="-size 320"),
+#        DRY=1 (print the commands, run nothing)
+# Every training stage uses --resume auto, and an evaluation or fine-tuning whose output exists is skipped:
+# rerunning the chain after a crash continues where it stopped (scripts/lib/chain.sh).
 set -euo pipefail
 VERSION=${1:-yolov2_tiny}
 [ $# -gt 0 ] && shift
 cd "$(dirname "$0")/.."
+. scripts/lib/chain.sh
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DATASET=${DATASET:-voc}
@@ -31,9 +33,10 @@ OUT=${OUT:-weights}
 D=detection
 EVAL_SET=$DATASET; [ "$DATASET" = coco ] && EVAL_SET=coco-val
 
-launch() { if [ "$NPROC" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi; }
-run() { echo "+ $(launch) $*" >&2; $(launch) "$@"; }
-best() { echo "$OUT/$DATASET/${VERSION}_$1bit/model_best.pth.tar"; }
+# shellcheck disable=SC2046  # the launcher is split into words on purpose
+run() { chain_run $(chain_launcher) "$@"; }
+rdir() { echo "$OUT/$DATASET/${VERSION}_$1bit$2"; }
+best() { echo "$(rdir "$1" "")/model_best.pth.tar"; }
 train() {  # BIT [INIT_BIT] [extra...]
   local bit=$1 init=$2; shift 2
   # shellcheck disable=SC2086
@@ -46,13 +49,18 @@ train 4 32 "$@"
 train 3 4 "$@"
 train 2 3 "$@"
 for BIT in 4 3 2; do
-  # shellcheck disable=SC2086
-  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike --init "$(best "$BIT")" --save_folder "$OUT" ${EVAL_ARGS:-} "$@"
-  # shellcheck disable=SC2086
-  run $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike -u --init "$(best "$BIT")" --save_folder "$OUT" ${EVAL_ARGS:-} "$@"
+  T=$(( (1 << BIT) - 1 ))
+  for NEURON in signed unsigned; do
+    U=""; [ "$NEURON" = unsigned ] && U=-u
+    js="$(rdir "$BIT" "")/metrics_snn_${NEURON}_T${T}.json"
+    # shellcheck disable=SC2046,SC2086
+    chain_step "$js" $(chain_launcher) $D/eval.py -d "$EVAL_SET" -v "$VERSION" --bit "$BIT" --spike $U --init "$(best "$BIT")" \
+      --save_folder "$OUT" --metrics-out "$js" ${EVAL_ARGS:-} "$@"
+  done
 done
 for BIT in $FT_BITS; do
-  # shellcheck disable=SC2086
-  run $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" ${FT_ARGS:-} "$@"
+  # shellcheck disable=SC2046,SC2086
+  chain_step "$(rdir "$BIT" _ft)/model_best.pth.tar" $(chain_launcher) $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" \
+    -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" ${FT_ARGS:-} "$@"
 done
-echo "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/ and ${VERSION}_{${FT_BITS// /,}}bit_ft/" >&2
+chain_done "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/ and ${VERSION}_{${FT_BITS// /,}}bit_ft/"

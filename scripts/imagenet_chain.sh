@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ImageNet recipe of the original README (spec 3.8-3.10), end to end, on N GPUs via torchrun:
+# The ImageNet recipe of the original README, end to end, on N GPUs via torchrun:
 #
 #   32-bit start -> 4-bit -> 3-bit -> 2-bit quantized ANNs (each initialised from the previous best),
 #   SNN evaluation of the 3- and 2-bit models with unsigned and signed IF neurons (T = 7 / 3),
@@ -24,8 +24,8 @@
 #   EXTRA="--dali_cpu"  flags added to every command (e.g. "--loader torch", "--input-size 224")
 #   PY=.venv/bin/python (or python3)   DRY=1: print the commands, run nothing
 #
-# Every training stage runs with --resume auto, so rerunning the chain continues a killed run and
-# skips finished stages' training (they only re-write their metrics).
+# Every training stage runs with --resume auto, and an evaluation or fine-tuning whose output exists is
+# skipped: rerunning the chain continues a killed run (scripts/lib/chain.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -63,14 +63,11 @@ if [ -z "${PY:-}" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PY="$here/.venv/bin/python"; else PY=python3; fi
 fi
 S="$here/classification/imagenet"
+# shellcheck source=lib/chain.sh
+. "$here/scripts/lib/chain.sh"
 LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 
-run() {
-  echo "run: $*"
-  if [ "${DRY:-0}" != 1 ]; then
-    "$@"
-  fi
-}
+run() { chain_run "$@"; }
 
 common=(-a "$ARCH" --workers "$WORKERS" --out "$OUT")
 # shellcheck disable=SC2206  # EXTRA / FT_FLAGS are flag lists, split on purpose
@@ -78,7 +75,8 @@ extra=($EXTRA)
 # shellcheck disable=SC2206
 ft_flags=($FT_FLAGS)
 
-best() { echo "$OUT/imagenet/${ARCH}_$1bit/model_best.pth.tar"; }  # ImageNet runs: OUT/imagenet/
+rdir() { echo "$OUT/imagenet/${ARCH}_$1bit$2"; }  # ImageNet runs: OUT/imagenet/
+best() { echo "$(rdir "$1" "")/model_best.pth.tar"; }
 
 # ---------------------------------------------------------------- 32-bit start
 init4=()
@@ -112,17 +110,20 @@ run "${LAUNCH[@]}" "$S/dali_main.py" "${common[@]}" -b "$BATCH" --bit 2 --init "
 
 # ---------------------------------------------------------------- SNN: unsigned and signed IF neurons
 for b in $SNN_BITS; do
-  run "${LAUNCH[@]}" "$S/snn.py" "${common[@]}" -b "$BATCH" -e -u --bit "$b" --init "$(best "$b")" "${extra[@]}" "$DATA"
-  run "${LAUNCH[@]}" "$S/snn.py" "${common[@]}" -b "$BATCH" -e --bit "$b" --init "$(best "$b")" "${extra[@]}" "$DATA"
+  T=$(( (1 << b) - 1 ))
+  js="$(rdir "$b" "")/metrics_snn_unsigned_T$T.json"
+  chain_step "$js" "${LAUNCH[@]}" "$S/snn.py" "${common[@]}" -b "$BATCH" -e -u --bit "$b" --init "$(best "$b")" \
+      --metrics-out "$js" "${extra[@]}" "$DATA"
+  js="$(rdir "$b" "")/metrics_snn_signed_T$T.json"
+  chain_step "$js" "${LAUNCH[@]}" "$S/snn.py" "${common[@]}" -b "$BATCH" -e --bit "$b" --init "$(best "$b")" \
+      --metrics-out "$js" "${extra[@]}" "$DATA"
 done
 
 # ---------------------------------------------------------------- layer-wise fine-tuning (signed)
 for b in $SNN_BITS; do
-  run "${LAUNCH[@]}" "$S/snn_ft.py" "${common[@]}" -b "$FT_BATCH" --bit "$b" --init "$(best "$b")" \
-      -n "$FT_EPOCHS" "${ft_flags[@]}" "${extra[@]}" "$DATA"
+  chain_step "$(rdir "$b" _ft)/model_best.pth.tar" "${LAUNCH[@]}" "$S/snn_ft.py" "${common[@]}" -b "$FT_BATCH" \
+      --bit "$b" --init "$(best "$b")" -n "$FT_EPOCHS" ${ft_flags[@]+"${ft_flags[@]}"} "${extra[@]}" "$DATA"
 done
 
-if [ "${DRY:-0}" != 1 ]; then
-  echo "done: ANN checkpoints in $OUT/imagenet/${ARCH}_{4,3,2}bit/, SNN metrics (metrics_snn_*.json) beside them," \
-       "fine-tuned SNNs in $OUT/imagenet/${ARCH}_<bit>bit_ft/"
-fi
+chain_done "done: ANN checkpoints in $OUT/imagenet/${ARCH}_{4,3,2}bit/, SNN metrics (metrics_snn_*.json) beside them," \
+     "fine-tuned SNNs in $OUT/imagenet/${ARCH}_<bit>bit_ft/"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The segmentation recipe of the original (spec 3.13, 4.4, 7) for one model, end to end:
+# The original's segmentation recipe for one model, end to end:
 #   quantized ANNs 32 -> 4 -> 3 -> 2 bits (each stage --init from the previous stage's best mIoU checkpoint),
 #   SNN evaluation of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3 with signed and unsigned IF neurons,
 #   layer-wise fine-tuning of the 2-bit SNN (signed) and its evaluation.
@@ -9,13 +9,14 @@
 # env:   EPOCHS (ANN epochs per stage, default 50), FT_EPOCHS (snn_ft -n, default 1), FT_ARGS (extra snn_ft
 #        flags, default --force), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
 #        default none), SAVE (--save_folder, default weights), NPROC (processes per stage via torchrun,
-#        default 1), PYTHON (default .venv/bin/python)
-# Every training stage runs with --resume auto and every evaluation is skipped when its metrics JSON
-# exists, so rerunning the chain after a crash continues where it stopped.
+#        default 1), PYTHON (default .venv/bin/python), DRY=1 (print the commands, run nothing)
+# Every training stage uses --resume auto, and an evaluation or fine-tuning whose output exists is skipped:
+# rerunning the chain after a crash continues where it stopped (scripts/lib/chain.sh).
 set -euo pipefail
 MODEL=${1:?usage: bash scripts/segmentation_chain.sh MODEL [extra args]}
 shift
 cd "$(dirname "$0")/.."
+. scripts/lib/chain.sh
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 EPOCHS=${EPOCHS:-50}
@@ -33,17 +34,14 @@ for a in "$@"; do
   prev=$a
 done
 
-launch() {
-  if [ "$NPROC" -gt 1 ]; then echo "+ torchrun --nproc_per_node=$NPROC $*" >&2
-    "$PY" -m torch.distributed.run --nproc_per_node="$NPROC" "$@"
-  else echo "+ python $*" >&2; "$PY" "$@"; fi
-}
+# shellcheck disable=SC2046  # the launcher is split into words on purpose
+run() { chain_run $(chain_launcher) "$@"; }
 run_dir() { echo "$SAVE/$DS/${MODEL}_$1bit$2"; }
 best() { echo "$(run_dir "$1" "")/model_best.pth.tar"; }
 train() {  # BIT INIT
   local bit=$1 init=$2
   shift 2
-  launch $S/train.py -m "$MODEL" --bit "$bit" --epochs "$EPOCHS" --save_folder "$SAVE" --resume auto \
+  run $S/train.py -m "$MODEL" --bit "$bit" --epochs "$EPOCHS" --save_folder "$SAVE" --resume auto \
     ${init:+--init "$init"} "$@"
 }
 snn_eval() {  # BIT [-u] : metrics JSON in the run folder; skipped when it exists
@@ -51,8 +49,8 @@ snn_eval() {  # BIT [-u] : metrics JSON in the run folder; skipped when it exist
   shift 2
   [ -n "$flag" ] && neuron=unsigned
   local js; js="$(run_dir "$bit" "")/metrics_snn_${neuron}_T${T}.json"
-  if [ -f "$js" ]; then echo "skip: $js exists" >&2; return; fi
-  launch $S/eval.py -m "$MODEL" --bit "$bit" --spike $flag --init "$(best "$bit")" --save_folder "$SAVE" \
+  # shellcheck disable=SC2046
+  chain_step "$js" $(chain_launcher) $S/eval.py -m "$MODEL" --bit "$bit" --spike $flag --init "$(best "$bit")" --save_folder "$SAVE" \
     --metrics-out "$js" --plot "$@"
 }
 
@@ -64,11 +62,7 @@ for BIT in 4 3 2; do
   snn_eval "$BIT" "" "$@"
   snn_eval "$BIT" -u "$@"
 done
-FT=$(run_dir 2 _ft)/model_best.pth.tar
-if [ ! -f "$FT" ]; then
-  # shellcheck disable=SC2086
-  launch $S/snn_ft.py -m "$MODEL" --bit 2 -n "$FT_EPOCHS" $FT_ARGS --init "$(best 2)" --save_folder "$SAVE" "$@"
-else
-  echo "skip: $FT exists" >&2
-fi
-echo "chain done: metrics JSONs in $SAVE/$DS/${MODEL}_{32,4,3,2}bit/ and $SAVE/$DS/${MODEL}_2bit_ft/" >&2
+# shellcheck disable=SC2046,SC2086
+chain_step "$(run_dir 2 _ft)/model_best.pth.tar" $(chain_launcher) $S/snn_ft.py -m "$MODEL" --bit 2 -n "$FT_EPOCHS" $FT_ARGS \
+  --init "$(best 2)" --save_folder "$SAVE" "$@"
+chain_done "chain done: metrics JSONs in $SAVE/$DS/${MODEL}_{32,4,3,2}bit/ and $SAVE/$DS/${MODEL}_2bit_ft/"

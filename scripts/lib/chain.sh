@@ -1,0 +1,35 @@
+# Sourced by the scripts/*_chain.sh recipes: one rule for printing, dry runs and finished steps.
+#
+#   DRY=1               print every command, run nothing (no folder or file is created)
+#   chain_run CMD...    print "+ CMD" on stderr ($PY shown as "python"), then run it (not with DRY=1)
+#   chain_step OUT CMD  run CMD unless OUT exists: an evaluation's metrics JSON or a fine-tuning's final
+#                       checkpoint is written once, at the end, so its presence means the step finished;
+#                       the step is then reported as "skip (done): OUT"
+#
+# Training stages are not skipped: they always run with --resume auto, so a killed stage continues and a
+# finished one returns at once (and a larger EPOCHS extends it).
+
+chain_run() {
+  local shown=("$@")
+  [ "${1:-}" = "${PY:-}" ] && shown[0]=python  # the interpreter, whatever its path, reads as "python"
+  echo "+ ${shown[*]}" >&2
+  if [ "${DRY:-0}" != 1 ]; then "$@"; fi
+}
+
+chain_step() {
+  local out=$1
+  shift
+  if [ -e "$out" ]; then
+    echo "skip (done): $out" >&2
+    return 0
+  fi
+  chain_run "$@"
+}
+
+chain_done() {  # MESSAGE: the closing line, not printed by a dry run
+  if [ "${DRY:-0}" != 1 ]; then echo "$*" >&2; fi
+}
+
+chain_launcher() {  # the interpreter, or torch.distributed.run with NPROC processes when NPROC > 1
+  if [ "${NPROC:-1}" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi
+}
