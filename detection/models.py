@@ -23,8 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from classification.models.common import ConvBNAct, check_model_bit
-from classification.models.resnet import ResNet
+from common.backbones import ConvBNAct, ResNet, check_model_bit
 from quant.functional import FULL_PRECISION
 
 VERSIONS = ("yolov2_tiny", "yolov2_r34")

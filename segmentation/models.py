@@ -10,7 +10,7 @@
   SNN's non-spiking accumulator) and the bilinear x8 upsampling of the logits (``align_corners``;
   output size = in * 8 - 7: 65 -> 513). Output stride 8.
 * ``deeplabv3_r34`` -- MYResNet: the ImageNet ResNet-34 of this project (``conv1`` 7x7 stride 4, no
-  max-pool, :class:`classification.models.BasicBlock`) with stage strides [1, 2, 2, 1] (output stride
+  max-pool, :class:`common.backbones.BasicBlock`) with stage strides [1, 2, 2, 1] (output stride
   16, no dilation in the backbone); ASPP ``aspp.0 .. aspp.4`` (1x1 and 3x3 at dilations 6, 12, 18, 24,
   512 -> 256 each, BN + QuantAct, no image pooling), channel concat (1280), ``project`` 1x1 -> 256,
   ``head0`` 3x3 256 -> 256, ``head1`` 1x1 -> classes (accumulator), bilinear x16 (33 -> 513).
@@ -31,8 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from classification.models.common import check_model_bit, init_conv_bn
-from classification.models.resnet import BasicBlock
+from common.backbones import BasicBlock, check_model_bit, init_conv_bn
 from quant import QuantAct, QuantConv2d
 from quant.functional import FULL_PRECISION
 
