@@ -22,9 +22,9 @@ from typing import Dict, Optional, Tuple
 
 import torch.nn as nn
 
+from common.backbones import VALID_BITS, check_model_bit
 from quant.functional import FULL_PRECISION
 
-from .common import VALID_BITS, check_model_bit
 from .plain import CifarAlexNet, CifarVGG11, ImageNetAlexNet, ImageNetVGG11, ImageNetVGG16, PlainNet
 from .pretrained import (TORCHVISION_ARCHS, load_state_dict_file, load_torchvision_weights,
                          pretrained_state_dict)

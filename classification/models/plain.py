@@ -23,9 +23,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from common.backbones import ConvBNAct, LinearBNAct, init_conv_bn, init_linear_normal
 from quant import Conv2d8bit, Linear8bit
-
-from .common import ConvBNAct, LinearBNAct, init_conv_bn, init_linear_normal
 
 ConvSpec = Tuple[int, int, int, int]  # (out_channels, kernel, stride, padding)
 
