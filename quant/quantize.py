@@ -27,9 +27,8 @@ stochastic depth) are dropped, their weights kept in the state dict. See docs/ow
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -303,10 +302,10 @@ def quantize(model: nn.Module, bit: int, *, wbit: Optional[int] = None, first_la
     first = {n for n in _reach(inputs, lambda k: k.users, barrier) if _is_weight(n, modules)}
     last = {n for n in _reach([output], lambda k: k.all_input_nodes, barrier) if _is_weight(n, modules)}
     edge_paths = {n.target for n in first | last}
-    # 4. weight layers (a module called at several places is replaced once)
+    # 4. weight layers (a module called at several places is replaced once; quantized ones are kept)
     done = set()
     for n in nodes:
-        if _is_weight(n, modules) and n.target not in done:
+        if _is_weight(n, modules) and n.target not in done and not isinstance(modules[n.target], WEIGHT_LAYERS):
             done.add(n.target)
             bits = first_last_bit if n.target in edge_paths else wbit
             new = _weight_layer(modules[n.target], bits)

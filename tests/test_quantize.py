@@ -222,6 +222,14 @@ def test_weight_bits_and_arguments():
     assert type(q.conv1) is nn.Conv2d and type(q.fc) is nn.Linear and q.conv2.wbit == 2
     assert quant.quantize(m, 2, first_last_bit=4, maxpool="avg").conv1.wbit == 4
     assert type(quant.quantize(m, 2, wbit=32, maxpool="avg").conv2) is nn.Conv2d  # float hidden weights
+    q = quant.quantize(m, 2, maxpool="avg")
+    with torch.no_grad():
+        q.conv2.wgt_alpha.fill_(1.5)
+        q.relu.act_alpha.fill_(0.7)
+    again = quant.quantize(q, 2)  # an already quantized model: its quantized layers are kept as they are
+    assert again.conv2.wgt_alpha.item() == 1.5 and again.relu.act_alpha.item() == pytest.approx(0.7)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(again(x), q(x), rtol=0, atol=0)
     for kw, msg in ((dict(bit=1), "bit=1"), (dict(bit=2, wbit=9), "wbit=9"), (dict(bit=2, maxpool="max"), "maxpool"),
                     (dict(bit=2, alpha_init=0.0), "alpha_init")):
         with pytest.raises(ValueError, match=msg):
@@ -402,3 +410,15 @@ def test_chain_script_takes_a_torchvision_arch():
         assert a.arch == "mobilenet_v2"
         bits.append(a.bit)
     assert bits[:4] == [32, 4, 3, 2] and len(cmds) == 10
+
+
+def test_own_network_doc_example_runs(tmp_path, monkeypatch, single_thread):
+    """docs/own-network.md's Python example runs as written."""
+    import pathlib
+    import re
+    text = (pathlib.Path(ROOT) / "docs" / "own-network.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code.replace("/tmp/", str(tmp_path) + "/"), "own-network.md", "exec"), {"__name__": "doc"})
