@@ -422,3 +422,18 @@ def test_own_network_doc_example_runs(tmp_path, monkeypatch, single_thread):
     monkeypatch.chdir(tmp_path)
     for code in blocks:
         exec(compile(code.replace("/tmp/", str(tmp_path) + "/"), "own-network.md", "exec"), {"__name__": "doc"})
+
+
+def test_byon_demo_runs_end_to_end(tmp_path, fake_fmnist_system, monkeypatch, capsys, single_thread):
+    """The Fashion-MNIST runner (on the tiny fake data set): quantize -> calibrate -> train -> SNN."""
+    import json
+    from classification import byon_demo
+    monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
+    out = tmp_path / "out"
+    rec = byon_demo.main(["--out", str(out), "--width", "0.25", "--epochs", "1", "-b", "4", "--calib-batches", "1"])
+    assert rec["T"] == 15 and len(rec["per_step_top1"]) == 15 and rec["layers"][0]["agreement"] == 1.0
+    assert (rec["train_images"], rec["test_images"]) == (12, 6)
+    with open(out / "summary.json") as f:
+        assert json.load(f)["snn_top1"] == rec["snn_top1"]
+    assert os.path.isfile(out / "model.pth")
+    assert "--epochs 0" in _user_error(byon_demo.main, ["--out", str(out), "--epochs", "0"], capsys)
