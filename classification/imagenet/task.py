@@ -147,8 +147,9 @@ def get_parser(script: str, description: str = "") -> ArgumentParser:
     if script == "train":
         p.add_argument("--pretrained", nargs="?", const="torchvision", default="", metavar="SOURCE",
                        help="start from pretrained weights: alone (or 'torchvision'), torchvision's ImageNet "
-                            "weights for resnet18 / resnet34 and the torchvision-built archs (downloaded once into the torch "
-                            "hub cache); or a local state-dict file (any arch, the model's parameter names)")
+                            "weights for resnet18 / resnet34 and the torchvision-built archs (downloaded once "
+                            "into the torch hub cache); or a local state-dict file (any arch, the model's "
+                            "parameter names)")
     if script in ("snn", "ft"):
         add_snn_args(p)
     if script == "ft":
