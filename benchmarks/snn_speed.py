@@ -67,6 +67,27 @@ ARCHS = {  # name -> (dataset, input size)
 }
 
 
+class _WithTorchvision(dict):
+    """The archs above, then any torchvision classification model (mobilenet_v2, resnet50, ...) at 224 px,
+    built by ``get_model`` through ``quant.quantize`` (classification/models/torchvision_models.py)."""
+
+    def _torchvision(self, arch) -> bool:
+        from classification.models import list_archs
+        from classification.models.torchvision_models import is_torchvision_arch
+        return is_torchvision_arch(arch, list_archs())
+
+    def __missing__(self, arch):
+        if self._torchvision(arch):
+            return ("imagenet", 224)
+        raise KeyError(arch)
+
+    def __contains__(self, arch):
+        return dict.__contains__(self, arch) or self._torchvision(arch)
+
+
+ARCHS = _WithTorchvision(ARCHS)
+
+
 # ------------------------------------------------------------------------------------------ floors
 class ConvReplay:
     """The conv / linear calls of a network, replayed alone on preallocated inputs in one layout."""

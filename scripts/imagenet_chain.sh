@@ -5,12 +5,14 @@
 #   SNN evaluation of the 3- and 2-bit models with unsigned and signed IF neurons (T = 7 / 3),
 #   layer-wise fine-tuning of those SNNs (signed), written to result/imagenet/<arch>_<bit>bit_ft/.
 #
-# usage: scripts/imagenet_chain.sh DATA [NGPU]
+# usage: scripts/imagenet_chain.sh [-a ARCH] DATA [NGPU]
+#   ARCH   as the ARCH variable below (-a wins)
 #   DATA   ImageNet root holding train/ and val/ (ImageFolder trees)
 #   NGPU   processes (default: the number of GPUs, at least 1); -b is per process, as in the original
 #
 # Environment (defaults = the README's commands, 4 GPUs x 256):
-#   ARCH=alexnet        alexnet | vgg16 | vgg11 | resnet18 | resnet34
+#   ARCH=alexnet        alexnet | vgg16 | vgg11 | resnet18 | resnet34, or a torchvision classification
+#                       model with ReLU / ReLU6 activations (mobilenet_v2, resnet50, ...; docs/own-network.md)
 #   START=auto          the 32-bit start: auto = OUT/imagenet/<arch>_32bit/model_best.pth.tar if present, else
 #                       torchvision's weights for resnet18/34 (--pretrained), else train a 32-bit model
 #                       here; or train | torchvision | none (4-bit from random weights, as the original
@@ -28,6 +30,7 @@
 # skipped: rerunning the chain continues a killed run (scripts/lib/chain.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ $# -ge 2 ] && { [ "$1" = -a ] || [ "$1" = --arch ]; }; then ARCH=$2; shift 2; fi
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
   echo "usage: $0 DATA [NGPU]   (see the comments at the top of $0 for the environment variables)" >&2
   exit 2

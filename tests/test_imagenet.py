@@ -364,7 +364,7 @@ def test_bad_inputs(data, tmp_path, capsys, one_thread):
     msg = _user_error(dali_main.main, ["-a", "resnet18", "--bit", "2"] + ok + [str(tmp_path / "no")], capsys)
     assert "not found" in msg and " — " in msg  # every error says what to do
     assert "must hold" in _user_error(dali_main.main, ["--bit", "2"] + ok + [str(tmp_path)], capsys)
-    assert "arch" in _user_error(dali_main.main, ["-a", "resnet50"] + ok + [data], capsys)
+    assert "arch" in _user_error(dali_main.main, ["-a", "resnet5"] + ok + [data], capsys)
     assert "--bit" in _user_error(dali_main.main, ["--bit", "7"] + ok + [data], capsys)
     assert "required" in _user_error(dali_main.main, ["--bit", "2"] + ok, capsys)
     missing = str(tmp_path / "missing.pth")

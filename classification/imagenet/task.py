@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 
 from classification import imagenet_data as D
 from classification.models import IMAGENET_ARCHS
+from classification.models.torchvision_models import ArchChoices, is_torchvision_arch
 from classification.workflow import Data, Task, add_common_args, add_finetune_args, add_snn_args
 from common import UserError
 from common.cli import ArgumentParser
@@ -106,7 +107,7 @@ def build_data(args, ctx) -> Data:
     return Data("imagenet", num_classes, train, val, info)
 
 
-TASK = Task(name="imagenet", model_dataset="imagenet", archs=IMAGENET_ARCHS, default_arch="resnet18",
+TASK = Task(name="imagenet", model_dataset="imagenet", archs=ArchChoices(IMAGENET_ARCHS), default_arch="resnet18",
             build_data=build_data, milestones=milestones, input_size=D.DEFAULT_INPUT_SIZE,
             extra_args=add_data_args, train_script="dali_main.py",
             # result/imagenet/<arch>_<bit>bit: resnet18 / vgg11 exist for CIFAR-10 too (result/<arch>_<bit>bit);
@@ -139,11 +140,16 @@ def get_parser(script: str, description: str = "") -> ArgumentParser:
             a.help = "batch size per process (default 256)"
         elif a.dest == "test_batch_size":
             a.help = "validation batch size per process (default: -b)"
+        elif a.dest == "arch":
+            a.help = (f"model: {', '.join(IMAGENET_ARCHS)} (Fast-SNN's own), or any torchvision classification "
+                      "model with ReLU / ReLU6 activations, quantized by quant.quantize (mobilenet_v2, resnet50, "
+                      "densenet121, ...; docs/own-network.md) (default resnet18)")
     if script == "train":
         p.add_argument("--pretrained", nargs="?", const="torchvision", default="", metavar="SOURCE",
                        help="start from pretrained weights: alone (or 'torchvision'), torchvision's ImageNet "
-                            "weights for resnet18 / resnet34 (downloaded once into the torch hub cache); "
-                            "or a local state-dict file (any arch, the model's parameter names)")
+                            "weights for resnet18 / resnet34 and the torchvision-built archs (downloaded once "
+                            "into the torch hub cache); or a local state-dict file (any arch, the model's "
+                            "parameter names)")
     if script in ("snn", "ft"):
         add_snn_args(p)
     if script == "ft":
@@ -293,6 +299,11 @@ def _resolve_pretrained(args):
                                                                  "alone for torchvision's weights (resnet18 / resnet34)")
         args.init = src
         log(f"--pretrained: weights from {src}")
+        return
+    if is_torchvision_arch(args.arch, IMAGENET_ARCHS):  # a torchvision-built model: its own weights
+        from classification.models.torchvision_models import weights_file
+        args.init = weights_file(args.arch)
+        log(f"--pretrained: torchvision {args.arch} weights ({args.init})")
         return
     from classification.models import TORCHVISION_ARCHS, pretrained_state_dict
     if args.arch not in TORCHVISION_ARCHS:

@@ -4,7 +4,9 @@
 
 * CIFAR-10 (32x32): ``alex``, ``vgg11``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
   ``resnet110``, ``resnet18`` (TET variant);
-* ImageNet (224x224): ``alexnet``, ``vgg16``, ``vgg11``, ``resnet18``, ``resnet34``.
+* ImageNet (224x224): ``alexnet``, ``vgg16``, ``vgg11``, ``resnet18``, ``resnet34``, and any other
+  torchvision classification model (``mobilenet_v2``, ``resnet50``, ...) through :func:`quant.quantize`
+  (:mod:`classification.models.torchvision_models`).
 
 ``bit`` is the activation bit-width (32 = ReLU). ``wbit=None`` picks the original's weight precision:
 CIFAR alex / vgg11 / resnet20..110 quantize hidden weights at ``bit`` (float when bit is 32), CIFAR
@@ -28,6 +30,7 @@ from quant.functional import FULL_PRECISION
 from .plain import CifarAlexNet, CifarVGG11, ImageNetAlexNet, ImageNetVGG11, ImageNetVGG16, PlainNet
 from .pretrained import (TORCHVISION_ARCHS, load_state_dict_file, load_torchvision_weights,
                          pretrained_state_dict)
+from . import torchvision_models
 from .resnet import BasicBlock, CifarResNet, CifarResNet18, ImageNetResNet, ResNet
 
 CIFAR_ARCHS = ("alex", "vgg11", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18")
@@ -102,6 +105,14 @@ def get_model(arch: str, bit: int = FULL_PRECISION, wbit: Optional[int] = None,
     ``"imagenet"``; ``None`` resolves the name, CIFAR first (:func:`resolve_arch`). ``alpha_init``:
     initial activation clip (default 8.0 for CIFAR alex / vgg11, 6.0 otherwise).
     """
+    if dataset in (None, "imagenet") and torchvision_models.is_torchvision_arch(arch, list_archs()):
+        bit = check_model_bit(bit, "bit")  # any other torchvision classifier, quantized (torchvision_models)
+        wbit = FULL_PRECISION if wbit is None else check_model_bit(wbit, "wbit")
+        ds, num_classes = "imagenet", DEFAULT_NUM_CLASSES["imagenet"] if num_classes is None else int(num_classes)
+        model = torchvision_models.build(arch, bit, wbit, num_classes, alpha_init=alpha_init,
+                                         in_channels=in_channels)
+        model.arch, model.dataset, model.bit, model.wbit, model.num_classes = arch, ds, bit, wbit, num_classes
+        return model
     ds = resolve_arch(arch, dataset)
     bit = check_model_bit(bit, "bit")
     builder, quant_weights, default_alpha = _REGISTRY[ds][arch]
