@@ -1,4 +1,4 @@
-"""Fine-tuning methods of issue 13 (``snn.finetune(method=...)``, :mod:`snn.calibrate`): each one brings a
+"""Fine-tuning methods (``snn.finetune(method=...)``, :mod:`snn.calibrate`): each one brings a
 tiny converted residual net closer to its ANN; ``method="fastsnn"`` is the original algorithm bit for bit;
 the classification ablation script runs."""
 import copy

@@ -215,7 +215,7 @@ def test_cpp_float64_layouts_and_threads():
 @pytest.mark.skipif(not getattr(torch._C, "has_openmp", False), reason="this PyTorch has no OpenMP")
 def test_cpp_kernels_are_built_with_openmp_and_equal_across_thread_counts():
     # at::parallel_for is inline: compiled without -fopenmp the kernels ran on one thread whatever
-    # torch.set_num_threads said (found 2026-12-02). The library must call into the OpenMP runtime ...
+    # torch.set_num_threads said. The library must call into the OpenMP runtime ...
     assert "-fopenmp" in kcpp.CFLAGS
     libs = [os.path.join(r, f) for r, _, fs in os.walk(kcpp.build_dir()) for f in fs if f.endswith(".so")]
     assert libs, kcpp.build_dir()
