@@ -1,4 +1,4 @@
-"""The README runs as written: its Python examples execute, and every fenced shell command names a script
+"""The README runs as written: its Python examples (and docs/api.md's) execute, and every fenced shell command names a script
 that exists and only flags (and choices) that script's argparse accepts."""
 import argparse
 import contextlib
@@ -24,13 +24,14 @@ EXTERNAL = {"pip", ".venv/bin/pip", "pip3", "source", "export", "ls", "cat", "mk
 PROJECT_PACKAGES = ("classification", "detection", "segmentation", "common", "benchmarks", "quant", "snn")
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
+@pytest.mark.parametrize("doc", ["README.md", "docs/api.md"])
+def test_python_examples_run(doc, tmp_path, monkeypatch):
+    text = (ROOT / doc).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "the README has no python example"
+    assert blocks, f"{doc} has no python example"
     monkeypatch.chdir(tmp_path)
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(code, doc, "exec"), {"__name__": "readme"})
 
 
 # ------------------------------------------------------------------------------------- shell commands
