@@ -18,7 +18,7 @@ from test_snn import TinyResNet, TinyYolo, _trained_tiny_resnet  # noqa: E402
 
 ft = importlib.import_module("snn.finetune")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORIGINAL = "b85e78a34c0e719c42b54dabe7cca26073600605"  # the last commit of the original fine-tuner
+ORIGINAL = "b85e78a34c0e719c42b54dabe7cca26073600605"  # snn/finetune.py of this revision: the single-method reference
 
 
 @pytest.fixture(scope="module")

@@ -997,7 +997,7 @@ def test_kernel_suite_green_without_compiler(tmp_path):
 
 # ------------------------------------------------------------------------------------- settle networks
 def test_settle_network_per_backend_and_optimized():
-    """The lead's settle mode (bounded neurons, steps past T) on the native kernel and optimised:
+    """The settle mode (bounded neurons, steps past T) on the native kernel and optimised:
     the same output as the reference backend, equal to the quantized ANN."""
     from test_dense_core import _settle_model
     torch.manual_seed(0)
