@@ -277,3 +277,33 @@ def test_readme_command_check_finds_mistakes(block, expected):
 ])
 def test_readme_command_check_accepts_correct_commands(block):
     assert check_block(block) == []
+
+
+#: each task / benchmark page documents every flag of these scripts
+FLAG_PAGES = {
+    "docs/classification.md": ["classification/cifar10/main.py", "classification/cifar10/snn.py",
+                               "classification/cifar10/snn_ft.py", "classification/imagenet/dali_main.py",
+                               "classification/imagenet/snn.py", "classification/imagenet/snn_ft.py",
+                               "-m classification.demo", "-m classification.demo_seeds"],
+    "docs/detection.md": ["detection/train.py", "detection/eval.py", "detection/snn_ft.py", "detection/demo.py",
+                          "-m detection.offline_demo", "-m detection.pretrain", "-m common.scenes"],
+    "docs/segmentation.md": ["segmentation/train.py", "segmentation/eval.py", "segmentation/snn_ft.py",
+                             "segmentation/inference.py", "-m segmentation.demo"],
+    "benchmarks/README.md": ["benchmarks/snn_speed.py", "benchmarks/if_kernels.py", "benchmarks/kernel_ab.py",
+                             "benchmarks/quant_overhead.py", "benchmarks/finetune_cost.py", "benchmarks/dense_memory.py"],
+}
+
+
+@pytest.mark.parametrize("doc", sorted(FLAG_PAGES))
+def test_pages_document_every_flag(doc):
+    text = (ROOT / doc).read_text()
+    missing = []
+    for script in FLAG_PAGES[doc]:
+        target = ("module", script[3:]) if script.startswith("-m ") else ("file", script)
+        parser, error = parse_with_script(_runner(target), ["--help"])
+        assert parser is not None, f"{script} --help: {error}"
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help" and \
+                    not any(f"`{o}`" in text for o in action.option_strings):
+                missing.append(f"{script} {action.option_strings[-1]}")
+    assert not missing, f"{doc} does not document: " + ", ".join(missing)
