@@ -93,7 +93,7 @@ def test_every_script_runs_for_every_arch(arch, fake_cifar, tmp_path):
     assert ck["snn_finetuned"] is True and ck["arch"] == arch and ck["T"] == 3 and ck["neuron"] == "signed"
 
 
-# ------------------------------------------------------------------------------------------ the seed's chain
+# ------------------------------------------------------------------------------ the original's chain
 @pytest.fixture(scope="module")
 def chain(fake_cifar, tmp_path_factory):
     """resnet20 trained 32 -> 4 -> 3 -> 2 bits with --init, 2 epochs at 32 bits."""
@@ -379,7 +379,7 @@ def test_torchrun_two_processes(fake_cifar, tmp_path):
 
 
 def test_chain_script_commands(tmp_path):
-    """scripts/cifar10_chain.sh runs the seed's recipe in order (PYTHON stubbed to record the calls)."""
+    """scripts/cifar10_chain.sh runs the original's recipe in order (PYTHON stubbed to record the calls)."""
     log = tmp_path / "calls"
     stub = tmp_path / "py"
     stub.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
@@ -403,7 +403,7 @@ def test_demo_quick(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     monkeypatch.setenv("FASHION_MNIST_DIR", fake_fmnist_system)
     s = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
-    # time per stage, so far, and left (issue 15.5)
+    # time per stage, so far, and left
     assert "--- train 32-bit ANN: " in out and "(elapsed " in out and "step 1/10, about " in out and " left)" in out
     assert "step 10/10, done" in out
     assert "bits |  T | ANN top-1 | SNN signed | SNN unsigned | fine-tuned | settle (K = 9)" in out

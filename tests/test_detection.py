@@ -388,7 +388,7 @@ def _cli(main, argv, capsys):
 
 @pytest.fixture(scope="module")
 def trained(scene_root, tmp_path_factory):
-    """32-bit then 2-bit tiny detectors trained for a few iterations with the seed's command (2 processes)."""
+    """32-bit then 2-bit tiny detectors trained for a few iterations with the original's command (2 processes)."""
     out = str(tmp_path_factory.mktemp("det_weights"))
     common = ["-d", "voc", "-v", "yolov2_tiny", "--batch_size", "2", "-root", scene_root.root, "--classes",
               scene_root.classes, "--width", "0.125", "--train_size", "64", "--val_size", "64", "--epochs", "1",

@@ -1,4 +1,4 @@
-"""Fine-tuning methods of issue 13 (``snn.finetune(method=...)``, :mod:`snn.calibrate`): each one brings a
+"""Fine-tuning methods (``snn.finetune(method=...)``, :mod:`snn.calibrate`): each one brings a
 tiny converted residual net closer to its ANN; ``method="fastsnn"`` is the original algorithm bit for bit;
 the classification ablation script runs."""
 import copy
@@ -18,7 +18,7 @@ from test_snn import TinyResNet, TinyYolo, _trained_tiny_resnet  # noqa: E402
 
 ft = importlib.import_module("snn.finetune")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORIGINAL = "b85e78a34c0e719c42b54dabe7cca26073600605"  # the last commit of the original fine-tuner
+ORIGINAL = "b85e78a34c0e719c42b54dabe7cca26073600605"  # snn/finetune.py of this revision: the single-method reference
 
 
 @pytest.fixture(scope="module")

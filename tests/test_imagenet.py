@@ -1,5 +1,5 @@
 """ImageNet task: loaders (torchvision and DALI CPU), the three scripts in one process and under
-torchrun / torch.distributed.launch (gloo), the seed README's commands, bad inputs.
+torchrun / torch.distributed.launch (gloo), the original README's commands, bad inputs.
 
 Everything runs on a tiny generated ImageFolder (3 classes, 12 train / 6 val JPEGs of 40-100 px).
 ResNets run at ``--input-size 64``; AlexNet / VGG have fixed-size classifiers (6x6 / 7x7 feature
@@ -447,7 +447,7 @@ def test_seed_readme_commands_distributed_launch(data_small, tmp_path):
     assert "T=7, unsigned" in r.stdout and r.stdout.count(" * Acc@1 ") == 1
     r = seed("snn_ft.py", "-a alexnet -b 2 --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 "
                           "--dali_cpu")
-    # the seed's result/alexnet_<bit>bit paths name this project's result/imagenet/alexnet_<bit>bit
+    # the original's result/alexnet_<bit>bit paths name this project's result/imagenet/alexnet_<bit>bit
     assert "using result/imagenet/alexnet_3bit/model_best.pth.tar" in r.stdout
     assert (tmp_path / "result" / "imagenet" / "alexnet_3bit_ft" / "model_best.pth.tar").is_file()
     assert (tmp_path / "result" / "imagenet" / "alexnet_3bit_ft" / "metrics_snn_ft_signed_T7.json").is_file()

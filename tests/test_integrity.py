@@ -132,7 +132,7 @@ def test_run_folders_do_not_collide_across_datasets():
     assert workflow.run_dir(args) == os.path.join("result", "imagenet", "resnet18_4bit")
     c = train_script.get_parser().parse_args(["-a", "resnet18", "--bit", "4"])
     c.run_namespace = CIFAR.namespace(c)
-    assert workflow.run_dir(c) == os.path.join("result", "resnet18_4bit")  # the seed's CIFAR-10 path
+    assert workflow.run_dir(c) == os.path.join("result", "resnet18_4bit")  # the original's CIFAR-10 path
     f = train_script.get_parser().parse_args(["-a", "resnet18", "--bit", "4", "--dataset", "fashionmnist"])
     f.run_namespace = CIFAR.namespace(f)
     assert workflow.run_dir(f) == os.path.join("result", "fashionmnist", "resnet18_4bit")

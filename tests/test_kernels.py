@@ -215,7 +215,7 @@ def test_cpp_float64_layouts_and_threads():
 @pytest.mark.skipif(not getattr(torch._C, "has_openmp", False), reason="this PyTorch has no OpenMP")
 def test_cpp_kernels_are_built_with_openmp_and_equal_across_thread_counts():
     # at::parallel_for is inline: compiled without -fopenmp the kernels ran on one thread whatever
-    # torch.set_num_threads said (found 2026-12-02). The library must call into the OpenMP runtime ...
+    # torch.set_num_threads said. The library must call into the OpenMP runtime ...
     assert "-fopenmp" in kcpp.CFLAGS
     libs = [os.path.join(r, f) for r, _, fs in os.walk(kcpp.build_dir()) for f in fs if f.endswith(".so")]
     assert libs, kcpp.build_dir()
@@ -997,7 +997,7 @@ def test_kernel_suite_green_without_compiler(tmp_path):
 
 # ------------------------------------------------------------------------------------- settle networks
 def test_settle_network_per_backend_and_optimized():
-    """The lead's settle mode (bounded neurons, steps past T) on the native kernel and optimised:
+    """The settle mode (bounded neurons, steps past T) on the native kernel and optimised:
     the same output as the reference backend, equal to the quantized ANN."""
     from test_dense_core import _settle_model
     torch.manual_seed(0)

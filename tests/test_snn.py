@@ -16,7 +16,7 @@ from quant.functional import act_levels
 
 # ------------------------------------------------------------------------------------------ neuron
 def _scalar_if(currents, theta, signed, tol=1e-3):
-    """Plain-Python reference of spec 5.3, one neuron."""
+    """Plain-Python reference of the signed / unsigned IF neuron dynamics, one neuron."""
     v, n, out = theta / 2, 0, []
     for z in currents:
         v += z
