@@ -3,6 +3,7 @@ optimised SNN / ANN equal the plain ones, the native ops behave as PyTorch custo
 
 No test here measures time (benchmarks/ does that)."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quant
 import snn
@@ -802,6 +805,73 @@ def test_fused_act_quant_bit_identical(n, dtype):
     got2 = fused.act_quant_infer(buf, alpha, n, residual=r, out=buf)
     assert bool(((ref2 == got2) | (ref2.isnan() & got2.isnan())).all())
     assert not HAVE_CPP or got2.data_ptr() == buf.data_ptr()  # in place
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so -0.0 != +0.0), or NaN in both."""
+    nan = a.isnan() & b.isnan()
+    ia, ib = a.view(torch.int32 if a.dtype == torch.float32 else torch.int64), b.view(torch.int32 if
+                                                                                         b.dtype == torch.float32
+                                                                                         else torch.int64)
+    return bool(((ia == ib) | nan).all())
+
+
+def _near_boundaries(alpha: torch.Tensor, n: int, ulps: int = 3) -> torch.Tensor:
+    """Inputs at and a few ulps around every rounding boundary (j + 1/2) * alpha / n, 0 and alpha."""
+    mids = (torch.arange(-1, n + 2, dtype=torch.float64) + 0.5) * float(alpha) / n
+    base = torch.cat([mids, torch.tensor([0.0, float(alpha)], dtype=torch.float64)]).to(torch.float32)
+    out, up, down = [base], base.clone(), base.clone()
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.full_like(down, -float("inf")))
+        out += [up, down]
+    return torch.cat(out)
+
+
+@needs_cpp
+@settings(max_examples=300, deadline=None)
+@given(alpha=st.one_of(st.floats(2.0 ** -100, 2.0 ** 100, width=32), st.floats(0.0625, 16.0, width=32),
+                       st.sampled_from([1.0, 1.7, 6.0, 2.0 ** -126, 1e-45, 3.4e38, 0.0, -1.5,
+                                        float("inf"), float("nan")])),
+       bit=st.integers(1, 8),
+       xs=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=40),
+       scale=st.floats(2.0 ** -7, 128.0, width=32), residual=st.booleans())
+def test_act_quant_kernel_exact_property(alpha, bit, xs, scale, residual):
+    """The native float32 quantizer (level thresholds instead of the division where it applies) gives the
+    bit patterns of the formula ``floor(clamp(x / alpha, 0, 1) * n + 1/2) * (alpha / n)`` for any input
+    (rounding boundaries and a few ulps around them, negatives, above alpha, +-0, +-inf, NaN, subnormals)
+    and any alpha (tiny, huge, subnormal, 0, negative, inf, NaN), on tails and full vector blocks, with and
+    without a residual, in place or not."""
+    ops = kcpp.load()
+    n = 2 ** bit - 1
+    a = torch.tensor(alpha, dtype=torch.float32)
+    g = torch.Generator().manual_seed(bit)
+    parts = [torch.tensor(xs, dtype=torch.float32).reshape(-1), torch.randn(37, generator=g) * scale,
+             torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf"), float("nan")])]
+    if math.isfinite(alpha) and alpha > 0:
+        parts.append(_near_boundaries(a, n))
+    x = torch.cat(parts)
+    x = x[torch.randperm(x.numel(), generator=g)]  # boundaries in every position of a vector block
+    r = torch.randn(x.shape, generator=g) * scale if residual else None
+    step = (a / n).item()
+    ref = act_levels(x if r is None else x + r, a, n) * (a / n)
+    assert _same_bits(ops.act_quant(x, r, float(alpha), float(n), step), ref)
+    buf = x.clone()
+    ops.act_quant_inplace(buf, r, float(alpha), float(n), step)
+    assert _same_bits(buf, ref)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bit", [1, 2, 3, 4])
+def test_act_quant_kernel_every_float_near_the_boundaries(bit):
+    """Every float32 within 64 ulps of every rounding boundary, for alphas over 60 orders of magnitude."""
+    ops = kcpp.load()
+    n = 2 ** bit - 1
+    for alpha in (1.0, 0.3, 1.7, 6.0, 1e-20, 1e20, 2.0 ** -120, 7.3e37):
+        a = torch.tensor(alpha, dtype=torch.float32)
+        x = _near_boundaries(a, n, ulps=64)
+        ref = act_levels(x, a, n) * (a / n)
+        assert _same_bits(ops.act_quant(x, None, alpha, float(n), (a / n).item()), ref), alpha
 
 
 def test_quant_act_uses_fused_path_only_without_grad():

@@ -21,8 +21,13 @@
 #include <cmath>
 #include <limits>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -471,10 +476,15 @@ _Pragma("omp simd reduction(+ : k)")
 // ----------------------------------------------------------------------------- activation quantizer
 // out = floor(clamp((x [+ r]) / alpha, 0, 1) * n + 0.5) * step -- the order of quant.act_levels
 template <typename R>
-inline R act_q(R v, R alpha, R n, R step) {
+inline R act_level(R v, R alpha, R n) {
   R u = v / alpha;
   u = u < R(0) ? R(0) : (u > R(1) ? R(1) : u);
-  return std::floor(u * n + R(0.5)) * step;
+  return std::floor(u * n + R(0.5));
+}
+
+template <typename R>
+inline R act_q(R v, R alpha, R n, R step) {
+  return act_level<R>(v, alpha, n) * step;
 }
 
 void act_check(const at::Tensor& x, const c10::optional<at::Tensor>& r) {
@@ -483,9 +493,101 @@ void act_check(const at::Tensor& x, const c10::optional<at::Tensor>& r) {
   if (r.has_value()) check_like(*r, x, "residual");
 }
 
+// Exact level thresholds (float32). With alpha > 0 every step of the chain above (divide, clamp, multiply, add,
+// floor) is correctly rounded and monotone, so the level is a non-decreasing step function of the input:
+// level(v) >= k exactly when v >= th[k], th[k] the smallest float whose level is >= k, found by bisection over
+// the floats in order (their bit patterns, sign-magnitude mapped onto the integers).
+inline int64_t f32_key(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, 4);
+  return b < 0 ? -int64_t(b & 0x7fffffff) : int64_t(b);  // -0.0 and +0.0 share key 0
+}
+
+inline float f32_of_key(int64_t k) {
+  const uint32_t b = k < 0 ? (uint32_t(-k) | 0x80000000u) : uint32_t(k);
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+float level_threshold(int64_t k, float alpha, float n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  int64_t lo = f32_key(-inf), hi = f32_key(inf);  // level(-inf) = 0 < k <= n = level(+inf)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (act_level<float>(f32_of_key(mid), alpha, n) >= float(k))
+      hi = mid;
+    else
+      lo = mid;
+  }
+  return f32_of_key(hi);
+}
+
+#if defined(__AVX512F__)
+// The float32 quantizer without a division, for n <= 15 levels (bit <= 4), 16 inputs at a time:
+// a first guess k0 = floor(clamp(v * (n / alpha) + 0.5 - 2^-10, 0, n)) of the level (one fused multiply-add;
+// its error and the chain's are < 2^-18 for levels <= 16, so the bias makes k0 the exact level or the one
+// below), corrected by one comparison with the exact threshold of level k0 + 1; the output is the table entry
+// k * step (the chain's own product). NaN passes through, as in the chain.
+struct ActThresholds {
+  alignas(64) float next[16];  // next[k] = th[k + 1]; NaN past n (no input reaches a level above n)
+  alignas(64) float value[16];  // value[k] = k * step
+  float c, top;
+};
+
+bool act_thresholds(float alpha, float n, float step, ActThresholds& t) {
+  if (!(alpha >= std::numeric_limits<float>::min() && alpha <= std::numeric_limits<float>::max())) return false;
+  if (!(n >= 1.0f && n <= 15.0f && n == std::floor(n))) return false;
+  t.c = n / alpha;
+  if (!std::isnormal(t.c)) return false;
+  t.top = n;
+  const int64_t L = int64_t(n);
+  for (int64_t k = 0; k < 16; k++) {
+    t.next[k] = k + 1 <= L ? level_threshold(k + 1, alpha, n) : std::numeric_limits<float>::quiet_NaN();
+    t.value[k] = k <= L ? float(k) * step : 0.0f;
+  }
+  return true;
+}
+
+template <bool RES>
+void act_thresh_f32(const float* x, const float* r, float* o, int64_t i0, int64_t i1, const ActThresholds& t,
+                    float alpha, float n, float step) {
+  const __m512 next = _mm512_load_ps(t.next), value = _mm512_load_ps(t.value);
+  const __m512 c = _mm512_set1_ps(t.c), bias = _mm512_set1_ps(0.5f - 1.0f / 1024.0f);
+  const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(t.top);
+  const __m512i one = _mm512_set1_epi32(1);
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (RES) v = _mm512_add_ps(v, _mm512_loadu_ps(r + i));
+    const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(v, c, bias), zero), top);  // NaN -> 0
+    __m512i k = _mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_permutexvar_ps(k, next), _CMP_GE_OQ);
+    k = _mm512_mask_add_epi32(k, up, k, one);
+    const __mmask16 num = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    _mm512_storeu_ps(o + i, _mm512_mask_permutexvar_ps(v, num, k, value));
+  }
+  for (; i < i1; i++) o[i] = act_q<float>(RES ? x[i] + r[i] : x[i], alpha, n, step);
+}
+#endif
+
 template <typename R>
 void act_run(const R* x, const R* r, R* o, int64_t N, double alpha_, double n_, double step_) {
   const R alpha = R(alpha_), n = R(n_), step = R(step_);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<R, float>::value) {
+    ActThresholds t;
+    if (act_thresholds(alpha, n, step, t)) {
+      at::parallel_for(0, N, SERIAL, [&](int64_t i0, int64_t i1) {
+        if (r)
+          act_thresh_f32<true>(x, r, o, i0, i1, t, alpha, n, step);
+        else
+          act_thresh_f32<false>(x, r, o, i0, i1, t, alpha, n, step);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, N, SERIAL, [&](int64_t i0, int64_t i1) {
     if (r) {
 _Pragma("omp simd")
