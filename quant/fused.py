@@ -170,6 +170,9 @@ def act_quant_infer(x: torch.Tensor, alpha: torch.Tensor, n: int, residual: Opti
         if out is not None and out.data_ptr() == x.data_ptr() and dense_same_layout(x, out):
             ops.act_quant_inplace(x, residual, a, float(n), step)
             return x
+        if out is not None and dense_same_layout(x, out) and out.dtype == x.dtype and out.device == x.device:
+            ops.act_quant_into(x, residual, a, float(n), step, out)  # out may be the residual
+            return out
         y = ops.act_quant(x, residual, a, float(n), step)
         if out is not None and out.shape == y.shape and out.dtype == y.dtype:
             return out.copy_(y)
@@ -283,13 +286,16 @@ class _Tracer(fx.Tracer):
 
 
 class FusedQuantAct(nn.Module):
-    """Inference quantized ReLU, optionally of a sum ``x + residual`` (fused), optionally in place."""
+    """Inference quantized ReLU, optionally of a sum ``x + residual`` (fused), optionally in place, or into
+    a reused buffer (``pool`` / ``pool_slot``: a :class:`snn.neuron.BufferPool` slot planned by
+    :func:`optimize_ann`; CPU only, never while the module has hooks)."""
 
     def __init__(self, act: QuantAct, inplace: bool = False):
         super().__init__()
         self.bit = act.bit
         self.act_alpha = nn.Parameter(act.act_alpha.detach().clone(), requires_grad=False)
         self.inplace = inplace
+        self.pool, self.pool_slot = None, -1
         self._cache = None
 
     def forward(self, x, residual=None):
@@ -298,8 +304,12 @@ class FusedQuantAct(nn.Module):
         key = (id(a), a._version, a.data_ptr(), x.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, act_floats(a, n, x.dtype))
-        ip = self.inplace and not (self._forward_hooks or self._forward_pre_hooks)
-        return act_quant_infer(x, a, n, residual, out=x if ip else None, floats=self._cache[1])
+        hooked = bool(self._forward_hooks or self._forward_pre_hooks)
+        out = x if self.inplace and not hooked else None
+        if self.pool is not None and not hooked and x.device.type == "cpu" and _dense(x) \
+                and (residual is None or residual.shape == x.shape):
+            out = self.pool.get(self.pool_slot, x.shape, x.stride(), x)
+        return act_quant_infer(x, a, n, residual, out=out, floats=self._cache[1])
 
     def extra_repr(self):
         return f"bit={self.bit}, inplace={self.inplace}"
@@ -501,16 +511,22 @@ def pick_layout(build, example, repeats: int = 5):
 
 
 def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
-                 example: Optional[torch.Tensor] = None, conv_add_postop: bool = False) -> fx.GraphModule:
+                 example: Optional[torch.Tensor] = None, conv_add_postop: bool = False,
+                 reuse_buffers: bool = True) -> fx.GraphModule:
     """Inference copy of a quantized ANN (see the module docstring). The model is not modified.
     ``channels_last``: True / False, or ``"auto"``: the faster of both on ``example`` (channels-last
     without an example). ``conv_add_postop`` (opt-in): residual sums as oneDNN convolution post-ops
-    (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input."""
+    (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input.
+    ``reuse_buffers``: every quantizer whose output is read only inside the network writes it into a
+    reused buffer (the liveness plan of :func:`snn.optimize.plan_buffers`), so the convolutions'
+    outputs are freed right after their quantizer and the heap does not grow and shrink (page faults)
+    every forward; the values are the same."""
     if channels_last == "auto":
         if example is None:
             channels_last = True
         else:
-            return pick_layout(lambda cl: optimize_ann(model, cl, inplace, conv_add_postop=conv_add_postop), example)
+            return pick_layout(lambda cl: optimize_ann(model, cl, inplace, conv_add_postop=conv_add_postop,
+                                                       reuse_buffers=reuse_buffers), example)
     model = copy.deepcopy(model).eval()
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
@@ -556,6 +572,9 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    if reuse_buffers:
+        from snn.optimize import plan_buffers  # lazy: snn imports quant
+        plan_buffers(gm, writers=(FusedQuantAct,))
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.layout = "channels_last" if channels_last else "contiguous"

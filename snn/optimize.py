@@ -140,16 +140,19 @@ _NEW_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm.
                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
 
 
-def _new_output(node: fx.Node, modules) -> bool:
+def _new_output(node: fx.Node, modules, writers=()) -> bool:
     if node.op != "call_module":
         return False
     m = modules.get(node.target)
     from quant.fused import Conv2dAdd
-    return isinstance(m, _NEW_OUTPUT) and not isinstance(m, Conv2dAdd)  # conv_add writes into its input
+    return isinstance(m, _NEW_OUTPUT + tuple(writers)) and not isinstance(m, Conv2dAdd)  # conv_add: into its input
 
 
-def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
+def plan_buffers(gm: fx.GraphModule, writers: tuple = (IFNeuron,)) -> Optional[BufferPool]:
     """Give the neurons of ``gm`` reused output buffers (:class:`~snn.neuron.BufferPool` slots).
+    ``writers``: the module types that get slots (any with ``pool`` / ``pool_slot`` attributes that
+    writes its output into the slot: the neurons, or the quantized ANN's
+    :class:`~quant.fused.FusedQuantAct`).
 
     A neuron's train is alive from its node to the last reader of it or of anything that may alias
     it: every user that is not a module known to return a new tensor (conv, linear, BN, pooling,
@@ -161,7 +164,8 @@ def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    neurons = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), IFNeuron)]
+    writers = tuple(writers)
+    neurons = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), writers)]
     calls = {}
     for n in neurons:
         calls[n.target] = calls.get(n.target, 0) + 1
@@ -175,7 +179,7 @@ def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
                     escapes = True
                     break
                 end = max(end, pos[u])
-                if not _new_output(u, modules) and u not in seen:  # may alias: its readers count too
+                if not _new_output(u, modules, writers) and u not in seen:  # may alias: its readers count too
                     seen.add(u)
                     stack.append(u)
         if not escapes and calls[nd.target] == 1:  # a module called at several nodes: no slot

@@ -411,6 +411,8 @@ def test_native_ops_opcheck():
     torch.library.opcheck(ops.if_steps_inplace, (cur.clone(), res, v, n, th, neg, th, float("inf"), True, True))
     torch.library.opcheck(ops.if_const, (torch.rand(2, 3, 4, 4, generator=g), th, th, 0, 5, 3, True))
     torch.library.opcheck(ops.act_quant, (torch.randn(4, 50, generator=g), None, 1.5, 3.0, 0.5))
+    torch.library.opcheck(ops.act_quant_into, (torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g), 1.5,
+                                               3.0, 0.5, torch.empty(4, 50)))
     # autograd: the membrane is v0 + sum x - theta * (net spikes): d v_T / d x_t = 1, spikes have no gradient
     c = cur.clone().requires_grad_(True)
     s, vT, _ = ops.if_steps(c, None, None, None, th, neg, one, float("inf"), True, True)
@@ -696,11 +698,13 @@ def test_buffer_plan_never_shares_a_live_train():
     torch.manual_seed(0)
     ann = _randomise_bn(TinyDeepLab(2))
     opt = snn.optimize(snn.convert(ann))
-    gm = opt.net
-    nodes = list(gm.graph.nodes)
+    _check_plan(opt.net.graph, dict(opt.net.named_modules()), IFNeuron)
+
+
+def _check_plan(graph, mods, writer):
+    nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    mods = dict(gm.named_modules())
-    slot = {n: mods[n.target].pool_slot for n in nodes if n.op == "call_module" and isinstance(mods[n.target], IFNeuron)
+    slot = {n: mods[n.target].pool_slot for n in nodes if n.op == "call_module" and isinstance(mods[n.target], writer)
             and mods[n.target].pool is not None}
     assert slot
 
@@ -709,7 +713,7 @@ def test_buffer_plan_never_shares_a_live_train():
         end = pos[n]
         for u in n.users:
             end = max(end, pos[u])
-            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear, IFNeuron)):
+            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear, writer)):
                 continue
             if u not in seen:
                 seen.add(u)
@@ -901,6 +905,30 @@ def test_optimized_ann_matches_ann():
             called = [fast.get_submodule(n.target) for n in fast.graph.nodes if n.op == "call_module"]
             assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in called)
             assert postop or not any(isinstance(m, fused.Conv2dAdd) for m in called)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: TinyResNet(bit=2), lambda: TinyYolo(bit=3),
+                                      lambda: TinyDeepLab(bit=2)])
+def test_optimized_ann_reuses_buffers(model_fn):
+    """The quantizers of the ANN's inference copy write into reused buffers: the same values as without
+    them, bit for bit, in every forward; two values alive at once never share a slot; what reaches the
+    output has none."""
+    torch.manual_seed(5)
+    ann = _randomise_bn(model_fn())
+    x = torch.randn(4, 3, 16, 16)
+    for cl in (True, False):
+        plain = fused.optimize_ann(ann, channels_last=cl, reuse_buffers=False)
+        fast = fused.optimize_ann(ann, channels_last=cl)
+        acts = [m for m in fast.modules() if isinstance(m, fused.FusedQuantAct)]
+        assert any(m.pool is not None for m in acts)
+        assert not any(m.pool is not None for m in plain.modules() if isinstance(m, fused.FusedQuantAct))
+        with torch.no_grad():
+            ref = plain(x)
+            for _ in range(3):
+                assert torch.equal(fast(x), ref)
+            assert torch.equal(fast(x[:2]), plain(x[:2]))  # another batch size: buffers regrow
+        assert not HAVE_CPP or any(m.pool.nbytes() > 0 for m in acts if m.pool is not None)  # written there
+        _check_plan(fast.graph, dict(fast.named_modules()), fused.FusedQuantAct)
 
 
 @needs_cpp

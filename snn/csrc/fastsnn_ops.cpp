@@ -617,6 +617,18 @@ void act_quant_inplace(const at::Tensor& x, const c10::optional<at::Tensor>& r, 
   });
 }
 
+// the same into a given output (a reused buffer) of x's shape and strides; it may be x or the residual (every
+// element is read before it is written)
+void act_quant_into(const at::Tensor& x, const c10::optional<at::Tensor>& r, double alpha, double n, double step,
+                    const at::Tensor& out) {
+  act_check(x, r);
+  check_like(out, x, "out");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastsnn_act_quant_into", [&] {
+    act_run<scalar_t>(x.data_ptr<scalar_t>(), r.has_value() ? r->data_ptr<scalar_t>() : nullptr,
+                      out.data_ptr<scalar_t>(), x.numel(), alpha, n, step);
+  });
+}
+
 // chunked parallel sum: the partial sums of a fixed partition, added in order (deterministic for a
 // given thread count)
 template <typename F>
@@ -810,6 +822,7 @@ TORCH_LIBRARY(fastsnn, m) {
   m.def("nonzero_per_position(Tensor x) -> Tensor");
   m.def("act_quant(Tensor x, Tensor? r, float alpha, float n, float step) -> Tensor");
   m.def("act_quant_inplace(Tensor(a!) x, Tensor? r, float alpha, float n, float step) -> ()");
+  m.def("act_quant_into(Tensor x, Tensor? r, float alpha, float n, float step, Tensor(a!) out) -> ()");
   m.def("act_quant_bwd(Tensor x, Tensor g, float alpha, float n, bool want_x, bool want_alpha) -> (Tensor, Tensor)");
   m.def("wq_fwd(Tensor w, float mu, float s, float alpha, Tensor mids, Tensor mags) -> Tensor");
   m.def("wq_bwd(Tensor w, Tensor g, float mu, float s, float sd, float alpha, Tensor mids, Tensor mags, "
@@ -825,6 +838,7 @@ TORCH_LIBRARY_IMPL(fastsnn, CPU, m) {
   m.impl("nonzero_per_position", &nonzero_per_position);
   m.impl("act_quant", &act_quant);
   m.impl("act_quant_inplace", &act_quant_inplace);
+  m.impl("act_quant_into", &act_quant_into);
   m.impl("act_quant_bwd", &act_quant_bwd);
   m.impl("wq_fwd", &wq_fwd);
   m.impl("wq_bwd", &wq_bwd);
