@@ -48,6 +48,7 @@ def test_snn_speed_dense_models_write_the_records(tmp_path):
         assert r["ratio_ann_convs"] == pytest.approx(r["ann_ms"] / r["ann_convs_ms"])
         assert r["ann_ms"] > 0 and r["ann_convs_ms"] > 0 and r["floor_ms"] > 0 and r["peak_mb"] >= 0
         assert r["ratio_peak_floor"] == pytest.approx(r["peak_mb_total"] / r["floor_mb_total"])
+        assert r["ratio_peak_ws"] == pytest.approx(r["peak_mb_total"] / r["floor_ws_mb"])
         assert r["spike_agreement"] >= 0.999 and r["max_abs_diff_vs_reference"] < 1e-3
     assert data["meta"]["width"] == 0.0625 and data["meta"]["targets"]
 

@@ -691,6 +691,37 @@ def _storages(y):
     return set()
 
 
+@pytest.mark.parametrize("model_fn", [lambda: TinyYolo(bit=2), lambda: TinyDeepLab(bit=2)])
+def test_optimized_static_bn_in_place_is_bit_exact(model_fn):
+    """The static prefix's BN writes over its convolution's output, with the module's values bit for bit:
+    the first (constant-input) neurons' trains equal the plain network's."""
+    from snn.optimize import InplaceBatchNorm2d
+    torch.manual_seed(6)
+    net = snn.convert(_randomise_bn(model_fn()))
+    opt = snn.optimize(net)
+    assert any(type(m) is InplaceBatchNorm2d for m in opt.net.modules())
+    assert not any(type(m) is InplaceBatchNorm2d for m in snn.optimize(net, inplace=False).net.modules())
+    x = torch.randn(3, 3, 16, 16)
+    got = {}
+    for tag, n in (("plain", net), ("opt", opt)):
+        first = [m for m in n.neurons().values() if m.constant_input]
+        hooks = [m.register_forward_hook(lambda m, i, o, k=k, tag=tag: got.__setitem__((tag, k), o.clone()))
+                 for k, m in enumerate(first)]
+        with torch.no_grad():
+            n(x)
+        for h in hooks:
+            h.remove()
+    assert got and all(torch.equal(got[("plain", k)], got[("opt", k)]) for _, k in got)
+    bn = _randomise_bn(nn.Sequential(nn.BatchNorm2d(5)))[0]
+    for y in (torch.randn(2, 5, 7, 9), torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)):
+        ref = bn(y)
+        bn2 = copy.deepcopy(bn)
+        bn2.__class__ = InplaceBatchNorm2d
+        with torch.no_grad():
+            out = bn2(y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, ref)
+
+
 def test_buffer_plan_never_shares_a_live_train():
     """Liveness of the plan: two trains alive at the same node never share a slot; a train read by the
     graph's output gets none."""
