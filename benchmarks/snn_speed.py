@@ -9,6 +9,8 @@ process, interleaved round-robin, after warm-up, ``--repeats`` times; medians ar
 * ``ann``: the quantized ANN's inference, optimised (``quant.fused.optimize_ann``: frozen weights,
   BN folded, fused quantizer / residual, channels-last); ``ann_eager``: the ANN module itself in eval
   mode under ``no_grad`` (its quantizer is the one-pass kernel, weights are re-quantized per call);
+  ``ann_fresh``: ``ann`` without reused output buffers (each quantizer writes into its convolution's
+  fresh output, the heap grows and shrinks every forward);
 * ``ann_convs``: the ANN's convolutions / linears alone on the batch B (best layout);
 * ``floor``: the SNN's convolutions / linears alone, each on the batch it sees in the simulation
   (T x B for every layer after the first neurons, B for the analog-input layer), replayed one after
@@ -37,11 +39,12 @@ Ratios: ``ratio_floor`` = snn / floor, ``ratio_t_ann`` = snn / (T x ann), ``rati
 at the peak of one forward (VmHWM after malloc_trim), per contender.
 
 Dense models (detection / segmentation: ``yolov2_tiny``, ``yolov2_r34``, ``deeplabv1_vgg9``,
-``deeplabv3_r34``) run at their evaluation size (416 / 513; ``--size``), batch 1 and 4 (``--batch``),
-``--width`` scaling their channels (for a CPU); ``--size N`` gives each the largest valid size <= N. Their records add ``peak_mb_total`` / ``floor_mb_total``
-(the forward's peak plus what is allocated once: the SNN's reused buffers, the floor's preallocated inputs)
-and ``ratio_peak_floor``, their quotient; ``floor_ws_mb``, the largest single conv's input plus output (the
-least any dense simulation needs), and ``ratio_peak_ws`` = ``peak_mb_total`` / it.
+``deeplabv3_r34``) run at their evaluation size (416 / 513), batch 1 and 4 (``--batch``), ``--width``
+scaling their channels (for a CPU); ``--size N`` gives each the largest valid size <= N. Every record
+has ``peak_mb_total`` / ``floor_mb_total`` (the forward's peak plus what is allocated once: the SNN's
+reused buffers, the floor's preallocated inputs) and ``ratio_peak_floor``, their quotient;
+``floor_ws_mb``, the largest single conv's input plus output (the least any dense simulation needs),
+and ``ratio_peak_ws`` = ``peak_mb_total`` / it.
 
     python benchmarks/snn_speed.py --quick --json out.json       # resnet20, T = 3, 7 (< 2 min)
     python benchmarks/snn_speed.py --json snn_speed.json         # the classification archs, T = 3, 7, 15
@@ -145,35 +148,31 @@ class ConvReplay:
                 F.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
 
 
-def conv_calls(model: nn.Module, x) -> list:
-    """(module, input shape) of every conv / linear call of one forward."""
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append((m, tuple(i[0].shape))))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+def _each_conv_call(model: nn.Module, x, fn):
+    """One forward of ``model`` on ``x`` with ``fn(module, inputs, output)`` called at every conv / linear."""
+    hooks = [m.register_forward_hook(fn) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in hooks:
             h.remove()
+
+
+def conv_calls(model: nn.Module, x) -> list:
+    """(module, input shape) of every conv / linear call of one forward."""
+    calls = []
+    _each_conv_call(model, x, lambda m, i, o: calls.append((m, tuple(i[0].shape))))
     return calls
 
 
 def working_set_mb(model: nn.Module, x) -> float:
     """MB of the largest conv / linear call's input plus output: the least memory any dense simulation of
     these layers needs (the floor, run with two buffers)."""
-    best = [0]
-
-    def hook(m, i, o):
-        best[0] = max(best[0], i[0].numel() * i[0].element_size() + o.numel() * o.element_size())
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return best[0] / 2 ** 20
+    sizes = []
+    _each_conv_call(model, x, lambda m, i, o: sizes.append(i[0].numel() * i[0].element_size()
+                                                           + o.numel() * o.element_size()))
+    return max(sizes, default=0) / 2 ** 20
 
 
 def best_replay(calls):
@@ -372,7 +371,9 @@ def bench_arch_batch(arch, B, Ts, neurons, args, records, log):
         t0 = time.time()
         pop = args.conv_add_postop
         reuse = not args.no_reuse_buffers
-        ann_opt = optimize_ann(ann, example=x, conv_add_postop=pop)  # layout: the faster on this batch
+        ann_opt = optimize_ann(ann, example=x, conv_add_postop=pop, reuse_buffers=reuse)  # layout: the faster here
+        ann_fresh = optimize_ann(ann, channels_last=ann_opt.layout == "channels_last", conv_add_postop=pop,
+                                 reuse_buffers=False) if reuse else None
         nets = {s: snn.convert(ann, T=T, signed=(s == "signed")) for s in neurons}
         first = snn.optimize(nets[neurons[0]], example=x, conv_add_postop=pop, reuse_buffers=reuse)
         ours = {s: first if s == neurons[0] else snn.optimize(nets[s], channels_last=first.layout == "channels_last",
@@ -387,6 +388,7 @@ def bench_arch_batch(arch, B, Ts, neurons, args, records, log):
         fns = {
             "ann": lambda: ann_opt(x),
             "ann_eager": lambda: ann(x),
+            **({"ann_fresh": lambda: ann_fresh(x)} if ann_fresh is not None else {}),
             "ann_convs": ann_replay,
             "ann_chain": lambda: ann_chain(x),
             "floor": floor_replay,
@@ -465,6 +467,8 @@ def bench_arch_batch(arch, B, Ts, neurons, args, records, log):
                 "ratio_floor_chain": snn_ms / med["floor_chain"],
                 "ratio_ann_chain": med["ann"] / med["ann_chain"],
                 "ratio_ann_eager_convs": med["ann_eager"] / med["ann_convs"],
+                "ann_fresh_ms": med.get("ann_fresh"),
+                "ratio_ann_fresh_convs": med["ann_fresh"] / med["ann_convs"] if "ann_fresh" in med else None,
                 "peak_mb": mem.get("snn_" + s), "peak_mb_sj": mem.get("sj"), "peak_mb_floor": mem.get("floor"),
                 "buffers_mb": bufs, "reuse_buffers": reuse,
                 "peak_mb_total": peak_total, "floor_inputs_mb": round(floor_inputs_mb, 1), "floor_mb_total": floor_total,
@@ -483,12 +487,13 @@ def bench_arch_batch(arch, B, Ts, neurons, args, records, log):
             if prof is not None and s == neurons[0]:
                 rec["profile_ms"] = prof
             records.append(rec)
-        fns = ours = nets = sj = sj_cl = ann_chain = floor_chain = None  # free before the next T
+        fns = ours = nets = sj = sj_cl = ann_chain = floor_chain = ann_fresh = None  # free before the next T
 
 
 COLS = [("arch", "arch", None), ("B", "batch", None), ("px", "size", None), ("T", "T", None),
         ("neuron", "neuron", None), ("ANN ms", "ann_ms", "{:.1f}"),
         ("ANN eager", "ann_eager_ms", "{:.1f}"), ("ANN convs", "ann_convs_ms", "{:.1f}"),
+        ("ANN fresh/convs", "ratio_ann_fresh_convs", "{:.2f}"),
         ("floor ms", "floor_ms", "{:.1f}"), ("SNN ms", "snn_ms", "{:.1f}"), ("SJ ms", "sj_ms", "{:.1f}"),
         ("SNN compile", "snn_compile_ms", "{:.1f}"), ("compile/native", "ratio_compile_native", "{:.2f}"),
         ("SNN/floor", "ratio_floor", "{:.2f}"), ("compile/floor", "ratio_floor_compile", "{:.2f}"), ("SNN/(T·ANN)", "ratio_t_ann", "{:.2f}"),
@@ -559,8 +564,8 @@ def main(argv=None):
     ap.add_argument("--conv-add-postop", action="store_true",
                     help="residual sums as oneDNN convolution post-ops (private torch.ops.mkldnn op; opt-in)")
     ap.add_argument("--no-reuse-buffers", action="store_true",
-                    help="ablation: the optimised SNN without reused output buffers (every neuron writes a new "
-                         "train; the heap grows and shrinks every forward)")
+                    help="ablation: the optimised SNN and ANN without reused output buffers (every neuron / "
+                         "quantizer writes a new tensor; the heap grows and shrinks every forward)")
     ap.add_argument("--profile", action="store_true", help="print the op breakdown of ours and of the floor")
     ap.add_argument("--profile-T", default="3,7")
     ap.add_argument("--verbose", action="store_true")

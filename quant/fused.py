@@ -10,13 +10,18 @@ after one warning.
 
 Quantizer inference (``torch.no_grad``): :func:`act_quant_infer` computes the quantized ReLU
 ``floor(clamp(x / alpha, 0, 1) * n + 1/2) * (alpha / n)`` in one pass over memory, bit-identical to
-:func:`quant.functional.act_quant` (round half up). ``QuantAct`` uses it automatically when no gradient
+:func:`quant.functional.act_quant` (round half up). The float32 kernel does it without the division
+where the CPU has AVX-512 (up to 15 levels, alpha > 0): with alpha > 0 every operation of that chain is
+correctly rounded and monotone, so the level is a step function of ``x`` with exact thresholds, found once
+per call by bisection over the floats; a multiply-add guesses the level (biased to be exact or one low)
+and one comparison with the next threshold corrects it. ``QuantAct`` uses it automatically when no gradient
 is needed; in training, :class:`_FusedActQuant` / :class:`_FusedWeightQuant` are one-pass forward /
 backward kernels with the reference's values.
 
 :func:`optimize_ann` returns an inference copy of a quantized ANN: quantized weights computed once,
 eval-mode BatchNorm folded into the preceding conv / linear, a residual addition fused into the
-quantizer that follows it, channels-last layout for the convolutions. It equals the ANN up to float
+quantizer that follows it, channels-last layout for the convolutions, the quantizers' outputs in reused
+buffers. It equals the ANN up to float
 rounding (BN folding changes the last bit of a pre-activation; a level can differ only where the
 pre-activation lies within ~1e-6 of a rounding boundary). The oneDNN convolution + sum post-op (a
 private op, ``torch.ops.mkldnn._convolution_pointwise_``) is used only on request

@@ -46,6 +46,7 @@ def test_snn_speed_dense_models_write_the_records(tmp_path):
         assert r["ratio_floor"] == pytest.approx(r["snn_ms"] / r["floor_ms"])
         assert r["ratio_t_ann"] == pytest.approx(r["snn_ms"] / (3 * r["ann_ms"]))
         assert r["ratio_ann_convs"] == pytest.approx(r["ann_ms"] / r["ann_convs_ms"])
+        assert r["ratio_ann_fresh_convs"] == pytest.approx(r["ann_fresh_ms"] / r["ann_convs_ms"])
         assert r["ann_ms"] > 0 and r["ann_convs_ms"] > 0 and r["floor_ms"] > 0 and r["peak_mb"] >= 0
         assert r["ratio_peak_floor"] == pytest.approx(r["peak_mb_total"] / r["floor_mb_total"])
         assert r["ratio_peak_ws"] == pytest.approx(r["peak_mb_total"] / r["floor_ws_mb"])
