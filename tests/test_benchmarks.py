@@ -67,3 +67,17 @@ def test_snn_speed_bad_flags_one_line(tmp_path, flags, words):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ann_buffers_writes_both_variants(tmp_path):
+    out = tmp_path / "ab.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ann_buffers.py"), "--batch", "2",
+                        "--rounds", "1", "--repeats", "2", "--json", str(out)], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = json.loads(out.read_text())["records"]
+    runs = [r for r in recs if "ann_ms" in r]
+    assert sorted(r["variant"] for r in runs) == ["fresh", "reuse"]
+    for r in runs:
+        assert r["ratio_ann_convs"] == pytest.approx(r["ann_ms"] / r["ann_convs_ms"]) and r["faults_per_forward"] >= 0
+    assert sorted(r["variant"] for r in recs if "ratio_ann_convs_median" in r) == ["fresh", "reuse"]
