@@ -184,6 +184,11 @@ def test_constant_input_closed_form_per_backend(backend):
         xcl = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(kernels.if_const_steps(xcl, theta, t0, steps, T=T, scale=float(theta),
                                                   backend=backend), ref)
+    # NCHW in, channels-last out: the transpose's 8 x 8 blocks and both ragged edges (channels, pixels)
+    for shape in ((2, 24, 13, 11), (2, 19, 9, 9), (1, 8, 4, 2), (1, 40, 17, 3)):
+        xs = torch.randn(shape, generator=g) * 2
+        got = kernels.if_const_steps(xs, theta, 0, 3, T=3, scale=float(theta), channels_last=True, backend=backend)
+        assert torch.equal(got, if_constant(xs, theta, 0, 3, 3)), shape
     # several kernel blocks and register blocks with a ragged tail (16 x 33 x 33 per sample), both layouts
     xl = torch.randn(3, 16, 33, 33, generator=g) * 2
     xl.view(-1)[::5] = torch.randint(-2, 17, ((xl.numel() + 4) // 5,), generator=g).float() * theta / 14
