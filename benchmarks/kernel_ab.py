@@ -1,5 +1,6 @@
 """A / B of the C++ kernels in one process: this checkout's `snn/csrc/fastsnn_ops.cpp` against the same
-file at another git revision, on the optimised ResNet-20 SNN.
+file at another git revision, on the optimised SNN (ResNet-20 by default) and, with ``--ann``, on the
+quantized ANN's inference copy (``quant.fused.optimize_ann``; the quantizer kernel) against its convolutions.
 
 Separate processes on a shared or noisy machine differ by +-0.05 in SNN / floor from run to run, more
 than most kernel changes are worth. Here the baseline source is taken from git, its operators renamed
@@ -10,6 +11,8 @@ optimised network runs with either library, interleaved round-robin with the con
 equal between the two libraries first.
 
     python benchmarks/kernel_ab.py --baseline fcc87ba --T 3,7 --json ab.json
+    python benchmarks/kernel_ab.py --baseline 8e51a76 --ann --neurons signed --threads 1 --clock cpu
+    python benchmarks/kernel_ab.py --baseline 8e51a76 --arch deeplabv1_vgg9 --width 0.5 --size 257 --batch 1
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -69,7 +73,14 @@ def main(argv=None):
     ap.add_argument("--base-cflags", default=OLD_CFLAGS, help="compiler flags of the baseline build")
     ap.add_argument("--T", default="3,7")
     ap.add_argument("--neurons", default="signed,unsigned")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--arch", default="resnet20", help="a model of snn_speed.py (default resnet20)")
+    ap.add_argument("--batch", type=int, default=None, help="default: 64 CIFAR, 8 ImageNet, 1 dense models")
+    ap.add_argument("--size", type=int, default=None, help="input size of a dense model (snn_speed.py --size)")
+    ap.add_argument("--width", type=float, default=1.0, help="channel width of a dense model")
+    ap.add_argument("--ann", action="store_true",
+                    help="also time the quantized ANN (optimize_ann) with either library, against its convolutions")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU time (a machine shared with other jobs; with --threads 1)")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
@@ -77,22 +88,49 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import snn_speed as S  # the floor and the model set-up of the main benchmark
 
+    from quant import fused
+    if args.arch not in S.ARCHS:
+        raise SystemExit(f"unknown arch {args.arch!r}: choose from {', '.join(S.ARCHS)}")
+    ds = S.ARCHS[args.arch][0]
+    batch = args.batch or {"cifar": 64, "imagenet": 8}.get(ds, 1)
+    size = S.input_size(args.arch, args.size)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     new = kcpp.load()
     with tempfile.TemporaryDirectory(prefix="fastsnn_ab_") as d:
         base = build_baseline(args.baseline, args.base_cflags.split(), d)
         switch = _Switch(new)
         kcpp._STATE["ops"] = switch  # snn.kernels.cpp.load() returns it from now on
+        fused._OPS["ops"] = switch  # and so does the quantizer's quant.fused.native_ops()
         torch.manual_seed(0)
-        x = torch.randn(args.batch, 3, 32, 32)
+        x = torch.randn(batch, 3, size, size)
         records = []
         for T in [int(t) for t in args.T.split(",")]:
             bit = int(round(math.log2(T + 1)))
             if 2 ** bit - 1 != T:
                 raise SystemExit(f"T={T} is not 2**bit - 1")
-            ann = S.random_bn(S.get_model("resnet20", bit, dataset="cifar"), seed=bit)
+            ann = S.random_bn(S.build_ann(args.arch, bit, args.width if ds in S.DENSE else 1.0), seed=bit)
             for p in ann.parameters():
                 p.requires_grad_(False)
-            for kind in args.neurons.split(","):
+            if args.ann:
+                ann_opt = fused.optimize_ann(ann, example=x)
+                convs, _ = S.best_replay(S.conv_calls(ann_opt, x))
+
+                def ann_with(lib):
+                    def run():
+                        switch.lib = lib
+                        return ann_opt(x)
+                    return run
+                with torch.no_grad():
+                    if not torch.equal(ann_with(new)(), ann_with(base)()):
+                        raise SystemExit(f"T={T}: the two libraries give different ANN outputs")
+                    r = interleaved({"convs": convs, "base": ann_with(base), "new": ann_with(new)},
+                                    repeats=args.repeats, warmup=2, clock=clock)
+                f, b, n = (r[k]["median"] for k in ("convs", "base", "new"))
+                records.append({"arch": args.arch, "T": T, "neuron": "ANN", "floor_ms": f, "base_ms": b, "new_ms": n,
+                                "base_floor": b / f, "new_floor": n / f, "base_new": b / n})
+                print(f"T={T} quantized ANN: convs {f:.1f} ms, baseline {b:.1f} ms ({b / f:.3f}), "
+                      f"this checkout {n:.1f} ms ({n / f:.3f})", flush=True)
+            for kind in [k for k in args.neurons.split(",") if k]:
                 net = snn.optimize(snn.convert(ann, T=T, signed=kind == "signed"), example=x)
                 floor, _ = S.best_replay(S.conv_calls(net, x))
 
@@ -104,21 +142,23 @@ def main(argv=None):
                 if not torch.equal(with_lib(new)(), with_lib(base)()):
                     raise SystemExit(f"T={T} {kind}: the two libraries give different outputs")
                 r = interleaved({"floor": floor, "base": with_lib(base), "new": with_lib(new)},
-                                repeats=args.repeats, warmup=2)
+                                repeats=args.repeats, warmup=2, clock=clock)
                 f, b, n = (r[k]["median"] for k in ("floor", "base", "new"))
-                records.append({"T": T, "neuron": kind, "floor_ms": f, "base_ms": b, "new_ms": n,
+                records.append({"arch": args.arch, "T": T, "neuron": kind, "floor_ms": f, "base_ms": b, "new_ms": n,
                                 "base_floor": b / f, "new_floor": n / f, "base_new": b / n})
                 print(f"T={T} {kind}: floor {f:.1f} ms, baseline {b:.1f} ms ({b / f:.3f}), "
                       f"this checkout {n:.1f} ms ({n / f:.3f})", flush=True)
         switch.lib = new
         kcpp._STATE["ops"] = new
-    cols = [("T", "T", None), ("neuron", "neuron", None), ("floor ms", "floor_ms", "{:.1f}"),
+        fused._OPS["ops"] = new
+    cols = [("arch", "arch", None), ("T", "T", None), ("neuron", "neuron", None), ("floor ms", "floor_ms", "{:.1f}"),
             (f"{args.baseline} ms", "base_ms", "{:.1f}"), ("this ms", "new_ms", "{:.1f}"),
             (f"{args.baseline} / floor", "base_floor", "{:.3f}"), ("this / floor", "new_floor", "{:.3f}"),
             ("speed-up", "base_new", "{:.3f}")]
     print(fmt_table(records, cols))
     if args.json:
-        write_json(args.json, records, dict(machine(), command=" ".join(sys.argv), baseline=args.baseline))
+        write_json(args.json, records, dict(machine(), command=" ".join(sys.argv), baseline=args.baseline,
+                                            clock=args.clock, threads=args.threads, batch=batch, size=size))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,18 @@ after one warning.
 
 Quantizer inference (``torch.no_grad``): :func:`act_quant_infer` computes the quantized ReLU
 ``floor(clamp(x / alpha, 0, 1) * n + 1/2) * (alpha / n)`` in one pass over memory, bit-identical to
-:func:`quant.functional.act_quant` (round half up). ``QuantAct`` uses it automatically when no gradient
+:func:`quant.functional.act_quant` (round half up). The float32 kernel does it without the division
+where the CPU has AVX-512 (up to 15 levels, alpha > 0): with alpha > 0 every operation of that chain is
+correctly rounded and monotone, so the level is a step function of ``x`` with exact thresholds, found once
+per call by bisection over the floats; a multiply-add guesses the level (biased to be exact or one low)
+and one comparison with the next threshold corrects it. ``QuantAct`` uses it automatically when no gradient
 is needed; in training, :class:`_FusedActQuant` / :class:`_FusedWeightQuant` are one-pass forward /
 backward kernels with the reference's values.
 
 :func:`optimize_ann` returns an inference copy of a quantized ANN: quantized weights computed once,
 eval-mode BatchNorm folded into the preceding conv / linear, a residual addition fused into the
-quantizer that follows it, channels-last layout for the convolutions. It equals the ANN up to float
+quantizer that follows it, channels-last layout for the convolutions, the quantizers' outputs in reused
+buffers. It equals the ANN up to float
 rounding (BN folding changes the last bit of a pre-activation; a level can differ only where the
 pre-activation lies within ~1e-6 of a rounding boundary). The oneDNN convolution + sum post-op (a
 private op, ``torch.ops.mkldnn._convolution_pointwise_``) is used only on request
@@ -170,6 +175,9 @@ def act_quant_infer(x: torch.Tensor, alpha: torch.Tensor, n: int, residual: Opti
         if out is not None and out.data_ptr() == x.data_ptr() and dense_same_layout(x, out):
             ops.act_quant_inplace(x, residual, a, float(n), step)
             return x
+        if out is not None and dense_same_layout(x, out) and out.dtype == x.dtype and out.device == x.device:
+            ops.act_quant_into(x, residual, a, float(n), step, out)  # out may be the residual
+            return out
         y = ops.act_quant(x, residual, a, float(n), step)
         if out is not None and out.shape == y.shape and out.dtype == y.dtype:
             return out.copy_(y)
@@ -283,13 +291,16 @@ class _Tracer(fx.Tracer):
 
 
 class FusedQuantAct(nn.Module):
-    """Inference quantized ReLU, optionally of a sum ``x + residual`` (fused), optionally in place."""
+    """Inference quantized ReLU, optionally of a sum ``x + residual`` (fused), optionally in place, or into
+    a reused buffer (``pool`` / ``pool_slot``: a :class:`snn.neuron.BufferPool` slot planned by
+    :func:`optimize_ann`; CPU only, never while the module has hooks)."""
 
     def __init__(self, act: QuantAct, inplace: bool = False):
         super().__init__()
         self.bit = act.bit
         self.act_alpha = nn.Parameter(act.act_alpha.detach().clone(), requires_grad=False)
         self.inplace = inplace
+        self.pool, self.pool_slot = None, -1
         self._cache = None
 
     def forward(self, x, residual=None):
@@ -298,8 +309,12 @@ class FusedQuantAct(nn.Module):
         key = (id(a), a._version, a.data_ptr(), x.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, act_floats(a, n, x.dtype))
-        ip = self.inplace and not (self._forward_hooks or self._forward_pre_hooks)
-        return act_quant_infer(x, a, n, residual, out=x if ip else None, floats=self._cache[1])
+        hooked = bool(self._forward_hooks or self._forward_pre_hooks)
+        out = x if self.inplace and not hooked else None
+        if self.pool is not None and not hooked and x.device.type == "cpu" and _dense(x) \
+                and (residual is None or residual.shape == x.shape):
+            out = self.pool.get(self.pool_slot, x.shape, x.stride(), x)
+        return act_quant_infer(x, a, n, residual, out=out, floats=self._cache[1])
 
     def extra_repr(self):
         return f"bit={self.bit}, inplace={self.inplace}"
@@ -501,16 +516,22 @@ def pick_layout(build, example, repeats: int = 5):
 
 
 def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
-                 example: Optional[torch.Tensor] = None, conv_add_postop: bool = False) -> fx.GraphModule:
+                 example: Optional[torch.Tensor] = None, conv_add_postop: bool = False,
+                 reuse_buffers: bool = True) -> fx.GraphModule:
     """Inference copy of a quantized ANN (see the module docstring). The model is not modified.
     ``channels_last``: True / False, or ``"auto"``: the faster of both on ``example`` (channels-last
     without an example). ``conv_add_postop`` (opt-in): residual sums as oneDNN convolution post-ops
-    (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input."""
+    (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input.
+    ``reuse_buffers``: every quantizer whose output is read only inside the network writes it into a
+    reused buffer (the liveness plan of :func:`snn.optimize.plan_buffers`), so the convolutions'
+    outputs are freed right after their quantizer and the heap does not grow and shrink (page faults)
+    every forward; the values are the same."""
     if channels_last == "auto":
         if example is None:
             channels_last = True
         else:
-            return pick_layout(lambda cl: optimize_ann(model, cl, inplace, conv_add_postop=conv_add_postop), example)
+            return pick_layout(lambda cl: optimize_ann(model, cl, inplace, conv_add_postop=conv_add_postop,
+                                                       reuse_buffers=reuse_buffers), example)
     model = copy.deepcopy(model).eval()
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
@@ -556,6 +577,9 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    if reuse_buffers:
+        from snn.optimize import plan_buffers  # lazy: snn imports quant
+        plan_buffers(gm, writers=(FusedQuantAct,))
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.layout = "channels_last" if channels_last else "contiguous"

@@ -22,6 +22,10 @@ stays bit-identical to the ANN):
 * **no private ops by default**: the residual sum stays the neuron's residual input; the oneDNN
   convolution post-op (``torch.ops.mkldnn._convolution_pointwise_``, private) only with
   ``conv_add_postop=True``;
+* **static BN in place**: the eval-mode BatchNorm of the static prefix (the analog input's first conv / BN,
+  left unfolded) writes over the convolution output it reads, with the module's own kernel and values
+  (``aten::native_batch_norm``'s ``out=`` variant): at 416-513 px that output is tens of MB, a fresh
+  allocation (and its page faults) every forward otherwise;
 * **layout**: the spike trains and conv weights use the layout the CPU convolutions (oneDNN) are
   fastest in -- channels-last, or, with ``example=`` (a typical input batch), whichever of
   channels-last / contiguous runs this network faster; ``.view`` calls get a ``.contiguous()`` first.
@@ -43,9 +47,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from quant.fused import fold_weight_layers, fuse_conv_add, guard_views, is_add, pick_layout
+from quant.fused import fold_weight_layers, fuse_conv_add, guard_views, is_add, is_eval_bn, pick_layout
 
-from .convert import TEMPORAL, SpikingNetwork
+from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .kernels import check_backend
 from .neuron import BufferPool, IFNeuron
 
@@ -119,6 +123,14 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
         neuron.reset_state()
         if backend is not None:
             neuron.backend = backend
+    if inplace:
+        for node in graph.nodes:
+            m = modules.get(node.target) if node.op == "call_module" else None
+            src = node.args[0] if node.args else None
+            if type(m) is nn.BatchNorm2d and is_eval_bn(m) and kinds.get(node.name) == STATIC and len(node.args) == 1 \
+                    and not node.kwargs and isinstance(src, fx.Node) and len(src.users) == 1 and _fresh(src, modules) \
+                    and isinstance(modules.get(src.target), nn.Conv2d):
+                m.__class__ = InplaceBatchNorm2d
     if channels_last:
         for c in guard_views(gm, nodes=temporal):
             kinds[c.name] = TEMPORAL
@@ -134,22 +146,41 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
     return new
 
 
+class InplaceBatchNorm2d(nn.BatchNorm2d):
+    """An eval-mode ``BatchNorm2d`` that writes over its input (which nothing else reads) on the CPU:
+    ``aten::native_batch_norm.out`` is the kernel the module runs, so the values are the same bit for bit
+    (tested). Elsewhere (training, CUDA, a tensor that needs a gradient, hooks) it is the plain module."""
+
+    def forward(self, x):
+        if self.training or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) \
+                or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) \
+                or self._forward_hooks or self._forward_pre_hooks:
+            return super().forward(x)
+        empty = x.new_empty(0)
+        torch.ops.aten.native_batch_norm.out(x, self.weight, self.bias, self.running_mean, self.running_var, False,
+                                             0.0, self.eps, out=x, save_mean=empty, save_invstd=x.new_empty(0))
+        return x
+
+
 # modules whose output is a new tensor (never a view or an in-place update of an input)
 _NEW_OUTPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, IFNeuron,
                nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d)
 
 
-def _new_output(node: fx.Node, modules) -> bool:
+def _new_output(node: fx.Node, modules, writers=()) -> bool:
     if node.op != "call_module":
         return False
     m = modules.get(node.target)
     from quant.fused import Conv2dAdd
-    return isinstance(m, _NEW_OUTPUT) and not isinstance(m, Conv2dAdd)  # conv_add writes into its input
+    return isinstance(m, _NEW_OUTPUT + tuple(writers)) and not isinstance(m, Conv2dAdd)  # conv_add: into its input
 
 
-def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
+def plan_buffers(gm: fx.GraphModule, writers: tuple = (IFNeuron,)) -> Optional[BufferPool]:
     """Give the neurons of ``gm`` reused output buffers (:class:`~snn.neuron.BufferPool` slots).
+    ``writers``: the module types that get slots (any with ``pool`` / ``pool_slot`` attributes that
+    writes its output into the slot: the neurons, or the quantized ANN's
+    :class:`~quant.fused.FusedQuantAct`).
 
     A neuron's train is alive from its node to the last reader of it or of anything that may alias
     it: every user that is not a module known to return a new tensor (conv, linear, BN, pooling,
@@ -161,7 +192,8 @@ def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    neurons = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), IFNeuron)]
+    writers = tuple(writers)
+    neurons = [n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), writers)]
     calls = {}
     for n in neurons:
         calls[n.target] = calls.get(n.target, 0) + 1
@@ -175,7 +207,7 @@ def plan_buffers(gm: fx.GraphModule) -> Optional[BufferPool]:
                     escapes = True
                     break
                 end = max(end, pos[u])
-                if not _new_output(u, modules) and u not in seen:  # may alias: its readers count too
+                if not _new_output(u, modules, writers) and u not in seen:  # may alias: its readers count too
                     seen.add(u)
                     stack.append(u)
         if not escapes and calls[nd.target] == 1:  # a module called at several nodes: no slot
@@ -222,4 +254,4 @@ def _set(root: nn.Module, path: str, new: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-__all__ = ["optimize", "plan_buffers"]
+__all__ = ["optimize", "plan_buffers", "InplaceBatchNorm2d"]

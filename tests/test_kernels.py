@@ -3,6 +3,7 @@ optimised SNN / ANN equal the plain ones, the native ops behave as PyTorch custo
 
 No test here measures time (benchmarks/ does that)."""
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quant
 import snn
@@ -181,6 +184,11 @@ def test_constant_input_closed_form_per_backend(backend):
         xcl = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(kernels.if_const_steps(xcl, theta, t0, steps, T=T, scale=float(theta),
                                                   backend=backend), ref)
+    # NCHW in, channels-last out: the transpose's 8 x 8 blocks and both ragged edges (channels, pixels)
+    for shape in ((2, 24, 13, 11), (2, 19, 9, 9), (1, 8, 4, 2), (1, 40, 17, 3)):
+        xs = torch.randn(shape, generator=g) * 2
+        got = kernels.if_const_steps(xs, theta, 0, 3, T=3, scale=float(theta), channels_last=True, backend=backend)
+        assert torch.equal(got, if_constant(xs, theta, 0, 3, 3)), shape
     # several kernel blocks and register blocks with a ragged tail (16 x 33 x 33 per sample), both layouts
     xl = torch.randn(3, 16, 33, 33, generator=g) * 2
     xl.view(-1)[::5] = torch.randint(-2, 17, ((xl.numel() + 4) // 5,), generator=g).float() * theta / 14
@@ -408,6 +416,8 @@ def test_native_ops_opcheck():
     torch.library.opcheck(ops.if_steps_inplace, (cur.clone(), res, v, n, th, neg, th, float("inf"), True, True))
     torch.library.opcheck(ops.if_const, (torch.rand(2, 3, 4, 4, generator=g), th, th, 0, 5, 3, True))
     torch.library.opcheck(ops.act_quant, (torch.randn(4, 50, generator=g), None, 1.5, 3.0, 0.5))
+    torch.library.opcheck(ops.act_quant_into, (torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g), 1.5,
+                                               3.0, 0.5, torch.empty(4, 50)))
     # autograd: the membrane is v0 + sum x - theta * (net spikes): d v_T / d x_t = 1, spikes have no gradient
     c = cur.clone().requires_grad_(True)
     s, vT, _ = ops.if_steps(c, None, None, None, th, neg, one, float("inf"), True, True)
@@ -686,6 +696,37 @@ def _storages(y):
     return set()
 
 
+@pytest.mark.parametrize("model_fn", [lambda: TinyYolo(bit=2), lambda: TinyDeepLab(bit=2)])
+def test_optimized_static_bn_in_place_is_bit_exact(model_fn):
+    """The static prefix's BN writes over its convolution's output, with the module's values bit for bit:
+    the first (constant-input) neurons' trains equal the plain network's."""
+    from snn.optimize import InplaceBatchNorm2d
+    torch.manual_seed(6)
+    net = snn.convert(_randomise_bn(model_fn()))
+    opt = snn.optimize(net)
+    assert any(type(m) is InplaceBatchNorm2d for m in opt.net.modules())
+    assert not any(type(m) is InplaceBatchNorm2d for m in snn.optimize(net, inplace=False).net.modules())
+    x = torch.randn(3, 3, 16, 16)
+    got = {}
+    for tag, n in (("plain", net), ("opt", opt)):
+        first = [m for m in n.neurons().values() if m.constant_input]
+        hooks = [m.register_forward_hook(lambda m, i, o, k=k, tag=tag: got.__setitem__((tag, k), o.clone()))
+                 for k, m in enumerate(first)]
+        with torch.no_grad():
+            n(x)
+        for h in hooks:
+            h.remove()
+    assert got and all(torch.equal(got[("plain", k)], got[("opt", k)]) for _, k in got)
+    bn = _randomise_bn(nn.Sequential(nn.BatchNorm2d(5)))[0]
+    for y in (torch.randn(2, 5, 7, 9), torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)):
+        ref = bn(y)
+        bn2 = copy.deepcopy(bn)
+        bn2.__class__ = InplaceBatchNorm2d
+        with torch.no_grad():
+            out = bn2(y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, ref)
+
+
 def test_buffer_plan_never_shares_a_live_train():
     """Liveness of the plan: two trains alive at the same node never share a slot; a train read by the
     graph's output gets none."""
@@ -693,11 +734,13 @@ def test_buffer_plan_never_shares_a_live_train():
     torch.manual_seed(0)
     ann = _randomise_bn(TinyDeepLab(2))
     opt = snn.optimize(snn.convert(ann))
-    gm = opt.net
-    nodes = list(gm.graph.nodes)
+    _check_plan(opt.net.graph, dict(opt.net.named_modules()), IFNeuron)
+
+
+def _check_plan(graph, mods, writer):
+    nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
-    mods = dict(gm.named_modules())
-    slot = {n: mods[n.target].pool_slot for n in nodes if n.op == "call_module" and isinstance(mods[n.target], IFNeuron)
+    slot = {n: mods[n.target].pool_slot for n in nodes if n.op == "call_module" and isinstance(mods[n.target], writer)
             and mods[n.target].pool is not None}
     assert slot
 
@@ -706,7 +749,7 @@ def test_buffer_plan_never_shares_a_live_train():
         end = pos[n]
         for u in n.users:
             end = max(end, pos[u])
-            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear, IFNeuron)):
+            if u.op == "call_module" and isinstance(mods[u.target], (nn.Conv2d, nn.Linear, writer)):
                 continue
             if u not in seen:
                 seen.add(u)
@@ -804,6 +847,73 @@ def test_fused_act_quant_bit_identical(n, dtype):
     assert not HAVE_CPP or got2.data_ptr() == buf.data_ptr()  # in place
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (so -0.0 != +0.0), or NaN in both."""
+    nan = a.isnan() & b.isnan()
+    ia, ib = a.view(torch.int32 if a.dtype == torch.float32 else torch.int64), b.view(torch.int32 if
+                                                                                         b.dtype == torch.float32
+                                                                                         else torch.int64)
+    return bool(((ia == ib) | nan).all())
+
+
+def _near_boundaries(alpha: torch.Tensor, n: int, ulps: int = 3) -> torch.Tensor:
+    """Inputs at and a few ulps around every rounding boundary (j + 1/2) * alpha / n, 0 and alpha."""
+    mids = (torch.arange(-1, n + 2, dtype=torch.float64) + 0.5) * float(alpha) / n
+    base = torch.cat([mids, torch.tensor([0.0, float(alpha)], dtype=torch.float64)]).to(torch.float32)
+    out, up, down = [base], base.clone(), base.clone()
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.full_like(down, -float("inf")))
+        out += [up, down]
+    return torch.cat(out)
+
+
+@needs_cpp
+@settings(max_examples=300, deadline=None)
+@given(alpha=st.one_of(st.floats(2.0 ** -100, 2.0 ** 100, width=32), st.floats(0.0625, 16.0, width=32),
+                       st.sampled_from([1.0, 1.7, 6.0, 2.0 ** -126, 1e-45, 3.4e38, 0.0, -1.5,
+                                        float("inf"), float("nan")])),
+       bit=st.integers(1, 8),
+       xs=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=40),
+       scale=st.floats(2.0 ** -7, 128.0, width=32), residual=st.booleans())
+def test_act_quant_kernel_exact_property(alpha, bit, xs, scale, residual):
+    """The native float32 quantizer (level thresholds instead of the division where it applies) gives the
+    bit patterns of the formula ``floor(clamp(x / alpha, 0, 1) * n + 1/2) * (alpha / n)`` for any input
+    (rounding boundaries and a few ulps around them, negatives, above alpha, +-0, +-inf, NaN, subnormals)
+    and any alpha (tiny, huge, subnormal, 0, negative, inf, NaN), on tails and full vector blocks, with and
+    without a residual, in place or not."""
+    ops = kcpp.load()
+    n = 2 ** bit - 1
+    a = torch.tensor(alpha, dtype=torch.float32)
+    g = torch.Generator().manual_seed(bit)
+    parts = [torch.tensor(xs, dtype=torch.float32).reshape(-1), torch.randn(37, generator=g) * scale,
+             torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf"), float("nan")])]
+    if math.isfinite(alpha) and alpha > 0:
+        parts.append(_near_boundaries(a, n))
+    x = torch.cat(parts)
+    x = x[torch.randperm(x.numel(), generator=g)]  # boundaries in every position of a vector block
+    r = torch.randn(x.shape, generator=g) * scale if residual else None
+    step = (a / n).item()
+    ref = act_levels(x if r is None else x + r, a, n) * (a / n)
+    assert _same_bits(ops.act_quant(x, r, float(alpha), float(n), step), ref)
+    buf = x.clone()
+    ops.act_quant_inplace(buf, r, float(alpha), float(n), step)
+    assert _same_bits(buf, ref)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bit", [1, 2, 3, 4])
+def test_act_quant_kernel_every_float_near_the_boundaries(bit):
+    """Every float32 within 64 ulps of every rounding boundary, for alphas over 60 orders of magnitude."""
+    ops = kcpp.load()
+    n = 2 ** bit - 1
+    for alpha in (1.0, 0.3, 1.7, 6.0, 1e-20, 1e20, 2.0 ** -120, 7.3e37):
+        a = torch.tensor(alpha, dtype=torch.float32)
+        x = _near_boundaries(a, n, ulps=64)
+        ref = act_levels(x, a, n) * (a / n)
+        assert _same_bits(ops.act_quant(x, None, alpha, float(n), (a / n).item()), ref), alpha
+
+
 def test_quant_act_uses_fused_path_only_without_grad():
     act = quant.QuantAct(2, 2.5)
     x = torch.linspace(-3, 6, 1001).view(1, 1, 7, 143)
@@ -831,6 +941,30 @@ def test_optimized_ann_matches_ann():
             called = [fast.get_submodule(n.target) for n in fast.graph.nodes if n.op == "call_module"]
             assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in called)
             assert postop or not any(isinstance(m, fused.Conv2dAdd) for m in called)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: TinyResNet(bit=2), lambda: TinyYolo(bit=3),
+                                      lambda: TinyDeepLab(bit=2)])
+def test_optimized_ann_reuses_buffers(model_fn):
+    """The quantizers of the ANN's inference copy write into reused buffers: the same values as without
+    them, bit for bit, in every forward; two values alive at once never share a slot; what reaches the
+    output has none."""
+    torch.manual_seed(5)
+    ann = _randomise_bn(model_fn())
+    x = torch.randn(4, 3, 16, 16)
+    for cl in (True, False):
+        plain = fused.optimize_ann(ann, channels_last=cl, reuse_buffers=False)
+        fast = fused.optimize_ann(ann, channels_last=cl)
+        acts = [m for m in fast.modules() if isinstance(m, fused.FusedQuantAct)]
+        assert any(m.pool is not None for m in acts)
+        assert not any(m.pool is not None for m in plain.modules() if isinstance(m, fused.FusedQuantAct))
+        with torch.no_grad():
+            ref = plain(x)
+            for _ in range(3):
+                assert torch.equal(fast(x), ref)
+            assert torch.equal(fast(x[:2]), plain(x[:2]))  # another batch size: buffers regrow
+        assert not HAVE_CPP or any(m.pool.nbytes() > 0 for m in acts if m.pool is not None)  # written there
+        _check_plan(fast.graph, dict(fast.named_modules()), fused.FusedQuantAct)
 
 
 @needs_cpp

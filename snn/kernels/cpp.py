@@ -188,6 +188,10 @@ def _register_python_parts():
     def _(x, r, alpha, n, step):
         return None
 
+    @lib.register_fake("fastsnn::act_quant_into")
+    def _(x, r, alpha, n, step, out):
+        return None
+
     @lib.register_fake("fastsnn::act_quant_bwd")
     def _(x, g, alpha, n, want_x, want_alpha):
         gx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if want_x else x.new_empty(0)
