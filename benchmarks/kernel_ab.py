@@ -36,7 +36,7 @@ from _util import fmt_table, interleaved, machine, write_json  # noqa: E402
 import snn  # noqa: E402
 from snn.kernels import cpp as kcpp  # noqa: E402
 
-# the flags of the C++ kernels before 2026-12-03 (no -mprefer-vector-width=512)
+# the compiler flags of older revisions' C++ kernels (no -mprefer-vector-width=512)
 OLD_CFLAGS = "-O3 -march=native -ffp-contract=off -fno-math-errno -fno-trapping-math -fopenmp-simd -fopenmp"
 
 

@@ -20,7 +20,7 @@ process, interleaved round-robin, after warm-up, ``--repeats`` times; medians ar
   network, where outputs stay alive and inputs are not cache-hot (``ann_chain``: the same for the ANN);
 * ``snn``: ours, ``snn.optimize(snn.convert(ann, T, signed))`` with the neurons' default backend
   (``auto``: the C++ custom operators on CPU) and its default reused output buffers
-  (``--no-reuse-buffers``: every neuron writes a new train, as before issue 14's fix);
+  (``--no-reuse-buffers``: every neuron writes a new train, as without buffer reuse);
 * ``snn_compile``: the same network with ``backend="compile"`` (the reference loop compiled by
   ``torch.compile`` / inductor) -- the column a native kernel must beat by >= 10 % to be kept
   (``--no-compile-kernel`` skips it);

@@ -1,5 +1,5 @@
 """Object detection with Fast-SNN: quantized YOLOv2 (tiny / ResNet-34) on VOC, COCO or the offline
-scene set, converted to spiking networks (spec sections 3.11, 3.12, 6, 9).
+scene set, converted to spiking networks.
 
 Modules: :mod:`~detection.models` (the detectors), :mod:`~detection.boxes` (decoding, NMS),
 :mod:`~detection.loss` (YOLOv2 targets and loss), :mod:`~detection.data` (VOC / COCO loaders with

@@ -1,4 +1,4 @@
-"""YOLOv2 targets and loss, as in yjh0410's yolov2 (spec section 6 "Detection").
+"""YOLOv2 targets and loss, as in yjh0410's yolov2.
 
 Target assignment (:func:`build_targets`), per ground-truth box (normalised ``xyxy``) at input size
 ``(h, w)`` and stride 32:

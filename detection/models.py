@@ -1,4 +1,4 @@
-"""YOLOv2 detectors of Fast-SNN (spec section 6 "Detection"): ``yolov2_tiny`` and ``yolov2_r34``.
+"""YOLOv2 detectors of Fast-SNN: ``yolov2_tiny`` and ``yolov2_r34``.
 
 Float weights everywhere; every hidden conv is ``conv -> BN -> QuantAct`` (the QuantAct becomes an IF
 neuron in the SNN); the prediction conv 1x1 is the non-spiking accumulator. No max-pool (stride-2
@@ -28,10 +28,10 @@ from quant.functional import FULL_PRECISION
 
 VERSIONS = ("yolov2_tiny", "yolov2_r34")
 STRIDE = 32
-# anchor (w, h) in grid cells of the stride-32 map (spec 3.11)
+# anchor (w, h) in grid cells of the stride-32 map
 VOC_ANCHORS = [[1.19, 1.98], [2.79, 4.59], [4.53, 8.92], [8.06, 5.29], [10.32, 10.65]]
 COCO_ANCHORS = [[0.53, 0.79], [1.71, 2.36], [2.89, 6.44], [6.33, 3.79], [9.03, 9.74]]
-NMS_THRESH = {"yolov2_tiny": 0.5, "yolov2_r34": 0.6}   # spec 3.12
+NMS_THRESH = {"yolov2_tiny": 0.5, "yolov2_r34": 0.6}
 CONF_THRESH = 0.001
 DEFAULT_ALPHA = 6.0
 

@@ -1,4 +1,4 @@
-"""Quantization functions of Fast-SNN (spec section 4), written as fused autograd functions.
+"""Quantization functions of Fast-SNN, written as fused autograd functions.
 
 Activations: uniform b-bit quantized ReLU with a learnable clip ``alpha``::
 
@@ -196,7 +196,7 @@ def weight_quant(w: torch.Tensor, alpha: torch.Tensor, bit: int, mode: str | Non
         return w
     mode = mode or default_weight_mode(bit)
     mags = weight_magnitudes(bit, mode).to(w.dtype)
-    # the ternary path passes gradients straight through outside the clip (spec 4.2, step 4)
+    # the ternary path passes gradients straight through outside the clip
     return _WeightQuant.apply(standardize(w), alpha.reshape(()), mags, mode == "ternary")
 
 

@@ -20,7 +20,7 @@
 #   EPOCHS=60  BATCH=256  FT_BATCH=128  WORKERS=4  OUT=result
 #   LR32=0.1  LR4=0.025  LR_LOW=0.0025     (README: --lr=0.025 at 4 bits, 0.0025 at 3 and 2 bits)
 #   SNN_BITS="3 2"      bit-widths converted, evaluated and fine-tuned
-#   FT_EPOCHS=1         -n epochs per layer (the spec's example uses 8)
+#   FT_EPOCHS=1         -n epochs per layer
 #   FT_FLAGS=""         e.g. "--force" or "--score-batches 500" (without them every tuned layer is
 #                       judged on a full pass over the training set, as in the original)
 #   EXTRA="--dali_cpu"  flags added to every command (e.g. "--loader torch", "--input-size 224")

@@ -1,4 +1,4 @@
-"""Segmentation models of Fast-SNN (spec section 6, "Segmentation"), with quantized activations.
+"""Segmentation models of Fast-SNN, with quantized activations.
 
 * ``deeplabv1_vgg9`` -- the original's MYVGG9 ("DeepLabv1" LargeFOV on a 9-layer VGG): eight
   conv3x3 + BN + QuantAct units ``features.0 .. features.7``
@@ -15,7 +15,7 @@
   512 -> 256 each, BN + QuantAct, no image pooling), channel concat (1280), ``project`` 1x1 -> 256,
   ``head0`` 3x3 256 -> 256, ``head1`` 1x1 -> classes (accumulator), bilinear x16 (33 -> 513).
 
-Hidden weights are float (spec 4.2), activations ``bit``-bit (32 = ReLU); the first and last layers
+Hidden weights are float, activations ``bit``-bit (32 = ReLU); the first and last layers
 are plain float convs. Parameter names of the ResNet backbone are torchvision's (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so ImageNet / torchvision ResNet-34 weights load
 into it by name (``--init`` backbone mode). ``width`` multiplies every hidden channel count (1.0 = the
@@ -38,7 +38,7 @@ from quant.functional import FULL_PRECISION
 MODELS = ("deeplabv1_vgg9", "deeplabv3_r34")
 #: output stride of each model: valid crop / test sizes are ``k * stride + 1``
 OUTPUT_STRIDE = {"deeplabv1_vgg9": 8, "deeplabv3_r34": 16}
-ALPHA_INIT = 6.0  # spec 4.1, tree (B)
+ALPHA_INIT = 6.0
 
 
 def scaled(channels: int, width: float) -> int:
@@ -60,7 +60,7 @@ class ConvBNAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1, *,
                  bit: int, alpha_init: float, bias: bool, first: bool = False):
         pad = dilation * (kernel - 1) // 2
-        if first:  # the analog-input layer: a plain float conv (spec 4.3)
+        if first:  # the analog-input layer: a plain float conv
             conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=pad, dilation=dilation, bias=bias)
         else:
             conv = QuantConv2d(cin, cout, kernel, stride=stride, padding=pad, dilation=dilation, bias=bias,

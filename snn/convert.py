@@ -1,4 +1,4 @@
-"""Quantized ANN -> SNN conversion (spec section 5), as a sequence of small named torch.fx passes.
+"""Quantized ANN -> SNN conversion, as a sequence of small named torch.fx passes.
 
 The ANN is deep-copied and traced (quant layers and torch.nn layers are leaves); then
 

@@ -1,4 +1,4 @@
-"""Integrate-and-fire neurons of Fast-SNN (spec section 5.3).
+"""Integrate-and-fire neurons of Fast-SNN.
 
 Layout: spike / current trains are **time-major and folded into the batch**: a train of T steps over a
 batch of B samples is one tensor of shape ``[T*B, ...]`` whose rows ``t*B:(t+1)*B`` hold step t. Every

@@ -1,4 +1,4 @@
-"""Classification model zoo of Fast-SNN (spec section 6).
+"""Classification model zoo of Fast-SNN.
 
 ``get_model(arch, bit, wbit=None, num_classes=None, dataset=None, **kw)`` builds one of
 

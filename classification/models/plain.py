@@ -1,6 +1,6 @@
 """Plain (non-residual) CNN classifiers: CIFAR-10 AlexNet / VGG11, ImageNet AlexNet / VGG16 / VGG11.
 
-Spec section 6. No max-pooling anywhere: down-sampling is done by stride-2 convolutions. Every hidden
+No max-pooling anywhere: down-sampling is done by stride-2 convolutions. Every hidden
 conv / linear is followed by BatchNorm and a ``QuantAct`` (one IF neuron after conversion); the first
 conv and the classifier use 8-bit weights (``Conv2d8bit`` / ``Linear8bit``); the classifier has no
 activation.

@@ -1,7 +1,7 @@
 """The IF dynamics, written once in PyTorch: the reference every other backend is tested against.
 
-:func:`if_step` is one time step of a layer of IF neurons (spec section 5.3, with the optional bound
-of the "settle" mode); :func:`if_multistep` loops it over a train; :func:`if_constant_counts` /
+:func:`if_step` is one time step of a layer of IF neurons (with the optional bound of the "settle"
+mode); :func:`if_multistep` loops it over a train; :func:`if_constant_counts` /
 :func:`if_constant` are the closed form for a constant input current. The compile backend compiles
 exactly these functions; the C++ and Triton kernels repeat their float operations in the same order.
 """
