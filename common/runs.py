@@ -115,10 +115,15 @@ def config_argv(p: argparse.ArgumentParser, cfg: dict, source: str, ignore: Iter
                 argv.append(opt)
         elif v is None:
             continue
-        elif isinstance(v, (list, tuple)):
-            argv += [opt] + [str(x) for x in v]
         else:
-            argv += [opt, _token(v)]
+            toks = [_token(x) for x in v] if isinstance(v, (list, tuple)) else [_token(v)]
+            try:
+                p._get_values(a, toks)   # the type and choices checks of the command line
+            except (argparse.ArgumentError, TypeError, ValueError) as e:
+                msg = getattr(e, "message", None) or str(e)
+                raise UserError(f"{source}: {k} = {v!r} is not accepted ({msg})",
+                                f"fix the value in the file ({opt} takes the same values on the command line)") from None
+            argv += [opt] + toks
     if unknown:
         raise UserError(f"{source} sets {', '.join(sorted(unknown))}, which this script has no flag for",
                         "use the flag names of --help (dest spelling, e.g. batch_size)")
