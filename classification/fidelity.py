@@ -22,6 +22,7 @@ import os
 import time
 from typing import Dict, List
 
+from common.runs import ReshuffledLoader
 from common import run_cli
 from common.cli import ArgumentParser
 
@@ -173,7 +174,7 @@ class Study:
             if prior in self.done:  # continue from that run's tuned net: only the end-to-end stage is new
                 reused, (net, before) = prior, (copy.deepcopy(self.done[prior][0]), self.done[prior][1])
                 name = "e2e"
-        loader = engine.ReshuffledLoader(self.data.train_loader)
+        loader = ReshuffledLoader(self.data.train_loader)
         score_kind = kw.pop("score", "reshuffled")
         score_batches = int(kw.pop("score_batches", self.args.score_batches))
         if score_kind == "none":

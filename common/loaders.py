@@ -48,3 +48,20 @@ def classes_file_near(data_root: str, names: Sequence[str], *extra: Optional[str
             if os.path.isfile(f):
                 return f
     return None
+
+
+def load_coco_api(ann_file: str, hint: str):
+    """``pycocotools.coco.COCO`` of an annotation file, quietly; a file that is not COCO JSON is a
+    one-line error."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from .errors import UserError
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(ann_file)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
+                        hint) from None

@@ -268,6 +268,37 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int):
         raise UserError(f"loss became {what} at epoch {epoch} iter {it}", "lower --lr or check the data")
 
 
+def sgd_step(model: nn.Module, x, y, loss_fn: Callable, optimizer, epoch: int, it: int):
+    """One training step: forward, loss (NaN / inf on any rank stops every rank), backward, update.
+    Returns ``(output, loss)``."""
+    out = model(x)
+    loss = loss_fn(out, y)
+    check_finite(loss, epoch, it)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return out, loss
+
+
+def save_epoch(state: Dict, out_dir: str, is_best: bool, summary: Dict):
+    """After an epoch (rank 0): the checkpoint (``model_best`` too when ``is_best``) and ``history.json``
+    (``summary`` plus the ``history`` of ``state``)."""
+    from .checkpoint import save_checkpoint
+    from .metrics import write_json
+    save_checkpoint(state, out_dir, is_best)
+    write_json(os.path.join(out_dir, "history.json"), {**summary, "history": state["history"]})
+
+
+def best_epoch(history: List[Dict], key: str, start: int, epochs: int, start_flag: str = "--start_epoch") -> Dict:
+    """The epoch record with the best ``key`` (the last one when none was evaluated); a one-line error
+    when nothing was trained."""
+    if not history:
+        raise UserError(f"nothing was trained (the run starts at epoch {start} of --epochs {epochs})",
+                        f"raise --epochs to continue it (or lower {start_flag})")
+    evaluated = [h for h in history if key in h]
+    return max(evaluated, key=lambda h: h[key]) if evaluated else history[-1]
+
+
 def set_loader_epoch(loader, epoch: int):
     """Reshuffle a loader's sampler for this epoch (``set_epoch``; no-op for samplers without one)."""
     sampler = getattr(loader, "sampler", None)

@@ -25,8 +25,6 @@ with the ImageNet mean / std. ``-ms`` (multi-scale) is applied per batch by the 
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import UserError
-from common.loaders import ShardSampler, classes_file_near
+from common.loaders import ShardSampler, classes_file_near, load_coco_api
 from common.logger import log
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -219,13 +217,7 @@ def coco_paths(root: str, split: str):
 
 def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
     """``(records, class names, CocoInfo)`` of a COCO-format JSON (any category ids)."""
-    from pycocotools.coco import COCO
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(ann_file)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
-                        "re-create or re-download it") from None
+    coco = load_coco_api(ann_file, "re-create or re-download it")
     # a "_background_" category (labelme's COCO export) is not an object class
     cat_ids = sorted(c for c in coco.getCatIds() if coco.loadCats(c)[0]["name"].lower() not in _SKIP_FIRST)
     if not cat_ids:

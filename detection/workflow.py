@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common import UserError
 from common import dist
 from common import runs
-from common.checkpoint import BEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.metrics import write_json
@@ -91,10 +91,12 @@ def add_runtime_args(p: ArgumentParser, train: bool = False):
                    help="cap the batches per epoch / evaluation (smoke tests)")
     p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/",
                    help="runs live in DIR/<dataset>/<version>_<bit>bit (default weights/)")
+    # the scripts that do not train accept these (a command line shared by a chain's steps) unlisted
+    shown = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help=shown("random seed (default: not seeded)"))
+    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=bool_flag(), default=True,
+                   help=shown("TensorBoard logs in the run folder's tb/"))
     if train:
-        p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
-        p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=bool_flag(), default=True,
-                       help="TensorBoard logs in the run folder's tb/")
         runs.add_fresh_arg(p)
 
 
@@ -488,14 +490,8 @@ def train(args) -> dict:
                              "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
                              "rng_state": [rng_state()], "args": plain_args(args), "history": history}
-                    save_checkpoint(state, out_dir, is_best)
-                    write_json(os.path.join(out_dir, "history.json"), {"version": args.version, "bit": args.bit,
-                                                                         "history": history})
-        if not history:
-            raise UserError(f"nothing was trained (--start_epoch {start} >= --epochs {args.epochs})",
-                            "raise --epochs or lower --start_epoch")
-        evaluated = [h for h in history if "test_map" in h]
-        top = max(evaluated, key=lambda h: h["test_map"]) if evaluated else history[-1]
+                    runs.save_epoch(state, out_dir, is_best, {"version": args.version, "bit": args.bit})
+        top = runs.best_epoch(history, "test_map", start, args.epochs)
         res = {"map": top.get("test_map"), "ann_map": top.get("test_map"), "map_all_point": top.get("test_map_all_point"),
                "best_epoch": top["epoch"], "epochs": history[-1]["epoch"]}
         rec = _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history)
@@ -528,12 +524,7 @@ def _convert(args, model, ckpt, device):
     if args.bit == 32:
         raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
-    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk,
-                           settle=getattr(args, "settle", 0) or 0).to(device)
-    log(f"converted {args.version} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
-        f"({len(net.neurons())} spiking layers)")
-    return net
+    return pipeline.convert_trained(model, ckpt, args, f"{args.version} {args.bit}-bit", device)
 
 
 def _open(args, ctx, *, train: bool):

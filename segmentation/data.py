@@ -23,8 +23,6 @@ other than 255.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,14 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
 from common import dist
-from common.loaders import ShardSampler, seed_worker
+from common.loaders import ShardSampler, load_coco_api, seed_worker
 from common.logger import log
 
 IGNORE = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(int(round(255 * m)) for m in MEAN)   # pad value of the image before normalisation
-SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25 (spec 7)
+SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25
 DEFAULT_TEST_SIZE = {"voc": 513, "coco": 641}
 DEFAULT_CROP = 513
 
@@ -366,13 +364,7 @@ class CocoSegmentation(SegmentationDataset):
         if not os.path.isdir(image_dir):
             raise UserError(f"COCO image folder {image_dir} does not exist",
                             "pass --data_root DIR holding train2017/ and val2017/")
-        from pycocotools.coco import COCO
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco = COCO(ann_file)
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
-                            "pass an instances_*.json file") from None
+        coco = load_coco_api(ann_file, "pass an instances_*.json file")
         cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
         things = [c for c in cats if c["name"] not in BACKGROUND_NAMES]
         if class_names is None:

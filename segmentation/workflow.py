@@ -29,11 +29,10 @@ import torch.nn.functional as F
 from common import UserError
 from common import dist
 from common import runs
-from common.checkpoint import BEST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
-from common.metrics import write_json
-from common.runs import check_finite, count_macs, ReshuffledLoader
+from common.runs import ReshuffledLoader, count_macs, sgd_step
 
 from . import data as segdata
 from .metrics import IGNORE, make_metric_factory
@@ -364,12 +363,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, 
         if i >= n_iter:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss = pixel_cross_entropy(out, y)
-        check_finite(loss, epoch, i + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _, loss = sgd_step(model, x, y, pixel_cross_entropy, optimizer, epoch, i + 1)
         scheduler.step()
         loss_sum += float(loss.detach()) * x.shape[0]
         seen += x.shape[0]
@@ -471,14 +465,8 @@ def train(args) -> Dict:
                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                  args=plain_args(args), history=history, init=init_info,
                                  sampler_seed=getattr(tr_loader.sampler, "seed", None), rng=rng_state())
-                    save_checkpoint(state, out_dir, is_best)
-                    write_json(os.path.join(out_dir, "history.json"), {"model": args.model, "bit": args.bit,
-                                                                         "history": history})
-        if not history:
-            raise UserError(f"nothing was trained (the run already has {start} of --epochs {args.epochs})",
-                            "raise --epochs to continue it")
-        evals = [h for h in history if "val_miou" in h]
-        best_h = max(evals, key=lambda h: h["val_miou"]) if evals else history[-1]
+                    runs.save_epoch(state, out_dir, is_best, {"model": args.model, "bit": args.bit})
+        best_h = runs.best_epoch(history, "val_miou", start, args.epochs)
         result = {"miou": best_h.get("val_miou"), "ann_miou": best_h.get("val_miou"),
                   "pixel_acc": best_h.get("val_pixel_acc"), "best_epoch": best_h["epoch"],
                   "epochs": history[-1]["epoch"]}
@@ -525,11 +513,7 @@ def _write(args, rec: Dict, default_path: str) -> str:
 # ---------------------------------------------------------------------------------------- eval.py
 def _convert(args, model, ckpt):
     from common import pipeline
-    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
-    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=args.settle)
-    log(f"converted {args.model} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
-        f"neurons ({len(net.neurons())} spiking layers)")
-    return net
+    return pipeline.convert_trained(model, ckpt, args, f"{args.model} {args.bit}-bit")
 
 
 def _open(args, ctx, *, train: bool, need_quant: bool):

@@ -160,18 +160,18 @@ def test_resume_auto_continues(chain, tmp_path, monkeypatch):
                     map_location="cpu", weights_only=True)
     assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2] and rec["epochs"] == 2
     # one process, seeded: a run killed after its first epoch and resumed equals the uninterrupted one
-    from segmentation import workflow
-    real = workflow.save_checkpoint
+    from common import checkpoint
+    real = checkpoint.save_checkpoint
 
     def save_then_die(state, *a, **kw):
         real(state, *a, **kw)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
     killed = chain["flags"] + ["--save_folder", str(tmp_path / "killed"), "--bit", "32", "--lr", "0.02", "--epochs", "2"]
-    monkeypatch.setattr(workflow, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(killed)
-    monkeypatch.setattr(workflow, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     train.main(killed + ["--resume", "auto"])
     train.main(chain["flags"] + ["--save_folder", str(tmp_path / "straight"), "--bit", "32", "--lr", "0.02", "--epochs", "2"])
     a, b = (torch.load(os.path.join(tmp_path, d, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"), weights_only=True)
