@@ -95,7 +95,8 @@ def train_chain(args) -> str:
             epochs = args.epochs_fp if bit == 32 else args.epochs_q
             argv = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", f"{lr * args.lr_scale:g}",
                            "--wd", str(wd),
-                           "--alpha-init", str(args.alpha_init), "-p", "20"] + (["--init", prev] if prev else [])
+                           "--alpha-init", str(args.alpha_init), "-p", "20", "--resume", "auto"] + \
+                (["--init", prev] if prev else [])
             print(f"train {bit}-bit: python classification/cifar10/main.py {' '.join(argv)}", flush=True)
             train_script.main(argv)
         prev = path

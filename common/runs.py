@@ -79,12 +79,6 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def check_spike_bit(args, spike: bool = True):
-    if spike and getattr(args, "bit", None) == 32:
-        raise UserError("--bit 32: a full-precision ANN has no activation clips to become thresholds",
-                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-
-
 # ---------------------------------------------------------------------------------------- presets
 def config_argv(p: argparse.ArgumentParser, cfg: dict, source: str, ignore: Iterable[str] = ()) -> List[str]:
     """A preset's ``{dest: value}`` as command-line tokens of ``p``: parsed by the same parser, its
