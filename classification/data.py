@@ -33,10 +33,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import UserError
 from common.dist import Context
+from common.loaders import ShardSampler  # noqa: F401 (part of this module's interface)
 
 DATASETS = ("cifar10", "cifar100", "fashionmnist", "folder")
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
@@ -295,20 +296,6 @@ def build_datasets(name: str, root: str, train_subset: Optional[int] = None, val
     spec.info.update(train_size=len(spec.train), val_size=len(spec.val))
     spec.train, spec.val = subset(spec.train, train_subset), subset(spec.val, val_subset)
     return spec
-
-
-class ShardSampler(Sampler):
-    """Evaluation sampler for DDP: rank r takes samples r, r+W, r+2W, ... -- no padding, so summed
-    counts over ranks are exact."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
 
 
 def build_loaders(spec: DataSpec, ctx: Context, batch_size: int, workers: int,

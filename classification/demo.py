@@ -228,7 +228,7 @@ def main(argv=None) -> Dict:
     for bit, lr, wd in CHAIN:
         epochs = args.epochs_fp if bit == 32 else args.epochs_q
         argv_ = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd),
-                        "--alpha-init", str(args.alpha_init), "-p", "5"]
+                        "--alpha-init", str(args.alpha_init), "-p", "5", "--fresh"]
         if prev:
             argv_ += ["--init", prev]
         ann[bit] = _step(f"train {bit}-bit ANN", "main.py", argv_, train_script.main, steps, clock)
@@ -244,7 +244,7 @@ def main(argv=None) -> Dict:
                        snn_base + ["--bit", str(FT_BIT), "-e", "--settle", str(args.settle)], snn_script.main, steps,
                        clock)
     ft = _step(f"fine-tune {FT_BIT}-bit SNN ({args.ft_method})", "snn_ft.py",
-               snn_base + ["--seed", str(args.seed), "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
+               snn_base + ["--seed", str(args.seed), "--fresh", "--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches),
                            "--score-batches", str(args.score_batches), "--method", args.ft_method]
                + (["--ft-accept", args.ft_accept] if args.ft_accept != "auto" else [])
                + ["--e2e-loss", args.e2e_loss, "--e2e-epochs", str(args.e2e_epochs)]

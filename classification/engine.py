@@ -9,17 +9,16 @@ must be wrapped to yield those). Accuracies are percentages.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from common import UserError
 from common import dist
 from common.logger import TensorBoard, log, progress
 from common.metrics import AverageMeter, CountMeter, reduce_meters
+from common.runs import set_loader_epoch, sgd_step
 
 from .metrics import TOPK, TopK, correct_topk, format_acc
 
@@ -27,21 +26,6 @@ from .metrics import TOPK, TopK, correct_topk, format_acc
 def _to(batch, device):
     x, y = batch[0], batch[1]
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def set_loader_epoch(loader, epoch: int):
-    """Reshuffle a DistributedSampler for this epoch (no-op otherwise)."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-
-
-def check_finite(loss: torch.Tensor, epoch: int, it: int):
-    """Stop every rank with a user error when the loss is NaN / inf on any rank."""
-    bad = not bool(torch.isfinite(loss.detach()))
-    if dist.any_rank(bad):
-        what = "inf" if bad and math.isinf(loss.item()) else "NaN"
-        raise UserError(f"loss became {what} at epoch {epoch} iter {it}", "lower --lr or check the data")
 
 
 # ---------------------------------------------------------------------------------------- ANN
@@ -60,12 +44,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, epoch: int, 
         if i >= n_iter:
             break
         x, y = _to(batch, ctx.device)
-        out = model(x)
-        loss = criterion(out, y)
-        check_finite(loss, epoch, i + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        out, loss = sgd_step(model, x, y, criterion, optimizer, epoch, i + 1)
         c1, c5 = correct_topk(out.detach(), y, TOPK)
         n = y.shape[0]
         loss_m.update(loss.item(), n)
@@ -109,33 +88,6 @@ def evaluate(model: nn.Module, loader, criterion=None, *, desc: str = "test", sh
     return {"top1": top1, "top5": top5, "loss": loss_sum / max(counts.total, 1), "samples": int(counts.total)}
 
 
-def count_macs(model: nn.Module, input_size: int, channels: int = 3) -> float:
-    """Multiply-accumulates of the conv / linear layers for one image."""
-    total = [0.0]
-
-    def hook(m, inp, out):
-        if isinstance(m, nn.Linear):
-            total[0] += out.numel() * m.in_features
-        else:
-            k = 1
-            for s in m.kernel_size:
-                k *= s
-            total[0] += out.numel() * (m.in_channels // m.groups) * k
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, channels, input_size, input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return total[0]
-
-
 # ---------------------------------------------------------------------------------------- training driver
 def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epochs: int, start_epoch: int = 0,
         best_acc1: float = 0.0, history: Optional[List[dict]] = None,
@@ -171,22 +123,6 @@ def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epo
 
 
 # ---------------------------------------------------------------------------------------- SNN fine-tuning
-class ReshuffledLoader:
-    """Iterating it again starts a new epoch of its DistributedSampler (the fine-tuner walks the
-    training set once per layer and epoch)."""
-
-    def __init__(self, loader):
-        self.loader, self.epoch = loader, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        set_loader_epoch(self.loader, self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-
 def fixed_batches(loader, n: int) -> List:
     """The first ``n`` batches of ``loader``, drawn once and kept (tensors copied: a DALI pipeline may
     reuse its buffers) -- the same images for every accept / revert decision of the fine-tuner."""

@@ -22,6 +22,7 @@ import os
 import time
 from typing import Dict, List
 
+from common.runs import ReshuffledLoader
 from common import run_cli
 from common.cli import ArgumentParser
 
@@ -94,7 +95,8 @@ def train_chain(args) -> str:
             epochs = args.epochs_fp if bit == 32 else args.epochs_q
             argv = base + ["--bit", str(bit), "--epochs", str(epochs), "--lr", f"{lr * args.lr_scale:g}",
                            "--wd", str(wd),
-                           "--alpha-init", str(args.alpha_init), "-p", "20"] + (["--init", prev] if prev else [])
+                           "--alpha-init", str(args.alpha_init), "-p", "20", "--resume", "auto"] + \
+                (["--init", prev] if prev else [])
             print(f"train {bit}-bit: python classification/cifar10/main.py {' '.join(argv)}", flush=True)
             train_script.main(argv)
         prev = path
@@ -173,7 +175,7 @@ class Study:
             if prior in self.done:  # continue from that run's tuned net: only the end-to-end stage is new
                 reused, (net, before) = prior, (copy.deepcopy(self.done[prior][0]), self.done[prior][1])
                 name = "e2e"
-        loader = engine.ReshuffledLoader(self.data.train_loader)
+        loader = ReshuffledLoader(self.data.train_loader)
         score_kind = kw.pop("score", "reshuffled")
         score_batches = int(kw.pop("score_batches", self.args.score_batches))
         if score_kind == "none":

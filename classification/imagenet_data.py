@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from common.errors import UserError
+from common.loaders import ShardSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,20 +157,6 @@ def val_transform(input_size: int = DEFAULT_INPUT_SIZE):
     ])
 
 
-class StridedShardSampler(torch.utils.data.Sampler):
-    """Indices ``rank, rank + world, ...`` in order: every sample on exactly one rank, no padding
-    (exact distributed evaluation; ranks may differ by one sample)."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size = n, rank, world_size
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.world_size))
-
-
 def _image_folder(folder: str, transform):
     from torchvision.datasets import ImageFolder
     try:
@@ -218,7 +205,7 @@ class TorchLoader(_Loader):
             self.sampler = torch.utils.data.DistributedSampler(
                 self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed or 0, drop_last=False)
         else:
-            self.sampler = StridedShardSampler(n, rank, world_size)
+            self.sampler = ShardSampler(n, rank, world_size)
         drop_last = train if drop_last is None else drop_last
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self.loader = torch.utils.data.DataLoader(
@@ -400,5 +387,5 @@ def build_loaders(train_dir: Optional[str], val_dir: Optional[str], *, batch_siz
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_INPUT_SIZE", "BACKENDS", "DataError",
            "resolve_data_dirs", "find_classes", "check_classes", "val_resize", "check_input_size",
-           "dali_available", "choose_backend", "train_transform", "val_transform", "StridedShardSampler",
+           "dali_available", "choose_backend", "train_transform", "val_transform", "ShardSampler",
            "TorchLoader", "DaliLoader", "build_loader", "build_loaders"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
-import datetime
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,11 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
+from common import runs
 from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_state, \
-    plain_scheduler_state, rng_state, save_checkpoint, set_rng_state
+    plain_scheduler_state, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
-from common.metrics import write_json
 from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
 from common.pipeline import (add_method_args, check_method, check_method_args, method_options,  # noqa: F401
                              method_text)
@@ -42,6 +41,7 @@ from . import engine
 from .metrics import TopK, format_acc
 
 BITS = (32, 5, 4, 3, 2)
+FT_METHOD = "fastsnn+e2e"      # snn_ft.py's default --method (its run folder is <arch>_<bit>bit_ft)
 WBITS = (2, 3, 4, 5, 6, 7, 8, 32)
 
 
@@ -80,18 +80,7 @@ class Task:
 SCRIPTS = ("train", "snn", "ft")
 
 
-def default_workers() -> int:
-    """Loader processes per training process: the original's 4, at most the CPU cores this process may
-    use divided by the processes a launcher started on this node (no more workers than cores)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return min(4, max(1, cpus // local))
+default_workers = runs.default_workers
 
 
 def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_freq_default: int = 10,
@@ -134,6 +123,8 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
         p.add_argument("--resume", default="", metavar="PATH|auto",
                        help="continue a killed run from its checkpoint (model, optimizer, schedule, RNG states; "
                             "'auto': the run folder's checkpoint.pth.tar, if there is one)")
+    if train or ft:
+        runs.add_fresh_arg(p)
     p.add_argument("-e", "--evaluate", action="store_true",
                    help={"train": "evaluate only (writes metrics_ann_eval.json beside the checkpoint)",
                          "snn": "accepted for compatibility: this script always evaluates",
@@ -145,7 +136,7 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
     p.add_argument("-j", "--workers", type=int, default=default_workers(),
                    help="data-loading processes per process (default: min(4, CPU cores / processes on this node)"
                         f" = {default_workers()} here)")
-    p.add_argument("--out", default="result", metavar="DIR",
+    p.add_argument("--out", "--save_folder", "--save-folder", dest="out", default="result", metavar="DIR",
                    help="output root, relative to the working directory; runs go to DIR/<arch>_<bit>bit "
                         "(CIFAR-10) or DIR/<dataset>/<arch>_<bit>bit (default result/)")
     p.add_argument("--metrics-out", default="", metavar="FILE",
@@ -354,26 +345,13 @@ def _record(args, data: Data, model: nn.Module, result: Dict, *, script: str, ch
            "ann_macs": None, "energy": None}
     rec.update(result)
     rec.update(checkpoint=checkpoint, finetuned=finetuned, seed=getattr(args, "seed", None), **extra)
-    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
-    return rec
+    return runs.stamp(rec, args)
 
 
 def _ann_result(model: nn.Module, task: Task, top1: float, top5: float, samples: Optional[int]) -> Dict:
-    from snn import E_MAC_PJ
-    macs = engine.count_macs(model, task.input_size)
+    macs = runs.count_macs(model, task.input_size)
     return {"top1": top1, "top5": top5, "ann_top1": top1, "ann_top5": top5, "samples": samples,
-            "ann_macs": macs, "energy": {"e_mac_pJ": E_MAC_PJ, "ann_uJ": macs * E_MAC_PJ * 1e-6}}
-
-
-def _write_metrics(args, rec: Dict, default_path: str, plot: Callable[[Dict, str], object]) -> str:
-    path = args.metrics_out or default_path
-    if dist.is_main():
-        write_json(path, rec)
-        log(f"metrics -> {path}")
-        if args.plot:
-            for png in plot(rec, path) or []:
-                log(f"plot -> {png}")
-    return path
+            "ann_macs": macs, "energy": runs.ann_energy(macs)}
 
 
 def _plot_snn(rec, path):
@@ -412,9 +390,7 @@ def train_ann(args, task: Task) -> Dict:
                          "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": plain_scheduler_state(scheduler), "rng_state": rng, "seed": args.seed,
                          "args": plain_args(args), "history": hist}
-                save_checkpoint(state, out_dir, is_best)
-                write_json(os.path.join(out_dir, "history.json"), {"arch": args.arch, "bit": args.bit,
-                                                                     "dataset": data.name, "history": hist})
+                runs.save_epoch(state, out_dir, is_best, {"arch": args.arch, "bit": args.bit, "dataset": data.name})
         with tb:
             best, history = engine.fit(dist.wrap_ddp(model, ctx), optimizer, scheduler, data.train_loader,
                                        data.val_loader, epochs=args.epochs, start_epoch=start, best_acc1=best,
@@ -445,18 +421,12 @@ def _gather_rng_states(ctx, generators) -> List[dict]:
 
 def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx, generators):
     """Returns ``(start_epoch, best_acc1, history)`` after ``--resume`` / ``--init`` / ``--start-epoch``."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(out_dir, CHECKPOINT)
-        if not os.path.exists(path):
-            log(f"--resume auto: no {path} yet, starting a new run")
-            path = ""
+    path = runs.resume_path(args.resume, out_dir)
+    runs.claim_run_folder(out_dir, args, resuming=bool(path), root_flag="--out")
     if path:
         ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
         _check_meta(ckpt, args, path, "--resume", same_bit=True, data=data, same_data=True)
-        if "optimizer" not in ckpt or "epoch" not in ckpt:
-            raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
-                            "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+        runs.require_training_state(ckpt, path)
         wbit = ckpt.get("wbit")
         if wbit is not None and int(wbit) != model.wbit:
             raise UserError(f"--resume {path} was trained with {wbit}-bit weights, this model has {model.wbit}-bit",
@@ -495,10 +465,7 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
 
 
 def _finish_training(args, task, data, model, out_dir, history) -> Dict:
-    if not history:
-        raise UserError(f"nothing was trained (--start-epoch {args.start_epoch} >= --epochs {args.epochs})",
-                        "raise --epochs or lower --start-epoch")
-    best = max(history, key=lambda h: h["test_top1"])
+    best = runs.best_epoch(history, "test_top1", args.start_epoch, args.epochs, "--start-epoch")
     result = _ann_result(model, task, best["test_top1"], best["test_top5"], None)
     rec = _record(args, data, model, result, script="main.py", checkpoint=os.path.join(out_dir, BEST),
                   best_epoch=best["epoch"], epochs=history[-1]["epoch"])
@@ -507,19 +474,9 @@ def _finish_training(args, task, data, model, out_dir, history) -> Dict:
         from common.plots import plot_training
         return [plot_training(history, os.path.splitext(path)[0] + "_curves.png",
                               f"{args.arch} {args.bit}-bit on {data.name}")]
-    _write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
+    runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
     log(f"best test top-1 {best['test_top1']:.2f} (epoch {best['epoch']}) -> {os.path.join(out_dir, BEST)}")
     return rec
-
-
-def eval_dir(path: str, fallback: str) -> str:
-    """Where an evaluation of checkpoint ``path`` writes its metrics: beside the checkpoint (a training
-    run's own ``metrics_ann.json`` is never touched), or ``fallback`` when that folder is read-only."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.access(folder, os.W_OK):
-        return os.path.dirname(path) or "."
-    log(f"{folder} is not writable: metrics go to {fallback}")
-    return fallback
 
 
 def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
@@ -530,7 +487,7 @@ def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
     res = engine.evaluate(model, data.val_loader, nn.CrossEntropyLoss(), desc="test", show_progress=args.progress)
     rec = _record(args, data, model, _ann_result(model, task, res["top1"], res["top5"], res["samples"]),
                   script="main.py -e", checkpoint=path, loss=res["loss"], finetuned=bool(ckpt.get("snn_finetuned")))
-    _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir), "metrics_ann_eval.json"), lambda r, p: [])
+    runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, out_dir), "metrics_ann_eval.json"), lambda r, p: [])
     return rec
 
 
@@ -549,13 +506,8 @@ def _load_for_snn(args, task, data, ctx):
 
 
 def _convert(args, model, ckpt):
-    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
     from common import pipeline
-    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk,
-                           settle=getattr(args, "settle", 0) or 0)
-    log(f"converted {args.arch} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} "
-        f"IF neurons ({len(net.neurons())} spiking layers)")
-    return net
+    return pipeline.convert_trained(model, ckpt, args, f"{args.arch} {args.bit}-bit")
 
 
 def ann_reference(res: Dict, ckpt: dict) -> Dict:
@@ -599,11 +551,6 @@ def run_snn_eval(model: nn.Module, net, loader, args, *, desc: str = "snn test",
     return res
 
 
-def _snn_metrics_name(res: Dict, prefix: str = "metrics_snn") -> str:
-    """``<prefix>_<neuron>_T<T>.json`` (``..._settle<K>.json`` with settle steps)."""
-    return f"{prefix}_{res['neuron']}_T{res['T']}" + (f"_settle{res['settle']}" if res.get("settle") else "") + ".json"
-
-
 def evaluate_snn(args, task: Task) -> Dict:
     """``snn.py``: convert the ANN and evaluate the SNN on the test set (``-e`` or not). The metrics go
     beside the evaluated checkpoint (or to ``--metrics-out``)."""
@@ -618,7 +565,7 @@ def evaluate_snn(args, task: Task) -> Dict:
         log(_snn_line(res))
         finetuned = bool(ckpt.get("snn_finetuned"))
         rec = _record(args, data, model, res, script="snn.py", checkpoint=path, finetuned=finetuned)
-        _write_metrics(args, rec, os.path.join(eval_dir(path, run_dir(args)), _snn_metrics_name(res)), _plot_snn)
+        runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, run_dir(args)), runs.metrics_name(res)), _plot_snn)
         return rec
 
 
@@ -635,14 +582,15 @@ def finetune_snn(args, task: Task) -> Dict:
         data = task.build_data(args, ctx)
         model, ckpt, path = _load_for_snn(args, task, data, ctx)
         net = _convert(args, model, ckpt).to(ctx.device)
-        out_dir = run_dir(args, "_ft")
+        out_dir = run_dir(args, runs.ft_suffix(args.method, FT_METHOD))
         if args.evaluate:  # the SNN on the test set (the original evaluated the ANN on the train set)
             res = ann_reference(run_snn_eval(model, net, data.val_loader, args), ckpt)
             log(_snn_line(res))
             rec = _record(args, data, model, res, script="snn_ft.py -e", checkpoint=path,
                           finetuned=bool(ckpt.get("snn_finetuned")))
-            _write_metrics(args, rec, os.path.join(eval_dir(path, out_dir), _snn_metrics_name(res)), _plot_snn)
+            runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, out_dir), runs.metrics_name(res)), _plot_snn)
             return rec
+        runs.claim_run_folder(out_dir, args, can_resume=False, root_flag="--out")
         return _run_finetune(args, task, data, model, net, path, out_dir)
 
 
@@ -671,7 +619,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
         before = run_snn_eval(model, net, data.val_loader, args, desc="snn test (before)")
     log(f"fine-tuning {args.arch} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, "
         f"wd {wd}, BN {bn_mode}, method {_method_text(args)}")
-    loader = engine.ReshuffledLoader(data.train_loader)
+    loader = runs.ReshuffledLoader(data.train_loader)
     score = None
     if not args.force and args.score_batches is None:  # the original's test: a pass over the training set
         score = engine.top1_score(loader, show_progress=args.progress)
@@ -705,7 +653,7 @@ def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
                   method_options=method_options(args), finetune_seconds=seconds,
                   before={k: before[k] for k in ("top1", "top5", "per_step_top1", "layers")} if before else None,
                   finetune=history)
-    _write_metrics(args, rec, os.path.join(out_dir, _snn_metrics_name(res, "metrics_snn_ft")), _plot_snn)
+    runs.write_metrics(args, rec, os.path.join(out_dir, runs.metrics_name(res, "metrics_snn_ft")), _plot_snn)
     if before is not None:
         log(f"SNN top-1 {before['top1']:.2f} -> {res['top1']:.2f} after fine-tuning (ANN {res['ann_top1']:.2f})")
     return rec
@@ -751,7 +699,7 @@ def add_finetune_args(p: ArgumentParser):
                         "prefixes are recomputed instead (default 2048)")
     p.add_argument("--eval-before", action=argparse_bool(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")
-    add_method_args(p, default="fastsnn+e2e", losses=("ce", "kl", "mse"), default_loss="ce",
+    add_method_args(p, default=FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
                     loss_help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
                               "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
                               "mse = squared error to them",

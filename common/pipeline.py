@@ -87,6 +87,16 @@ def convert(ann: nn.Module, *, T: Optional[int] = None, signed: bool = True, chu
     return net
 
 
+def convert_trained(model: nn.Module, ckpt: Mapping, args, name: str, device=None):
+    """The SNN of a trained checkpoint's ANN with the flags of :func:`add_snn_args`: ``--T``, else the
+    T a fine-tuned checkpoint was tuned at, else 2^bit - 1; logs what was built."""
+    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
+    net = convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=getattr(args, "settle", 0) or 0)
+    _log(f"converted {name} -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF neurons "
+         f"({len(net.neurons())} spiking layers)")
+    return net.to(device) if device is not None else net
+
+
 def add_snn_args(p):
     """The conversion flags of every SNN evaluation / fine-tuning script."""
     p.add_argument("-u", "--unsigned", action="store_true",

@@ -25,8 +25,6 @@ with the ImageNet mean / std. ``-ms`` (multi-scale) is applied per batch by the 
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -34,9 +32,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import UserError
+from common.loaders import ShardSampler, classes_file_near, load_coco_api
+from common.logger import log
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -217,13 +217,7 @@ def coco_paths(root: str, split: str):
 
 def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
     """``(records, class names, CocoInfo)`` of a COCO-format JSON (any category ids)."""
-    from pycocotools.coco import COCO
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(ann_file)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
-                        "re-create or re-download it") from None
+    coco = load_coco_api(ann_file, "re-create or re-download it")
     # a "_background_" category (labelme's COCO export) is not an object class
     cat_ids = sorted(c for c in coco.getCatIds() if coco.loadCats(c)[0]["name"].lower() not in _SKIP_FIRST)
     if not cat_ids:
@@ -359,19 +353,6 @@ def inputs(batch: dict) -> torch.Tensor:
     return check_batch(batch)["image"]
 
 
-class ShardSampler(Sampler):
-    """Evaluation sampler: rank r takes images r, r + world, ... (no padding, so no image counts twice)."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.idx = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.idx)
-
-    def __len__(self):
-        return len(self.idx)
-
-
 @dataclass
 class Data:
     name: str                              # "voc" / "coco" / ...
@@ -386,12 +367,23 @@ class Data:
 
 
 def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, classes_file: str = "",
-                   need_train: bool = True, need_val: bool = True, aug: str = "ssd") -> Data:
-    """``dataset``: ``voc`` | ``coco`` | ``coco-val`` | ``coco-test``."""
+                   classes: Optional[Sequence[str]] = None, need_train: bool = True, need_val: bool = True,
+                   aug: str = "ssd") -> Data:
+    """``dataset``: ``voc`` | ``coco`` | ``coco-val`` | ``coco-test``. VOC classes: ``classes_file``, else
+    ``classes`` (a checkpoint's), else a ``classes.txt`` of the data root (:func:`classes_file_near`),
+    else the 20 VOC classes."""
     root = os.path.expanduser(root)
     if dataset == "voc":
-        classes = read_classes(classes_file) if classes_file else list(VOC_CLASSES)
-        src = f"--classes {classes_file}" if classes_file else "the 20 VOC classes (pass --classes FILE for others)"
+        if not classes_file and not classes:
+            classes_file = classes_file_near(root, ("classes.txt",)) or ""
+            if classes_file:
+                log(f"classes: {classes_file} (beside the data)")
+        if classes_file:
+            classes, src = read_classes(classes_file), f"--classes {classes_file}"
+        elif classes:
+            classes, src = list(classes), "the checkpoint's classes"
+        else:
+            classes, src = list(VOC_CLASSES), "the 20 VOC classes (pass --classes FILE for others)"
         train = val = None
         if need_train:
             train = DetectionDataset(voc_records(root, "train", classes, src, keep_difficult=False), train_size,

@@ -160,12 +160,17 @@ def main(argv=None):
             snn[(bit, neuron)] = steps.run(f"SNN {bit}-bit {neuron} T={T}", eval_script.main,
                                            ev + ["--bit", str(bit), "--spike", "--init", best[bit], "--metrics-out", path]
                                            + (["-u"] if unsigned else []))
-    ft_rec = steps.run(f"fine-tune {FT_BIT}-bit SNN", ft_script.main,
-                       ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters", str(args.ft_iters),
-                             "--score-batches", "4", "--aug", "flip", "--save_folder", weights, "--seed",
-                             str(args.seed), "--no-eval-before", "--no-tfboard",
-                             "--metrics-out", os.path.join(out, "metrics", f"snn_ft_{FT_BIT}bit_signed.json")])
     ft_path = os.path.join(weights, "voc", f"yolov2_tiny_{FT_BIT}bit_ft", "model_best.pth.tar")
+    ft_json = os.path.join(out, "metrics", f"snn_ft_{FT_BIT}bit_signed.json")
+    if os.path.isfile(ft_path) and os.path.isfile(ft_json):
+        print(f"\n=== fine-tune {FT_BIT}-bit SNN: done before ({ft_json})", flush=True)
+        ft_rec = read_json(ft_json)
+    else:
+        ft_rec = steps.run(f"fine-tune {FT_BIT}-bit SNN", ft_script.main,
+                           ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters",
+                                 str(args.ft_iters), "--score-batches", "4", "--aug", "flip", "--save_folder", weights,
+                                 "--seed", str(args.seed), "--no-eval-before", "--no-tfboard", "--fresh",
+                                 "--metrics-out", ft_json])
     imgs = os.path.join(out, "data", "demo_images")
     os.makedirs(imgs, exist_ok=True)
     for i in sc.test_ids[:4]:

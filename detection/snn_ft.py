@@ -1,4 +1,4 @@
-"""Layer-wise fine-tuning of a converted YOLOv2 SNN (beyond the original, which has none; spec 8).
+"""Layer-wise fine-tuning of a converted YOLOv2 SNN (beyond the original, which has none).
 
     python snn_ft.py -d voc -v yolov2_tiny --bit 2 -n 1 --init weights/voc/yolov2_tiny_2bit/model_best.pth.tar
     python snn_ft.py -d voc -v yolov2_tiny --bit 3 -n 1 --force --init CHECKPOINT_PATH
@@ -8,7 +8,8 @@ rates; without --force a tuned layer is kept only when the SNN's mAP on the firs
 training images (no augmentation) improves (--ft-accept local: when the layer's own rate error falls).
 --method fastsnn (default) is that algorithm; --method fastsnn+e2e adds an end-to-end pass (all layers
 together, loss --e2e-loss: the YOLO loss with the labels by default). Saved in ANN format to
-<save_folder>/<dataset>/<version>_<bit>bit_ft/model_best.pth.tar: eval.py --spike --init reads it.
+<save_folder>/<dataset>/<version>_<bit>bit_ft/model_best.pth.tar (another --method: ..._ft_<method>/):
+eval.py --spike --init reads it.
 """
 from common.cli import ArgumentParser, unshadow_script_dir
 
@@ -23,9 +24,8 @@ def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     W.add_model_args(p, bit_default=2)
     W.add_data_args(p, W.DATASETS_TRAIN, "voc")
-    W.add_runtime_args(p)
-    p.add_argument("-size", "--input_size", "--input-size", dest="input_size", type=int, default=416,
-                   help="input size for fine-tuning and evaluation (default 416)")
+    W.add_runtime_args(p, train=True)
+    W.add_size_arg(p)
     p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
     p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
                    help="fine-tuning epochs per layer (default 1)")
@@ -43,9 +43,7 @@ def get_parser() -> ArgumentParser:
                    help="prefix cache of the fine-tuner (default auto)")
     p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=W.bool_flag(), default=True,
                    help="also evaluate the SNN before fine-tuning (default on)")
-    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/")
-    p.add_argument("--tfboard", action=W.bool_flag(), default=True, help="TensorBoard logs in the run folder's tb/")
-    add_method_args(p, default="fastsnn", losses=("yolo", "mse"), default_loss="yolo",
+    add_method_args(p, default=W.FT_METHOD, losses=("yolo", "mse"), default_loss="yolo",
                     loss_help="loss of the end-to-end stage: yolo = the YOLO training loss with the ground-truth "
                               "boxes (default), mse = squared error to the quantized ANN's raw predictions")
     add_snn_args(p)

@@ -1,4 +1,4 @@
-"""Train a quantized YOLOv2 detector (spec 3.11): VOC 07+12 trainval or COCO train2017.
+"""Train a quantized YOLOv2 detector: VOC 07+12 trainval or COCO train2017.
 
 Run from this folder (as the original) or anywhere:
 
@@ -8,7 +8,8 @@ Run from this folder (as the original) or anywhere:
     python train.py -d voc -root data/scenes --classes data/scenes/classes.txt --width 0.25 --train_size 160 --val_size 160 --epochs 30
 
 Writes <save_folder>/<dataset>/<version>_<bit>bit/{checkpoint.pth.tar, model_best.pth.tar (best mAP),
-history.json, metrics_ann.json}; --resume auto continues a killed run.
+history.json, metrics_ann.json}; --resume auto continues a killed run; a folder that holds a run is
+not overwritten (--fresh keeps the old files aside and starts over).
 """
 from common.cli import ArgumentParser, unshadow_script_dir
 
@@ -20,9 +21,9 @@ from detection import workflow as W  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    W.add_model_args(p, bit_default=32)
+    W.add_model_args(p, bit_default=32, train=True)
     W.add_data_args(p, W.DATASETS_TRAIN, "voc")
-    W.add_runtime_args(p)
+    W.add_runtime_args(p, train=True)
     p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=16,
                    help="batch size per process (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
@@ -39,9 +40,6 @@ def get_parser() -> ArgumentParser:
                    help="evaluate (and keep the best) every N epochs and after the last (default 10)")
     p.add_argument("-r", "--resume", default="", metavar="PATH|auto",
                    help="continue a run ('auto': <save_folder>/<dataset>/<version>_<bit>bit/checkpoint.pth.tar)")
-    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/",
-                   help="output root (default weights/)")
-    p.add_argument("--tfboard", action=W.bool_flag(), default=True, help="TensorBoard logs in the run folder's tb/")
     p.add_argument("-ms", "--multi_scale", "--multi-scale", dest="multi_scale", action="store_true",
                    help="multi-scale training: a random size in 0.5-0.95 x train_size (320-608 for 640) every 10 iterations")
     p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights (evaluated and saved)")

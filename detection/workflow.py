@@ -9,14 +9,15 @@
 * :func:`demo`     -- boxes drawn on images by the ANN or the SNN.
 
 Checkpoints (``<save_folder>/<dataset>/<version>_<bit>bit/{checkpoint,model_best}.pth.tar``) carry the
-model's description (``version``, ``bit``, ``num_classes``, ``classes``, ``anchors``, ``width``), so
-``eval.py`` / ``snn_ft.py`` / ``demo.py`` rebuild exactly the trained net.
+model's description (``version``, ``bit``, ``num_classes``, ``classes``, ``anchors``, ``width``,
+``val_size``): ``eval.py`` / ``snn_ft.py`` / ``demo.py`` rebuild exactly the trained net and take
+those settings from it unless a flag gives them. The run-folder and metrics-file rules are
+:mod:`common.runs`'.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import math
 import os
 import random
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from common import runs
+from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.metrics import write_json
@@ -43,6 +45,8 @@ from .models import CONF_THRESH, NMS_THRESH, STRIDE, VERSIONS, default_anchors, 
 BITS = (32, 5, 4, 3, 2)
 DATASETS_TRAIN = ("voc", "coco")
 DATASETS_EVAL = ("voc", "coco-val", "coco-test")
+DEFAULT_VERSION = "yolov2_tiny"
+FT_METHOD = "fastsnn"          # snn_ft.py's default --method (its run folder is <run>_ft)
 
 
 # ---------------------------------------------------------------------------------------- flags
@@ -50,13 +54,19 @@ def bool_flag():
     return argparse.BooleanOptionalAction
 
 
-def add_model_args(p: ArgumentParser, bit_default: int):
-    p.add_argument("-v", "--version", default="yolov2_tiny", choices=VERSIONS, help="yolov2_tiny (default) or yolov2_r34")
-    p.add_argument("--bit", type=int, default=bit_default, choices=BITS, metavar="BIT",
-                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default})")
+def add_model_args(p: ArgumentParser, bit_default: Optional[int], train: bool = False):
+    """``-v``, ``--bit``, ``--width``, ``--init``. Scripts that read a trained checkpoint take the
+    version, bits and width from it (``None`` defaults); ``bit_default`` then names the run folder of
+    the default ``--init``."""
+    ck = "" if train else "; default: the checkpoint's"
+    p.add_argument("-v", "--version", default=DEFAULT_VERSION if train else None, choices=VERSIONS,
+                   help=f"yolov2_tiny or yolov2_r34 (default {DEFAULT_VERSION}{ck})")
+    p.add_argument("--bit", type=int, default=bit_default if train else None, choices=BITS, metavar="BIT",
+                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default}{ck})")
     p.add_argument("--width", type=float, default=None,
-                   help="channel multiplier (default 1.0 = the paper's nets; eval / snn_ft / demo: the checkpoint's)")
+                   help="channel multiplier (default 1.0 = the paper's nets; with --init: the checkpoint's)")
     p.add_argument("--init", default="", metavar="PATH", help="checkpoint to start from / to evaluate")
+    p.set_defaults(bit_default=bit_default)
 
 
 def add_data_args(p: ArgumentParser, datasets, default_dataset: str):
@@ -64,22 +74,35 @@ def add_data_args(p: ArgumentParser, datasets, default_dataset: str):
     p.add_argument("-root", "--root", "--data_root", "--data-root", dest="data_root", default=D.DEFAULT_ROOT,
                    metavar="DIR", help="folder holding VOCdevkit/ or coco/ (default: the repository's data/)")
     p.add_argument("--classes", default="", metavar="FILE",
-                   help="class names, one per line, for a VOC-format root with other classes (default: the 20 VOC ones)")
-    p.add_argument("--num_workers", "--num-workers", "-j", dest="num_workers", type=int, default=8,
-                   help="data-loading processes (default 8)")
+                   help="class names, one per line, for a VOC-format root with other classes (default: the "
+                        "checkpoint's, else a classes.txt beside the data, else the 20 VOC ones)")
+    runs.add_workers_arg(p, "--num_workers", "--num-workers")
 
 
-def add_runtime_args(p: ArgumentParser):
+def add_runtime_args(p: ArgumentParser, train: bool = False):
     dist.add_dist_args(p)
     p.add_argument("--cuda", action="store_true", help="use the GPU (the default when there is one; "
                                                        "without one: a warning and the CPU)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
     p.add_argument("--progress", action=bool_flag(), default=True, help="tqdm progress bars (rank 0)")
     p.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", default="", metavar="FILE",
                    help="metrics JSON path (default: next to the checkpoint)")
     p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
-    p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
+    p.add_argument("--max-iters", "--max_iters", "--max-batches", dest="max_iters", type=int, default=None,
                    help="cap the batches per epoch / evaluation (smoke tests)")
+    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights/",
+                   help="runs live in DIR/<dataset>/<version>_<bit>bit (default weights/)")
+    # the scripts that do not train accept these (a command line shared by a chain's steps) unlisted
+    shown = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=None, help=shown("random seed (default: not seeded)"))
+    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=bool_flag(), default=True,
+                   help=shown("TensorBoard logs in the run folder's tb/"))
+    if train:
+        runs.add_fresh_arg(p)
+
+
+def add_size_arg(p: ArgumentParser):
+    p.add_argument("-size", "--input_size", "--input-size", dest="input_size", type=int, default=None,
+                   help="input size (default: the checkpoint's evaluation size, else 416)")
 
 
 def add_post_args(p: ArgumentParser):
@@ -91,18 +114,31 @@ def add_post_args(p: ArgumentParser):
                    help="detections kept per image after NMS (default 100)")
 
 
-def _positive(args, *names):
-    for n in names:
-        v = getattr(args, n, None)
-        if v is not None and v < 1:
-            raise UserError(f"--{n} {v} must be at least 1", "pass a positive number")
-
-
 def _device_arg(args) -> Optional[str]:
     if getattr(args, "cuda", False) and not torch.cuda.is_available() and args.device is None:
         dist.warn_once("--cuda: no GPU found, running on the CPU (slow)")
         return "cpu"
     return args.device
+
+
+def _check_size(flag: str, v: Optional[int]):
+    if v is not None and (v < STRIDE or v % STRIDE):
+        raise UserError(f"{flag} {v} is not a multiple of {STRIDE}", f"use a multiple of {STRIDE} (e.g. 416)")
+
+
+def _check_read_args(args, spike: bool):
+    """The flags of the scripts that read a trained checkpoint, before anything is loaded."""
+    runs.check_positive(args, "batch_size", "max_iters", "score_batches", "num_epochs")
+    runs.check_non_negative(args, "workers", "lr", "momentum", "weight_decay")
+    _check_size("-size", args.input_size)
+    if getattr(args, "unsigned", False) and not spike:
+        raise UserError("-u/--unsigned only applies to the SNN", "add --spike")
+    if spike and args.bit == 32:
+        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
+                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    if getattr(args, "method", None) is not None:
+        from common import pipeline
+        pipeline.check_method_args(args)
 
 
 def parse_anchors(spec: Optional[str], dataset: str, train_ds=None, size: int = 416) -> List[List[float]]:
@@ -134,7 +170,8 @@ def run_dir(args, suffix: str = "") -> str:
 
 def _meta(model, data: D.Data, args) -> dict:
     return {"version": model.version, "bit": model.bit, "width": model.width, "anchors": model.anchors,
-            "num_classes": data.num_classes, "classes": data.classes, "dataset": data.name}
+            "num_classes": data.num_classes, "classes": data.classes, "dataset": data.name,
+            "val_size": getattr(args, "val_size", None) or getattr(args, "input_size", None)}
 
 
 def check_meta(ckpt: dict, path: str, version: str, num_classes: Optional[int], what: str):
@@ -151,13 +188,32 @@ def _is_detector_state(sd: dict) -> bool:
     return any(k.startswith(("pred.", "module.pred.")) for k in sd)
 
 
-def load_trained(args, num_classes: int, device, what: str = "--init", hint: str = ""):
+def open_trained(args, what: str = "--init"):
+    """Load the checkpoint to read (``--init``, default the run's ``model_best``) and take from it what
+    the flags leave open: version, bits, evaluation size, classes. Returns ``(ckpt, path)``."""
+    if args.version is None and not args.init:
+        args.version = DEFAULT_VERSION
+    if args.bit is None and not args.init:
+        args.bit = args.bit_default
+    if args.version is None or args.bit is None:
+        ckpt = load_checkpoint(args.init, what, "pass --init PATH (a model_best.pth.tar of train.py / snn_ft.py)")
+        args.version = args.version or ckpt.get("version") or DEFAULT_VERSION
+        args.bit = args.bit if args.bit is not None else int(ckpt.get("bit") or 32)
+    path = args.init or os.path.join(run_dir(args), BEST)
+    ckpt = load_checkpoint(path, what, f"train it first (train.py -v {args.version} --bit {args.bit} ...) "
+                                       "or pass --init PATH")
+    if getattr(args, "input_size", 0) is None:
+        args.input_size = runs.image_size_from(ckpt, "val_size", "input_size") or 416
+        _check_size(f"{path}'s evaluation size", args.input_size)
+    if not args.classes and ckpt.get("classes") and getattr(args, "dataset", "voc") == "voc":
+        args.checkpoint_classes = list(ckpt["classes"])
+    return ckpt, path
+
+
+def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: str = "--init"):
     """Rebuild the detector a checkpoint holds (version / width / anchors from the checkpoint) and load
     it exactly (same activation bits). Returns ``(model, ckpt, path)``."""
     import quant
-    path = args.init or os.path.join(run_dir(args), BEST)
-    ckpt = load_checkpoint(path, what, hint or f"train it first (train.py -v {args.version} --bit {args.bit} ...) "
-                                               "or pass --init PATH")
     sd = quant.strip_prefix(ckpt["state_dict"])
     if not _is_detector_state(sd):
         raise UserError(f"{what} {path} is not a detector checkpoint (no prediction layer 'pred')",
@@ -189,12 +245,11 @@ def load_trained(args, num_classes: int, device, what: str = "--init", hint: str
     return model.to(device).eval(), ckpt, path
 
 
-def _init_model(model, path: str, args, num_classes: int):
+def _init_model(model, ckpt: dict, path: str, args, num_classes: int):
     """``--init`` for training: a detector checkpoint of the same version (the bit chain: missing clips
     start at their defaults), or a backbone (ImageNet ResNet-34 of classification/ or torchvision)."""
     import quant
     from common import pipeline
-    ckpt = load_checkpoint(path, "--init", "train that stage first, or check the path")
     sd = quant.strip_prefix(ckpt["state_dict"])
     if _is_detector_state(sd) or ckpt.get("version"):
         check_meta(ckpt, path, args.version, num_classes, "--init")
@@ -204,16 +259,14 @@ def _init_model(model, path: str, args, num_classes: int):
             raise UserError(f"--init {path} does not fit {args.version} (width {model.width}): {e}",
                             "pass the same --width as the checkpoint, or the right checkpoint") from None
         if report["missing_quantizer"]:
-            import quant
             start = next((m.alpha_init for m in model.modules() if isinstance(m, quant.QuantAct)), None)
             log(f"--init: {len(report['missing_quantizer'])} activation clips are not in {path}: they start at {start}")
         log(f"initialised from {path}")
-        return ckpt
+        return
     prefix = {"fc.": None, "": "backbone."} if args.version == "yolov2_r34" else {"features.": "backbone.", "": "backbone."}
     if any(k.startswith("backbone.") for k in sd):
         prefix = None
     pipeline.load_backbone(model, sd, prefix_map=prefix, log=log, what="--init")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------- EMA
@@ -258,8 +311,8 @@ def base_lr(args, epoch: int) -> float:
 # ---------------------------------------------------------------------------------------- data
 def _data(args, need_train: bool, need_val: bool, train_size: int, val_size: int) -> D.Data:
     return D.build_datasets(args.dataset, args.data_root, train_size=train_size, val_size=val_size,
-                            classes_file=args.classes, need_train=need_train, need_val=need_val,
-                            aug=getattr(args, "aug", "ssd"))
+                            classes_file=args.classes, classes=getattr(args, "checkpoint_classes", None),
+                            need_train=need_train, need_val=need_val, aug=getattr(args, "aug", "ssd"))
 
 
 def make_metric_fn(model, data: D.Data, args):
@@ -279,31 +332,19 @@ def _record(args, script: str, model, data: D.Data, res: dict, checkpoint: str, 
            "layers": [], "sops": None}
     rec.update(res)
     rec.update(extra)
-    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
-    return rec
-
-
-def _write(args, rec: dict, default_path: str, plot=None) -> str:
-    path = args.metrics_out or default_path
-    if dist.is_main():
-        write_json(path, rec)
-        log(f"metrics -> {path}")
-        if getattr(args, "plot", False) and plot is not None:
-            for png in plot(rec, path) or []:
-                log(f"plot -> {png}")
-    return path
+    return runs.stamp(rec, args)
 
 
 # ---------------------------------------------------------------------------------------- train.py
 def _check_train_args(args):
-    _positive(args, "epochs", "batch_size", "eval_epoch", "train_size", "val_size", "max_iters")
+    runs.check_positive(args, "epochs", "batch_size", "eval_epoch", "max_iters")
+    runs.check_non_negative(args, "workers", "momentum", "weight_decay", "start_epoch", "wp_epoch")
     for n in ("train_size", "val_size"):
-        if getattr(args, n) % STRIDE:
-            raise UserError(f"--{n} {getattr(args, n)} is not a multiple of {STRIDE}", f"use a multiple of {STRIDE} (e.g. 416)")
+        _check_size(f"--{n}", getattr(args, n))
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 1e-3")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers} must not be negative", "pass 0 or more")
+    if args.anchors and not args.anchors.startswith(("auto", "voc", "coco")):
+        parse_anchors(args.anchors, args.dataset)
     if args.width is not None and not args.width > 0:
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.5")
     if args.mosaic:
@@ -314,24 +355,20 @@ def train(args) -> dict:
     _check_train_args(args)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
-        data = _data(args, True, True, args.train_size, args.val_size)
         out_dir = run_dir(args)
-        resume = args.resume
-        if resume == "auto":
-            resume = os.path.join(out_dir, CHECKPOINT)
-            if not os.path.exists(resume):
-                log(f"--resume auto: no {resume} yet, starting a new run")
-                resume = ""
+        resume = runs.resume_path(args.resume, out_dir)
+        runs.claim_run_folder(out_dir, args, resuming=bool(resume))
         rckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'") \
             if resume else None
         ickpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path") \
             if args.init and rckpt is None else None
         meta_src = rckpt or ickpt or {}
+        if not args.classes and meta_src.get("classes") and args.dataset == "voc":
+            args.checkpoint_classes = list(meta_src["classes"])
+        data = _data(args, True, True, args.train_size, args.val_size)
         if rckpt is not None:
             check_meta(rckpt, resume, args.version, data.num_classes, "--resume")
-            if "optimizer" not in rckpt or "epoch" not in rckpt:
-                raise UserError(f"--resume {resume} is a model file without training state (epoch, optimizer)",
-                                "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
+            runs.require_training_state(rckpt, resume)
             if int(rckpt.get("bit", args.bit)) != args.bit:
                 raise UserError(f"--resume {resume} holds a {rckpt['bit']}-bit run but --bit {args.bit} was given",
                                 f"pass --bit {rckpt['bit']}")
@@ -346,7 +383,7 @@ def train(args) -> dict:
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, anchors {anchors}, "
             f"{ctx.world_size} process(es) on {ctx.device}")
         if args.init and rckpt is None:
-            _init_model(model, args.init, args, data.num_classes)
+            _init_model(model, ickpt, args.init, args, data.num_classes)
         if getattr(args, "optimizer", "sgd") == "adam":
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         else:
@@ -362,6 +399,8 @@ def train(args) -> dict:
                 ema = ModelEMA(model, updates=int(rckpt.get("ema_updates", 0)))
                 ema.ema.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
             start, best, history = int(rckpt["epoch"]), float(rckpt.get("best_map", -1.0)), list(rckpt.get("history", []))
+            if rckpt.get("rng_state") and not ctx.distributed:
+                set_rng_state(rckpt["rng_state"][0])
             log(f"resumed {resume}: {start} epochs done, best mAP {best:.2f}")
         train_model = model
         if args.sybn and ctx.distributed:
@@ -370,9 +409,9 @@ def train(args) -> dict:
             else:
                 dist.warn_once("--sybn ignored on the CPU (SyncBatchNorm needs GPUs); plain BN per process")
         ddp = dist.wrap_ddp(train_model, ctx)
-        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.num_workers, True,
+        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.workers, True,
                                      seed=args.seed or 0, drop_last=True)
-        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
+        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
         sizes = ms_sizes(args.train_size)
         iters = len(train_loader) if args.max_iters is None else min(len(train_loader), args.max_iters)
         if iters == 0:
@@ -382,7 +421,7 @@ def train(args) -> dict:
         log(f"epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones(args.epochs)}, warm-up {warm} iters"
             + (f", multi-scale {sizes[0]}-{sizes[-1]}" if args.multi_scale else f", size {args.train_size}")
             + (", EMA" if ema else ""))
-        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None)
+        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None)
         make_metric = make_metric_fn(model, data, args)
         with tb:
             for epoch in range(start, args.epochs):
@@ -409,8 +448,7 @@ def train(args) -> dict:
                         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
                     targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
                     loss, parts = yolo_loss(ddp(images), targets, model.anchors, (size, size))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}, iteration {i + 1}")
+                    runs.check_finite(loss, epoch + 1, i + 1)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -451,19 +489,13 @@ def train(args) -> dict:
                     state = {**_meta(model, data, args), "epoch": epoch + 1, "best_map": best, "state_dict": weights,
                              "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
-                             "val_size": args.val_size, "args": plain_args(args), "history": history}
-                    save_checkpoint(state, out_dir, is_best)
-                    write_json(os.path.join(out_dir, "history.json"), {"version": args.version, "bit": args.bit,
-                                                                         "history": history})
-        if not history:
-            raise UserError(f"nothing was trained (--start_epoch {start} >= --epochs {args.epochs})",
-                            "raise --epochs or lower --start_epoch")
-        evaluated = [h for h in history if "test_map" in h]
-        top = max(evaluated, key=lambda h: h["test_map"]) if evaluated else history[-1]
+                             "rng_state": [rng_state()], "args": plain_args(args), "history": history}
+                    runs.save_epoch(state, out_dir, is_best, {"version": args.version, "bit": args.bit})
+        top = runs.best_epoch(history, "test_map", start, args.epochs)
         res = {"map": top.get("test_map"), "ann_map": top.get("test_map"), "map_all_point": top.get("test_map_all_point"),
                "best_epoch": top["epoch"], "epochs": history[-1]["epoch"]}
         rec = _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history)
-        _write(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [_plot_training(history, p, args)])
+        runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [_plot_training(history, p, args)])
         log(f"best mAP {top.get('test_map', float('nan')):.2f} (epoch {top['epoch']}) -> {os.path.join(out_dir, BEST)}")
         return rec
 
@@ -474,9 +506,8 @@ def _plot_training(history, path, args):
 
 
 # ---------------------------------------------------------------------------------------- eval.py
-def _print_result(res: dict, data: D.Data, spike: bool):
-    key = "snn" if spike else None
-    full = res.get(key, res) if key else res
+def _print_result(res: dict, spike: bool):
+    full = res.get("snn", res) if spike else res
     for c, ap in full.get("ap", {}).items():
         log(f"  AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}")
     if "coco" in full:
@@ -488,41 +519,47 @@ def _print_result(res: dict, data: D.Data, spike: bool):
         log(f"mAP {res['map']:.2f} (VOC07 11-point {full['map_voc07']:.2f}, all-point {full['map_all_point']:.2f})")
 
 
-def evaluate(args) -> dict:
-    _positive(args, "input_size", "batch_size", "max_iters")
-    if args.input_size % STRIDE:
-        raise UserError(f"-size {args.input_size} is not a multiple of {STRIDE}", "use e.g. -size 416")
-    if args.spike and args.bit == 32:
+def _convert(args, model, ckpt, device):
+    from common import pipeline
+    if args.bit == 32:
         raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-    if args.unsigned and not args.spike:
-        raise UserError("-u/--unsigned only applies to the SNN", "add --spike")
+    return pipeline.convert_trained(model, ckpt, args, f"{args.version} {args.bit}-bit", device)
+
+
+def _open(args, ctx, *, train: bool):
+    """The checkpoint, the data of its classes and the model it holds."""
+    ckpt, path = open_trained(args)
+    data = _data(args, train, True, args.input_size, args.input_size)
+    model, ckpt, path = load_trained(args, data.num_classes, ctx.device, ckpt, path)
+    return data, model, ckpt, path
+
+
+def evaluate(args) -> dict:
+    _check_read_args(args, args.spike)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
-        data = _data(args, False, True, args.input_size, args.input_size)
-        model, ckpt, path = load_trained(args, data.num_classes, ctx.device)
-        loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
+        data, model, ckpt, path = _open(args, ctx, train=False)
+        loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
         make_metric = make_metric_fn(model, data, args)
         finetuned = bool(ckpt.get("snn_finetuned"))
         if args.dataset == "coco-test":
-            return _coco_test(args, model, data, loader, make_metric, path, ctx)
+            return _coco_test(args, model, ckpt, data, loader, make_metric, path, ctx)
         from common import pipeline
         if args.spike:
-            T = args.T if args.T is not None else (ckpt.get("T") if finetuned else None)
-            net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=args.settle).to(ctx.device)
-            log(f"converted {args.version} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
-                f"({len(net.neurons())} spiking layers)")
+            net = _convert(args, model, ckpt, ctx.device)
             res = pipeline.evaluate_snn(model, net, loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
                                         progress=args.progress, max_batches=args.max_iters)
             res["per_step_map_all_point"] = None
-            name = f"metrics_snn_{res['neuron']}_T{res['T']}.json"
+            name = runs.metrics_name(res)
         else:
             full = pipeline.evaluate(model, loader, make_metric, inputs=D.inputs, device=ctx.device,
                                      progress=args.progress, max_batches=args.max_iters)
             res = {**full, "ann_map": full["map"], "per_step_map": []}
-            name = "metrics_ann.json"
-        _print_result(res, data, args.spike)
+            name = "metrics_ann_eval.json"
+        _print_result(res, args.spike)
         rec = _record(args, "eval.py", model, data, res, path, finetuned=finetuned, input_size=args.input_size)
-        return {**rec, "path": _write(args, rec, os.path.join(os.path.dirname(os.path.abspath(path)), name), _plot_eval)}
+        out = runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, run_dir(args)), name), _plot_eval)
+        return {**rec, "path": out}
 
 
 def _plot_eval(rec, path):
@@ -531,20 +568,16 @@ def _plot_eval(rec, path):
 
 
 @torch.no_grad()
-def _coco_test(args, model, data, loader, make_metric, path, ctx) -> dict:
+def _coco_test(args, model, ckpt, data, loader, make_metric, path, ctx) -> dict:
     """COCO test-dev has no public annotations: write the detections JSON for the evaluation server."""
-    from common import pipeline
-    runner = model
-    if args.spike:
-        runner = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk,
-                                  settle=args.settle).to(ctx.device)
+    runner = _convert(args, model, ckpt, ctx.device) if args.spike else model
     metric = make_metric()
     for i, batch in enumerate(progress(loader, "coco test-dev", args.progress)):
         if args.max_iters is not None and i >= args.max_iters:
             break
         metric.update(runner(D.inputs(batch).to(ctx.device)), batch)
     images = metric._gathered()
-    out = args.metrics_out or os.path.join(os.path.dirname(os.path.abspath(path)), "detections_test-dev2017_results.json")
+    out = args.metrics_out or os.path.join(runs.eval_dir(path, run_dir(args)), "detections_test-dev2017_results.json")
     if dist.is_main():
         write_json(out, metric.results_coco(images), env=False)
         log(f"{len(images)} test-dev images -> {out} (submit it to the COCO evaluation server)")
@@ -563,29 +596,24 @@ def e2e_yolo_loss(anchors):
 
 
 def finetune(args) -> dict:
-    _positive(args, "batch_size", "max_iters", "score_batches", "num_epochs", "input_size")
-    if args.bit == 32:
-        raise UserError("--bit 32: a full-precision ANN has no activation clips to become thresholds",
-                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+    _check_read_args(args, True)
     from common import pipeline
-    pipeline.check_method_args(args)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
-        data = _data(args, True, True, args.input_size, args.input_size)
-        model, ckpt, path = load_trained(args, data.num_classes, ctx.device)
-        net = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk).to(ctx.device)
-        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.num_workers, False)
-        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.num_workers, True, seed=args.seed or 0)
+        data, model, ckpt, path = _open(args, ctx, train=True)
+        out_dir = runs.claim_run_folder(run_dir(args, runs.ft_suffix(args.method, FT_METHOD)), args, can_resume=False)
+        net = _convert(args, model, ckpt, ctx.device)
+        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
+        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.workers, True, seed=args.seed or 0)
         make_metric = make_metric_fn(model, data, args)
         plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
-        score_loader = D.make_loader(plain, ctx, args.batch_size, args.num_workers, False)
+        score_loader = D.make_loader(plain, ctx, args.batch_size, args.workers, False)
 
         def train_map(n):
             """The SNN's mAP on the first --score-batches training batches (no augmentation)."""
             return pipeline.evaluate(n, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
                                      progress=False, max_batches=args.score_batches)["map"]
         score = None if args.force else train_map
-        out_dir = run_dir(args, "_ft")
         before = None
         if args.eval_before:
             log("SNN before fine-tuning:")
@@ -596,7 +624,7 @@ def finetune(args) -> dict:
             f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, method "
             + pipeline.method_text(args, args.max_iters, f"the mAP of {args.score_batches} training batches"))
         t0 = time.time()
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tfboard else None) as tb:
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             history = pipeline.finetune(model, net, train_loader, score=score, inputs=D.inputs, epochs=args.num_epochs,
                                         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                         bn_mode=args.ft_bn, max_batches=args.max_iters, cache=args.ft_cache,
@@ -610,49 +638,35 @@ def finetune(args) -> dict:
         meta = {**_meta(model, data, args), "init": path, "map": after["map"], "best_map": after["map"],
                 "method": args.method, "method_options": pipeline.method_options(args),
                 "args": plain_args(args), "history": history}
-        pipeline.save_finetuned(ckpt_path, net, meta)
+        if ctx.is_main:
+            pipeline.save_finetuned(ckpt_path, net, meta)
         log(f"SNN mAP {before['map'] if before else float('nan'):.2f} -> {after['map']:.2f} after fine-tuning "
             f"(ANN {after['ann_map']:.2f}); fine-tuned model (ANN format) -> {ckpt_path}")
         rec = _record(args, "snn_ft.py", model, data, after, ckpt_path, finetuned=True, init=path,
                       finetune_seconds=seconds, finetune=history, method=args.method,
                       method_options=pipeline.method_options(args),
                       before={k: before[k] for k in ("map", "ann_map", "per_step_map", "layers")} if before else None)
-        _write(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{after['neuron']}_T{after['T']}.json"), _plot_eval)
+        runs.write_metrics(args, rec, os.path.join(out_dir, runs.metrics_name(after, "metrics_snn_ft")), _plot_eval)
         return rec
 
 
 # ---------------------------------------------------------------------------------------- demo.py
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 @torch.no_grad()
 def demo(args) -> List[str]:
-    _positive(args, "input_size")
-    if args.spike and args.bit == 32:
-        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
-                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-    if not os.path.exists(args.path):
-        raise UserError(f"{args.path} does not exist", "pass an image file or a folder of images")
-    files = [args.path] if os.path.isfile(args.path) else sorted(
-        os.path.join(args.path, f) for f in os.listdir(args.path) if f.lower().endswith(IMAGE_EXT))
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXT)}) in {args.path}", "pass an image file or a folder of images")
+    _check_read_args(args, args.spike)
+    files = runs.image_files(args.path, "--path")
     from torchvision.utils import draw_bounding_boxes
-    from common import pipeline
+    from PIL import Image
     with dist.session(_device_arg(args), None) as ctx:
-        ckpt_peek = load_checkpoint(args.init or os.path.join(run_dir(args), BEST), "--init",
-                                    "pass --init PATH (a model_best.pth.tar of train.py / snn_ft.py)")
-        classes = D.read_classes(args.classes) if args.classes else (ckpt_peek.get("classes") or list(D.VOC_CLASSES))
-        model, ckpt, path = load_trained(args, len(classes), ctx.device)
-        runner = model
-        if args.spike:
-            runner = pipeline.convert(model, T=args.T, signed=not args.unsigned, chunk=args.chunk).to(ctx.device)
+        ckpt, path = open_trained(args)
+        classes = D.read_classes(args.classes) if args.classes else (ckpt.get("classes") or list(D.VOC_CLASSES))
+        model, ckpt, path = load_trained(args, len(classes), ctx.device, ckpt, path)
+        runner = _convert(args, model, ckpt, ctx.device) if args.spike else model
         nms = args.nms_thresh if args.nms_thresh is not None else NMS_THRESH[model.version]
         tf = D.eval_transform(args.input_size)
         os.makedirs(args.out, exist_ok=True)
         written = []
-        for f in files:
-            img = D.read_image(f)
+        for f, img in runs.read_each(files, D.read_image):
             h, w = img.shape[-2:]
             x = tf(img).unsqueeze(0).to(ctx.device)
             det = postprocess(runner(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
@@ -662,7 +676,6 @@ def demo(args) -> List[str]:
             colors = [_colour(int(l)) for l in det["labels"]]
             drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150)))
             dst = os.path.join(args.out, os.path.splitext(os.path.basename(f))[0] + ".png")
-            from PIL import Image
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(dst)
             written.append(dst)
             log(f"{f}: {len(labels)} boxes -> {dst}" + (f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"

@@ -23,26 +23,24 @@ other than 255.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
 from common import dist
+from common.loaders import ShardSampler, load_coco_api, seed_worker
 from common.logger import log
 
 IGNORE = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(int(round(255 * m)) for m in MEAN)   # pad value of the image before normalisation
-SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25 (spec 7)
+SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25
 DEFAULT_TEST_SIZE = {"voc": 513, "coco": 641}
 DEFAULT_CROP = 513
 
@@ -349,12 +347,9 @@ class VOCSegmentation(SegmentationDataset):
 def default_voc_classes(data_root: str, root: str) -> List[str]:
     """A classes file next to the data (the scene set's ``classes_seg.txt``, labelme's
     ``class_names.txt``), else the 21 VOC classes."""
-    for folder in (data_root, root):
-        for name in ("classes_seg.txt", "class_names.txt"):
-            p = os.path.join(folder, name)
-            if os.path.isfile(p):
-                return read_classes(p)
-    return list(VOC_CLASSES)
+    from common.loaders import classes_file_near
+    p = classes_file_near(data_root, ("classes_seg.txt", "class_names.txt"), root)
+    return read_classes(p) if p else list(VOC_CLASSES)
 
 
 class CocoSegmentation(SegmentationDataset):
@@ -369,13 +364,7 @@ class CocoSegmentation(SegmentationDataset):
         if not os.path.isdir(image_dir):
             raise UserError(f"COCO image folder {image_dir} does not exist",
                             "pass --data_root DIR holding train2017/ and val2017/")
-        from pycocotools.coco import COCO
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco = COCO(ann_file)
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"COCO annotation file {ann_file} is not valid COCO JSON ({type(e).__name__}: {e})",
-                            "pass an instances_*.json file") from None
+        coco = load_coco_api(ann_file, "pass an instances_*.json file")
         cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
         things = [c for c in cats if c["name"] not in BACKGROUND_NAMES]
         if class_names is None:
@@ -456,20 +445,6 @@ class CocoSegmentation(SegmentationDataset):
 
 
 # ---------------------------------------------------------------------------------------- loaders
-class ShardSampler(Sampler):
-    """Evaluation sampler: rank ``r`` of ``w`` takes indices ``r, r + w, ...`` -- no padding, so no
-    image is counted twice in the confusion matrix reduced over the ranks."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = list(range(rank, n, world))
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
 class UnwrapWorkerErrors:
     """Iterate a DataLoader; a :class:`UserError` raised in a worker process arrives as a
     ``UserError`` whose message holds the worker's traceback -- re-raise it as its own one line."""
@@ -500,12 +475,6 @@ class UnwrapWorkerErrors:
             yield batch
 
 
-def _seed_worker(worker_id: int):
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int, ctx=None, seed: Optional[int] = None,
                 drop_last: Optional[bool] = None) -> UnwrapWorkerErrors:
     """A DataLoader: training -- shuffled (``DistributedSampler`` under DDP), drop the last partial
@@ -527,7 +496,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, workers: int, ctx=
         sampler, shuffle, drop_last = ShardSampler(len(ds), ctx.rank, ctx.world_size), None, False
     loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                         pin_memory=ctx.device.type == "cuda", drop_last=bool(drop_last), generator=g,
-                        worker_init_fn=_seed_worker, persistent_workers=False)
+                        worker_init_fn=seed_worker, persistent_workers=False)
     return UnwrapWorkerErrors(loader)
 
 
@@ -547,11 +516,11 @@ class SegData:
 
 
 def build_datasets(dataset: str, data_root: str, *, crop_size: int, test_size: int, classes: Optional[str] = None,
-                   mask_cache: Optional[str] = None, train: bool = True, scales: Sequence[float] = SCALES,
+                   class_names: Optional[Sequence[str]] = None, mask_cache: Optional[str] = None, train: bool = True, scales: Sequence[float] = SCALES,
                    train_subset: Optional[int] = None, val_subset: Optional[int] = None,
                    check: bool = True) -> SegData:
     """The training (``train=True``) and validation sets of ``dataset`` (``voc`` / ``coco``)."""
-    names = read_classes(classes) if classes else None
+    names = read_classes(classes) if classes else (list(class_names) if class_names else None)
     tr_tf, te_tf = train_transforms(crop_size, scales), test_transforms(test_size)
     if dataset == "voc":
         val = VOCSegmentation(data_root, "val", names, te_tf)

@@ -168,7 +168,7 @@ def main(argv=None) -> Dict:
     best2 = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
     ft_js = os.path.join(out, f"metrics_snn_ft_{FT_BIT}bit_signed.json")
     argv = common + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches), "--score-batches",
-                     str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot"]
+                     str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot", "--fresh"]
     ft = _step(f"fine-tune the {FT_BIT}-bit signed SNN", "snn_ft.py", argv, snn_ft.main, steps)
     ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
 

@@ -22,7 +22,7 @@ from segmentation import workflow  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, bit_default=32, init_help=(
+    workflow.add_common_args(p, bit_default=32, script="eval", init_help=(
         "checkpoint to evaluate (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar; "
         "snn_ft.py's fine-tuned model too)"))
     p.add_argument("--spike", action="store_true", help="convert to an SNN (T = 2^bit - 1) and evaluate it")

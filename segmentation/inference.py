@@ -17,7 +17,7 @@ from segmentation import workflow  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, bit_default=None, init_help="trained checkpoint (default the run folder's model_best.pth.tar); "
+    workflow.add_common_args(p, bit_default=32, script="inference", init_help="trained checkpoint (default the run folder's model_best.pth.tar); "
                                                            "--bit and --model default to the checkpoint's")
     p.add_argument("--input", "-i", required=True, metavar="PATH", help="an image file or a folder of images")
     p.add_argument("--output", "-o", default="seg_out", metavar="DIR", help="output folder (default seg_out/)")
@@ -27,12 +27,7 @@ def get_parser() -> ArgumentParser:
 
 
 def main(argv=None):
-    import sys
-    args = workflow.parse_args(get_parser(), argv)
-    given = sys.argv[1:] if argv is None else list(argv)
-    args.model_default = not any(a in ("-m", "--model", "-v", "--version") or a.startswith(("--model=", "--version="))
-                                 for a in given)   # else: the checkpoint's model
-    return workflow.infer(args)
+    return workflow.infer(workflow.parse_args(get_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Layer-wise fine-tuning of a converted segmenter SNN (spec 8; the original has none for segmentation).
+"""Layer-wise fine-tuning of a converted segmenter SNN .
 
     python segmentation/snn_ft.py -d voc -m deeplabv1_vgg9 --bit 2 -n 1 --force \
         --init weights/voc/deeplabv1_vgg9_2bit/model_best.pth.tar
@@ -24,7 +24,7 @@ from segmentation import workflow  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, bit_default=2, lr_default=1e-3, init_help=(
+    workflow.add_common_args(p, bit_default=2, script="ft", lr_default=1e-3, init_help=(
         "ANN checkpoint (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar)"))
     workflow.add_snn_args(p)
     p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
@@ -34,11 +34,9 @@ def get_parser() -> ArgumentParser:
                    help="without --force: judge each layer on the SNN mIoU of this many training batches (default 4)")
     p.add_argument("--ft-bn", "--ft_bn", dest="ft_bn", choices=("frozen", "recalibrate"), default=None,
                    help="BN during fine-tuning (default recalibrate, as the original's ResNet / ImageNet trees)")
-    p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
-                   help="fine-tuning batches per layer and epoch (default: the whole training set)")
     p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=argparse.BooleanOptionalAction,
                    default=True, help="also evaluate the SNN before fine-tuning (default on)")
-    pipeline.add_method_args(p, default="fastsnn", losses=("ce", "kl", "mse"), default_loss="ce",
+    pipeline.add_method_args(p, default=workflow.FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
                              loss_help="loss of the end-to-end stage: ce = per-pixel cross-entropy with the label "
                                        "masks (ignore 255; default), kl = per-pixel KL divergence to the quantized "
                                        "ANN's logits, mse = squared error to them")

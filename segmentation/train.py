@@ -1,6 +1,6 @@
 """Train (quantized) DeepLab segmenters: deeplabv1_vgg9 / deeplabv3_r34 on VOC 2012, COCO 2017 or a VOC-layout root.
 
-Progressive recipe (spec 4.4, 7), from the repository root:
+Progressive recipe, from the repository root:
 
     python segmentation/train.py -d voc --data_root data/VOCdevkit -m deeplabv1_vgg9 --bit 32 --init pretrain/vgg9.pth
     python segmentation/train.py -d voc -m deeplabv1_vgg9 --bit 4 --init weights/voc/deeplabv1_vgg9_32bit/model_best.pth.tar
@@ -10,7 +10,8 @@ Progressive recipe (spec 4.4, 7), from the repository root:
 SGD (momentum 0.9, wd 1e-4), poly LR (power 0.9) per iteration, cross-entropy ignoring 255; crops of
 --crop_size after random scaling 0.5-2.0 and flips. Writes <save_folder>/<dataset>/<model>_<bit>bit/
 {checkpoint.pth.tar, model_best.pth.tar (best val mIoU), history.json, metrics_ann.json, tb/};
---resume auto continues a killed run.
+--resume auto continues a killed run; a folder that holds a run is not overwritten (--fresh keeps
+the old files aside and starts over).
 """
 from common.cli import ArgumentParser, unshadow_script_dir
 
@@ -22,7 +23,7 @@ from segmentation import workflow  # noqa: E402
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    workflow.add_common_args(p, bit_default=32, init_help=(
+    workflow.add_common_args(p, bit_default=32, script="train", init_help=(
         "initialise from: a segmentation checkpoint of this model (the bit chain: a higher-bit model_best.pth.tar, "
         "loaded strictly; missing activation clips start at --alpha-init), or a backbone (an ImageNet ResNet-34 "
         "of classification/, a torchvision-named state dict, a VGG; loaded by matching names and shapes), or "
@@ -34,8 +35,6 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--sybn", action="store_true", help="SyncBatchNorm across the DDP processes")
     p.add_argument("-r", "--resume", default="", metavar="PATH|auto",
                    help="continue a run from its checkpoint ('auto': the run folder's checkpoint.pth.tar, if any)")
-    p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
-                   help="cap the iterations per epoch (smoke tests)")
     return p
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -31,10 +28,11 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from common import runs
+from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
-from common.metrics import write_json
+from common.runs import ReshuffledLoader, count_macs, sgd_step
 
 from . import data as segdata
 from .metrics import IGNORE, make_metric_factory
@@ -42,79 +40,97 @@ from .models import MODELS, OUTPUT_STRIDE, classifier_weight_key, get_model
 
 BITS = (32, 5, 4, 3, 2)
 DATASETS = ("voc", "coco")
+DEFAULT_MODEL = "deeplabv1_vgg9"
+FT_METHOD = "fastsnn"          # snn_ft.py's default --method (its run folder is <run>_ft)
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TASK = "segmentation"
 
 
 # ---------------------------------------------------------------------------------------- command line
-def add_common_args(p: ArgumentParser, *, bit_default: int = 32, init_help: str = "", lr_default: float = 0.007):
-    """Flags shared by every segmentation script (data, model, run folder, output)."""
+def add_common_args(p: ArgumentParser, *, bit_default: Optional[int] = 32, init_help: str = "",
+                    script: str = "train", lr_default: float = 0.007):
+    """The flags of a segmentation script: data, model, run folder, output for all; the training flags
+    (``script="train"`` / ``"ft"``) only where they are used. Scripts that read a trained checkpoint take
+    its model, bits and width unless given."""
+    train, reads = script in ("train", "ft"), script != "train"
+    ck = "; default: the checkpoint's" if reads else ""
     p.add_argument("--config", default="", metavar="NAME|FILE",
                    help="a preset of segmentation/configs/ (e.g. voc_deeplabv1_2bit, coco_deeplabv3_T7) or a JSON "
-                        "file of flag values; flags given on the command line override it")
+                        "file of flag values, checked like the flags; flags given on the command line override it")
     p.add_argument("-d", "--dataset", default="voc", choices=DATASETS, help="voc (default) or coco")
     p.add_argument("-root", "--data_root", "--data-root", dest="data_root", default=None, metavar="DIR",
                    help="dataset root (default data/VOCdevkit for voc: VOC2012/ in it; data/coco for coco: "
                         "train2017/, val2017/, annotations/)")
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="class names, one per line, background first (a VOC-layout root of your own; default: the "
-                        "root's classes_seg.txt / class_names.txt, else the 21 VOC classes; COCO: its categories)")
+                        "root's classes_seg.txt / class_names.txt (also beside its VOCdevkit/), else the 21 VOC "
+                        "classes; COCO: its categories)")
     p.add_argument("--mask_cache", "--mask-cache", dest="mask_cache", default=None, metavar="DIR",
                    help="COCO: where the class masks drawn from the instances are cached (default <data_root>/seg_masks)")
-    p.add_argument("-m", "--model", "-v", "--version", dest="model", default="deeplabv1_vgg9", choices=MODELS,
-                   help="deeplabv1_vgg9 (default) or deeplabv3_r34")
-    p.add_argument("--bit", type=int, default=bit_default, choices=BITS,
-                   help="activation bits: 32 (float ANN), 5, 4, 3, 2 (default "
-                        + (f"{bit_default})" if bit_default is not None else "the checkpoint's)"))
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (default 1.0: the paper's nets)")
-    p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
-                   help="initial activation clip of the quantizers (default 6); clips missing from --init start here")
+    p.add_argument("-m", "--model", "-v", "--version", dest="model", default=None if reads else DEFAULT_MODEL,
+                   choices=MODELS, help=f"deeplabv1_vgg9 or deeplabv3_r34 (default {DEFAULT_MODEL}{ck})")
+    p.add_argument("--bit", type=int, default=None if reads else bit_default, choices=BITS,
+                   help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default}{ck})")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier (default 1.0: the paper's nets; with --init: the checkpoint's)")
     p.add_argument("--init", default="", metavar="PATH", help=init_help or "checkpoint to initialise from")
-    p.add_argument("--crop_size", "--crop-size", dest="crop_size", type=int, default=segdata.DEFAULT_CROP,
-                   help="training crop (default 513; must be k * output stride + 1)")
     p.add_argument("--test_size", "--test-size", dest="test_size", type=int, default=None,
                    help="evaluation images are padded to this square (default 513 VOC / 641 COCO; k * stride + 1)")
-    p.add_argument("--batch_size", "--batch-size", "-b", dest="batch_size", type=int, default=8,
-                   help="training batch per process (default 8)")
     p.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=4,
                    help="evaluation batch per process (default 4)")
-    p.add_argument("--lr", type=float, default=lr_default, help=f"learning rate (default {lr_default})")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight_decay", "--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
-                   help="weight decay (default 1e-4)")
-    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights", metavar="DIR",
-                   help="runs go to DIR/<dataset>/<model>_<bit>bit (default weights)")
-    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, default=None, metavar="N",
-                   help="use the first N training images")
     p.add_argument("--val-subset", "--val_subset", dest="val_subset", type=int, default=None, metavar="N",
                    help="use the first N validation images")
-    p.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4,
-                   help="data-loading processes (default 4)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    # the training flags: listed by the scripts that use them; the others accept them (a command line
+    # shared by every script of a chain) without listing them
+    shown = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
+    p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
+                   help=shown("initial activation clip of the quantizers (default 6); clips missing from --init start here"))
+    p.add_argument("--crop_size", "--crop-size", dest="crop_size", type=int,
+                   default=segdata.DEFAULT_CROP if train else None,
+                   help=shown("training crop (default 513; must be k * output stride + 1)"))
+    p.add_argument("--batch_size", "--batch-size", "-b", dest="batch_size", type=int, default=8,
+                   help=shown("training batch per process (default 8)"))
+    p.add_argument("--lr", type=float, default=lr_default, help=shown(f"learning rate (default {lr_default})"))
+    p.add_argument("--momentum", type=float, default=0.9, help=shown("SGD momentum (default 0.9)"))
+    p.add_argument("--weight_decay", "--weight-decay", "--wd", dest="weight_decay", type=float, default=1e-4,
+                   help=shown("weight decay (default 1e-4)"))
+    p.add_argument("--train-subset", "--train_subset", dest="train_subset", type=int, default=None, metavar="N",
+                   help=shown("use the first N training images"))
+    p.add_argument("--seed", type=int, default=None, help=shown("random seed (default: not seeded)"))
+    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=argparse.BooleanOptionalAction,
+                   default=True, help=shown("TensorBoard logs in the run folder's tb/ (rank 0)"))
+    if train:
+        p.add_argument("--max-iters", "--max_iters", dest="max_iters", type=int, default=None,
+                       help="cap the iterations per epoch / fine-tuning batches per layer (smoke tests)")
+        runs.add_fresh_arg(p)
+    else:
+        p.add_argument("--max-iters", "--max_iters", "--max-batches", "--max_batches", dest="max_iters", type=int,
+                       default=None, help="evaluate only the first N batches (smoke tests)")
+    p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights", metavar="DIR",
+                   help="runs go to DIR/<dataset>/<model>_<bit>bit (default weights)")
+    runs.add_workers_arg(p, "--num_workers")
     p.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", default="", metavar="FILE",
-                   help="metrics JSON path (default: in the run folder)")
+                   help="metrics JSON path (default: in the run folder / beside the evaluated checkpoint)")
     p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars (rank 0)")
-    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=argparse.BooleanOptionalAction,
-                   default=True, help="TensorBoard logs in the run folder's tb/ (rank 0)")
     dist.add_dist_args(p)
+    p.set_defaults(bit_default=bit_default)
     return p
 
 
 def add_snn_args(p: ArgumentParser):
-    """``-u/--unsigned``, ``--T``, ``--chunk``, ``--settle`` (the pipeline's), ``--max-batches``."""
+    """``-u/--unsigned``, ``--T``, ``--chunk``, ``--settle`` (the pipeline's)."""
     from common import pipeline
     pipeline.add_snn_args(p)
-    p.add_argument("--max-batches", "--max_batches", dest="max_batches", type=int, default=None,
-                   help="evaluate only the first N batches (smoke tests)")
 
 
-#: flags that only some of the scripts have (a preset may set them for the script it is meant for)
+#: flags of the training / fine-tuning scripts: a preset may set them, the scripts without them skip them
 SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "spike", "unsigned", "T", "chunk",
                "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
                "output", "tune_malloc", "method", "e2e_batches", "e2e_loss", "e2e_epochs", "e2e_lr", "ft_accept",
-               "local_batches"}
+               "local_batches", "alpha_init", "crop_size", "batch_size", "lr", "momentum", "weight_decay",
+               "train_subset", "seed", "tensorboard", "fresh"}
 
 
 def preset_path(name: str) -> str:
@@ -132,50 +148,30 @@ def preset_path(name: str) -> str:
 
 
 def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse with ``--config`` presets: the preset's values become defaults, command-line flags win.
-    ``{save_folder}`` in a preset's paths is the run's ``--save_folder``."""
-    pre, _ = p.parse_known_args(argv)
-    cfg = {}
-    if pre.config:
-        path = preset_path(pre.config)
-        try:
-            with open(path) as f:
-                cfg = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--config {path} is not a JSON object of flag values ({e})",
-                            "write it as {\"flag_name\": value, ...}") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"--config {path} is not a JSON object", "write it as {\"flag_name\": value, ...}")
-        dests = {a.dest for a in p._actions}
-        unknown = sorted(k for k in cfg if k not in dests and k not in SCRIPT_KEYS and not k.startswith("_"))
-        if unknown:
-            raise UserError(f"--config {path} sets {', '.join(unknown)}, which no segmentation script has a flag for",
-                            "use the flag names of --help (dest spelling, e.g. batch_size)")
-        # keys of the other scripts (a training preset's epochs in eval.py, a T preset's spike in train.py)
-        # are ignored; "_..." keys are comments
-        p.set_defaults(**{k: v for k, v in cfg.items() if k in dests})
-    args = p.parse_args(argv)
-    for k in ("init",):
-        v = getattr(args, k, None)
-        if isinstance(v, str) and "{save_folder}" in v:
-            setattr(args, k, v.replace("{save_folder}", args.save_folder))
+    """Parse with ``--config`` presets (:func:`common.runs.parse_with_config`: the preset's values are
+    checked like flags, command-line flags win). ``{save_folder}`` in a preset's paths is the run's
+    ``--save_folder``."""
+    args, cfg = runs.parse_with_config(p, argv, preset_path, SCRIPT_KEYS)
+    if isinstance(args.init, str) and "{save_folder}" in args.init:
+        args.init = args.init.replace("{save_folder}", args.save_folder)
     args.config_values = cfg
     return args
 
 
 def check_args(args, model_name: Optional[str] = None):
-    stride = OUTPUT_STRIDE[model_name or args.model]
-    for name in ("batch_size", "test_batch_size"):
-        v = getattr(args, name, 1)
-        if v is not None and v < 1:
-            raise UserError(f"--{name} {v} must be at least 1", "pass a positive number")
-    if getattr(args, "workers", 0) < 0:
-        raise UserError(f"--workers {args.workers} must not be negative", "pass 0 (load in-process) or more")
-    if not (args.width > 0):
+    """The flags, before any data or checkpoint is read (a model left to the checkpoint is checked
+    against the default model's stride here and against its own in :func:`settle_from_checkpoint`)."""
+    stride = OUTPUT_STRIDE[model_name or args.model or DEFAULT_MODEL]
+    runs.check_positive(args, "batch_size", "test_batch_size", "max_iters", "num_epochs", "score_batches", "epochs",
+                        "eval_epoch")
+    runs.check_non_negative(args, "workers")
+    if args.width is not None and not (args.width > 0):
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.25 for a small net")
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
     for flag, v in (("--crop_size", args.crop_size), ("--test_size", args.test_size)):
+        if v is None:
+            continue
         if v < stride + 1 or (v - 1) % stride:
             k = max(1, round((v - 1) / stride))
             raise UserError(f"{flag} {v} does not fit {args.model} (output stride {stride}: the logits are "
@@ -187,6 +183,33 @@ def check_args(args, model_name: Optional[str] = None):
             raise UserError(f"--{name} {v} must not be negative", "pass a value >= 0")
     if args.data_root is None:
         args.data_root = DEFAULT_ROOT[args.dataset]
+    if getattr(args, "method", None) is not None:
+        from common import pipeline
+        pipeline.check_method_args(args)
+
+
+def settle_from_checkpoint(args, ckpt: dict):
+    """What the flags leave open comes from the checkpoint to read: model, bits, width."""
+    if args.model is None:
+        args.model = ckpt.get("model") if ckpt.get("model") in OUTPUT_STRIDE else DEFAULT_MODEL
+        check_args(args)
+    if args.bit is None:
+        args.bit = int(ckpt.get("bit") or 32)
+    if args.width is None and ckpt.get("width") is not None:
+        args.width = float(ckpt["width"])
+
+
+def open_trained(args, what: str = "--init"):
+    """Load the checkpoint a reading script evaluates (``--init``, default the run's ``model_best``) and
+    take its settings. Returns ``(ckpt, path)``."""
+    if not args.init:
+        args.model = args.model or DEFAULT_MODEL
+        args.bit = args.bit if args.bit is not None else args.bit_default
+    path = args.init or os.path.join(run_dir(args), BEST)
+    ckpt = load_checkpoint(path, what, f"train it first (segmentation/train.py -m {args.model or DEFAULT_MODEL} "
+                                       f"--bit {args.bit or args.bit_default} ...) or pass --init PATH")
+    settle_from_checkpoint(args, ckpt)
+    return ckpt, path
 
 
 def run_dir(args, suffix: str = "", bit: Optional[int] = None) -> str:
@@ -197,8 +220,9 @@ def run_dir(args, suffix: str = "", bit: Optional[int] = None) -> str:
 # ---------------------------------------------------------------------------------------- data
 def build_data(args, *, train: bool, ctx=None) -> segdata.SegData:
     ctx = ctx or dist.context()
-    data = segdata.build_datasets(args.dataset, args.data_root, crop_size=args.crop_size, test_size=args.test_size,
-                                  classes=args.classes, mask_cache=args.mask_cache, train=train,
+    data = segdata.build_datasets(args.dataset, args.data_root, crop_size=args.crop_size or segdata.DEFAULT_CROP,
+                                  test_size=args.test_size, classes=args.classes,
+                                  class_names=getattr(args, "checkpoint_classes", None), mask_cache=args.mask_cache, train=train,
                                   train_subset=args.train_subset, val_subset=args.val_subset)
     log(f"data: {args.dataset} at {data.info.get('root')}: "
         + (f"{len(data.train)} train ({data.info.get('train')}) / " if data.train is not None else "")
@@ -218,7 +242,7 @@ def train_loader(args, data, ctx=None):
 def build_model(args, num_classes: int, device=None, *, bit: Optional[int] = None, width: Optional[float] = None):
     try:
         m = get_model(args.model, num_classes, args.bit if bit is None else bit,
-                      width=args.width if width is None else width, alpha_init=args.alpha_init)
+                      width=(args.width or 1.0) if width is None else width, alpha_init=args.alpha_init)
     except ValueError as e:
         raise UserError(str(e), "see --help for --model / --bit / --width") from None
     return m.to(device) if device is not None else m
@@ -244,7 +268,7 @@ def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same
     if n is not None and n != num_classes:
         raise UserError(f"{what} {path} was trained for {n} classes but the data has {num_classes}",
                         "pass the --dataset / --classes it was trained with, or a checkpoint of these classes")
-    if ckpt.get("width") is not None and float(ckpt["width"]) != float(args.width):
+    if ckpt.get("width") is not None and float(ckpt["width"]) != float(args.width or 1.0):
         raise UserError(f"{what} {path} holds a --width {ckpt['width']} model, not --width {args.width}",
                         f"pass --width {ckpt['width']}")
     if same_bit and ckpt.get("bit") is not None and int(ckpt["bit"]) != args.bit:
@@ -263,7 +287,7 @@ def is_own_checkpoint(ckpt: dict, model: nn.Module) -> bool:
     return all(k in sd for k in own)
 
 
-def init_weights(model: nn.Module, args, num_classes: int):
+def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] = None):
     """``--init``: a segmentation checkpoint of this model loads strictly (``quant.load_init``: only
     quantizer clips may be missing -- the bit chain); anything else (an ImageNet / torchvision
     ResNet-34, a VGG) is a backbone, loaded by ``common.pipeline.load_backbone`` (matching names and
@@ -282,7 +306,7 @@ def init_weights(model: nn.Module, args, num_classes: int):
             raise UserError(str(e).split(";")[0], "save the weights to a file and pass --init FILE") from None
         pipeline.load_backbone(model, sd, log=log)
         return {"mode": "backbone", "source": "torchvision resnet34"}
-    ckpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path")
+    ckpt = ckpt or load_checkpoint(args.init, "--init", "train that stage first, or check the path")
     if is_own_checkpoint(ckpt, model):
         check_ckpt(ckpt, args.init, "--init", args, num_classes, same_bit=False)
         try:
@@ -298,12 +322,11 @@ def init_weights(model: nn.Module, args, num_classes: int):
     return {"mode": "backbone", "source": args.init}
 
 
-def load_trained(args, num_classes: int, device, path: str, what: str, hint: str):
+def load_trained(args, num_classes: int, device, path: str, what: str, hint: str = "", ckpt: Optional[dict] = None):
     """Build the model of a trained checkpoint and load it exactly (same bit, all clips)."""
     import quant
-    ckpt = load_checkpoint(path, what, hint)
-    if ckpt.get("width") is not None and args.width == 1.0 and float(ckpt["width"]) != 1.0:
-        args.width = float(ckpt["width"])  # the default width follows the checkpoint
+    ckpt = ckpt or load_checkpoint(path, what, hint)
+    settle_from_checkpoint(args, ckpt)
     check_ckpt(ckpt, path, what, args, num_classes, same_bit=True)
     model = build_model(args, num_classes, device)
     try:
@@ -325,13 +348,6 @@ def _meta(args, data, model) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- training
-def _check_finite(loss: torch.Tensor, epoch: int, it: int):
-    bad = not bool(torch.isfinite(loss.detach()))
-    if dist.any_rank(bad):
-        raise UserError(f"loss became {'inf' if bad and math.isinf(loss.item()) else 'NaN'} at epoch {epoch} "
-                        f"iter {it}", "lower --lr or check the data")
-
-
 def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, show_progress=True, tb=None,
                     max_iters=None, start_iter: int = 0) -> Dict[str, float]:
     model.train()
@@ -347,12 +363,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, 
         if i >= n_iter:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss = pixel_cross_entropy(out, y)
-        _check_finite(loss, epoch, i + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _, loss = sgd_step(model, x, y, pixel_cross_entropy, optimizer, epoch, i + 1)
         scheduler.step()
         loss_sum += float(loss.detach()) * x.shape[0]
         seen += x.shape[0]
@@ -371,48 +382,27 @@ def evaluate_ann(model, loader, data, *, device, show_progress=True, desc="val",
                              device=device, progress=show_progress, desc=desc, max_batches=max_batches)
 
 
-def _resume(args, model, optimizer, scheduler, out_dir):
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(out_dir, CHECKPOINT)
-        if not os.path.exists(path):
-            log(f"--resume auto: no {path} yet, starting a new run")
-            path = ""
-    if not path:
-        return None
-    ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        raise UserError(f"--resume {path} is a model file without training state (epoch, optimizer)",
-                        "resume from checkpoint.pth.tar, or pass the file as --init to start a new run")
-    return ckpt, path
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict):
-    if isinstance(state.get("torch"), torch.Tensor):
-        torch.set_rng_state(state["torch"])
-    if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def train(args) -> Dict:
     """``train.py``."""
     check_args(args)
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs} must be at least 1", "pass a positive number")
-    if args.eval_epoch < 1:
-        raise UserError(f"--eval_epoch {args.eval_epoch} must be at least 1", "pass a positive number")
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
+        out_dir = run_dir(args)
+        resume = runs.resume_path(args.resume, out_dir)
+        runs.claim_run_folder(out_dir, args, resuming=bool(resume))
+        resumed = init_ckpt = None
+        if resume:
+            ckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
+            runs.require_training_state(ckpt, resume)
+            resumed, src = (ckpt, resume), ckpt
+        elif args.init and args.init != "torchvision":
+            init_ckpt = src = load_checkpoint(args.init, "--init", "train that stage first, or check the path")
+        else:
+            src = {}
+        if args.width is None:   # a run of the bit chain keeps its predecessor's width
+            args.width = float(src["width"]) if src.get("task") == TASK and src.get("width") is not None else 1.0
         data = build_data(args, train=True, ctx=ctx)
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
-        out_dir = run_dir(args)
         model = build_model(args, data.num_classes, ctx.device)
         iters = len(tr_loader) if args.max_iters is None else min(len(tr_loader), args.max_iters)
         total_iters = max(1, args.epochs * iters)
@@ -420,7 +410,6 @@ def train(args) -> Dict:
                                     weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
         start, best, history, init_info = 0, -1.0, [], None
-        resumed = _resume(args, model, optimizer, scheduler, out_dir)
         if resumed is not None:
             import quant
             ckpt, path = resumed
@@ -434,10 +423,10 @@ def train(args) -> Dict:
             if ckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
                 tr_loader.sampler.seed = int(ckpt["sampler_seed"])
             if ckpt.get("rng") and not ctx.distributed:
-                _set_rng_state(ckpt["rng"])   # augmentation draws continue as in the uninterrupted run
+                set_rng_state(ckpt["rng"])   # augmentation draws continue as in the uninterrupted run
             log(f"resumed {path}: {start} epochs done, best mIoU {best:.2f}")
         elif args.init:
-            init_info = init_weights(model, args, data.num_classes)
+            init_info = init_weights(model, args, data.num_classes, init_ckpt)
         if args.sybn and ctx.distributed and ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             log("SyncBatchNorm across the processes (--sybn)")
@@ -475,26 +464,17 @@ def train(args) -> Dict:
                     state = dict(meta, epoch=epoch + 1, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                  args=plain_args(args), history=history, init=init_info,
-                                 sampler_seed=getattr(tr_loader.sampler, "seed", None), rng=_rng_state())
-                    save_checkpoint(state, out_dir, is_best)
-                    write_json(os.path.join(out_dir, "history.json"), {"model": args.model, "bit": args.bit,
-                                                                         "history": history})
-        if not history:
-            raise UserError(f"nothing was trained (the run already has {start} of --epochs {args.epochs})",
-                            "raise --epochs to continue it")
-        evals = [h for h in history if "val_miou" in h]
-        best_h = max(evals, key=lambda h: h["val_miou"]) if evals else history[-1]
+                                 sampler_seed=getattr(tr_loader.sampler, "seed", None), rng=rng_state())
+                    runs.save_epoch(state, out_dir, is_best, {"model": args.model, "bit": args.bit})
+        best_h = runs.best_epoch(history, "val_miou", start, args.epochs)
         result = {"miou": best_h.get("val_miou"), "ann_miou": best_h.get("val_miou"),
                   "pixel_acc": best_h.get("val_pixel_acc"), "best_epoch": best_h["epoch"],
                   "epochs": history[-1]["epoch"]}
         rec = record(args, data, result, script="train.py", checkpoint=os.path.join(out_dir, BEST))
-        path = args.metrics_out or os.path.join(out_dir, "metrics_ann.json")
-        if ctx.is_main:
-            write_json(path, rec)
-            log(f"metrics -> {path}")
-            if args.plot:
-                from .plots import plot_training
-                log(f"plot -> {plot_training(history, os.path.splitext(path)[0] + '_curves.png', f'{args.model} {args.bit}-bit')}")
+        def plot(r, path):
+            from .plots import plot_training
+            return [plot_training(history, os.path.splitext(path)[0] + "_curves.png", f"{args.model} {args.bit}-bit")]
+        runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
         log(f"best val mIoU {best:.2f} (epoch {best_h['epoch']}) -> {os.path.join(out_dir, BEST)}")
         return rec
 
@@ -508,15 +488,14 @@ def record(args, data, result: Dict, *, script: str, checkpoint: str, **extra) -
            "layers": [], "sops": None, "snn_macs": None, "ann_macs": None, "energy": None}
     rec.update(result)
     rec.update(checkpoint=checkpoint, **extra)
-    rec.update(created=datetime.datetime.now().isoformat(timespec="seconds"), args=plain_args(args))
-    return rec
+    return runs.stamp(rec, args)
 
 
 def _snn_result(res: Dict) -> Dict:
     """Flatten ``pipeline.evaluate_snn``'s dict into the record's keys."""
     snn_m = res.get("snn") or {}
     ann_m = res.get("ann") or {}
-    out = {k: res.get(k) for k in ("miou", "ann_miou", "per_step_miou", "T", "neuron", "samples", "layers", "sops",
+    out = {k: res.get(k) for k in ("miou", "ann_miou", "per_step_miou", "T", "neuron", "settle", "samples", "layers", "sops",
                                    "snn_macs", "ann_macs", "energy", "seconds")}
     out.update(per_class_iou=snn_m.get("per_class_iou"), pixel_acc=snn_m.get("pixel_acc"),
                mean_acc=snn_m.get("mean_acc"), ann_per_class_iou=ann_m.get("per_class_iou"),
@@ -525,43 +504,36 @@ def _snn_result(res: Dict) -> Dict:
 
 
 def _write(args, rec: Dict, default_path: str) -> str:
-    path = args.metrics_out or default_path
-    if dist.is_main():
-        write_json(path, rec)
-        log(f"metrics -> {path}")
-        if args.plot:
-            from .plots import plot_metrics
-            for png in plot_metrics(rec, path):
-                log(f"plot -> {png}")
-    return path
+    def plot(r, path):
+        from .plots import plot_metrics
+        return plot_metrics(r, path)
+    return runs.write_metrics(args, rec, default_path, plot)
 
 
 # ---------------------------------------------------------------------------------------- eval.py
 def _convert(args, model, ckpt):
     from common import pipeline
-    T = args.T if args.T is not None else (ckpt.get("T") if ckpt.get("snn_finetuned") else None)
-    net = pipeline.convert(model, T=T, signed=not args.unsigned, chunk=args.chunk, settle=args.settle)
-    log(f"converted {args.model} {args.bit}-bit -> SNN, T={net.T}, {'signed' if net.signed else 'unsigned'} IF "
-        f"neurons ({len(net.neurons())} spiking layers)")
-    return net
+    return pipeline.convert_trained(model, ckpt, args, f"{args.model} {args.bit}-bit")
 
 
-def _load_for_eval(args, data, ctx, *, need_quant: bool):
+def _open(args, ctx, *, train: bool, need_quant: bool):
+    """The checkpoint to read (its settings taken), the data, the model it holds."""
+    ckpt, path = open_trained(args)
     if need_quant and args.bit == 32:
         raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-    path = args.init or os.path.join(run_dir(args), BEST)
-    model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init",
-                               f"train it first (segmentation/train.py -m {args.model} --bit {args.bit} ...) or pass "
-                               "--init PATH")
-    return model.eval(), ckpt, path
+    if not args.classes and ckpt.get("class_names"):
+        args.checkpoint_classes = list(ckpt["class_names"])
+    data = build_data(args, train=train, ctx=ctx)
+    model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init", ckpt=ckpt)
+    return data, model.eval(), ckpt, path
 
 
-def run_snn_eval(args, model, net, loader, data, *, device, desc="snn eval") -> Dict:
+def run_snn_eval(args, model, net, loader, data, *, device, desc="snn eval", max_batches=None) -> Dict:
     from common import pipeline
     res = pipeline.evaluate_snn(model, net, loader, make_metric_factory(data.num_classes, data.class_names),
                                 key="miou", device=device, progress=args.progress, desc=desc,
-                                max_batches=args.max_batches)
+                                max_batches=max_batches)
     return _snn_result(res)
 
 
@@ -572,48 +544,28 @@ def evaluate(args) -> Dict:
         from common import pipeline
         pipeline.tune_malloc_if_asked(args, log)
     with dist.session(args.device, args.local_rank) as ctx:
-        data = build_data(args, train=False, ctx=ctx)
+        data, model, ckpt, path = _open(args, ctx, train=False, need_quant=args.spike)
         loader = val_loader(args, data, ctx)
-        model, ckpt, path = _load_for_eval(args, data, ctx, need_quant=args.spike)
         finetuned = bool(ckpt.get("snn_finetuned"))
-        folder = run_dir(args, "_ft" if finetuned else "")
+        folder = runs.eval_dir(path, run_dir(args, "_ft" if finetuned else ""))
         if not args.spike:
             res = evaluate_ann(model, loader, data, device=ctx.device, show_progress=args.progress,
-                               max_batches=args.max_batches)
-            from snn import E_MAC_PJ
-            macs = count_macs(model, args.test_size, ctx.device)
+                               max_batches=args.max_iters)
+            macs = count_macs(model, args.test_size)
             result = {"miou": res["miou"], "ann_miou": res["miou"], "per_class_iou": res["per_class_iou"],
                       "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "samples": res.get("samples"),
-                      "ann_macs": macs, "energy": {"e_mac_pJ": E_MAC_PJ, "ann_uJ": macs * E_MAC_PJ * 1e-6}}
+                      "ann_macs": macs, "energy": runs.ann_energy(macs)}
             log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}")
             rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
             _write(args, rec, os.path.join(folder, "metrics_ann_eval.json"))
             return rec
         net = _convert(args, model, ckpt).to(ctx.device)
-        result = run_snn_eval(args, model, net, loader, data, device=ctx.device)
+        result = run_snn_eval(args, model, net, loader, data, device=ctx.device, max_batches=args.max_iters)
         log(f"SNN mIoU {result['miou']:.2f} (ANN {result['ann_miou']:.2f}) T={result['T']} {result['neuron']}; "
             "per step " + " ".join(f"{v:.1f}" for v in result["per_step_miou"]))
         rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
-        _write(args, rec, os.path.join(folder, f"metrics_snn_{result['neuron']}_T{result['T']}.json"))
+        _write(args, rec, os.path.join(folder, runs.metrics_name(result)))
         return rec
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, size: int, device) -> float:
-    total = [0.0]
-
-    def hook(m, inp, out):
-        k = 1
-        for s in m.kernel_size:
-            k *= s
-        total[0] += out.numel() * (m.in_channels // m.groups) * k
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        model.eval()(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
@@ -631,38 +583,17 @@ def e2e_cross_entropy(out, ann_out, batch):
     return pixel_cross_entropy(out, batch[1].to(out.device))
 
 
-class _Reshuffled:
-    """A new DistributedSampler epoch on every pass (the fine-tuner walks the loader per layer)."""
-
-    def __init__(self, loader):
-        self.loader, self.epoch = loader, 0
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-
 def finetune(args) -> Dict:
-    """``snn_ft.py``: layer-wise fine-tuning of the segmenter SNN (spec 8), saved in ANN format."""
+    """``snn_ft.py``: layer-wise fine-tuning of the segmenter SNN, saved in ANN format."""
     check_args(args)
-    if args.num_epochs < 1:
-        raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
     from common import pipeline
-    pipeline.check_method_args(args)
     pipeline.tune_malloc_if_asked(args, log)
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
-        data = build_data(args, train=True, ctx=ctx)
+        data, model, ckpt, init_path = _open(args, ctx, train=True, need_quant=True)
+        out_dir = runs.claim_run_folder(run_dir(args, runs.ft_suffix(args.method, FT_METHOD)), args, can_resume=False)
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
-        model, ckpt, init_path = _load_for_eval(args, data, ctx, need_quant=True)
         net = _convert(args, model, ckpt).to(ctx.device)
-        out_dir = run_dir(args, "_ft")
         before = None
         if args.eval_before:
             log("SNN before fine-tuning:")
@@ -686,7 +617,7 @@ def finetune(args) -> Dict:
             + pipeline.method_text(args, args.max_iters, f"the train mIoU ({args.score_batches} batches)"))
         t0 = time.time()
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            history = pipeline.finetune(model, net, _Reshuffled(tr_loader), score=score, epochs=args.num_epochs,
+            history = pipeline.finetune(model, net, ReshuffledLoader(tr_loader), score=score, epochs=args.num_epochs,
                                         lr=args.lr, bn_mode=bn_mode, max_batches=args.max_iters,
                                         progress=args.progress, log=log, tb=tb, method=args.method,
                                         method_options=pipeline.finetune_options(args, {"ce": e2e_cross_entropy}))
@@ -706,7 +637,7 @@ def finetune(args) -> Dict:
                      before={k: before[k] for k in ("miou", "ann_miou", "per_step_miou", "layers")} if before else None)
         if before is not None:
             log(f"SNN mIoU {before['miou']:.2f} -> {result['miou']:.2f} after fine-tuning (ANN {result['ann_miou']:.2f})")
-        _write(args, rec, os.path.join(out_dir, f"metrics_snn_ft_{result['neuron']}_T{result['T']}.json"))
+        _write(args, rec, os.path.join(out_dir, runs.metrics_name(result, "metrics_snn_ft")))
         return rec
 
 
@@ -715,24 +646,16 @@ def infer(args) -> List[str]:
     """``inference.py``: colour mask (VOC palette PNG) and overlay PNG per input image."""
     import numpy as np
     from PIL import Image
-    if args.test_size is None:
-        args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
-    paths = _input_images(args.input)
+    check_args(args)
+    paths = runs.image_files(args.input)
     with dist.session(args.device, args.local_rank) as ctx:
-        if args.bit is None and not args.init:
-            args.bit = 32
-        path = args.init or os.path.join(run_dir(args), BEST)
-        ckpt = load_checkpoint(path, "--init", "pass --init PATH of a trained model (model_best.pth.tar)")
-        if args.bit is None:   # the checkpoint's bit-width (a fine-tuned SNN's too)
-            args.bit = int(ckpt.get("bit") or 32)
-        if args.model_default and ckpt.get("model") in OUTPUT_STRIDE:
-            args.model = ckpt["model"]
+        ckpt, path = open_trained(args)
         stride = OUTPUT_STRIDE[args.model]
         names = ckpt.get("class_names") or (segdata.read_classes(args.classes) if args.classes else None)
         n = ckpt_classes(ckpt, args.model)
         if names is None:
             names = list(segdata.VOC_CLASSES) if n == len(segdata.VOC_CLASSES) else [f"class{i}" for i in range(n)]
-        model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", "pass --init PATH")
+        model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", ckpt=ckpt)
         model.eval()
         runner = model
         if args.spike:
@@ -743,8 +666,7 @@ def infer(args) -> List[str]:
         os.makedirs(args.output, exist_ok=True)
         palette = segdata.voc_palette()
         written = []
-        for p in progress(paths, "inference", args.progress):
-            img = segdata.read_image(p)
+        for p, img in progress(runs.read_each(paths, segdata.read_image), "inference", args.progress, total=len(paths)):
             h, w = img.shape[:2]
             side = max(h, w, args.test_size)
             side = ((side - 1 + stride - 1) // stride) * stride + 1   # next k * stride + 1
@@ -778,14 +700,3 @@ def overlay(img, label, names=None):
     return np.asarray(imgviz.label2rgb(label.astype(np.int32), image=img, alpha=0.5,
                                        label_names=list(names) if named else None,
                                        font_size=max(10, min(img.shape[:2]) // 25), loc="rb"))
-
-
-def _input_images(src: str) -> List[str]:
-    if not src or not os.path.exists(src):
-        raise UserError(f"--input {src!r} does not exist", "pass an image file or a folder of images")
-    if os.path.isdir(src):
-        files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.lower().endswith(segdata.IMAGE_EXTS))
-        if not files:
-            raise UserError(f"--input {src} holds no images ({', '.join(segdata.IMAGE_EXTS)})", "pass another folder")
-        return files
-    return [src]

@@ -203,7 +203,7 @@ def test_snn_ft_without_force_scores_on_train_set(fake_cifar, tmp_path):
     for h in f["finetune"]:
         assert "score" in h["epochs"][0] and "best_score" in h
     # the default (--ft-accept auto): the layers judged by their own error, the end-to-end epochs by the score
-    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u", "--local-batches", "1"])
+    f = _ft(base + ["--score-batches", "1", "--no-eval-before", "-u", "--local-batches", "1", "--fresh"])
     *layers, e2e = f["finetune"]
     assert layers and all("local_error" in h["epochs"][0] and "score" not in h["epochs"][0] for h in layers)
     assert e2e["layer"] == "end-to-end" and all("score" in ep for ep in e2e["epochs"]) and "best_score" in e2e

@@ -40,9 +40,9 @@ def test_method_fastsnn_is_snn_finetune_unchanged(ann2, fake_cifar, tmp_path):
     import snn
     argv = _ft_argv(fake_cifar, tmp_path, ann2, "--method", "fastsnn")
     rec = ft_script.main(argv)
-    ck = torch.load(tmp_path / "resnet20_2bit_ft" / BEST, weights_only=True)
+    ck = torch.load(tmp_path / "resnet20_2bit_ft_fastsnn" / BEST, weights_only=True)
     assert ck["method"] == "fastsnn" and ck["method_options"] == {} and rec["method"] == "fastsnn"
-    with open(tmp_path / "resnet20_2bit_ft" / "metrics_snn_ft_signed_T3.json") as f:
+    with open(tmp_path / "resnet20_2bit_ft_fastsnn" / "metrics_snn_ft_signed_T3.json") as f:
         assert json.load(f)["method"] == "fastsnn"
     assert [h["layer"] for h in rec["finetune"]] == ["layer1.0.act1", "layer1.0.act2"]
 

@@ -471,7 +471,7 @@ def test_snn_ft_methods(trained, scene_root, tmp_path, capsys):
     assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
     assert all(math.isfinite(e["loss_mean"]) and e["loss_mean"] > 0 for e in e2e["epochs"])
     assert all("local_error_before" in h for h in rec["finetune"][:-1])
-    ck = torch.load(os.path.join(str(tmp_path / "a"), "voc", "yolov2_tiny_2bit_ft", "model_best.pth.tar"),
+    ck = torch.load(os.path.join(str(tmp_path / "a"), "voc", "yolov2_tiny_2bit_ft_fastsnn-e2e", "model_best.pth.tar"),
                     weights_only=True)
     assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
     # the YOLO loss of the end-to-end stage is the training loss on the batch's boxes

@@ -134,7 +134,7 @@ def test_finetune_methods_and_opt_in_malloc(chain, tmp_path, monkeypatch, capsys
     assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
     assert all("local_error_before" in h for h in rec["finetune"][:-1])
     assert "loss ce), layer-wise steps kept if the layer's error on 1 batches falls" in capsys.readouterr().out
-    ck = torch.load(os.path.join(str(tmp_path / "ft"), "voc", "deeplabv1_vgg9_2bit_ft", "model_best.pth.tar"),
+    ck = torch.load(os.path.join(str(tmp_path / "ft"), "voc", "deeplabv1_vgg9_2bit_ft_fastsnn-e2e", "model_best.pth.tar"),
                     map_location="cpu", weights_only=True)
     assert ck["method"] == "fastsnn+e2e" and ck["method_options"] == opts
     # the loss: cross-entropy over the labelled pixels, zero when every pixel is ignored
@@ -160,18 +160,18 @@ def test_resume_auto_continues(chain, tmp_path, monkeypatch):
                     map_location="cpu", weights_only=True)
     assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2] and rec["epochs"] == 2
     # one process, seeded: a run killed after its first epoch and resumed equals the uninterrupted one
-    from segmentation import workflow
-    real = workflow.save_checkpoint
+    from common import checkpoint
+    real = checkpoint.save_checkpoint
 
     def save_then_die(state, *a, **kw):
         real(state, *a, **kw)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
     killed = chain["flags"] + ["--save_folder", str(tmp_path / "killed"), "--bit", "32", "--lr", "0.02", "--epochs", "2"]
-    monkeypatch.setattr(workflow, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(killed)
-    monkeypatch.setattr(workflow, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     train.main(killed + ["--resume", "auto"])
     train.main(chain["flags"] + ["--save_folder", str(tmp_path / "straight"), "--bit", "32", "--lr", "0.02", "--epochs", "2"])
     a, b = (torch.load(os.path.join(tmp_path, d, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"), weights_only=True)
@@ -236,7 +236,7 @@ def test_bad_input_one_line_errors(chain, tmp_path):
     with pytest.raises(UserError, match="trained for 4 classes but the data has 5"):
         seg_eval.main(f5 + ["--bit", "2", "--init", chain["best2"]])
     with pytest.raises(UserError, match="trained for 4 classes but the data has 5"):
-        train.main(f5 + ["--bit", "2", "--epochs", "1", "--init", chain["best2"]])
+        train.main(f5 + ["--bit", "2", "--epochs", "1", "--init", chain["best2"], "--save_folder", str(tmp_path / "o5")])
     with pytest.raises(UserError, match="holds a 2-bit model"):
         seg_eval.main(flags + ["--bit", "3", "--init", chain["best2"]])
     with pytest.raises(UserError, match="--spike with --bit 32"):
