@@ -13,7 +13,7 @@
 * ``folder``: ``<data>/train/<class>/*`` and ``<data>/val/<class>/*`` (``test/`` also accepted), any
   image format PIL reads, resized to 32x32 RGB.
 
-Augmentation (spec 3.1): RandomCrop(32, padding 4) + horizontal flip for training, then
+Augmentation: RandomCrop(32, padding 4) + horizontal flip for training, then
 normalisation with per-dataset statistics (CIFAR-10's ``(0.491, 0.482, 0.447) / (0.247, 0.243, 0.262)``
 for CIFAR and folders). Fashion-MNIST also gets the flip: its classes (garments, bags, shoes) are
 left/right symmetric or orientation-free, so a mirrored image is a valid sample of the same class.
@@ -97,7 +97,7 @@ class ImageTensorDataset(Dataset):
 
 # ---------------------------------------------------------------------------------------- transforms
 def build_transforms(mean, std, train: bool, resize: bool = False):
-    """Spec 3.1: RandomCrop(32, pad 4) + HFlip for training, then normalisation."""
+    """RandomCrop(32, pad 4) + HFlip for training, then normalisation (the original's CIFAR recipe)."""
     from torchvision.transforms import v2
     ops = [v2.ToImage(), v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)] if resize else []
     if train:

@@ -1,6 +1,6 @@
 """The README's demo: the whole Fast-SNN pipeline, offline, on Fashion-MNIST, in minutes on a CPU.
 
-1. a progressive 32 -> 4 -> 3 -> 2-bit ResNet-20 chain (main.py; the spec 3.1 lr / wd recipe, on a
+1. a progressive 32 -> 4 -> 3 -> 2-bit ResNet-20 chain (main.py; the original's lr / wd recipe, on a
    fixed subset of the training images and a few epochs so it fits the time budget);
 2. SNN evaluation (snn.py) of the 3-bit (T = 7) and 2-bit (T = 3) ANNs, signed and unsigned IF neurons;
    then the 2-bit signed SNN with ``--settle K`` extra steps (default 9: input and biases off, each
@@ -33,7 +33,7 @@ from common import run_cli
 from common.cli import ArgumentParser
 from common.metrics import write_json
 
-# (bit, lr, weight decay) of the progressive chain, spec 3.1 / the seed README
+# (bit, lr, weight decay) of the progressive chain, as in the original README
 CHAIN = ((32, 0.1, 5e-4), (4, 4e-2, 1e-4), (3, 4e-2, 1e-4), (2, 4e-2, 3e-5))
 SNN_BITS = (3, 2)
 FT_BIT = 2

@@ -132,7 +132,7 @@ def fixed_batches(loader, n: int) -> List:
 def top1_score(loader, *, max_batches: Optional[int] = None, desc: str = "score (train top-1)",
                show_progress: bool = True) -> Callable[[nn.Module], float]:
     """``score(net)``: the whole SNN's top-1 over (the first ``max_batches`` batches of) ``loader`` --
-    the fine-tuner's acceptance score (spec 8: on the training set, with augmentation)."""
+    the fine-tuner's acceptance score (as in the original: on the training set, with augmentation)."""
     from common import pipeline
 
     def score(net) -> float:

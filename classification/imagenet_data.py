@@ -1,4 +1,4 @@
-"""ImageNet input pipelines (spec section 3.8): NVIDIA DALI when it is importable, torchvision otherwise.
+"""ImageNet input pipelines: NVIDIA DALI when it is importable, torchvision otherwise.
 
 Both back-ends read an ImageFolder tree (``<split>/<class folder>/<image>``; labels = the class
 folders in sorted order, as ``torchvision.datasets.ImageFolder`` and DALI's ``readers.file`` both

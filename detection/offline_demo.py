@@ -62,7 +62,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--alpha-init", type=float, default=3.0,
                    help="initial activation clip of the 4-bit stage (default 3.0, about the 99th percentile of the "
-                        "float net's activations here; the spec's 6.0 wastes half the levels at this scale)")
+                        "float net's activations here; the usual 6.0 wastes half the levels at this scale)")
     p.add_argument("--ft-iters", type=int, default=6, help="fine-tuning batches per layer (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")

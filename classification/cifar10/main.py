@@ -1,6 +1,6 @@
 """Train (or, with -e, evaluate) a quantized ANN on CIFAR-10.
 
-Progressive recipe (spec 3.1), from the repository root or from this folder:
+Progressive recipe, from the repository root or from this folder:
 
     python main.py --arch alex --bit 32 -id 0 --wd 5e-4
     python main.py --arch alex --bit 4 -id 0 --wd 1e-4 --lr 4e-2 --init result/alex_32bit/model_best.pth.tar

@@ -1,4 +1,4 @@
-"""Layer-wise fine-tuning of a converted CIFAR-10 SNN (spec 8), signed IF neurons by default.
+"""Layer-wise fine-tuning of a converted CIFAR-10 SNN, signed IF neurons by default.
 
     python snn_ft.py --arch alex --bit 2 -id 0 -n 1 --force --init result/alex_2bit/model_best.pth.tar
 

@@ -1,6 +1,6 @@
 """Train (or, with -e, evaluate) a quantized ANN on ImageNet, one process or DDP, DALI or torchvision input.
 
-The README recipe (spec 3.8), from the repository root or from this folder; -b is per process:
+The README recipe, from the repository root or from this folder; -b is per process:
 
     python -m torch.distributed.launch --nproc_per_node=4 dali_main.py -a alexnet -b 256 --bit 4 --workers 4 --lr=0.025 --epochs 60 --dali_cpu /data/imagenet2012
     python -m torch.distributed.launch --nproc_per_node=4 dali_main.py -a alexnet -b 256 --bit 3 --init result/alexnet_4bit/model_best.pth.tar --workers 4 --lr=0.0025 --epochs 60 --dali_cpu /data/imagenet2012

@@ -1,6 +1,6 @@
 """Convert a quantized ImageNet ANN into an SNN (T = 2^bit - 1) and evaluate it on the validation set.
 
-Seed README commands (spec 3.9; leave out -u for the signed IF neuron, the default):
+The original README's commands (leave out -u for the signed IF neuron, the default):
 
     python -m torch.distributed.launch --nproc_per_node=4 snn.py -a alexnet -b 256 -e -u --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012
     python -m torch.distributed.launch --nproc_per_node=4 snn.py -a alexnet -b 256 -e --bit 2 --init result/alexnet_2bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012

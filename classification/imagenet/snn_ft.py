@@ -1,6 +1,6 @@
-"""Layer-wise fine-tuning of a converted ImageNet SNN (spec 8), signed IF neurons by default.
+"""Layer-wise fine-tuning of a converted ImageNet SNN, signed IF neurons by default.
 
-Seed README commands (spec 3.10); they run under DDP and, unlike the original, in one process too:
+The original README's commands; they run under DDP and, unlike the original, in one process too:
 
     python -m torch.distributed.launch --nproc_per_node=4 snn_ft.py -a alexnet -b 128 --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012
     python -m torch.distributed.launch --nproc_per_node=4 snn_ft.py -a alexnet -b 128 --bit 2 --init result/alexnet_2bit/model_best.pth.tar --workers 4 --dali_cpu /data/imagenet2012

@@ -198,7 +198,7 @@ def parse_args(script: str, argv: Optional[Sequence[str]], description: str = ""
 
 
 # --------------------------------------------------------------------------------------- preparing
-#: conv (kernel, stride, padding) chains of the fixed-size classifiers (spec 6) and the feature-map side
+#: conv (kernel, stride, padding) chains of the fixed-size classifiers and the feature-map side
 #: their first linear layer expects; stride-1 "same" 3x3 convs keep the size and are left out for VGG
 _FIXED_INPUT = {
     "alexnet": ([(11, 4, 2), (5, 2, 1), (3, 2, 0), (3, 1, 1), (3, 2, 0)], 6),
