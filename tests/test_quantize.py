@@ -407,7 +407,7 @@ def test_chain_script_takes_a_torchvision_arch():
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "imagenet_chain.sh"), "-a", "mobilenet_v2",
                         "/data/imagenet", "1"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    cmds = [shlex.split(line[len("run: "):]) for line in r.stdout.splitlines() if line.startswith("run: ")]
+    cmds = [shlex.split(line[len("+ "):]) for line in r.stderr.splitlines() if line.startswith("+ ")]
     kinds = {"dali_main.py": "train", "snn.py": "snn", "snn_ft.py": "ft"}
     bits = []
     for c in cmds:
