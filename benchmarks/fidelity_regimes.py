@@ -43,9 +43,9 @@ REGIMES: Dict[str, dict] = {
     "small": {"text": "a 2,000-image Fashion-MNIST ANN fine-tuned on 600 images in batches of 100 (6 batches)",
               "argv": ["--train-subset", "2000", "--ft-subset", "600", "--ft-batch-size", "100"]},
     "crops": {"text": "scene-set object crops (colour, texture, occlusion): 2,000 training / 500 test images "
-                      "(12 epochs at 32 bits), fine-tuned on the same (16 batches of 128)",
+                      "(12 epochs at 32 bits), fine-tuned on the same (16 batches of 128; 4 score batches)",
               "argv": ["--dataset", "folder", "--train-subset", "2000", "--val-subset", "500", "--epochs-fp", "12",
-                       "--ft-batches", "16", "--score-batches", "4"]},
+                       "--score-batches", "4"]},
     "crops_small": {"text": "the crops' ANN fine-tuned on 600 crops in batches of 100 (6 batches)",
                     "argv": ["--dataset", "folder", "--train-subset", "2000", "--val-subset", "500", "--epochs-fp", "12",
                              "--ft-subset", "600", "--ft-batch-size", "100"]},
