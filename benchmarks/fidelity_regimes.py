@@ -220,7 +220,8 @@ def table(args, regimes: List[str], labels: List[str], seeds: List[int]) -> dict
 
 
 def markdown(res: dict, command: str) -> str:
-    lines = ["| regime | method | top-1 at T = 3 (mean ± spread) | per seed | ANN | gap to ANN | layers kept |",
+    lines = [f"- `{r}`: {text}" for r, text in res["regimes"].items()] + [""]
+    lines += ["| regime | method | top-1 at T = 3 (mean ± spread) | per seed | ANN | gap to ANN | layers kept |",
              "|---|---|---:|---|---:|---:|---|"]
     for r in res["rows"]:
         per = " / ".join(f"{r['top1'][str(s)]:.1f}" for s in r["seeds"])
@@ -253,7 +254,9 @@ def main(argv=None) -> dict:
                     if not os.path.isfile(path):
                         run_cell(args, regime, seed, label)
     res = table(args, regimes, labels, seeds)
-    command = "python benchmarks/fidelity_regimes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    # the command that runs every cell of this table (cells already on disk are reused)
+    command = "python benchmarks/fidelity_regimes.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
     res.update(arch=args.arch, bit=2, T=3, regimes={r: REGIMES[r]["text"] for r in regimes},
                methods={m: METHODS[m] for m in labels}, command=command, threads=_threads())
     write_json(args.results + ".json", res)

@@ -170,4 +170,5 @@ def test_regime_table_from_cells(tmp_path):
     assert (rows["default"]["mean"], rows["default"]["spread"]) == (68.5, 0.5)
     assert res["settle"]["small"][0]["exact"]
     md = (tmp_path / "t.md").read_text()
-    assert "62.0 ± 2.0" in md and "--table-only" in md and os.path.isfile(tmp_path / "t.json")
+    assert "62.0 ± 2.0" in md and "--table-only" not in md and "--chain-seed 0" in md
+    assert os.path.isfile(tmp_path / "t.json") and "`small`: " in md
