@@ -172,3 +172,20 @@ def test_regime_table_from_cells(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert "62.0 ± 2.0" in md and "--table-only" not in md and "--chain-seed 0" in md
     assert os.path.isfile(tmp_path / "t.json") and "`small`: " in md
+
+
+def test_regime_benchmark_quick_run_and_reuse(tmp_path):
+    """Cells through classification.fidelity on a tiny chain: settle check, two methods, the table; a second
+    run reuses every cell."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    fr = importlib.import_module("fidelity_regimes")
+    argv = ["--quick", "--out", str(tmp_path), "--regimes", "small", "--seeds", "0", "--methods", "force,local",
+            "--results", str(tmp_path / "t")]
+    res = fr.main(argv)
+    assert [r["method"] for r in res["rows"]] == ["force", "local"] and 0 in res["settle"]["small"]
+    cell = fr.cell_path(fr.get_parser().parse_args(argv), "small", 0, "force")
+    with open(cell) as f:
+        assert json.load(f)["ft_subset"] == 48  # --quick caps the 600-image fine-tuning set
+    mtime = os.path.getmtime(cell)
+    fr.main(argv)
+    assert os.path.getmtime(cell) == mtime
