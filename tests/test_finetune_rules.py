@@ -65,7 +65,7 @@ def test_a_set_of_at_least_min_steps_batches_runs_as_before_bit_for_bit(tiny):
 
 def test_a_small_set_is_cycled_in_both_stages(tiny, monkeypatch):
     """3 batches, min_steps 8: every layer-wise epoch makes three full passes (9 steps), judged once; every
-    end-to-end epoch 9 steps too; the tuned net is closer to its ANN than after one pass of each."""
+    end-to-end epoch 9 steps too."""
     ann, net0, train, held_out = tiny
     steps, real = [], ft._tune_epoch
 
@@ -85,12 +85,6 @@ def test_a_small_set_is_cycled_in_both_stages(tiny, monkeypatch):
     layers = [h for h in hist if h["layer"] != "end-to-end"]
     assert steps == [3, 3, 3] * len(layers) and all(len(h["epochs"]) == 1 for h in layers)
     assert len(calls) == 2 * 9 and len(hist[-1]["epochs"]) == 2
-    one = copy.deepcopy(net0)
-    snn.finetune(ann, one, train, epochs=1, lr=1e-2, progress=False, log=lambda s: None, method="fastsnn+e2e",
-                 e2e_loss="mse", e2e_epochs=2)
-    err = lambda n: sum(float(((n(x) - ann(x)) ** 2).mean()) for x, _ in held_out)  # noqa: E731
-    with torch.no_grad():
-        assert err(net) < err(one) < err(net0)
 
 
 def test_min_steps_with_the_cosine_schedule_decays_over_the_cycled_steps(tiny, monkeypatch):
