@@ -45,12 +45,17 @@ def get_parser() -> ArgumentParser:
                    help="multiplies every training stage's learning rate (the demo's 0.1 / 4e-2; default 1; "
                         "0.1 for vgg11, which diverges at lr 0.1)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the ANN chain (and of the fine-tuning, without --ft-seed)")
+    p.add_argument("--ft-seed", type=int, default=None,
+                   help="seed of the fine-tuning's shuffles and augmentation (default --seed), on the chain of --seed")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"fine-tuning methods, comma-separated (default all: {','.join(METHODS)}; '' for none); "
                         "a method may carry options after ':' (then separate methods with ';'), e.g. "
                         "'fastsnn+e2e:e2e_lr=0.01,e2e_loss=ce,score=fixed' (keys: snn.finetune's arguments, "
                         "epochs, lr, batches, score=reshuffled|fixed|none, score_batches)")
+    p.add_argument("--ft-subset", type=int, default=None,
+                   help="fine-tuning set: this many training images (default --train-subset, the chain's own)")
+    p.add_argument("--ft-batch-size", type=int, default=None, help="fine-tuning batch size (default -b)")
     p.add_argument("--ft-batches", type=int, default=63, help="fine-tuning batches per layer (default 63, the demo's)")
     p.add_argument("--score-batches", type=int, default=8,
                    help="accept / revert score: SNN top-1 on this many training batches (default 8, the demo's)")
@@ -59,6 +64,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--settle-k", default="", metavar="K,K,...",
                    help="try only these K (default every K up to --settle-max, stopping at the first that passes)")
     p.add_argument("--no-settle", action="store_true", help="skip the settle sweep")
+    p.add_argument("--no-figure", action="store_true", help="after the settle sweep, skip the figure's curves")
     p.add_argument("--backend", default=None, help="IF neuron kernel backend (default: snn's choice)")
     p.add_argument("--cache-mb", type=int, default=6144, help="fine-tuner prefix cache memory (default 6144, the demo's)")
     p.add_argument("--ft-from", default=None, metavar="JSON",
@@ -72,7 +78,8 @@ def get_parser() -> ArgumentParser:
 
 def _runs(args):
     """The run folders of the cached chain: one per training budget (subset, epochs, clip init, seed)."""
-    result = os.path.join(args.out, "fidelity", f"n{args.train_subset}_e{args.epochs_fp}-{args.epochs_q}"
+    folder = f"{os.path.basename(os.path.normpath(args.data))}_" if args.dataset == "folder" else ""  # which folder
+    result = os.path.join(args.out, "fidelity", f"{folder}n{args.train_subset}_e{args.epochs_fp}-{args.epochs_q}"
                                                 f"_a{args.alpha_init:g}_b{args.batch_size}_s{args.seed}"
                                                 + (f"_lr{args.lr_scale:g}" if args.lr_scale != 1 else ""))
     return os.path.join(result, "" if args.dataset == "cifar10" else args.dataset), result
@@ -126,14 +133,18 @@ def parse_method(spec: str):
     return name.strip(), kw
 
 
+def _ft_seed(args) -> int:
+    return args.seed if args.ft_seed is None else args.ft_seed
+
+
 def _ft_args(args, path: str):
     from classification import workflow
     from classification.cifar10 import snn_ft
     from classification.cifar10.task import TASK
     runs, result = _runs(args)
     argv = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--out", result,
-            "--train-subset", str(args.train_subset), "--val-subset", str(args.val_subset),
-            "-b", str(args.batch_size), "-j", "0", "--seed", str(args.seed), "--bit", str(args.bit),
+            "--train-subset", str(args.ft_subset or args.train_subset), "--val-subset", str(args.val_subset),
+            "-b", str(args.ft_batch_size or args.batch_size), "-j", "0", "--seed", str(_ft_seed(args)), "--bit", str(args.bit),
             "--init", path, "--no-progress"]
     a = snn_ft.get_parser().parse_args(argv)
     a.run_kind = "ft"
@@ -166,10 +177,10 @@ class Study:
         from classification import engine, workflow
         from common import dist, pipeline
         name, kw = parse_method(spec)
-        dist.seed_all(self.args.seed, 0)  # every method sees the same shuffles
+        dist.seed_all(_ft_seed(self.args), 0)  # every method sees the same shuffles
         net, before, reused = self.convert(), 0.0, None
         stages = name.split("+")
-        layerwise = ("epochs", "lr", "batches", "bias_iters", "schedule", "accept", "local_batches")
+        layerwise = ("epochs", "lr", "batches", "bias_iters", "schedule", "accept", "local_batches", "min_steps")
         if stages[-1] == "e2e" and len(stages) > 1 and not any(k in kw for k in layerwise):
             prior = "+".join(stages[:-1])
             if prior in self.done:  # continue from that run's tuned net: only the end-to-end stage is new
@@ -240,15 +251,18 @@ def main(argv=None) -> Dict:
     if args.quick:
         args.train_subset, args.val_subset, args.batch_size = min(args.train_subset, 64), min(args.val_subset, 32), 16
         args.epochs_fp, args.epochs_q, args.ft_batches, args.score_batches = 1, 1, 2, 1
+        args.ft_subset = args.ft_subset and min(args.ft_subset, 48)
+        args.ft_batch_size = args.ft_batch_size and min(args.ft_batch_size, 16)
         args.settle_max = 2 if args.settle_max is None else args.settle_max
     args.data = args.data or os.path.join(args.out, "data")
     path = train_chain(args)
     methods = [m for m in args.methods.split(";" if ":" in args.methods else ",") if m.strip()]
     fa = _ft_args(args, path)
     out: Dict = {"arch": args.arch, "dataset": args.dataset, "bit": args.bit, "train_subset": args.train_subset,
-                 "val_subset": args.val_subset, "checkpoint": path, "argv": argv, "threads": torch.get_num_threads()}
+                 "ft_subset": args.ft_subset or args.train_subset, "ft_batch_size": args.ft_batch_size or args.batch_size,
+                 "val_subset": args.val_subset, "seed": args.seed, "ft_seed": _ft_seed(args), "checkpoint": path, "argv": argv, "threads": torch.get_num_threads()}
     with dist.session(fa.device, fa.local_rank) as ctx:
-        dist.seed_all(args.seed, ctx.rank)
+        dist.seed_all(_ft_seed(args), ctx.rank)
         data = TASK.build_data(fa, ctx)
         ann, _, _ = workflow._load_for_snn(fa, TASK, data, ctx)
         st = Study(args, ann, data, ctx.device)
@@ -273,6 +287,7 @@ def main(argv=None) -> Dict:
             kmax = args.settle_max if args.settle_max is not None else depth * T
             ks = [int(k) for k in args.settle_k.split(",")] if args.settle_k else None
             out["settle"] = st.settle(kmax if ks is None else max(ks), ks)
+        if not args.no_settle and not args.no_figure:
             K = out["settle"]["K"]
             steps = T + (K if K is not None else out["settle"]["sweep"][-1]["K"])
             curves = {}
@@ -299,7 +314,7 @@ def main(argv=None) -> Dict:
           f"(T = {out['T']})\n" + "\n".join(f"  {r['method']:40s} {r['top1']:6.2f}  {r['seconds']:7.1f} s"
                                              for r in out.get("methods", [])))
     if "settle" in out:
-        print(f"  settle: smallest K = {out['settle']['K']}; figure -> {out['figure']}")
+        print(f"  settle: smallest K = {out['settle']['K']}" + (f"; figure -> {out['figure']}" if "figure" in out else ""))
     return out
 
 

@@ -183,6 +183,9 @@ def evaluate_snn(ann: nn.Module, net, loader, make_metric: Callable[[], object],
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
+MIN_STEPS = 50  # --min-steps: SGD steps per fine-tuning epoch at least (docs/fidelity.md, "Regimes")
+
+
 def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("mse", "kl"),
                     default_loss: str = "mse", loss_help: str = "",
                     epochs_default: int = 1, epochs_help: str = ""):
@@ -217,6 +220,10 @@ def add_method_args(p, *, default: str = "fastsnn", losses: Sequence[str] = ("ms
                         "every other method (the better measured, docs/fidelity.md)")
     p.add_argument("--local-batches", "--local_batches", dest="local_batches", type=int, default=8, metavar="N",
                    help="batches of the --ft-accept local test (default 8)")
+    p.add_argument("--min-steps", "--min_steps", dest="min_steps", type=int, default=MIN_STEPS, metavar="N",
+                   help="every layer-wise and end-to-end epoch makes at least N SGD steps: a fine-tuning set of fewer "
+                        f"batches is cycled (default {MIN_STEPS}; 0: one pass per epoch; --method fastsnn, the original "
+                        "algorithm, always makes one pass)")
     return p
 
 
@@ -237,6 +244,8 @@ def check_method_args(args):
     """One-line errors for the :func:`add_method_args` flags."""
     if getattr(args, "e2e_lr", None) is not None and args.e2e_lr < 0:
         raise UserError(f"--e2e-lr {args.e2e_lr} must not be negative", "pass a value >= 0")
+    if getattr(args, "min_steps", 0) < 0:
+        raise UserError(f"--min-steps {args.min_steps} must not be negative", "pass 0 (one pass per epoch) or more")
     for name in ("e2e_batches", "e2e_epochs", "local_batches"):
         v = getattr(args, name, 1)
         if v is not None and v < 1:
@@ -253,6 +262,8 @@ def method_options(args) -> dict:
     accept = accept_mode(getattr(args, "ft_accept", "score"), args.method)
     if accept != "score" and not getattr(args, "force", False):
         opts.update(accept=accept, local_batches=args.local_batches)
+    if args.method != "fastsnn" and getattr(args, "min_steps", 0):
+        opts["min_steps"] = args.min_steps
     if "e2e" not in args.method.split("+"):
         return opts
     return {**opts, "e2e_batches": args.e2e_batches, "e2e_epochs": args.e2e_epochs, "e2e_lr": args.e2e_lr,

@@ -256,13 +256,28 @@ def e2e_params(net: SpikingNetwork) -> List[nn.Parameter]:
     return out
 
 
+def epoch_plan(min_steps: Optional[int], n: Optional[int], max_batches: Optional[int] = None):
+    """``(passes, steps)`` of one fine-tuning epoch over a loader of ``n`` batches per pass (already capped by
+    ``max_batches``): with ``min_steps`` and a set of fewer batches than that, ``ceil(min_steps / n)`` passes,
+    at most ``max_batches`` steps in all; one pass when ``min_steps`` is ``None``, ``n`` is unknown, or the
+    pass is already cut at ``max_batches`` (the set is not small, the cap is the user's)."""
+    if min_steps is None or not n or (max_batches is not None and n >= max_batches):
+        return 1, n
+    steps = max(1, math.ceil(min_steps / n)) * n
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    return math.ceil(steps / n), steps
+
+
 def end_to_end(ann: nn.Module, net: SpikingNetwork, loader, *, epochs: int = 1, lr: float = 1e-3,
                momentum: float = 0.9, weight_decay: float = 0.0, loss="auto", max_batches: Optional[int] = None,
                device=None, inputs=None, force: bool = True, score_fn: Optional[Callable] = None,
-               best: Optional[float] = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """The end-to-end stage (module docstring): ``epochs`` passes of SGD with a cosine learning rate over
-    ``loader`` (``max_batches`` per pass). Without ``force`` an epoch is kept only if ``score_fn(net)``
-    beats ``best`` (the score before, measured if not given). Returns a history dict."""
+               best: Optional[float] = None, min_steps: Optional[int] = None,
+               log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """The end-to-end stage (module docstring): ``epochs`` epochs of SGD with a cosine learning rate over
+    ``loader`` (``max_batches`` per pass; an epoch makes enough passes for ``min_steps`` steps, see
+    :func:`epoch_plan`). Without ``force`` an epoch is kept only if ``score_fn(net)`` beats
+    ``best`` (the score before, measured if not given). Returns a history dict."""
     import copy
     import itertools
     import time
@@ -286,13 +301,19 @@ def end_to_end(ann: nn.Module, net: SpikingNetwork, loader, *, epochs: int = 1, 
     n_per = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None:
         n_per = max_batches if n_per is None else min(n_per, max_batches)
+    reps, steps = epoch_plan(min_steps, n_per, max_batches)
+    if reps > 1:
+        log(f"finetune end-to-end: {n_per} batches per pass < min_steps {min_steps}: each epoch makes {reps} "
+            f"passes ({steps} steps)")
+    n_per = steps
     total = (n_per or 1) * epochs
     entry = {"layer": "end-to-end", "stage": "e2e", "epochs": [], "accepted": False}
     t0, step = time.time(), 0
     ann.eval()
     try:
         for epoch in range(epochs):
-            it = itertools.islice(loader, max_batches)
+            it = itertools.chain.from_iterable(itertools.islice(loader, max_batches) for _ in range(reps))
+            it = itertools.islice(it, steps) if reps > 1 else it
             if progress:
                 from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates its argument eagerly
                 it = tqdm(it, desc=f"ft end-to-end ep {epoch + 1}", total=n_per, leave=False, dynamic_ncols=True)
@@ -350,4 +371,4 @@ def end_to_end(ann: nn.Module, net: SpikingNetwork, loader, *, epochs: int = 1, 
 
 
 __all__ = ["bias_owner", "bias_epoch", "bnstats_epoch", "record_rates", "rate_forward", "output_loss",
-           "e2e_params", "end_to_end"]
+           "e2e_params", "epoch_plan", "end_to_end"]

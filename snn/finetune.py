@@ -150,7 +150,8 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
              cache=False, cache_mb: float = 2048, inputs: Optional[Callable] = None,
              method: str = "fastsnn", schedule: str = "constant", bias_iters: int = 2,
              e2e_epochs: int = 1, e2e_lr: Optional[float] = None, e2e_loss="auto",
-             e2e_batches: Optional[int] = None, accept: str = "score", local_batches: int = 8) -> List[dict]:
+             e2e_batches: Optional[int] = None, accept: str = "score", local_batches: int = 8,
+             min_steps: Optional[int] = None) -> List[dict]:
     """Tune ``net`` in place, layer by layer. Returns one JSON-ready dict per tuned layer.
 
     ``loader`` yields ``(images, targets)`` (targets unused), dicts with an ``"image"`` entry, or
@@ -190,6 +191,13 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     at the first layers is near chance while the layers after them are uncorrected, so it mostly judges
     noise there). The end-to-end stage is always judged by ``score_fn`` (accepting every epoch when
     there is none).
+
+    ``min_steps``: a floor on the SGD steps of each ``fastsnn`` epoch and each end-to-end epoch. When the
+    fine-tuning set has fewer batches (``n``) than that, an epoch makes ``ceil(min_steps / n)`` passes over
+    them (at most ``max_batches`` steps) before it is judged: on 600 images in batches of 100 one pass is 6
+    steps per layer, too few for SGD with momentum to move a layer, and the accept test reverts most of
+    them (:func:`snn.calibrate.epoch_plan`; measured in docs/fidelity.md). ``None`` (default, the original):
+    one pass per epoch. A set of at least ``min_steps`` batches, or cut at ``max_batches``, is not affected.
     """
     stages = method.split("+") if isinstance(method, str) else list(method)
     bad = [st for st in stages if st not in STAGES]
@@ -208,6 +216,8 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
     if accept not in ("score", "local"):
         raise ValueError(f"accept={accept!r}: use 'score' (the whole SNN's score_fn) or 'local' (the layer's error)")
     local = accept == "local" and not force
+    if min_steps is not None and min_steps < 1:
+        raise ValueError(f"min_steps={min_steps}: use None (one pass per epoch) or a positive number")
     if local and local_batches < 1:
         raise ValueError(f"local_batches={local_batches}: judge the layers on at least one batch")
     if not force and score_fn is None and not local:
@@ -240,6 +250,10 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
         batches = Batches(ann, net, todo, loader, max_batches, device, inputs)
         if cache and todo:
             batches.use_cache(cache, cache_mb, log)
+        reps, steps = calibrate.epoch_plan(min_steps, batches.total(), max_batches)
+        if reps > 1 and todo:
+            log(f"finetune: {batches.total()} batches per pass < min_steps {min_steps}: each layer-wise epoch makes "
+                f"{reps} passes ({steps} steps)")
     else:
         todo = []
     for li, layer in enumerate(todo):
@@ -286,13 +300,18 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
                 p.requires_grad_(True)
             opt = torch.optim.SGD(layer.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
             lr_at = None
+            reps, per_epoch = calibrate.epoch_plan(min_steps, batches.total(), max_batches)
             if schedule == "cosine":
-                steps = max(1, epochs * (batches.total() or 1))
+                steps = max(1, epochs * (per_epoch or 1))
                 lr_at = lambda i: lr * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))  # noqa: E731
             for epoch in range(epochs):
-                losses = _tune_epoch(layer, net, batches.prefixes(li), batches.total(), opt, T, bn_mode,
-                                     desc=f"ft {li + 1}/{len(todo)} {layer.name} ep {epoch + 1}" if show else None,
-                                     lr_at=lr_at, step0=epoch * (batches.total() or 1))
+                losses = []
+                for rep in range(reps):
+                    left = None if reps == 1 else per_epoch - len(losses)  # the last pass may stop early
+                    losses += _tune_epoch(layer, net, batches.prefixes(li), batches.total() if left is None else
+                                          min(left, batches.total()), opt, T, bn_mode,
+                                          desc=f"ft {li + 1}/{len(todo)} {layer.name} ep {epoch + 1}" if show else None,
+                                          lr_at=lr_at, step0=epoch * (per_epoch or 1) + len(losses), max_steps=left)
                 if _dist_on():
                     _average(list(layer.module.buffers()))
                 ep = {"epoch": epoch + 1, "loss_first": losses[0], "loss_mean": sum(losses) / len(losses),
@@ -317,7 +336,7 @@ def finetune(ann: nn.Module, net: SpikingNetwork, loader, epochs: int = 1, lr: f
                                      momentum=momentum, weight_decay=0.0, loss=e2e_loss,
                                      max_batches=max_batches if e2e_batches is None else e2e_batches,
                                      device=device, inputs=inputs, force=force or score_fn is None,
-                                     score_fn=score_fn, best=best,
+                                     score_fn=score_fn, best=best, min_steps=min_steps,
                                      log=log, progress=show)
         history.append(entry)
     net.eval()
@@ -347,10 +366,11 @@ def _layer_error(layer: SpikingLayer, prefixes, T: int, device=None) -> float:
 
 
 def _tune_epoch(layer: SpikingLayer, net: SpikingNetwork, prefixes, total, opt, T, bn_mode,
-                desc=None, lr_at=None, step0: int = 0) -> List[float]:
-    """One epoch of ``layer``; ``prefixes`` yields its ``(target, input trains)`` per batch."""
+                desc=None, lr_at=None, step0: int = 0, max_steps: Optional[int] = None) -> List[float]:
+    """One pass of ``layer`` (at most ``max_steps`` batches); ``prefixes`` yields its ``(target, input
+    trains)`` per batch."""
     neuron = layer.neuron
-    it = prefixes
+    it = prefixes if max_steps is None else itertools.islice(prefixes, max_steps)
     if desc is not None:
         from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates its argument eagerly
         it = tqdm(prefixes, desc=desc, total=total, leave=False, dynamic_ncols=True)

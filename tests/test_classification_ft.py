@@ -71,7 +71,7 @@ def test_default_method_and_options_recorded(ann2, fake_cifar, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "method fastsnn+e2e (e2e: 1 batches x 3 epoch(s), lr 0.01, loss ce)" in out
     assert rec["method"] == "fastsnn+e2e" and rec["finetune"][-1]["layer"] == "end-to-end"
-    opts = {"e2e_batches": 1, "e2e_epochs": 3, "e2e_lr": 0.01, "e2e_loss": "ce"}
+    opts = {"min_steps": 50, "e2e_batches": 1, "e2e_epochs": 3, "e2e_lr": 0.01, "e2e_loss": "ce"}
     assert [e["epoch"] for e in rec["finetune"][-1]["epochs"]] == [1, 2, 3]
     assert rec["method_options"] == opts
     ck = torch.load(tmp_path / "resnet20_2bit_ft" / BEST, weights_only=True)
@@ -93,7 +93,7 @@ def test_accept_auto_is_the_original_test_for_the_original_method(tmp_path):
     """--ft-accept auto (default): the layer-wise steps of the default method are judged locally; --method fastsnn
     keeps the original's whole-SNN score (so its options stay empty: the original algorithm); --force needs none."""
     parse = lambda *a: ft_script.get_parser().parse_args(["--data", str(tmp_path), *a])  # noqa: E731
-    e2e = {"e2e_batches": None, "e2e_epochs": 3, "e2e_lr": None, "e2e_loss": "ce"}
+    e2e = {"min_steps": 50, "e2e_batches": None, "e2e_epochs": 3, "e2e_lr": None, "e2e_loss": "ce"}
     assert workflow.method_options(parse()) == {"accept": "local", "local_batches": 8, **e2e}
     assert workflow.method_options(parse("--force")) == e2e
     assert workflow.method_options(parse("--method", "fastsnn")) == {}
@@ -111,6 +111,7 @@ def test_accept_auto_is_the_original_test_for_the_original_method(tmp_path):
     (["--e2e-epochs", "0"], "--e2e-epochs 0 must be at least 1"),
     (["--e2e-lr", "-1"], "--e2e-lr -1.0 must not be negative"),
     (["--local-batches", "0"], "--local-batches 0 must be at least 1"),
+    (["--min-steps", "-1"], "--min-steps -1 must not be negative"),
 ])
 def test_bad_method_is_one_line_error(extra, needle, fake_cifar, tmp_path, capsys):
     capsys.readouterr()
@@ -169,6 +170,7 @@ def test_imagenet_snn_ft_has_the_method_flags(tmp_path):
     a = task.parse_args("ft", ["-a", "resnet18", "--bit", "2", str(tmp_path)])
     assert (a.method, a.e2e_batches, a.e2e_epochs, a.e2e_lr, a.e2e_loss) == ("fastsnn+e2e", None, 3, None, "ce")
     a = task.parse_args("ft", ["-a", "resnet18", "--method", "bias+fastsnn", "--e2e-lr", "0.01", str(tmp_path)])
-    assert a.method == "bias+fastsnn" and workflow.method_options(a) == {"accept": "local", "local_batches": 8}
+    assert a.method == "bias+fastsnn" and workflow.method_options(a) == {"accept": "local", "local_batches": 8,
+                                                                       "min_steps": 50}
     with pytest.raises(Exception, match="is not a method"):
         workflow.check_method("fastsnn+nope")
