@@ -1,4 +1,4 @@
-"""Fidelity ablation (issue 13): which fine-tuning method closes the SNN-ANN gap at exactly T, and how
+"""Fidelity ablation: which fine-tuning method closes the SNN-ANN gap at exactly T, and how
 many settle steps make the SNN equal its quantized ANN.
 
 On the demo's data and chain (:mod:`classification.demo`: Fashion-MNIST subset, the 32 -> 4 -> 3 -> 2-bit

@@ -1,4 +1,4 @@
-"""Fidelity methods beyond the original layer-wise fine-tuner (issue 13), for any converted network.
+"""Fidelity methods beyond the original layer-wise fine-tuner, for any converted network.
 
 Layer-wise stages (run by :func:`snn.finetune` layer by layer, in execution order, on the same batches and
 prefix cache as the original algorithm; the layers before are already corrected):

@@ -1,4 +1,4 @@
-"""Layer-wise fine-tuning of a converted SNN (spec section 8).
+"""Layer-wise fine-tuning of a converted SNN.
 
 Spiking layers are tuned one at a time, in execution order, from the 2nd to the last (the first layer
 is exact, the non-spiking read-out is never tuned). "Layer k" is every op between the neurons that
