@@ -465,7 +465,7 @@ def test_snn_ft_methods(trained, scene_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method fastsnn+e2e (e2e: 1 batches x 2 epoch(s), lr 0.001, loss yolo), layer-wise steps kept if the layer" in out
     opts = {"accept": "local", "local_batches": 1, "e2e_batches": None, "e2e_epochs": 2, "e2e_lr": None,
-            "e2e_loss": "yolo"}
+            "e2e_loss": "yolo", "min_steps": 50}
     assert rec["method"] == "fastsnn+e2e" and rec["method_options"] == opts
     e2e = rec["finetune"][-1]
     assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])

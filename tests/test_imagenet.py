@@ -436,7 +436,8 @@ def test_torchrun_two_processes(data, tmp_path):
 
 def test_seed_readme_commands_distributed_launch(data_small, tmp_path):
     """The README's ImageNet commands as written (python -m torch.distributed.launch, run from a
-    working directory with result/ below it), with -b 2, one epoch, 2 processes, the tiny data."""
+    working directory with result/ below it), with -b 2, one epoch, one pass of fine-tuning per epoch,
+    2 processes, the tiny data."""
     def seed(script, args):
         return _launch("torch.distributed.launch", script, args.split() + [data_small], str(tmp_path))
     seed("dali_main.py", "-a alexnet -b 2 --bit 4 --workers 4 --lr=0.025 --epochs 1 --dali_cpu")
@@ -445,8 +446,10 @@ def test_seed_readme_commands_distributed_launch(data_small, tmp_path):
     r = seed("snn.py", "-a alexnet -b 2 -e -u --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 "
                        "--dali_cpu")
     assert "T=7, unsigned" in r.stdout and r.stdout.count(" * Acc@1 ") == 1
+    # --min-steps 0: one pass per epoch over the tiny data (the default floor would cycle its few batches
+    # to 50 steps per layer, minutes of CPU for a test of the command line)
     r = seed("snn_ft.py", "-a alexnet -b 2 --bit 3 --init result/alexnet_3bit/model_best.pth.tar --workers 4 "
-                          "--dali_cpu")
+                          "--dali_cpu --min-steps 0")
     # the original's result/alexnet_<bit>bit paths name this project's result/imagenet/alexnet_<bit>bit
     assert "using result/imagenet/alexnet_3bit/model_best.pth.tar" in r.stdout
     assert (tmp_path / "result" / "imagenet" / "alexnet_3bit_ft" / "model_best.pth.tar").is_file()

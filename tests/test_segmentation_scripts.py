@@ -128,7 +128,7 @@ def test_finetune_methods_and_opt_in_malloc(chain, tmp_path, monkeypatch, capsys
                                "--local-batches", "1", "--save_folder", str(tmp_path / "ft"), "--init", chain["best2"]])
     assert calls == []
     opts = {"accept": "local", "local_batches": 1, "e2e_batches": None, "e2e_epochs": 2, "e2e_lr": None,
-            "e2e_loss": "ce"}
+            "e2e_loss": "ce", "min_steps": 50}
     assert rec["method"] == "fastsnn+e2e" and rec["method_options"] == opts
     e2e = rec["finetune"][-1]
     assert e2e["layer"] == "end-to-end" and len(e2e["epochs"]) == 2 and all("score" in e for e in e2e["epochs"])
