@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import quant
 import snn
@@ -17,6 +16,7 @@ from common import dist, metrics, plots
 from common.cli import ArgumentParser, plain_args, unshadow_script_dir
 from common.errors import format_error
 from common.logger import TensorBoard
+from spawn_util import spawn
 
 
 def _one_line_error(capsys, fn, code=2):
@@ -242,7 +242,7 @@ def _ddp_worker(rank, world, port, out):
 
 
 def test_two_process_gloo_reductions(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, 2, 2, _free_port(), str(tmp_path))
     r = [torch.load(tmp_path / f"r{i}.pt", weights_only=True) for i in range(2)]
     for i in range(2):
         assert r[i]["sum"] == [3.0, 2.0] and r[i]["avg"] == 0.5 and r[i]["any"] is True and r[i]["ws"] == 2

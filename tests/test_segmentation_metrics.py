@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from segmentation.metrics import SegMetric, confusion_matrix, scores
+from spawn_util import spawn
 
 
 def test_confusion_matrix_by_hand_with_ignore():
@@ -93,7 +93,7 @@ def _worker(rank, world, init_file, out):
 
 
 def test_confusion_matrix_reduced_over_two_processes(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, 2, 2, str(tmp_path / "init"), str(tmp_path))
     r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "r1.pt", weights_only=True)
     g = torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+from spawn_util import spawn  # noqa: E402
 
 
 def _worker(rank, world, init_file, out_dir, cache):
@@ -32,7 +32,7 @@ def _worker(rank, world, init_file, out_dir, cache):
 @pytest.mark.parametrize("cache", [False, True])  # the prefix cache: each rank caches its own batches
 def test_finetune_under_ddp_keeps_ranks_identical(tmp_path, cache):
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), cache), nprocs=world, join=True)
+    spawn(_worker, world, world, str(tmp_path / "init"), str(tmp_path), cache)
     r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "r1.pt", weights_only=True)
     assert r0["samples"] == r1["samples"] == 64  # summary reduced over both ranks (2 x 32)
