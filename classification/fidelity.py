@@ -264,7 +264,7 @@ def main(argv=None) -> Dict:
     with dist.session(fa.device, fa.local_rank) as ctx:
         dist.seed_all(_ft_seed(args), ctx.rank)
         data = TASK.build_data(fa, ctx)
-        ann, _, _ = workflow._load_for_snn(fa, TASK, data, ctx)
+        _, ann, _, _ = workflow.open_trained(fa, TASK, ctx, data)
         st = Study(args, ann, data, ctx.device)
         base = st.evaluate(st.convert())
         T = base["T"]

@@ -17,7 +17,6 @@ import argparse
 import bisect
 import collections
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -32,10 +31,10 @@ from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_
     plain_scheduler_state, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
+from common import runner
 from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
-from common.pipeline import (add_method_args, check_method, check_method_args, method_options,  # noqa: F401
-                             method_text)
-from common.pipeline import finetune_options as pipeline_finetune_options
+from common.pipeline import check_method, check_method_args, method_options  # noqa: F401
+from common.runner import FT_CACHE, select_layers  # noqa: F401
 
 from . import engine
 from .metrics import TopK, format_acc
@@ -380,23 +379,36 @@ def train_ann(args, task: Task) -> Dict:
         log(f"{args.arch} {args.bit}-bit (weights {model.wbit}-bit) on {data.name}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) "
             f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones} -> {out_dir}")
-        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None)
+        ddp, criterion = dist.wrap_ddp(model, ctx), nn.CrossEntropyLoss()
 
-        def on_epoch_end(done, best_acc1, is_best, hist):
-            rng = _gather_rng_states(ctx, generators)  # collective: every rank
-            if ctx.is_main:
-                state = {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
-                         "dataset": data.name, "epoch": done, "best_acc1": best_acc1,
-                         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": plain_scheduler_state(scheduler), "rng_state": rng, "seed": args.seed,
-                         "args": plain_args(args), "history": hist}
-                runs.save_epoch(state, out_dir, is_best, {"arch": args.arch, "bit": args.bit, "dataset": data.name})
-        with tb:
-            best, history = engine.fit(dist.wrap_ddp(model, ctx), optimizer, scheduler, data.train_loader,
-                                       data.val_loader, epochs=args.epochs, start_epoch=start, best_acc1=best,
-                                       history=history, on_epoch_end=on_epoch_end, print_freq=args.print_freq,
-                                       show_progress=args.progress, tb=tb, max_iters=args.max_iters)
-        return _finish_training(args, task, data, model, out_dir, history)
+        def train_epoch(epoch):
+            lr = optimizer.param_groups[0]["lr"]
+            tr = engine.train_one_epoch(ddp, data.train_loader, criterion, optimizer, epoch + 1,
+                                        print_freq=args.print_freq, show_progress=args.progress, tb=tb,
+                                        max_iters=args.max_iters)
+            scheduler.step()
+            return {"lr": lr, **tr}
+
+        def evaluate(epoch):
+            te = engine.evaluate(model, data.val_loader, criterion, desc=f"test {epoch + 1}", show_progress=args.progress)
+            return {"test_loss": te["loss"], "test_top1": te["top1"], "test_top5": te["top5"]}
+
+        def state(done, best_acc1, hist):
+            return {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
+                    "dataset": data.name, "epoch": done, "best_acc1": best_acc1, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": plain_scheduler_state(scheduler),
+                    "rng_state": _gather_rng_states(ctx, generators),  # collective: every rank
+                    "seed": args.seed, "args": plain_args(args), "history": hist}
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+            best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_top1",
+                                          best_name="best_acc1", train_epoch=train_epoch, evaluate=evaluate,
+                                          state=state, summary={"arch": args.arch, "bit": args.bit, "dataset": data.name},
+                                          tb=tb)
+        return runner.write_training(
+            args, out_dir, history, start=args.start_epoch, key="test_top1", label="top-1 (%)",
+            train_key="train_top1", title=f"{args.arch} {args.bit}-bit on {data.name}", start_flag="--start-epoch",
+            result=lambda top: _ann_result(model, task, top["test_top1"], top["test_top5"], None),
+            record=lambda res: _record(args, data, model, res, script="main.py", checkpoint=os.path.join(out_dir, BEST)))
 
 
 def loader_generators(loader) -> Dict[str, torch.Generator]:
@@ -453,7 +465,7 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
         log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1', 0.0):.2f}; {how}")
         if args.init:
             log("--init ignored: the run continues from its checkpoint")
-        return start, float(ckpt.get("best_acc1", 0.0)), list(ckpt.get("history", []))
+        return start, ckpt.get("best_acc1"), list(ckpt.get("history", []))
     if args.init:
         ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data)
         if ck.get("dataset") not in (None, data.name):
@@ -461,22 +473,7 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
         log(f"initialised from {args.init}")
     if args.start_epoch:
         _set_lr(optimizer, scheduler, milestones, args.start_epoch)
-    return args.start_epoch, 0.0, []
-
-
-def _finish_training(args, task, data, model, out_dir, history) -> Dict:
-    best = runs.best_epoch(history, "test_top1", args.start_epoch, args.epochs, "--start-epoch")
-    result = _ann_result(model, task, best["test_top1"], best["test_top5"], None)
-    rec = _record(args, data, model, result, script="main.py", checkpoint=os.path.join(out_dir, BEST),
-                  best_epoch=best["epoch"], epochs=history[-1]["epoch"])
-
-    def plot(r, path):
-        from common.plots import plot_training
-        return [plot_training(history, os.path.splitext(path)[0] + "_curves.png",
-                              f"{args.arch} {args.bit}-bit on {data.name}")]
-    runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
-    log(f"best test top-1 {best['test_top1']:.2f} (epoch {best['epoch']}) -> {os.path.join(out_dir, BEST)}")
-    return rec
+    return args.start_epoch, None, []
 
 
 def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
@@ -491,23 +488,16 @@ def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
     return rec
 
 
-# ---------------------------------------------------------------------------------------- snn.py
-def _load_for_snn(args, task, data, ctx):
-    """Build the ANN, load ``--init`` (default: the run's model_best), return ``(ann, ckpt, path)``."""
-    if args.bit == 32:
-        raise UserError("--bit 32 is a full-precision ANN: it has no activation clips to become thresholds"
-                        + (" (so -u/--unsigned has nothing to act on)" if getattr(args, "unsigned", False) else ""),
-                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
+# ---------------------------------------------------------------------------------------- snn.py / snn_ft.py
+def open_trained(args, task: Task, ctx, data: Optional[Data] = None):
+    """``(data, model, ckpt, path)``: the task's data (built unless given) and the trained ANN of ``--init``
+    (default: the run's model_best) in eval mode."""
+    runner.check_convertible(args)
+    data = data or task.build_data(args, ctx)
     path = args.init or os.path.join(run_dir(args), BEST)
     model, ckpt = load_trained(args, task, data, ctx.device, path, "--init",
                                f"train it first ({task.train_script} --arch {args.arch} --bit {args.bit} ...) or pass --init PATH")
-    model.eval()
-    return model, ckpt, path
-
-
-def _convert(args, model, ckpt):
-    from common import pipeline
-    return pipeline.convert_trained(model, ckpt, args, f"{args.arch} {args.bit}-bit")
+    return data, model.eval(), ckpt, path
 
 
 def ann_reference(res: Dict, ckpt: dict) -> Dict:
@@ -536,19 +526,43 @@ def _snn_line(res: Dict) -> str:
     return f"SNN top-1 {res['top1']:.2f} ({ann}); per step " + " ".join(f"{a:.1f}" for a in res["per_step_top1"])
 
 
-def run_snn_eval(model: nn.Module, net, loader, args, *, desc: str = "snn test",
-                 max_batches: Optional[int] = None) -> Dict:
-    """The ANN and its SNN side by side (:func:`common.pipeline.evaluate_snn` with a top-1 / top-5
-    metric): SNN ``top1`` / ``top5`` after the last step, ``ann_top1`` / ``ann_top5``, ``per_step_top1``
-    (t = 1..T + settle), ``T``, ``neuron``, ``settle``, ``samples``, ``layers``, ``sops``, ``snn_macs``,
-    ``ann_macs``, ``energy``, ``seconds``. Prints the ``* Acc@1 .. Acc@5 ..`` line."""
-    from common import pipeline
-    res = pipeline.evaluate_snn(model, net, loader, TopK.factory(), key="top1", desc=desc,
-                                progress=args.progress, max_batches=max_batches)
+def _flatten(res: Dict) -> Dict:
+    """:func:`common.pipeline.evaluate_snn`'s dict as the record's keys (``top5`` / ``ann_top5`` added);
+    prints the ``* Acc@1 .. Acc@5 ..`` line."""
     snn_res, ann_res = res.pop("snn"), res.pop("ann")
     res.update(top5=snn_res["top5"], ann_top5=ann_res["top5"])
     log(format_acc(res["top1"], res["top5"]))
     return res
+
+
+def cross_entropy_loss(out, ann_out, batch):
+    """The end-to-end loss ``--e2e-loss ce``: cross-entropy of the SNN's logits with the batch's labels."""
+    return F.cross_entropy(out, batch[1].to(out.device))
+
+
+def _score(args, data, ctx, model, loader):
+    """The accept / revert score: the SNN's train top-1 on a pass over the training set (the original's
+    test), or on ``--score-batches`` N batches drawn once -- every decision then compares the SNN before
+    and after on the same images (the first N batches of a new shuffle each time made it an unpaired
+    comparison, whose noise at N = 8, about 2 points, decided about as many layers as the tuning did)."""
+    batches = loader if args.score_batches is None else engine.fixed_batches(loader, args.score_batches)
+    return engine.top1_score(batches, show_progress=args.progress)
+
+
+def runner_task(task: Task) -> runner.Task:
+    """The classification task as the shared stages see it (:mod:`common.runner`)."""
+    return runner.Task(
+        name="classification", key="top1", ft_method=FT_METHOD, root_flag="--out",
+        open=lambda args, ctx, train: open_trained(args, task, ctx), run_dir=run_dir,
+        loaders=lambda args, data, ctx: (data.train_loader, data.val_loader),
+        make_metric=lambda args, data, model: TopK.factory(), record=_record, plot=_plot_snn, snn_line=_snn_line,
+        score=_score, flatten=_flatten, reference=ann_reference, before_keys=("top5",),
+        score_text=lambda args: "the train top-1 (" + ("the whole training set" if args.score_batches is None
+                                                       else f"{args.score_batches} batches") + ")",
+        ft_meta=lambda args, data, model, res: {
+            "arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
+            "dataset": data.name, "best_acc1": res["top1"], "ann_top5": res["ann_top5"]},
+        e2e_losses=lambda model: {"ce": cross_entropy_loss})
 
 
 def evaluate_snn(args, task: Task) -> Dict:
@@ -557,153 +571,27 @@ def evaluate_snn(args, task: Task) -> Dict:
     args.run_kind = "snn"
     setup_run(args, task)
     _tune_malloc(args)
+    rt = runner_task(task)
     with dist.session(args.device, args.local_rank) as ctx:
-        data = task.build_data(args, ctx)
-        model, ckpt, path = _load_for_snn(args, task, data, ctx)
-        net = _convert(args, model, ckpt)
-        res = ann_reference(run_snn_eval(model, net, data.val_loader, args, max_batches=args.max_iters), ckpt)
-        log(_snn_line(res))
-        finetuned = bool(ckpt.get("snn_finetuned"))
-        rec = _record(args, data, model, res, script="snn.py", checkpoint=path, finetuned=finetuned)
-        runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, run_dir(args)), runs.metrics_name(res)), _plot_snn)
-        return rec
+        data, model, ckpt, path = rt.open(args, ctx, False)
+        return runner.snn_eval(rt, args, ctx, data, model, ckpt, path, script="snn.py", loader=data.val_loader)
 
 
-# ---------------------------------------------------------------------------------------- snn_ft.py
 def finetune_snn(args, task: Task) -> Dict:
     """``snn_ft.py``: layer-wise fine-tuning of the converted SNN (``-e``: only evaluate the SNN)."""
     args.run_kind = "ft"
     setup_run(args, task)
-    _tune_malloc(args)
-    if args.num_epochs < 1:
-        raise UserError(f"-n/--num_epochs {args.num_epochs} must be at least 1", "pass -n 1 or more")
-    with dist.session(args.device, args.local_rank) as ctx:
-        dist.seed_all(args.seed, ctx.rank)
-        data = task.build_data(args, ctx)
-        model, ckpt, path = _load_for_snn(args, task, data, ctx)
-        net = _convert(args, model, ckpt).to(ctx.device)
-        out_dir = run_dir(args, runs.ft_suffix(args.method, FT_METHOD))
-        if args.evaluate:  # the SNN on the test set (the original evaluated the ANN on the train set)
-            res = ann_reference(run_snn_eval(model, net, data.val_loader, args), ckpt)
-            log(_snn_line(res))
-            rec = _record(args, data, model, res, script="snn_ft.py -e", checkpoint=path,
-                          finetuned=bool(ckpt.get("snn_finetuned")))
-            runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, out_dir), runs.metrics_name(res)), _plot_snn)
-            return rec
-        runs.claim_run_folder(out_dir, args, can_resume=False, root_flag="--out")
-        return _run_finetune(args, task, data, model, net, path, out_dir)
-
-
-def cross_entropy_loss(out, ann_out, batch):
-    """The end-to-end loss ``--e2e-loss ce``: cross-entropy of the SNN's logits with the batch's labels."""
-    return F.cross_entropy(out, batch[1].to(out.device))
-
-
-def finetune_options(args) -> Dict:
-    """:func:`method_options` as :func:`snn.finetune` takes them (``ce`` as the loss callable)."""
-    return pipeline_finetune_options(args, {"ce": cross_entropy_loss})
-
-
-def _method_text(args) -> str:
-    n = "the whole training set" if args.score_batches is None else f"{args.score_batches} batches"
-    return method_text(args, args.max_iters, f"the train top-1 ({n})")
-
-
-def _run_finetune(args, task, data, model, net, init_path, out_dir) -> Dict:
-    from common import pipeline
-    bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
-    wd = args.weight_decay if args.weight_decay is not None else getattr(model, "ft_weight_decay", 1e-4)
-    before = None
-    if args.eval_before:
-        log("SNN before fine-tuning:")
-        before = run_snn_eval(model, net, data.val_loader, args, desc="snn test (before)")
-    log(f"fine-tuning {args.arch} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, "
-        f"wd {wd}, BN {bn_mode}, method {_method_text(args)}")
-    loader = runs.ReshuffledLoader(data.train_loader)
-    score = None
-    if not args.force and args.score_batches is None:  # the original's test: a pass over the training set
-        score = engine.top1_score(loader, show_progress=args.progress)
-    elif not args.force:
-        # N batches drawn once: every accept / revert decision compares the SNN before and after on the
-        # same images (the first N batches of a new shuffle each time made it an unpaired comparison, whose
-        # noise at N = 8 -- about 2 points -- decided about as many layers as the tuning did)
-        score = engine.top1_score(engine.fixed_batches(loader, args.score_batches), show_progress=args.progress)
-    t0 = time.time()
-    with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-        history = pipeline.finetune(model, net, loader, score=score, epochs=args.num_epochs, lr=args.lr,
-                                    momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode,
-                                    max_batches=args.max_iters, layers=select_layers(net, args.ft_layers),
-                                    progress=args.progress, cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb,
-                                    tb=tb, method=args.method, method_options=finetune_options(args))
-    seconds = time.time() - t0
-    log("SNN after fine-tuning:")
-    res = run_snn_eval(model, net, data.val_loader, args, desc="snn test (after)")
-    ckpt_path = os.path.join(out_dir, BEST)
-    # the source ANN (not the tuned weights run as an ANN) is the reference of this SNN: its test
-    # accuracy, measured beside the SNN on the same images, and its checkpoint go into the file
-    pipeline.save_finetuned(ckpt_path, net, {
-        "arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
-        "dataset": data.name, "bn_mode": bn_mode, "method": args.method, "method_options": method_options(args),
-        "epoch": args.num_epochs, "best_acc1": res["top1"], "top1": res["top1"], "init": init_path,
-        "ann_top1": res["ann_top1"], "ann_top5": res["ann_top5"], "ann_samples": res["samples"], "seed": args.seed,
-        "args": plain_args(args), "history": history})
-    log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
-    rec = _record(args, data, model, res, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True,
-                  init=init_path, ann_checkpoint=init_path, bn_mode=bn_mode, weight_decay=wd, method=args.method,
-                  method_options=method_options(args), finetune_seconds=seconds,
-                  before={k: before[k] for k in ("top1", "top5", "per_step_top1", "layers")} if before else None,
-                  finetune=history)
-    runs.write_metrics(args, rec, os.path.join(out_dir, runs.metrics_name(res, "metrics_snn_ft")), _plot_snn)
-    if before is not None:
-        log(f"SNN top-1 {before['top1']:.2f} -> {res['top1']:.2f} after fine-tuning (ANN {res['ann_top1']:.2f})")
-    return rec
-
-
-def select_layers(net, patterns: str) -> Optional[List[str]]:
-    """Spiking-layer names matching comma-separated globs (``None``: all layers)."""
-    if not patterns:
-        return None
-    import fnmatch
-    pats = [p.strip() for p in patterns.split(",") if p.strip()]
-    names = list(net.neurons())
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-    if not chosen:
-        raise UserError(f"--ft-layers {patterns!r} matches none of the spiking layers",
-                        f"choose from {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
-    return chosen
-
-
-FT_CACHE = {"auto": "auto", "on": True, "off": False}  # --ft-cache -> snn.finetune(cache=...)
+    return runner.finetune(runner_task(task), args)
 
 
 def add_finetune_args(p: ArgumentParser):
-    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
-                   help="fine-tuning epochs per layer (default 1; honoured for every arch)")
-    p.add_argument("--force", action="store_true",
-                   help="accept every tuned layer (skip the train-set accuracy check)")
     p.add_argument("--ft-lr", dest="lr", type=float, help="alias of --lr (fine-tuning learning rate)")
-    p.add_argument("--ft-bn", choices=("frozen", "recalibrate"), default=None,
-                   help="BN during fine-tuning (default: the model's ft_bn_mode)")
-    p.add_argument("--score-batches", type=int, default=None,
-                   help="without --force: judge each tuning step on N training batches, drawn once and the "
-                        "same for every decision (default: a pass over the whole training set, the original's)")
-    p.add_argument("--ft-layers", default="", metavar="PATTERNS",
-                   help="tune only the spiking layers whose names match these comma-separated globs "
-                        "(e.g. 'layer1.*,layer2.0.act2'; default: every layer from the 2nd on)")
-    p.add_argument("--ft-cache", choices=tuple(FT_CACHE), default="auto",
-                   help="prefix cache: draw the fine-tuning batches once and carry the frozen layers' outputs "
-                        "from one tuned layer to the next instead of recomputing them (auto: when --max-iters "
-                        "bounds the batches; on: always, reusing the same batches for every layer; default auto)")
-    p.add_argument("--ft-cache-mb", type=int, default=2048, metavar="MB",
-                   help="memory the prefix cache may use; when the batches' cached values need more, the "
-                        "prefixes are recomputed instead (default 2048)")
-    p.add_argument("--eval-before", action=argparse_bool(), default=True,
-                   help="also evaluate the SNN before fine-tuning (default on)")
-    add_method_args(p, default=FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
-                    loss_help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best "
-                              "measured, docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, "
-                              "mse = squared error to them",
-                    epochs_default=3, epochs_help="epochs of the end-to-end stage, each kept only if the accept / "
-                                                  "revert score improves (default 3: the best measured, docs/fidelity.md)")
-
-
+    runner.add_finetune_args(
+        p, method=FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
+        loss_help="loss of the end-to-end stage: ce = cross-entropy with the labels (default; the best measured, "
+                  "docs/fidelity.md), kl = KL divergence to the quantized ANN's logits, mse = squared error to them",
+        score_default=None, score_help="without --force: judge each tuning step on N training batches, drawn once "
+                                       "and the same for every decision (default: a pass over the whole training "
+                                       "set, the original's)",
+        e2e_epochs=3, e2e_epochs_help="epochs of the end-to-end stage, each kept only if the accept / revert score "
+                                      "improves (default 3: the best measured, docs/fidelity.md)")

@@ -71,25 +71,30 @@ def plot_layers(runs: Mapping[str, List[dict]], path: str, title: str = "") -> s
     return _save(fig, path)
 
 
-def plot_training(history: List[Dict], path: str, title: str = "") -> str:
-    """``history``: per-epoch dicts with ``epoch``, ``train_loss``, ``train_top1``, ``test_top1``, ``lr``."""
+def plot_training(history: List[Dict], path: str, title: str = "", key: str = "test_top1",
+                  label: str = "top-1 (%)", train_key: Optional[str] = "train_top1") -> str:
+    """Training curves: loss (``train_loss``, and ``test_loss`` where recorded), the evaluated metric
+    ``key`` (and ``train_key``, where recorded) and the learning rate per epoch."""
     plt = _pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.5))
     a1.plot(ep, [h.get("train_loss") for h in history], label="train")
-    a1.plot(ep, [h.get("test_loss") for h in history], label="test")
+    if any(h.get("test_loss") is not None for h in history):
+        a1.plot(ep, [h.get("test_loss") for h in history], label="test")
     a1.set_ylabel("loss")
-    a2.plot(ep, [h.get("train_top1") for h in history], label="train")
-    a2.plot(ep, [h.get("test_top1") for h in history], label="test")
-    a2.set_ylabel("top-1 (%)")
+    if train_key and any(h.get(train_key) is not None for h in history):
+        a2.plot(ep, [h.get(train_key) for h in history], label="train")
+    ev = [h for h in history if h.get(key) is not None]
+    a2.plot([h["epoch"] for h in ev], [h[key] for h in ev], marker="o", label=key.split("_")[0])
+    a2.set_ylabel(label)
     a3.plot(ep, [h.get("lr") for h in history])
     a3.set_yscale("log")
     a3.set_ylabel("learning rate")
     for a in (a1, a2, a3):
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
-    a1.legend(fontsize=8)
-    a2.legend(fontsize=8)
+        if a is not a3:
+            a.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -20,41 +20,33 @@ from detection import workflow as W  # noqa: E402
 
 
 def get_parser() -> ArgumentParser:
-    from common.pipeline import add_method_args, add_snn_args
+    from common import runner
+    from common.pipeline import add_snn_args
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     W.add_model_args(p, bit_default=2)
     W.add_data_args(p, W.DATASETS_TRAIN, "voc")
     W.add_runtime_args(p, train=True)
     W.add_size_arg(p)
     p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
-                   help="fine-tuning epochs per layer (default 1)")
     p.add_argument("--aug", default="ssd", choices=("ssd", "flip", "none"),
                    help="augmentation of the fine-tuning batches (as train.py; default ssd)")
-    p.add_argument("--force", action="store_true", help="accept every tuned layer (no mAP check)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight_decay", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
-    p.add_argument("--ft-bn", "--ft_bn", dest="ft_bn", choices=("frozen", "recalibrate"), default="recalibrate",
-                   help="BN during fine-tuning (default recalibrate)")
-    p.add_argument("--score-batches", "--score_batches", dest="score_batches", type=int, default=8,
-                   help="without --force: judge each layer on the mAP of the first N training batches (default 8)")
-    p.add_argument("--ft-cache", "--ft_cache", dest="ft_cache", choices=("auto", "on", "off"), default="auto",
-                   help="prefix cache of the fine-tuner (default auto)")
-    p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=W.bool_flag(), default=True,
-                   help="also evaluate the SNN before fine-tuning (default on)")
-    add_method_args(p, default=W.FT_METHOD, losses=("yolo", "mse"), default_loss="yolo",
-                    loss_help="loss of the end-to-end stage: yolo = the YOLO training loss with the ground-truth "
-                              "boxes (default), mse = squared error to the quantized ANN's raw predictions")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight_decay", "--weight-decay", dest="weight_decay", type=float, default=5e-4,
+                   help="weight decay (default 5e-4)")
+    runner.add_finetune_args(
+        p, method=W.FT_METHOD, losses=("yolo", "mse"), default_loss="yolo", bn_default="recalibrate",
+        loss_help="loss of the end-to-end stage: yolo = the YOLO training loss with the ground-truth boxes (default), "
+                  "mse = squared error to the quantized ANN's raw predictions",
+        score_default=8, score_help="without --force: judge each layer on the mAP of the first N training batches "
+                                    "(default 8)")
     add_snn_args(p)
     W.add_post_args(p)
     return p
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    args.ft_cache = {"auto": "auto", "on": True, "off": False}[args.ft_cache]
-    return W.finetune(args)
+    return W.finetune(get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common import runs
+from common import runner, runs
 from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
@@ -390,7 +390,7 @@ def train(args) -> dict:
             optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                         weight_decay=args.weight_decay)
         ema = ModelEMA(model) if args.ema else None
-        start, best, history = args.start_epoch, -1.0, []
+        start, best, history = args.start_epoch, None, []
         if rckpt is not None:
             import quant
             model.load_state_dict(quant.strip_prefix(rckpt.get("model_state", rckpt["state_dict"])))
@@ -398,10 +398,10 @@ def train(args) -> dict:
             if ema is not None:
                 ema = ModelEMA(model, updates=int(rckpt.get("ema_updates", 0)))
                 ema.ema.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
-            start, best, history = int(rckpt["epoch"]), float(rckpt.get("best_map", -1.0)), list(rckpt.get("history", []))
+            start, best, history = int(rckpt["epoch"]), rckpt.get("best_map"), list(rckpt.get("history", []))
             if rckpt.get("rng_state") and not ctx.distributed:
                 set_rng_state(rckpt["rng_state"][0])
-            log(f"resumed {resume}: {start} epochs done, best mAP {best:.2f}")
+            log(f"resumed {resume}: {start} epochs done, best mAP {best}")
         train_model = model
         if args.sybn and ctx.distributed:
             if ctx.device.type == "cuda":
@@ -421,88 +421,70 @@ def train(args) -> dict:
         log(f"epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones(args.epochs)}, warm-up {warm} iters"
             + (f", multi-scale {sizes[0]}-{sizes[-1]}" if args.multi_scale else f", size {args.train_size}")
             + (", EMA" if ema else ""))
-        tb = TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None)
         make_metric = make_metric_fn(model, data, args)
-        with tb:
-            for epoch in range(start, args.epochs):
-                D.set_epoch(train_loader, epoch)
-                ddp.train()
-                lr = base_lr(args, epoch)
-                meters = {"loss": 0.0, "conf": 0.0, "cls": 0.0, "box": 0.0, "iou": 0.0}
-                n = 0
-                t0 = time.time()
-                size = args.train_size
-                bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", args.progress, total=iters)
-                for i, batch in enumerate(bar):
-                    if i >= iters:
-                        break
-                    D.check_batch(batch)
-                    it = epoch * iters + i
-                    cur = lr * (it / warm) ** 4 if it < warm else lr
-                    for g in optimizer.param_groups:
-                        g["lr"] = cur
-                    if args.multi_scale and i % 10 == 0:
-                        size = random.Random((args.seed or 0) * 1000003 + it).choice(sizes)  # same on every rank
-                    images = batch["image"].to(ctx.device, non_blocking=True)
-                    if images.shape[-1] != size:
-                        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-                    targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
-                    loss, parts = yolo_loss(ddp(images), targets, model.anchors, (size, size))
-                    runs.check_finite(loss, epoch + 1, i + 1)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update(model)
-                    meters["loss"] += float(loss.detach())
-                    for k, v in parts.items():
-                        meters[k] += v
-                    n += 1
-                    if hasattr(bar, "set_postfix") and i % 5 == 0:
-                        bar.set_postfix(loss=f"{meters['loss'] / n:.3f}", lr=f"{cur:.2e}", size=size)
-                    tb.scalars(it, "train/", loss=float(loss.detach()), lr=cur, **parts)
-                avg = dict(zip(meters, dist.all_reduce_sum([v / max(n, 1) for v in meters.values()])))
-                avg = {k: v / ctx.world_size for k, v in avg.items()}
-                rec = {"epoch": epoch + 1, "lr": lr, "train_loss": avg["loss"], **{f"train_{k}": v for k, v in avg.items()
-                                                                                  if k != "loss"},
-                       "seconds": time.time() - t0}
-                evaluate_now = (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == args.epochs
-                is_best = False
-                if evaluate_now:
-                    from common import pipeline
-                    eval_model = ema.ema if ema is not None else model
-                    res = pipeline.evaluate(eval_model, val_loader, make_metric, inputs=D.inputs, device=ctx.device,
-                                            progress=args.progress, desc=f"test {epoch + 1}", max_batches=args.max_iters)
-                    rec.update(test_map=res["map"], test_map_all_point=res["map_all_point"])
-                    is_best = res["map"] > best
-                    best = max(best, res["map"])
-                    tb.scalars(epoch + 1, "epoch/", test_map=res["map"])
-                rec["best_map"] = best
-                history.append(rec)
-                log(f"epoch {epoch + 1}/{args.epochs}: loss {avg['loss']:.3f} (conf {avg['conf']:.3f} cls {avg['cls']:.3f} "
-                    f"box {avg['box']:.3f} iou {avg['iou']:.3f}) lr {lr:.2e} {rec['seconds']:.0f}s"
-                    + (f" | mAP {rec['test_map']:.2f} (all-point {rec['test_map_all_point']:.2f}) best {best:.2f}"
-                       if evaluate_now else ""))
-                tb.scalars(epoch + 1, "epoch/", train_loss=avg["loss"], lr=lr)
-                if ctx.is_main:
-                    weights = (ema.ema if ema is not None else model).state_dict()
-                    state = {**_meta(model, data, args), "epoch": epoch + 1, "best_map": best, "state_dict": weights,
-                             "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
-                             "rng_state": [rng_state()], "args": plain_args(args), "history": history}
-                    runs.save_epoch(state, out_dir, is_best, {"version": args.version, "bit": args.bit})
-        top = runs.best_epoch(history, "test_map", start, args.epochs)
-        res = {"map": top.get("test_map"), "ann_map": top.get("test_map"), "map_all_point": top.get("test_map_all_point"),
-               "best_epoch": top["epoch"], "epochs": history[-1]["epoch"]}
-        rec = _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history)
-        runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), lambda r, p: [_plot_training(history, p, args)])
-        log(f"best mAP {top.get('test_map', float('nan')):.2f} (epoch {top['epoch']}) -> {os.path.join(out_dir, BEST)}")
-        return rec
 
+        def train_epoch(epoch):
+            D.set_epoch(train_loader, epoch)
+            ddp.train()
+            lr = base_lr(args, epoch)
+            meters = {"loss": 0.0, "conf": 0.0, "cls": 0.0, "box": 0.0, "iou": 0.0}
+            n, t0, size = 0, time.time(), args.train_size
+            bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", args.progress, total=iters)
+            for i, batch in enumerate(bar):
+                if i >= iters:
+                    break
+                D.check_batch(batch)
+                it = epoch * iters + i
+                cur = lr * (it / warm) ** 4 if it < warm else lr
+                for g in optimizer.param_groups:
+                    g["lr"] = cur
+                if args.multi_scale and i % 10 == 0:
+                    size = random.Random((args.seed or 0) * 1000003 + it).choice(sizes)  # same on every rank
+                images = batch["image"].to(ctx.device, non_blocking=True)
+                if images.shape[-1] != size:
+                    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+                targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
+                loss, parts = yolo_loss(ddp(images), targets, model.anchors, (size, size))
+                runs.check_finite(loss, epoch + 1, i + 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                meters["loss"] += float(loss.detach())
+                for k, v in parts.items():
+                    meters[k] += v
+                n += 1
+                if hasattr(bar, "set_postfix") and i % 5 == 0:
+                    bar.set_postfix(loss=f"{meters['loss'] / n:.3f}", lr=f"{cur:.2e}", size=size)
+                tb.scalars(it, "train/", loss=float(loss.detach()), lr=cur, **parts)
+            avg = [v / ctx.world_size for v in dist.all_reduce_sum([v / max(n, 1) for v in meters.values()])]
+            return {"lr": lr, **{f"train_{k}": v for k, v in zip(meters, avg)}, "seconds": time.time() - t0}
 
-def _plot_training(history, path, args):
-    from .plots import plot_training
-    return plot_training(history, os.path.splitext(path)[0] + "_curves.png", f"{args.version} {args.bit}-bit")
+        def evaluate(epoch):
+            from common import pipeline
+            res = pipeline.evaluate(ema.ema if ema is not None else model, val_loader, make_metric, inputs=D.inputs,
+                                    device=ctx.device, progress=args.progress, desc=f"test {epoch + 1}",
+                                    max_batches=args.max_iters)
+            return {"test_map": res["map"], "test_map_all_point": res["map_all_point"]}
+
+        def state(done, best, history):
+            return {**_meta(model, data, args), "epoch": done, "best_map": best,
+                    "state_dict": (ema.ema if ema is not None else model).state_dict(),
+                    "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
+                    "rng_state": [rng_state()], "args": plain_args(args), "history": history}
+        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+            best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_map",
+                                          best_name="best_map", train_epoch=train_epoch, evaluate=evaluate, state=state,
+                                          summary={"version": args.version, "bit": args.bit}, every=args.eval_epoch,
+                                          tb=tb)
+        return runner.write_training(
+            args, out_dir, history, start=start, key="test_map", label="test mAP (%)",
+            title=f"{args.version} {args.bit}-bit",
+            result=lambda top: {"map": top.get("test_map"), "ann_map": top.get("test_map"),
+                                "map_all_point": top.get("test_map_all_point")},
+            record=lambda res: _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history))
 
 
 # ---------------------------------------------------------------------------------------- eval.py
@@ -519,14 +501,6 @@ def _print_result(res: dict, spike: bool):
         log(f"mAP {res['map']:.2f} (VOC07 11-point {full['map_voc07']:.2f}, all-point {full['map_all_point']:.2f})")
 
 
-def _convert(args, model, ckpt, device):
-    from common import pipeline
-    if args.bit == 32:
-        raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
-                        "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
-    return pipeline.convert_trained(model, ckpt, args, f"{args.version} {args.bit}-bit", device)
-
-
 def _open(args, ctx, *, train: bool):
     """The checkpoint, the data of its classes and the model it holds."""
     ckpt, path = open_trained(args)
@@ -540,26 +514,19 @@ def evaluate(args) -> dict:
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         data, model, ckpt, path = _open(args, ctx, train=False)
         loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
-        make_metric = make_metric_fn(model, data, args)
-        finetuned = bool(ckpt.get("snn_finetuned"))
         if args.dataset == "coco-test":
-            return _coco_test(args, model, ckpt, data, loader, make_metric, path, ctx)
-        from common import pipeline
+            return _coco_test(args, model, ckpt, data, loader, make_metric_fn(model, data, args), path, ctx)
         if args.spike:
-            net = _convert(args, model, ckpt, ctx.device)
-            res = pipeline.evaluate_snn(model, net, loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
-                                        progress=args.progress, max_batches=args.max_iters)
-            res["per_step_map_all_point"] = None
-            name = runs.metrics_name(res)
-        else:
-            full = pipeline.evaluate(model, loader, make_metric, inputs=D.inputs, device=ctx.device,
-                                     progress=args.progress, max_batches=args.max_iters)
-            res = {**full, "ann_map": full["map"], "per_step_map": []}
-            name = "metrics_ann_eval.json"
-        _print_result(res, args.spike)
-        rec = _record(args, "eval.py", model, data, res, path, finetuned=finetuned, input_size=args.input_size)
-        out = runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, run_dir(args)), name), _plot_eval)
-        return {**rec, "path": out}
+            return runner.snn_eval(TASK, args, ctx, data, model, ckpt, path, script="eval.py", loader=loader)
+        from common import pipeline
+        full = pipeline.evaluate(model, loader, make_metric_fn(model, data, args), inputs=D.inputs, device=ctx.device,
+                                 progress=args.progress, max_batches=args.max_iters)
+        res = {**full, "ann_map": full["map"], "per_step_map": []}
+        _print_result(res, False)
+        rec = _record(args, "eval.py", model, data, res, path, finetuned=bool(ckpt.get("snn_finetuned")),
+                      input_size=args.input_size)
+        folder = runs.eval_dir(path, run_dir(args))
+        return {**rec, "path": runs.write_metrics(args, rec, os.path.join(folder, "metrics_ann_eval.json"), _plot_eval)}
 
 
 def _plot_eval(rec, path):
@@ -570,12 +537,12 @@ def _plot_eval(rec, path):
 @torch.no_grad()
 def _coco_test(args, model, ckpt, data, loader, make_metric, path, ctx) -> dict:
     """COCO test-dev has no public annotations: write the detections JSON for the evaluation server."""
-    runner = _convert(args, model, ckpt, ctx.device) if args.spike else model
+    fwd = runner.convert(TASK, args, model, ckpt, ctx) if args.spike else model
     metric = make_metric()
     for i, batch in enumerate(progress(loader, "coco test-dev", args.progress)):
         if args.max_iters is not None and i >= args.max_iters:
             break
-        metric.update(runner(D.inputs(batch).to(ctx.device)), batch)
+        metric.update(fwd(D.inputs(batch).to(ctx.device)), batch)
     images = metric._gathered()
     out = args.metrics_out or os.path.join(runs.eval_dir(path, run_dir(args)), "detections_test-dev2017_results.json")
     if dist.is_main():
@@ -595,59 +562,44 @@ def e2e_yolo_loss(anchors):
     return loss
 
 
+def _score(args, data, ctx, model, loader):
+    """The accept / revert score: the SNN's mAP on the first --score-batches training images, without
+    augmentation."""
+    from common import pipeline
+    plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
+    score_loader = D.make_loader(plain, ctx, args.batch_size, args.workers, False)
+    make_metric = make_metric_fn(model, data, args)
+    return lambda net: pipeline.evaluate(net, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
+                                         progress=False, max_batches=args.score_batches)["map"]
+
+
+def _loaders(args, data, ctx):
+    train = None if data.train is None else D.make_loader(data.train, ctx, args.batch_size, args.workers, True,
+                                                          seed=args.seed or 0)
+    return train, D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
+
+
+def _snn_line(res: dict) -> str:
+    aps = [f"AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}" for c, ap in (res.get("snn") or res).get("ap", {}).items()]
+    return "\n".join(aps + [f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; "
+                             "per step " + " ".join(f"{m:.1f}" for m in res["per_step_map"])])
+
+
+TASK = runner.Task(
+    name="detection", key="map", ft_method=FT_METHOD, open=lambda args, ctx, train: _open(args, ctx, train=train),
+    run_dir=run_dir, loaders=_loaders, make_metric=lambda args, data, model: make_metric_fn(model, data, args),
+    record=lambda args, data, model, res, *, script, checkpoint, **extra: _record(
+        args, script, model, data, res, checkpoint, input_size=args.input_size, **extra),
+    plot=lambda rec, path: _plot_eval(rec, path), snn_line=_snn_line, score=_score,
+    score_text=lambda args: f"the mAP of {args.score_batches} training batches",
+    ft_meta=lambda args, data, model, res: {**_meta(model, data, args), "best_map": res["map"]},
+    e2e_losses=lambda model: {"yolo": e2e_yolo_loss(model.anchors)},
+    flatten=lambda res: {**res, "per_step_map_all_point": None}, inputs=D.inputs, device=_device_arg)
+
+
 def finetune(args) -> dict:
     _check_read_args(args, True)
-    from common import pipeline
-    with dist.session(_device_arg(args), args.local_rank) as ctx:
-        dist.seed_all(args.seed, ctx.rank)
-        data, model, ckpt, path = _open(args, ctx, train=True)
-        out_dir = runs.claim_run_folder(run_dir(args, runs.ft_suffix(args.method, FT_METHOD)), args, can_resume=False)
-        net = _convert(args, model, ckpt, ctx.device)
-        val_loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
-        train_loader = D.make_loader(data.train, ctx, args.batch_size, args.workers, True, seed=args.seed or 0)
-        make_metric = make_metric_fn(model, data, args)
-        plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
-        score_loader = D.make_loader(plain, ctx, args.batch_size, args.workers, False)
-
-        def train_map(n):
-            """The SNN's mAP on the first --score-batches training batches (no augmentation)."""
-            return pipeline.evaluate(n, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
-                                     progress=False, max_batches=args.score_batches)["map"]
-        score = None if args.force else train_map
-        before = None
-        if args.eval_before:
-            log("SNN before fine-tuning:")
-            before = pipeline.evaluate_snn(model, net, val_loader, make_metric, key="map", inputs=D.inputs,
-                                           device=ctx.device, progress=args.progress, desc="snn eval (before)")
-            log(f"  SNN mAP {before['map']:.2f} (ANN {before['ann_map']:.2f})")
-        log(f"fine-tuning {args.version} {args.bit}-bit SNN (T={net.T}, {'signed' if net.signed else 'unsigned'}): "
-            f"{args.num_epochs} epoch(s) per layer, lr {args.lr}, method "
-            + pipeline.method_text(args, args.max_iters, f"the mAP of {args.score_batches} training batches"))
-        t0 = time.time()
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            history = pipeline.finetune(model, net, train_loader, score=score, inputs=D.inputs, epochs=args.num_epochs,
-                                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                        bn_mode=args.ft_bn, max_batches=args.max_iters, cache=args.ft_cache,
-                                        progress=args.progress, log=log, tb=tb, device=ctx.device, method=args.method,
-                                        method_options=pipeline.finetune_options(
-                                            args, {"yolo": e2e_yolo_loss(model.anchors)}))
-        seconds = time.time() - t0
-        after = pipeline.evaluate_snn(model, net, val_loader, make_metric, key="map", inputs=D.inputs, device=ctx.device,
-                                      progress=args.progress, desc="snn eval (after)")
-        ckpt_path = os.path.join(out_dir, BEST)
-        meta = {**_meta(model, data, args), "init": path, "map": after["map"], "best_map": after["map"],
-                "method": args.method, "method_options": pipeline.method_options(args),
-                "args": plain_args(args), "history": history}
-        if ctx.is_main:
-            pipeline.save_finetuned(ckpt_path, net, meta)
-        log(f"SNN mAP {before['map'] if before else float('nan'):.2f} -> {after['map']:.2f} after fine-tuning "
-            f"(ANN {after['ann_map']:.2f}); fine-tuned model (ANN format) -> {ckpt_path}")
-        rec = _record(args, "snn_ft.py", model, data, after, ckpt_path, finetuned=True, init=path,
-                      finetune_seconds=seconds, finetune=history, method=args.method,
-                      method_options=pipeline.method_options(args),
-                      before={k: before[k] for k in ("map", "ann_map", "per_step_map", "layers")} if before else None)
-        runs.write_metrics(args, rec, os.path.join(out_dir, runs.metrics_name(after, "metrics_snn_ft")), _plot_eval)
-        return rec
+    return runner.finetune(TASK, args)
 
 
 # ---------------------------------------------------------------------------------------- demo.py
@@ -661,15 +613,14 @@ def demo(args) -> List[str]:
         ckpt, path = open_trained(args)
         classes = D.read_classes(args.classes) if args.classes else (ckpt.get("classes") or list(D.VOC_CLASSES))
         model, ckpt, path = load_trained(args, len(classes), ctx.device, ckpt, path)
-        runner = _convert(args, model, ckpt, ctx.device) if args.spike else model
+        fwd = runner.convert(TASK, args, model, ckpt, ctx) if args.spike else model
         nms = args.nms_thresh if args.nms_thresh is not None else NMS_THRESH[model.version]
         tf = D.eval_transform(args.input_size)
-        os.makedirs(args.out, exist_ok=True)
-        written = []
-        for f, img in runs.read_each(files, D.read_image):
+
+        def draw(f, img):
             h, w = img.shape[-2:]
             x = tf(img).unsqueeze(0).to(ctx.device)
-            det = postprocess(runner(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
+            det = postprocess(fwd(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
                               args.max_det)[0]
             boxes = det["boxes"].cpu() * torch.tensor([w, h, w, h])
             labels = [f"{classes[int(l)]} {float(s):.2f}" for l, s in zip(det["labels"], det["scores"])]
@@ -677,10 +628,10 @@ def demo(args) -> List[str]:
             drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150)))
             dst = os.path.join(args.out, os.path.splitext(os.path.basename(f))[0] + ".png")
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(dst)
-            written.append(dst)
             log(f"{f}: {len(labels)} boxes -> {dst}" + (f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"
                                                         if labels else ""))
-        return written
+            return [dst]
+        return runner.predict(files, D.read_image, draw, args.out, getattr(args, "progress", True))
 
 
 def _colour(k: int):

@@ -1,11 +1,11 @@
-"""PNG figures of the segmentation task: mIoU after each time step, per-layer statistics, training curves,
-prediction overlays."""
+"""PNG figures of the segmentation task: mIoU after each time step, per-layer statistics, prediction
+overlays."""
 from __future__ import annotations
 
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from common.plots import _pyplot, _save, plot_metric_vs_t, plot_snn_record
+from common.plots import _pyplot, plot_metric_vs_t, plot_snn_record
 
 
 def plot_miou_vs_t(curves: Mapping[str, Sequence[float]], path: str,
@@ -17,25 +17,6 @@ def plot_miou_vs_t(curves: Mapping[str, Sequence[float]], path: str,
 def plot_metrics(rec: Dict, json_path: str) -> List[str]:
     """mIoU-vs-t and per-layer PNGs for one SNN metrics record (nothing for an ANN record)."""
     return plot_snn_record(rec, json_path, key="miou", model="model", curve=plot_miou_vs_t, suffix="miou_vs_t")
-
-
-def plot_training(history: List[Dict], path: str, title: str = "") -> str:
-    """Training loss, validation mIoU and learning rate per epoch."""
-    plt = _pyplot()
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.5))
-    ep = [h["epoch"] for h in history]
-    a1.plot(ep, [h.get("train_loss") for h in history])
-    a1.set_ylabel("train loss")
-    ev = [h for h in history if h.get("val_miou") is not None]
-    a2.plot([h["epoch"] for h in ev], [h["val_miou"] for h in ev], marker="o")
-    a2.set_ylabel("val mIoU (%)")
-    a3.plot(ep, [h.get("lr") for h in history])
-    a3.set_ylabel("learning rate (end of epoch)")
-    for a in (a1, a2, a3):
-        a.set_xlabel("epoch")
-        a.grid(alpha=0.3)
-    fig.suptitle(title)
-    return _save(fig, path)
 
 
 def plot_overlays(panels: Sequence[Sequence], titles: Sequence[str], path: str, row_labels: Sequence[str] = ()) -> str:
@@ -61,4 +42,4 @@ def plot_overlays(panels: Sequence[Sequence], titles: Sequence[str], path: str, 
     return path
 
 
-__all__ = ["plot_miou_vs_t", "plot_metrics", "plot_training", "plot_overlays"]
+__all__ = ["plot_miou_vs_t", "plot_metrics", "plot_overlays"]

@@ -16,9 +16,7 @@ from common.cli import ArgumentParser, unshadow_script_dir
 
 unshadow_script_dir(__file__)
 
-import argparse  # noqa: E402
-
-from common import pipeline, run_cli  # noqa: E402
+from common import run_cli, runner  # noqa: E402
 from segmentation import workflow  # noqa: E402
 
 
@@ -27,19 +25,12 @@ def get_parser() -> ArgumentParser:
     workflow.add_common_args(p, bit_default=2, script="ft", lr_default=1e-3, init_help=(
         "ANN checkpoint (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar)"))
     workflow.add_snn_args(p)
-    p.add_argument("-n", "--num_epochs", "--num-epochs", dest="num_epochs", type=int, default=1,
-                   help="fine-tuning epochs per layer (default 1)")
-    p.add_argument("--force", action="store_true", help="accept every tuned layer (skip the train-mIoU check)")
-    p.add_argument("--score-batches", "--score_batches", dest="score_batches", type=int, default=4,
-                   help="without --force: judge each layer on the SNN mIoU of this many training batches (default 4)")
-    p.add_argument("--ft-bn", "--ft_bn", dest="ft_bn", choices=("frozen", "recalibrate"), default=None,
-                   help="BN during fine-tuning (default recalibrate, as the original's ResNet / ImageNet trees)")
-    p.add_argument("--eval-before", "--eval_before", dest="eval_before", action=argparse.BooleanOptionalAction,
-                   default=True, help="also evaluate the SNN before fine-tuning (default on)")
-    pipeline.add_method_args(p, default=workflow.FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
-                             loss_help="loss of the end-to-end stage: ce = per-pixel cross-entropy with the label "
-                                       "masks (ignore 255; default), kl = per-pixel KL divergence to the quantized "
-                                       "ANN's logits, mse = squared error to them")
+    runner.add_finetune_args(
+        p, method=workflow.FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
+        loss_help="loss of the end-to-end stage: ce = per-pixel cross-entropy with the label masks (ignore 255; "
+                  "default), kl = per-pixel KL divergence to the quantized ANN's logits, mse = squared error to them",
+        score_default=4, score_help="without --force: judge each layer on the SNN mIoU of this many training batches "
+                                    "(default 4)")
     return p
 
 

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from common import UserError
 from common import dist
-from common import runs
+from common import runner, runs
 from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
-from common.runs import ReshuffledLoader, count_macs, sgd_step
+from common.runs import count_macs, sgd_step
 
 from . import data as segdata
 from .metrics import IGNORE, make_metric_factory
@@ -44,7 +44,7 @@ DEFAULT_MODEL = "deeplabv1_vgg9"
 FT_METHOD = "fastsnn"          # snn_ft.py's default --method (its run folder is <run>_ft)
 DEFAULT_ROOT = {"voc": "data/VOCdevkit", "coco": "data/coco"}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-TASK = "segmentation"
+TASK_NAME = "segmentation"
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -130,7 +130,7 @@ SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "
                "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
                "output", "tune_malloc", "method", "e2e_batches", "e2e_loss", "e2e_epochs", "e2e_lr", "ft_accept",
                "local_batches", "alpha_init", "crop_size", "batch_size", "lr", "momentum", "weight_decay",
-               "train_subset", "seed", "tensorboard", "fresh"}
+               "train_subset", "seed", "tensorboard", "fresh", "ft_layers", "ft_cache", "ft_cache_mb", "min_steps"}
 
 
 def preset_path(name: str) -> str:
@@ -278,7 +278,7 @@ def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same
 
 def is_own_checkpoint(ckpt: dict, model: nn.Module) -> bool:
     """A segmentation checkpoint of this model (the bit chain, strict) rather than a backbone."""
-    if ckpt.get("task") == TASK:
+    if ckpt.get("task") == TASK_NAME:
         return True
     import quant
     from quant.layers import QUANTIZER_PARAMS
@@ -342,7 +342,7 @@ def load_trained(args, num_classes: int, device, path: str, what: str, hint: str
 
 
 def _meta(args, data, model) -> dict:
-    return {"task": TASK, "model": args.model, "arch": args.model, "bit": args.bit, "wbit": 32,
+    return {"task": TASK_NAME, "model": args.model, "arch": args.model, "bit": args.bit, "wbit": 32,
             "width": args.width, "num_classes": data.num_classes, "class_names": data.class_names,
             "dataset": args.dataset, "crop_size": args.crop_size, "test_size": args.test_size}
 
@@ -400,7 +400,7 @@ def train(args) -> Dict:
         else:
             src = {}
         if args.width is None:   # a run of the bit chain keeps its predecessor's width
-            args.width = float(src["width"]) if src.get("task") == TASK and src.get("width") is not None else 1.0
+            args.width = float(src["width"]) if src.get("task") == TASK_NAME and src.get("width") is not None else 1.0
         data = build_data(args, train=True, ctx=ctx)
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
         model = build_model(args, data.num_classes, ctx.device)
@@ -409,7 +409,7 @@ def train(args) -> Dict:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
-        start, best, history, init_info = 0, -1.0, [], None
+        start, best, history, init_info = 0, None, [], None
         if resumed is not None:
             import quant
             ckpt, path = resumed
@@ -418,13 +418,13 @@ def train(args) -> Dict:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scheduler.total_iters = total_iters   # this run's --epochs (a longer run continues the poly decay)
-            start, best, history = int(ckpt["epoch"]), float(ckpt.get("best_miou", -1.0)), list(ckpt.get("history", []))
+            start, best, history = int(ckpt["epoch"]), ckpt.get("best_miou"), list(ckpt.get("history", []))
             init_info = ckpt.get("init")
             if ckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
                 tr_loader.sampler.seed = int(ckpt["sampler_seed"])
             if ckpt.get("rng") and not ctx.distributed:
                 set_rng_state(ckpt["rng"])   # augmentation draws continue as in the uninterrupted run
-            log(f"resumed {path}: {start} epochs done, best mIoU {best:.2f}")
+            log(f"resumed {path}: {start} epochs done, best mIoU {best}")
         elif args.init:
             init_info = init_weights(model, args, data.num_classes, init_ckpt)
         if args.sybn and ctx.distributed and ctx.device.type == "cuda":
@@ -439,49 +439,37 @@ def train(args) -> Dict:
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) on "
             f"{ctx.device}; epochs {start}->{args.epochs}, {iters} iters/epoch, lr {args.lr} poly {args.power}")
         meta = _meta(args, data, model)
+
+        def train_epoch(epoch):
+            tr = train_one_epoch(net, tr_loader, optimizer, scheduler, epoch + 1, device=ctx.device,
+                                 show_progress=args.progress, tb=tb, max_iters=args.max_iters, start_iter=epoch * iters)
+            return {"lr": optimizer.param_groups[0]["lr"], **tr}   # the rate at the end of the epoch
+
+        def evaluate(epoch):
+            res = evaluate_ann(model, va_loader, data, device=ctx.device, show_progress=args.progress,
+                               desc=f"val {epoch + 1}")
+            return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"]}
+
+        def state(done, best, history):
+            return dict(meta, epoch=done, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), args=plain_args(args),
+                        history=history, init=init_info, sampler_seed=getattr(tr_loader.sampler, "seed", None),
+                        rng=rng_state())
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            for epoch in range(start, args.epochs):
-                tr = train_one_epoch(net, tr_loader, optimizer, scheduler, epoch + 1, device=ctx.device,
-                                     show_progress=args.progress, tb=tb, max_iters=args.max_iters,
-                                     start_iter=epoch * iters)
-                rec = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr}
-                is_best = False
-                if (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == args.epochs:
-                    res = evaluate_ann(model, va_loader, data, device=ctx.device, show_progress=args.progress,
-                                       desc=f"val {epoch + 1}")
-                    rec.update(val_miou=res["miou"], val_pixel_acc=res["pixel_acc"])
-                    is_best = res["miou"] > best
-                    best = max(best, res["miou"])
-                    tb.scalars(epoch + 1, "epoch/", train_loss=tr["train_loss"], val_miou=res["miou"],
-                               val_pixel_acc=res["pixel_acc"])
-                    log(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f} | val mIoU "
-                        f"{res['miou']:.2f} pixel acc {res['pixel_acc']:.2f} | best {best:.2f}")
-                else:
-                    log(f"epoch {epoch + 1}/{args.epochs}: train loss {tr['train_loss']:.4f}")
-                rec["best_miou"] = best
-                history.append(rec)
-                if ctx.is_main:
-                    state = dict(meta, epoch=epoch + 1, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
-                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 args=plain_args(args), history=history, init=init_info,
-                                 sampler_seed=getattr(tr_loader.sampler, "seed", None), rng=rng_state())
-                    runs.save_epoch(state, out_dir, is_best, {"model": args.model, "bit": args.bit})
-        best_h = runs.best_epoch(history, "val_miou", start, args.epochs)
-        result = {"miou": best_h.get("val_miou"), "ann_miou": best_h.get("val_miou"),
-                  "pixel_acc": best_h.get("val_pixel_acc"), "best_epoch": best_h["epoch"],
-                  "epochs": history[-1]["epoch"]}
-        rec = record(args, data, result, script="train.py", checkpoint=os.path.join(out_dir, BEST))
-        def plot(r, path):
-            from .plots import plot_training
-            return [plot_training(history, os.path.splitext(path)[0] + "_curves.png", f"{args.model} {args.bit}-bit")]
-        runs.write_metrics(args, rec, os.path.join(out_dir, "metrics_ann.json"), plot)
-        log(f"best val mIoU {best:.2f} (epoch {best_h['epoch']}) -> {os.path.join(out_dir, BEST)}")
-        return rec
+            best, history = runner.epochs(
+                args, ctx, out_dir, start=start, best=best, history=history, key="val_miou", best_name="best_miou",
+                train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"model": args.model, "bit": args.bit}, every=args.eval_epoch,
+                tb=tb)
+        return runner.write_training(
+            args, out_dir, history, start=start, key="val_miou", label="val mIoU (%)", title=f"{args.model} {args.bit}-bit",
+            result=lambda top: {"miou": top.get("val_miou"), "ann_miou": top.get("val_miou"),
+                                "pixel_acc": top.get("val_pixel_acc")},
+            record=lambda res: record(args, data, res, script="train.py", checkpoint=os.path.join(out_dir, BEST)))
 
 
 # ---------------------------------------------------------------------------------------- records
 def record(args, data, result: Dict, *, script: str, checkpoint: str, **extra) -> Dict:
-    rec = {"script": script, "task": TASK, "dataset": args.dataset, "model": args.model, "bit": args.bit,
+    rec = {"script": script, "task": TASK_NAME, "dataset": args.dataset, "model": args.model, "bit": args.bit,
            "width": args.width, "num_classes": data.num_classes, "class_names": data.class_names,
            "split": "val", "test_size": args.test_size, "T": None, "neuron": None, "samples": None,
            "miou": None, "ann_miou": None, "per_step_miou": [], "per_class_iou": [], "pixel_acc": None,
@@ -503,19 +491,16 @@ def _snn_result(res: Dict) -> Dict:
     return out
 
 
+def _plot(rec: Dict, path: str):
+    from .plots import plot_metrics
+    return plot_metrics(rec, path)
+
+
 def _write(args, rec: Dict, default_path: str) -> str:
-    def plot(r, path):
-        from .plots import plot_metrics
-        return plot_metrics(r, path)
-    return runs.write_metrics(args, rec, default_path, plot)
+    return runs.write_metrics(args, rec, default_path, _plot)
 
 
 # ---------------------------------------------------------------------------------------- eval.py
-def _convert(args, model, ckpt):
-    from common import pipeline
-    return pipeline.convert_trained(model, ckpt, args, f"{args.model} {args.bit}-bit")
-
-
 def _open(args, ctx, *, train: bool, need_quant: bool):
     """The checkpoint to read (its settings taken), the data, the model it holds."""
     ckpt, path = open_trained(args)
@@ -527,14 +512,6 @@ def _open(args, ctx, *, train: bool, need_quant: bool):
     data = build_data(args, train=train, ctx=ctx)
     model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init", ckpt=ckpt)
     return data, model.eval(), ckpt, path
-
-
-def run_snn_eval(args, model, net, loader, data, *, device, desc="snn eval", max_batches=None) -> Dict:
-    from common import pipeline
-    res = pipeline.evaluate_snn(model, net, loader, make_metric_factory(data.num_classes, data.class_names),
-                                key="miou", device=device, progress=args.progress, desc=desc,
-                                max_batches=max_batches)
-    return _snn_result(res)
 
 
 def evaluate(args) -> Dict:
@@ -559,13 +536,7 @@ def evaluate(args) -> Dict:
             rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
             _write(args, rec, os.path.join(folder, "metrics_ann_eval.json"))
             return rec
-        net = _convert(args, model, ckpt).to(ctx.device)
-        result = run_snn_eval(args, model, net, loader, data, device=ctx.device, max_batches=args.max_iters)
-        log(f"SNN mIoU {result['miou']:.2f} (ANN {result['ann_miou']:.2f}) T={result['T']} {result['neuron']}; "
-            "per step " + " ".join(f"{v:.1f}" for v in result["per_step_miou"]))
-        rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
-        _write(args, rec, os.path.join(folder, runs.metrics_name(result)))
-        return rec
+        return runner.snn_eval(TASK, args, ctx, data, model, ckpt, path, script="eval.py", loader=loader, folder=folder)
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
@@ -583,62 +554,39 @@ def e2e_cross_entropy(out, ann_out, batch):
     return pixel_cross_entropy(out, batch[1].to(out.device))
 
 
+def _score(args, data, ctx, model, loader):
+    """The accept / revert score: the SNN's mIoU on the first --score-batches training batches, without
+    augmentation (padded to --test_size)."""
+    from common import pipeline
+    score_ds = copy.copy(data.train)
+    score_ds.transforms = segdata.test_transforms(args.test_size)
+    score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)
+    make = make_metric_factory(data.num_classes, data.class_names)
+    return lambda net: float(pipeline.evaluate(net, score_loader, make, device=ctx.device, progress=args.progress,
+                                               desc="score (train mIoU)", max_batches=args.score_batches)["miou"])
+
+
+def _snn_line(res: Dict) -> str:
+    return (f"SNN mIoU {res['miou']:.2f} (ANN {res['ann_miou']:.2f}) T={res['T']} {res['neuron']}; per step "
+            + " ".join(f"{v:.1f}" for v in res["per_step_miou"]))
+
+
+TASK = runner.Task(
+    name=TASK_NAME, key="miou", ft_method=FT_METHOD,
+    open=lambda args, ctx, train: _open(args, ctx, train=train, need_quant=True), run_dir=run_dir,
+    loaders=lambda args, data, ctx: (None if data.train is None else train_loader(args, data, ctx),
+                                     val_loader(args, data, ctx)),
+    make_metric=lambda args, data, model: make_metric_factory(data.num_classes, data.class_names),
+    record=lambda args, data, model, res, **kw: record(args, data, res, **kw), plot=lambda r, p: _plot(r, p),
+    snn_line=_snn_line, score=_score, score_text=lambda args: f"the train mIoU ({args.score_batches} batches)",
+    ft_meta=lambda args, data, model, res: _meta(args, data, model),
+    e2e_losses=lambda model: {"ce": e2e_cross_entropy}, flatten=_snn_result)
+
+
 def finetune(args) -> Dict:
     """``snn_ft.py``: layer-wise fine-tuning of the segmenter SNN, saved in ANN format."""
     check_args(args)
-    from common import pipeline
-    pipeline.tune_malloc_if_asked(args, log)
-    with dist.session(args.device, args.local_rank) as ctx:
-        dist.seed_all(args.seed, ctx.rank)
-        data, model, ckpt, init_path = _open(args, ctx, train=True, need_quant=True)
-        out_dir = runs.claim_run_folder(run_dir(args, runs.ft_suffix(args.method, FT_METHOD)), args, can_resume=False)
-        tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
-        net = _convert(args, model, ckpt).to(ctx.device)
-        before = None
-        if args.eval_before:
-            log("SNN before fine-tuning:")
-            before = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (before)")
-            log(f"SNN mIoU {before['miou']:.2f} (ANN {before['ann_miou']:.2f})")
-        score = None  # --force: accept every layer
-        if not args.force:
-            # accept / revert: SNN mIoU on the first --score-batches training images, without augmentation
-            score_ds = copy.copy(data.train)
-            score_ds.transforms = segdata.test_transforms(args.test_size)
-            score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)
-            make = make_metric_factory(data.num_classes, data.class_names)
-
-            def train_miou(n):
-                return float(pipeline.evaluate(n, score_loader, make, device=ctx.device, progress=args.progress,
-                                               desc="score (train mIoU)", max_batches=args.score_batches)["miou"])
-            score = train_miou
-        bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
-        log(f"fine-tuning {args.model} {args.bit}-bit SNN: {args.num_epochs} epoch(s) per layer, lr {args.lr}, BN "
-            f"{bn_mode}, method "
-            + pipeline.method_text(args, args.max_iters, f"the train mIoU ({args.score_batches} batches)"))
-        t0 = time.time()
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            history = pipeline.finetune(model, net, ReshuffledLoader(tr_loader), score=score, epochs=args.num_epochs,
-                                        lr=args.lr, bn_mode=bn_mode, max_batches=args.max_iters,
-                                        progress=args.progress, log=log, tb=tb, method=args.method,
-                                        method_options=pipeline.finetune_options(args, {"ce": e2e_cross_entropy}))
-        seconds = time.time() - t0
-        log("SNN after fine-tuning:")
-        result = run_snn_eval(args, model, net, va_loader, data, device=ctx.device, desc="snn val (after)")
-        ckpt_path = os.path.join(out_dir, BEST)
-        meta = dict(_meta(args, data, model), T=net.T, neuron=result["neuron"], bn_mode=bn_mode, init=init_path,
-                    miou=result["miou"], epoch=args.num_epochs, method=args.method,
-                    method_options=pipeline.method_options(args), args=plain_args(args))
-        if ctx.is_main:
-            pipeline.save_finetuned(ckpt_path, net, meta)
-            log(f"fine-tuned SNN (ANN-format state dict) -> {ckpt_path}")
-        rec = record(args, data, result, script="snn_ft.py", checkpoint=ckpt_path, finetuned=True, init=init_path,
-                     bn_mode=bn_mode, finetune_seconds=seconds, finetune=history, method=args.method,
-                     method_options=pipeline.method_options(args),
-                     before={k: before[k] for k in ("miou", "ann_miou", "per_step_miou", "layers")} if before else None)
-        if before is not None:
-            log(f"SNN mIoU {before['miou']:.2f} -> {result['miou']:.2f} after fine-tuning (ANN {result['ann_miou']:.2f})")
-        _write(args, rec, os.path.join(out_dir, runs.metrics_name(result, "metrics_snn_ft")))
-        return rec
+    return runner.finetune(TASK, args)
 
 
 # ---------------------------------------------------------------------------------------- inference.py
@@ -656,17 +604,13 @@ def infer(args) -> List[str]:
         if names is None:
             names = list(segdata.VOC_CLASSES) if n == len(segdata.VOC_CLASSES) else [f"class{i}" for i in range(n)]
         model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", ckpt=ckpt)
-        model.eval()
-        runner = model
-        if args.spike:
-            if args.bit == 32:
-                raise UserError("--spike with --bit 32: a full-precision ANN cannot be converted",
-                                "pass --bit 2/3/4/5 and the checkpoint of that bit-width")
-            runner = _convert(args, model, ckpt).to(ctx.device)
-        os.makedirs(args.output, exist_ok=True)
+        if args.spike and args.bit == 32:
+            raise UserError("--spike with --bit 32: a full-precision ANN cannot be converted",
+                            "pass --bit 2/3/4/5 and the checkpoint of that bit-width")
+        fwd = runner.convert(TASK, args, model.eval(), ckpt, ctx).to(ctx.device) if args.spike else model.eval()
         palette = segdata.voc_palette()
-        written = []
-        for p, img in progress(runs.read_each(paths, segdata.read_image), "inference", args.progress, total=len(paths)):
+
+        def draw(p, img):
             h, w = img.shape[:2]
             side = max(h, w, args.test_size)
             side = ((side - 1 + stride - 1) // stride) * stride + 1   # next k * stride + 1
@@ -676,7 +620,7 @@ def infer(args) -> List[str]:
             x = torch.from_numpy(canvas).permute(2, 0, 1).float().div(255)
             x = (x - torch.tensor(segdata.MEAN).view(3, 1, 1)) / torch.tensor(segdata.STD).view(3, 1, 1)
             with torch.no_grad():
-                out = runner(x.unsqueeze(0).to(ctx.device))
+                out = fwd(x.unsqueeze(0).to(ctx.device))
             label = out[0, :, :h, :w].argmax(0).cpu().numpy().astype(np.uint8)
             stem = os.path.splitext(os.path.basename(p))[0]
             mask_path = os.path.join(args.output, f"{stem}_mask.png")
@@ -687,8 +631,8 @@ def infer(args) -> List[str]:
             Image.fromarray(overlay(img, label, names)).save(over_path)
             present = sorted({int(v) for v in np.unique(label)} - {0})
             log(f"{p}: {', '.join(names[c] for c in present) or 'background only'} -> {mask_path}, {over_path}")
-            written += [mask_path, over_path]
-        return written
+            return [mask_path, over_path]
+        return runner.predict(paths, segdata.read_image, draw, args.output, args.progress)
 
 
 def overlay(img, label, names=None):
