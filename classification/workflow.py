@@ -28,7 +28,7 @@ from common import UserError
 from common import dist
 from common import runs
 from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_state, \
-    plain_scheduler_state, rng_state, set_rng_state
+    plain_scheduler_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log
 from common import runner
@@ -397,7 +397,7 @@ def train_ann(args, task: Task) -> Dict:
             return {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
                     "dataset": data.name, "epoch": done, "best_acc1": best_acc1, "state_dict": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": plain_scheduler_state(scheduler),
-                    "rng_state": _gather_rng_states(ctx, generators),  # collective: every rank
+                    "rng_state": runner.rng_states(ctx, generators),  # collective: every rank
                     "seed": args.seed, "args": plain_args(args), "history": hist}
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_top1",
@@ -421,24 +421,11 @@ def loader_generators(loader) -> Dict[str, torch.Generator]:
     return {}
 
 
-def _gather_rng_states(ctx, generators) -> List[dict]:
-    """Every rank's RNG states (:func:`common.checkpoint.rng_state`), rank order."""
-    mine = rng_state(generators)
-    if not ctx.distributed:
-        return [mine]
-    states = [None] * ctx.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
-
-
 def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx, generators):
     """Returns ``(start_epoch, best_acc1, history)`` after ``--resume`` / ``--init`` / ``--start-epoch``."""
-    path = runs.resume_path(args.resume, out_dir)
-    runs.claim_run_folder(out_dir, args, resuming=bool(path), root_flag="--out")
+    path, ckpt, init_ckpt = runner.open_run(args, out_dir, root_flag="--out")
     if path:
-        ckpt = load_checkpoint(path, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
         _check_meta(ckpt, args, path, "--resume", same_bit=True, data=data, same_data=True)
-        runs.require_training_state(ckpt, path)
         wbit = ckpt.get("wbit")
         if wbit is not None and int(wbit) != model.wbit:
             raise UserError(f"--resume {path} was trained with {wbit}-bit weights, this model has {model.wbit}-bit",
@@ -455,19 +442,12 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
             load_scheduler_state(scheduler, ckpt["scheduler"])
         start = int(ckpt["epoch"])
         _set_lr(optimizer, scheduler, milestones, start)
-        states = ckpt.get("rng_state")
-        if states and len(states) == ctx.world_size:
-            set_rng_state(states[ctx.rank], generators)
-            how = "RNG states restored"
-        else:
-            how = ("RNG states not restored (the checkpoint holds none)" if not states else
-                   f"RNG states not restored (saved by {len(states)} process(es), this run has {ctx.world_size})")
-        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1', 0.0):.2f}; {how}")
-        if args.init:
-            log("--init ignored: the run continues from its checkpoint")
+        how = runner.restore_rng(ckpt, ctx, generators)
+        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1') or 0.0:.2f}; {how}")
         return start, ckpt.get("best_acc1"), list(ckpt.get("history", []))
     if args.init:
-        ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data)
+        ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data,
+                          ckpt=init_ckpt)
         if ck.get("dataset") not in (None, data.name):
             log(f"--init {args.init} was trained on {ck['dataset']}; this run trains on {data.name}")
         log(f"initialised from {args.init}")

@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from . import UserError, dist, pipeline, runs
-from .checkpoint import BEST
+from .checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
 from .cli import plain_args
 from .logger import TensorBoard, log, progress
 
@@ -101,6 +103,58 @@ def select_layers(net, patterns: str) -> Optional[List[str]]:
 
 
 # ---------------------------------------------------------------------------------------- training
+def open_run(args, out_dir: str, root_flag: str = "--save_folder") -> Tuple[str, Optional[dict], Optional[dict]]:
+    """A training run's folder and what it starts from: ``(resume path, its checkpoint, the --init
+    checkpoint)``. A folder holding another run is refused unless resumed or ``--fresh``
+    (:func:`common.runs.claim_run_folder`); ``--resume`` must hold a training state; ``--init`` is not read
+    when the run resumes (nor when it names a source that is not a file, e.g. ``torchvision``)."""
+    resume = runs.resume_path(args.resume, out_dir)
+    runs.claim_run_folder(out_dir, args, resuming=bool(resume), root_flag=root_flag)
+    rckpt = ickpt = None
+    if resume:
+        rckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
+        runs.require_training_state(rckpt, resume)
+        if args.init:
+            log("--init ignored: the run continues from its checkpoint")
+    elif args.init and args.init != "torchvision":
+        ickpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path")
+    return resume, rckpt, ickpt
+
+
+def rng_states(ctx, generators: Optional[Dict] = None) -> List[dict]:
+    """Every rank's RNG states (:func:`common.checkpoint.rng_state`), rank order; a collective under DDP."""
+    mine = rng_state(generators)
+    if not ctx.distributed:
+        return [mine]
+    states = [None] * ctx.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(ckpt: dict, ctx, generators: Optional[Dict] = None) -> str:
+    """Put this rank's RNG states of a resumed run back (augmentation and shuffling continue as in the
+    uninterrupted run); says what was done."""
+    states = ckpt.get("rng_state")
+    if states and len(states) == ctx.world_size:
+        set_rng_state(states[ctx.rank], generators)
+        return "RNG states restored"
+    if not states:
+        return "RNG states not restored (the checkpoint holds none)"
+    return f"RNG states not restored (saved by {len(states)} process(es), this run has {ctx.world_size})"
+
+
+def sync_bn(model, ctx, wanted: bool):
+    """``--sybn``: SyncBatchNorm across the processes (GPUs only; otherwise one warning and plain BN)."""
+    if wanted and ctx.distributed and ctx.device.type == "cuda":
+        log("SyncBatchNorm across the processes (--sybn)")
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if wanted:
+        dist.warn_once("--sybn ignored: " + ("SyncBatchNorm needs GPUs (PyTorch has no CPU kernel for it); each "
+                                             "process keeps its own BatchNorm statistics" if ctx.distributed
+                                             else "one process, plain BatchNorm"))
+    return model
+
+
 def epochs(args, ctx, out_dir: str, *, start: int, best: Optional[float], history: List[dict], key: str,
            best_name: str, train_epoch: Callable[[int], dict], evaluate: Callable[[int], dict],
            state: Callable[[int, Optional[float], List[dict]], dict], summary: dict, every: int = 1,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common import UserError
 from common import dist
 from common import runner, runs
-from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
+from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.metrics import write_json
@@ -356,19 +356,13 @@ def train(args) -> dict:
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
         out_dir = run_dir(args)
-        resume = runs.resume_path(args.resume, out_dir)
-        runs.claim_run_folder(out_dir, args, resuming=bool(resume))
-        rckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'") \
-            if resume else None
-        ickpt = load_checkpoint(args.init, "--init", "train that stage first, or check the path") \
-            if args.init and rckpt is None else None
+        resume, rckpt, ickpt = runner.open_run(args, out_dir)
         meta_src = rckpt or ickpt or {}
         if not args.classes and meta_src.get("classes") and args.dataset == "voc":
             args.checkpoint_classes = list(meta_src["classes"])
         data = _data(args, True, True, args.train_size, args.val_size)
         if rckpt is not None:
             check_meta(rckpt, resume, args.version, data.num_classes, "--resume")
-            runs.require_training_state(rckpt, resume)
             if int(rckpt.get("bit", args.bit)) != args.bit:
                 raise UserError(f"--resume {resume} holds a {rckpt['bit']}-bit run but --bit {args.bit} was given",
                                 f"pass --bit {rckpt['bit']}")
@@ -399,16 +393,8 @@ def train(args) -> dict:
                 ema = ModelEMA(model, updates=int(rckpt.get("ema_updates", 0)))
                 ema.ema.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
             start, best, history = int(rckpt["epoch"]), rckpt.get("best_map"), list(rckpt.get("history", []))
-            if rckpt.get("rng_state") and not ctx.distributed:
-                set_rng_state(rckpt["rng_state"][0])
-            log(f"resumed {resume}: {start} epochs done, best mAP {best}")
-        train_model = model
-        if args.sybn and ctx.distributed:
-            if ctx.device.type == "cuda":
-                train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            else:
-                dist.warn_once("--sybn ignored on the CPU (SyncBatchNorm needs GPUs); plain BN per process")
-        ddp = dist.wrap_ddp(train_model, ctx)
+            log(f"resumed {resume}: {start} epochs done, best mAP {best}; {runner.restore_rng(rckpt, ctx)}")
+        ddp = dist.wrap_ddp(runner.sync_bn(model, ctx, args.sybn), ctx)
         train_loader = D.make_loader(data.train, ctx, args.batch_size, args.workers, True,
                                      seed=args.seed or 0, drop_last=True)
         val_loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
@@ -473,7 +459,7 @@ def train(args) -> dict:
                     "state_dict": (ema.ema if ema is not None else model).state_dict(),
                     "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
-                    "rng_state": [rng_state()], "args": plain_args(args), "history": history}
+                    "rng_state": runner.rng_states(ctx), "args": plain_args(args), "history": history}
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_map",
                                           best_name="best_map", train_epoch=train_epoch, evaluate=evaluate, state=state,

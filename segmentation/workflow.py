@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import UserError
 from common import dist
 from common import runner, runs
-from common.checkpoint import BEST, load_checkpoint, rng_state, set_rng_state
+from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import TensorBoard, log, progress
 from common.runs import count_macs, sgd_step
@@ -388,17 +388,8 @@ def train(args) -> Dict:
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
         out_dir = run_dir(args)
-        resume = runs.resume_path(args.resume, out_dir)
-        runs.claim_run_folder(out_dir, args, resuming=bool(resume))
-        resumed = init_ckpt = None
-        if resume:
-            ckpt = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the run to continue, or 'auto'")
-            runs.require_training_state(ckpt, resume)
-            resumed, src = (ckpt, resume), ckpt
-        elif args.init and args.init != "torchvision":
-            init_ckpt = src = load_checkpoint(args.init, "--init", "train that stage first, or check the path")
-        else:
-            src = {}
+        resume, rckpt, init_ckpt = runner.open_run(args, out_dir)
+        src = rckpt or init_ckpt or {}
         if args.width is None:   # a run of the bit chain keeps its predecessor's width
             args.width = float(src["width"]) if src.get("task") == TASK_NAME and src.get("width") is not None else 1.0
         data = build_data(args, train=True, ctx=ctx)
@@ -410,30 +401,21 @@ def train(args) -> Dict:
                                     weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
         start, best, history, init_info = 0, None, [], None
-        if resumed is not None:
+        if rckpt is not None:
             import quant
-            ckpt, path = resumed
-            check_ckpt(ckpt, path, "--resume", args, data.num_classes, same_bit=True)
-            model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            check_ckpt(rckpt, resume, "--resume", args, data.num_classes, same_bit=True)
+            model.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
+            optimizer.load_state_dict(rckpt["optimizer"])
+            scheduler.load_state_dict(rckpt["scheduler"])
             scheduler.total_iters = total_iters   # this run's --epochs (a longer run continues the poly decay)
-            start, best, history = int(ckpt["epoch"]), ckpt.get("best_miou"), list(ckpt.get("history", []))
-            init_info = ckpt.get("init")
-            if ckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
-                tr_loader.sampler.seed = int(ckpt["sampler_seed"])
-            if ckpt.get("rng") and not ctx.distributed:
-                set_rng_state(ckpt["rng"])   # augmentation draws continue as in the uninterrupted run
-            log(f"resumed {path}: {start} epochs done, best mIoU {best}")
+            start, best, history = int(rckpt["epoch"]), rckpt.get("best_miou"), list(rckpt.get("history", []))
+            init_info = rckpt.get("init")
+            if rckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
+                tr_loader.sampler.seed = int(rckpt["sampler_seed"])
+            log(f"resumed {resume}: {start} epochs done, best mIoU {best}; {runner.restore_rng(rckpt, ctx)}")
         elif args.init:
             init_info = init_weights(model, args, data.num_classes, init_ckpt)
-        if args.sybn and ctx.distributed and ctx.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log("SyncBatchNorm across the processes (--sybn)")
-        elif args.sybn:
-            dist.warn_once("--sybn ignored: " + ("SyncBatchNorm needs GPUs (PyTorch has no CPU kernel for it); "
-                                                 "each process keeps its own BatchNorm statistics"
-                                                 if ctx.distributed else "one process, plain BatchNorm"))
+        model = runner.sync_bn(model, ctx, args.sybn)
         net = dist.wrap_ddp(model, ctx)
         log(f"{args.model} {args.bit}-bit (width {args.width}) on {args.dataset}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) on "
@@ -454,7 +436,7 @@ def train(args) -> Dict:
             return dict(meta, epoch=done, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), args=plain_args(args),
                         history=history, init=init_info, sampler_seed=getattr(tr_loader.sampler, "seed", None),
-                        rng=rng_state())
+                        rng_state=runner.rng_states(ctx))
         with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
             best, history = runner.epochs(
                 args, ctx, out_dir, start=start, best=best, history=history, key="val_miou", best_name="best_miou",
