@@ -171,12 +171,6 @@ def _module_path(node: fx.Node) -> str:
     return node.name
 
 
-def _op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return getattr(node.target, "__name__", str(node.target))
-
-
 def _set_module(root: nn.Module, path: str, new: nn.Module):
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)

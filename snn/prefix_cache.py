@@ -136,10 +136,6 @@ def _input(batch, device, inputs=None):
     return _to_device((inputs or default_inputs)(batch), device)
 
 
-def _call(fn, x):
-    return fn(*x) if isinstance(x, tuple) else fn(x)
-
-
 def _nbytes(tensors) -> int:
     """Memory held by ``tensors`` (storages shared by views counted once)."""
     storages = {}
