@@ -74,6 +74,7 @@ import snn  # noqa: E402
 from classification.models import get_model  # noqa: E402
 from common.errors import UserError, run_cli  # noqa: E402
 from quant.fused import frozen_weight_layer, is_weight_layer, optimize_ann, tune_malloc  # noqa: E402
+from quant.utils import set_module  # noqa: E402
 from snn import kernels  # noqa: E402
 from snn.neuron import IFNeuron  # noqa: E402
 
@@ -242,11 +243,11 @@ def conv_chain(net: nn.Module, T: int = 1) -> nn.Module:
     cl = getattr(net, "layout", "channels_last") == "channels_last"
     for name, m in list(root.named_modules()):
         if isinstance(m, IFNeuron):
-            _set(root, name, _PassNeuron(T, m.constant_input, cl))
+            set_module(root, name, _PassNeuron(T, m.constant_input, cl))
         elif isinstance(m, FusedQuantAct):
-            _set(root, name, _PassNeuron(1, False))
+            set_module(root, name, _PassNeuron(1, False))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _set(root, name, nn.Identity())
+            set_module(root, name, nn.Identity())
         elif isinstance(m, Conv2dAdd):
             m.__class__ = _PlainConv
     return chain.eval()
@@ -279,15 +280,10 @@ def sj_network(net_unsigned: snn.SpikingNetwork):
     gm = sj.net
     for name, m in list(gm.named_modules()):
         if isinstance(m, IFNeuron):
-            _set(gm, name, SJNeuron(m, sj.T))
+            set_module(gm, name, SJNeuron(m, sj.T))
         elif is_weight_layer(m):
-            _set(gm, name, frozen_weight_layer(m, None, channels_last=False))  # same weights, computed once
+            set_module(gm, name, frozen_weight_layer(m, None, channels_last=False))  # same weights, computed once
     return sj.eval()
-
-
-def _set(root, path, new):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def _pool_mb(net) -> float:

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from .functional import FULL_PRECISION, act_levels, act_quant_levels, num_levels
 from .layers import WEIGHT_LAYERS, QuantAct
+from .utils import set_module
 
 # ----------------------------------------------------------------------------------------------
 # native ops (the C++ library of snn.kernels.cpp)
@@ -439,11 +440,6 @@ def is_add(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target == "add":
         return len(node.args) == 2 and not node.kwargs
     return False
-
-
-def set_module(root: nn.Module, path: str, new: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def fold_weight_layers(gm: fx.GraphModule, nodes=None, channels_last: bool = True) -> int:

@@ -123,3 +123,17 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.1)
     return model.eval()
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module):
+    """Put ``new`` at the dotted submodule ``path`` of ``root``."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def get_attr(root, target: str):
+    """The dotted attribute ``target`` of ``root`` (an fx ``get_attr`` node's target)."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

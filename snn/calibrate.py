@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 from quant.functional import act_quant_levels
 
-from .convert import TEMPORAL, SpikingNetwork, _set_module
+from quant.utils import set_module
+
+from .convert import TEMPORAL, SpikingNetwork
 from .neuron import IFNeuron
 from .prefix_cache import _input
 
@@ -204,7 +206,7 @@ def rate_forward(net: SpikingNetwork, x, rates: Dict[str, torch.Tensor]):
     taken from ``rates`` (straight-through; differentiable in the weights)."""
     neurons = net.neurons()
     for name, m in neurons.items():
-        _set_module(net.net, name, _RateNeuron(m, name, rates))
+        set_module(net.net, name, _RateNeuron(m, name, rates))
     net.ctx.steps = 1
     try:
         args = x if isinstance(x, tuple) else (x,)
@@ -212,7 +214,7 @@ def rate_forward(net: SpikingNetwork, x, rates: Dict[str, torch.Tensor]):
         return net.head(*vals)
     finally:
         for name, m in neurons.items():
-            _set_module(net.net, name, m)
+            set_module(net.net, name, m)
         net.ctx.steps = 1
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from quant.functional import FULL_PRECISION, num_levels
 from quant.layers import WEIGHT_LAYERS, QuantAct
+from quant.utils import get_attr, set_module
 
 from .neuron import DEFAULT_NEG_TOL, IFNeuron
 
@@ -169,11 +170,6 @@ def _module_path(node: fx.Node) -> str:
     if stack:
         return list(stack.keys())[-1] + f" ({node.name})"
     return node.name
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def _is_quant_act(node: fx.Node, modules) -> bool:
@@ -529,7 +525,7 @@ def insert_neurons(gm: fx.GraphModule, kinds: Dict[fx.Node, str], T: int, signed
             constant = all(kinds.get(a) != TEMPORAL for a in node.all_input_nodes)
             neuron = IFNeuron(act.act_alpha, T, act.bit, signed=signed, constant_input=constant,
                               neg_tol=neg_tol, **extra)
-            _set_module(gm, node.target, neuron)
+            set_module(gm, node.target, neuron)
             modules[node.target] = neuron
             out[node.target] = neuron
     return out
@@ -701,15 +697,8 @@ def settle_graph(net: fx.GraphModule, kinds: Dict[str, str]) -> fx.GraphModule:
         if n.op in ("call_module", "get_attr"):
             t = n.target
             owners[t] = holder.get_submodule(t[len("_settle."):]) if t.startswith("_settle.") else \
-                _fetch(net, t)
+                get_attr(net, t)
     return fx.GraphModule(owners, g, class_name=type(net).__name__ + "Settle")
-
-
-def _fetch(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------- the network

@@ -44,6 +44,7 @@ import torch.nn as nn
 from quant.functional import act_quant_levels
 
 from . import calibrate
+from .calibrate import _dist_on, _time_mean  # noqa: F401 (_time_mean: also the tests')
 from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .neuron import IFNeuron
 from .prefix_cache import (Batches, Frontier, _ann_activation, _changed_by, _Frontier, _input,  # noqa: F401
@@ -122,16 +123,6 @@ def spiking_layers(net: SpikingNetwork) -> List[SpikingLayer]:
         sub = fx.GraphModule(gm, g, class_name="Layer")
         layers.append(SpikingLayer(node.target, modules[node.target], sub, boundary, kinds))
     return layers
-
-
-def _time_mean(v, T: int):
-    if isinstance(v, torch.Tensor) and v.dim() > 0:
-        return v.view(T, v.shape[0] // T, *v.shape[1:]).mean(0)
-    return v
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _average(tensors):

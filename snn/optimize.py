@@ -249,9 +249,4 @@ def plan_buffers(gm: fx.GraphModule, writers: tuple = (IFNeuron,)) -> Optional[B
     return pool
 
 
-def _set(root: nn.Module, path: str, new: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
-
-
 __all__ = ["optimize", "plan_buffers", "InplaceBatchNorm2d"]

@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from quant.utils import get_attr
+
 from .convert import SpikingNetwork, _trace
 
 
@@ -57,7 +59,7 @@ def run_until(gm: fx.GraphModule, x: torch.Tensor, needed: List[fx.Node], env: O
         elif node.op == "call_method":
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
         elif node.op == "get_attr":
-            env[node] = _fetch_attr(gm, node.target)
+            env[node] = get_attr(gm, node.target)
         for a in node.all_input_nodes:  # free values nobody needs any more
             uses[a] -= 1
             if uses[a] == 0 and a not in want and a not in keep:
@@ -74,13 +76,6 @@ def _ancestors(nodes, known=()) -> set:
             seen.add(node)
             stack.extend(a for a in node.all_input_nodes if a not in known)
     return seen
-
-
-def _fetch_attr(root, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _ann_activation(ann: nn.Module, site):
