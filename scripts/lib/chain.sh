@@ -5,6 +5,8 @@
 #   chain_step OUT CMD  run CMD unless OUT exists: an evaluation's metrics JSON or a fine-tuning's final
 #                       checkpoint is written once, at the end, so its presence means the step finished;
 #                       the step is then reported as "skip (done): OUT"
+#   chain_pick FLAGS ARGS  keep the pairs of ARGS whose flag is in FLAGS (in CHAIN_PICKED): the extra args a
+#                       chain passes to every script, cut to those a script with fewer flags takes
 #
 # Training stages are not skipped: they always run with --resume auto, so a killed stage continues and a
 # finished one returns at once (and a larger EPOCHS extends it).
@@ -32,4 +34,18 @@ chain_done() {  # MESSAGE: the closing line, not printed by a dry run
 
 chain_launcher() {  # the interpreter, or torch.distributed.run with NPROC processes when NPROC > 1
   if [ "${NPROC:-1}" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi
+}
+
+chain_pick() {  # "FLAG FLAG ..." ARGS...: CHAIN_PICKED = the "FLAG VALUE" / "FLAG=VALUE" pairs of ARGS with these flags
+  local flags=" $1 " a
+  shift
+  CHAIN_PICKED=()
+  while [ $# -gt 0 ]; do
+    a=$1
+    shift
+    case "$a" in
+      --*=*) if [[ "$flags" == *" ${a%%=*} "* ]]; then CHAIN_PICKED+=("$a"); fi ;;
+      *) if [[ "$flags" == *" $a "* ]] && [ $# -gt 0 ]; then CHAIN_PICKED+=("$a" "$1"); shift; fi ;;
+    esac
+  done
 }
