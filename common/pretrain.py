@@ -274,7 +274,7 @@ def run_folder(args, dataset: str, name: str) -> str:
     return os.path.join(args.save_folder, dataset, f"{name}_pretrain")
 
 
-def add_args(p, *, epochs: int, lr: float, size: int):
+def add_args(p, *, epochs: int, lr: float, size: int, name: str = "model"):
     """The flags every pretraining script shares (the data flags are the task's own)."""
     from . import runs
     p.add_argument("--width", type=float, default=None,
@@ -288,7 +288,7 @@ def add_args(p, *, epochs: int, lr: float, size: int):
                    help="crop side / the object's longer side (default 1.2: some surroundings)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--save_folder", "--save-folder", dest="save_folder", default="weights", metavar="DIR",
-                   help="the run goes to DIR/<dataset>/<model>_pretrain/ (default weights)")
+                   help=f"the run goes to DIR/<dataset>/<{name}>_pretrain/ (default weights)")
     p.add_argument("--out", default="", metavar="FILE",
                    help="write the pretrained backbone to FILE instead (the run's other files: in FILE's name "
                         "without .pth.tar)")

@@ -56,7 +56,7 @@ def get_parser() -> ArgumentParser:
                         "the 20 VOC ones; COCO: its categories)")
     p.add_argument("-v", "--version", default="yolov2_tiny", choices=tuple(FEATURES),
                    help="detector whose backbone is pretrained (default yolov2_tiny)")
-    P.add_args(p, epochs=6, lr=1e-2, size=64)
+    P.add_args(p, epochs=6, lr=1e-2, size=64, name="version")
     p.add_argument("--scale", type=float, nargs=2, default=(0.6, 1.0),
                    help="canvases: item side / canvas side (default 0.6 1.0: items of 38-64 pixels, as in the "
                         "96-pixel scenes)")
