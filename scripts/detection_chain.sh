@@ -47,16 +47,9 @@ train() {  # BIT [INIT_CHECKPOINT] [extra...]
     --save_folder "$OUT" --resume auto ${init:+--init "$init"} ${TRAIN_ARGS:-} "$@"
 }
 
-INIT32=""
-if [ "${PRETRAIN:-0}" = 1 ]; then
-  pre="$OUT/$DATASET/${VERSION}_pretrain"
-  chain_pick "-root --root --data_root --data-root --classes --width --seed -j --workers --num_workers --num-workers" "$@"
-  # shellcheck disable=SC2086
-  chain_step "$pre/metrics_pretrain.json" "$PY" -m $D.pretrain -d "$DATASET" -v "$VERSION" --save_folder "$OUT" \
-    ${CHAIN_PICKED[@]+"${CHAIN_PICKED[@]}"} ${PRETRAIN_ARGS:-}
-  INIT32="$pre/model_best.pth.tar"
-fi
-train 32 "$INIT32" "$@"
+chain_pretrain "$OUT/$DATASET/${VERSION}_pretrain" "-root --root --data_root --data-root --classes --width --seed -j --workers --num_workers --num-workers" \
+  "$PY" -m $D.pretrain -d "$DATASET" -v "$VERSION" --save_folder "$OUT" -- "$@"
+train 32 "$CHAIN_INIT" "$@"
 train 4 "$(best 32)" "$@"
 train 3 "$(best 4)" "$@"
 train 2 "$(best 3)" "$@"

@@ -57,15 +57,9 @@ snn_eval() {  # BIT [-u] : metrics JSON in the run folder; skipped when it exist
     --metrics-out "$js" --plot "$@"
 }
 
-if [ "${PRETRAIN:-0}" = 1 ]; then
-  pre="$SAVE/$DS/${MODEL}_pretrain"
-  chain_pick "-d --dataset -root --data_root --data-root --classes --mask_cache --mask-cache --width --seed -j --workers --num_workers" "$@"
-  # shellcheck disable=SC2086
-  chain_step "$pre/metrics_pretrain.json" "$PY" -m $S.pretrain -m "$MODEL" --save_folder "$SAVE" \
-    ${CHAIN_PICKED[@]+"${CHAIN_PICKED[@]}"} ${PRETRAIN_ARGS:-}
-  INIT32="$pre/model_best.pth.tar"
-fi
-train 32 "$INIT32" "$@"
+chain_pretrain "$SAVE/$DS/${MODEL}_pretrain" "-d --dataset -root --data_root --data-root --classes --mask_cache --mask-cache --width --seed -j --workers --num_workers" \
+  "$PY" -m $S.pretrain -m "$MODEL" --save_folder "$SAVE" -- "$@"
+train 32 "${CHAIN_INIT:-$INIT32}" "$@"
 train 4 "$(best 32)" "$@"
 train 3 "$(best 4)" "$@"
 train 2 "$(best 3)" "$@"
