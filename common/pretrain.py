@@ -261,7 +261,8 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
            "history": history, "checkpoint": best_path, "out": getattr(args, "out", None) or best_path,
            "train_crops": len(train), "test_crops": len(test), "seconds": time.time() - t0, "args": plain_args(args)}
     write_json(os.path.join(run_dir, METRICS), rec)
-    log(f"pretrained backbone -> {rec['out']} (best held-out accuracy {best:.1f} %)")
+    log(f"pretrained backbone -> {rec['out']}" + (f" (best held-out accuracy {best:.1f} %)" if len(test) else
+                                                   " (no held-out objects: the last epoch's)"))
     return rec
 
 

@@ -103,6 +103,31 @@ def test_small_data_hint():
         P.small_data_hint("classification", 10, False)
 
 
+@pytest.mark.parametrize("task,name", [("detection", "yolov2_tiny"), ("detection", "yolov2_r34"),
+                                       ("segmentation", "deeplabv1_vgg9"), ("segmentation", "deeplabv3_r34")])
+def test_every_backbone_classifies_and_its_keys_load_into_the_task_model(task, name):
+    from common import pipeline
+    if task == "detection":
+        from detection.models import get_model
+        from detection.pretrain import FEATURES
+        model, fresh = (get_model(name, 5, None, 32, 0.125) for _ in range(2))
+        prefixes = ("backbone.",)
+    else:
+        from segmentation.models import get_model
+        from segmentation.pretrain import FEATURES
+        model, fresh = (get_model(name, 6, 32, width=0.125) for _ in range(2))
+        prefixes = model.backbone_prefixes
+    clf = P.BackboneClassifier(model, FEATURES[name], 5, 32)
+    x = torch.randn(3, 3, 32, 32)
+    assert clf(x).shape == (3, 5)
+    clf(x).sum().backward()                  # the backbone's parameters are the ones trained
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith(tuple(prefixes)) for n in grads)
+    sd = P.backbone_state(model, prefixes)
+    got = pipeline.load_backbone(fresh, sd, log=lambda s: None)
+    assert sorted(got["loaded"]) == sorted(sd) and got["initialised"]
+
+
 # ---------------------------------------------------------------------------------------- segmentation
 def _seg_argv(data, save, *extra):
     return ["-d", "voc", "--data_root", data["root"], "--classes", data["classes"], "--width", "0.125", "--size", "16",
