@@ -242,18 +242,19 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
             loss.backward()
             opt.step()
             tot, n = tot + float(loss.detach()) * len(idx), n + len(idx)
-        acc = accuracy(clf, test, mean, std) if len(test) else float("nan")
+        acc = accuracy(clf, test, mean, std) if len(test) else None
         history.append({"epoch": ep + 1, "loss": tot / max(1, n), "test_accuracy": acc, "seconds": time.time() - t})
-        improved = not len(test) or acc > best
+        improved = acc is None or acc > best
         if improved:
-            best = acc if len(test) else best
+            best = best if acc is None else acc
             atomic_save({**meta, "state_dict": backbone_state(clf.model, prefixes), "epoch": ep + 1,
                          "accuracy": acc, "history": history, "args": plain_args(args)}, os.path.join(run_dir, BEST))
         atomic_save({"state_dict": clf.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
                      "epoch": ep + 1, "best_accuracy": best, "history": history, "args": plain_args(args)},
                     os.path.join(run_dir, CHECKPOINT))
-        log(f"pretrain epoch {ep + 1}/{args.epochs}: loss {tot / max(1, n):.3f}, held-out accuracy {acc:.1f} % "
-            f"({time.time() - t:.0f} s)" + (" best" if improved else ""))
+        log(f"pretrain epoch {ep + 1}/{args.epochs}: loss {tot / max(1, n):.3f}, "
+            + ("no held-out crops" if acc is None else f"held-out accuracy {acc:.1f} %")
+            + f" ({time.time() - t:.0f} s)" + (" best" if improved else ""))
     best_path = os.path.join(run_dir, BEST)
     if getattr(args, "out", None):
         atomic_copy(best_path, args.out)
