@@ -41,7 +41,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--out", default="demo_out/segmentation", help="output folder (default demo_out/segmentation)")
     p.add_argument("-m", "--model", default="deeplabv1_vgg9", choices=("deeplabv1_vgg9", "deeplabv3_r34"))
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
-    p.add_argument("--train", type=int, default=400, help="training scenes (default 400)")
+    p.add_argument("--train", type=int, default=2000,
+                   help="training scenes (default 2000: more objects for the pretraining, more scenes per step)")
     p.add_argument("--test", type=int, default=80, help="test scenes (default 80)")
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
     p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
@@ -49,12 +50,12 @@ def get_parser() -> ArgumentParser:
                    help="item side as a fraction of the canvas (default 0.45 0.8: fewer background pixels)")
     p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
     p.add_argument("--test-size", type=int, default=65, help="test pad size (default 65)")
-    p.add_argument("--pretrain-epochs", type=int, default=15,
-                   help="epochs of the backbone pretraining on the objects of the training masks (default 15; 0 = "
+    p.add_argument("--pretrain-epochs", type=int, default=20,
+                   help="epochs of the backbone pretraining on the objects of the training masks (default 20; 0 = "
                         "none, the 32-bit stage starts from random weights)")
     p.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak Adam lr of the pretraining (default 3e-3)")
-    p.add_argument("--pretrain-size", type=int, default=48, help="object crop side of the pretraining (default 48)")
-    p.add_argument("--epochs-fp", type=int, default=24, help="epochs of the 32-bit stage (default 24)")
+    p.add_argument("--pretrain-size", type=int, default=32, help="object crop side of the pretraining (default 32)")
+    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
     p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
@@ -123,15 +124,19 @@ def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
     return panels, ["image", "ground truth"] + list(nets)
 
 
-#: planned work of each stage, in seconds of one CPU thread at the defaults (the time-left estimate)
 def _plan(args) -> Dict[str, float]:
-    plan = {"pretrain the backbone": 4.0 * args.pretrain_epochs} if args.pretrain_epochs > 0 else {}
+    """Planned seconds of each stage (the time-left estimate): measured once at the defaults on one CPU
+    thread, scaled by the scene count, the pixels of a crop and the width (a net's cost grows as width^2)."""
+    net = (args.width / 0.25) ** 2
+    fit = args.train / 400 * (args.crop / 65) ** 2 * net
+    plan = {"pretrain the backbone": 1.8 * args.pretrain_epochs * args.train / 400 * (args.pretrain_size / 48) ** 2 * net} \
+        if args.pretrain_epochs > 0 else {}
     for bit in CHAIN:
-        plan[f"train the {bit}-bit ANN"] = (14.0 if bit == 32 else 20.0) * (args.epochs_fp if bit == 32 else args.epochs_q)
+        plan[f"train the {bit}-bit ANN"] = (2.1 * args.epochs_fp if bit == 32 else 2.4 * args.epochs_q) * fit
     for bit in SNN_BITS:
         for neuron in ("signed", "unsigned"):
-            plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 3.0 * ((1 << bit) - 1)
-    plan[f"fine-tune the {FT_BIT}-bit signed SNN"] = 10.0 * args.ft_batches
+            plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 0.25 * ((1 << bit) - 1) * args.test / 80 * net
+    plan[f"fine-tune the {FT_BIT}-bit signed SNN"] = 0.42 * args.ft_batches * net
     return plan
 
 
