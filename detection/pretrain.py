@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     det = get_model(args.version, len(names), None, 32, args.width)
     clf = P.BackboneClassifier(det, FEATURES[args.version], len(names), args.size)
     meta = {"task": "pretrain", "backbone_of": args.version, "width": args.width, "dataset": dataset,
-            "classes": names}
+            "object_classes": names}
     run_dir = P.run_folder(args, dataset, args.version)
     return P.train_classifier(clf, ("backbone.",), train, test, args=args, run_dir=run_dir, meta=meta,
                               mean=D.MEAN, std=D.STD)

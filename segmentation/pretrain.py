@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     model = get_model(args.model, data.num_classes, 32, width=args.width)
     clf = P.BackboneClassifier(model, FEATURES[args.model], len(names), args.size)
     meta = {"task": "pretrain", "backbone_of": args.model, "model": args.model, "width": args.width,
-            "dataset": args.dataset, "classes": names}
+            "dataset": args.dataset, "object_classes": names}
     run_dir = P.run_folder(args, args.dataset, args.model)
     return P.train_classifier(clf, model.backbone_prefixes, train, test, args=args, run_dir=run_dir, meta=meta,
                               mean=segdata.MEAN, std=segdata.STD)
