@@ -12,20 +12,21 @@
    unsigned IF neurons (mAP after every step, per-layer statistics);
 5. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
 6. ``<out>/results.md`` (table ``bits | T | ANN mAP | SNN signed | SNN unsigned | fine-tuned``),
-   ``summary.json``, ``map_vs_t.png``, ``layers.png`` and boxes drawn by the 2-bit ANN / SNN on test
-   images (``boxes_ann/``, ``boxes_snn/``).
+   ``summary.json``, ``map_vs_t.png``, ``layers.png`` and boxes drawn by the 2-bit ANN / fine-tuned SNN
+   on test images (``boxes_ann/``, ``boxes_snn/``, and side by side in ``boxes_<image>.png``).
 
 Every step calls the scripts' ``main(argv)`` (the same code as the command line) and prints the
-equivalent command. One run is one seed (``--seed``); a few epochs of training on a CPU amplify float
-rounding, so another machine or thread count gives somewhat different numbers.
+equivalent command, its time and an estimate of the time left; a killed demo continues where it
+stopped when run again with the same settings. One run is one seed (``--seed``); a few epochs of
+training on a CPU amplify float rounding, so another machine or thread count gives somewhat different
+numbers.
 """
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import time
-from typing import Dict, List
+from typing import Dict
 
 from common import UserError, run_cli
 from common.cli import ArgumentParser
@@ -70,17 +71,30 @@ def get_parser() -> ArgumentParser:
     return p
 
 
-class Steps:
-    def __init__(self):
-        self.t0 = time.time()
+def _plan(args) -> Dict[str, float]:
+    """Planned seconds of each stage (the time-left estimate): measured once at the defaults on one CPU
+    thread, scaled by the scene / canvas counts, epochs, pixels and width."""
+    per_scene = (args.size / 96) ** 2 * (args.width / 0.5) ** 2
+    plan = {"pretrain backbone": 0.0012 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 2
+            * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
+    for bit in CHAIN_BITS:
+        plan[f"train {bit}-bit"] = 0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
+    for bit, T in SNN_BITS.items():
+        for neuron in ("signed", "unsigned"):
+            plan[f"SNN {bit}-bit {neuron} T={T}"] = 0.0014 * per_scene * args.test * T
+    plan[f"fine-tune {FT_BIT}-bit SNN"] = 0.5 * args.ft_iters
+    return plan
 
-    def run(self, name: str, main, argv: List[str]):
-        print(f"\n=== {name}: python {main.__module__.replace('.', '/')}.py {' '.join(shlex.quote(a) for a in argv)}",
-              flush=True)
-        t = time.time()
-        res = main(argv)
-        print(f"=== {name}: {time.time() - t:.0f} s (total {(time.time() - self.t0) / 60:.1f} min)", flush=True)
-        return res
+
+def side_by_side(left: str, right: str, dst: str):
+    """Two drawings next to each other, 8 white pixels apart."""
+    from PIL import Image
+    with Image.open(left) as a, Image.open(right) as b:
+        a, b = a.convert("RGB"), b.convert("RGB")
+        canvas = Image.new("RGB", (a.width + 8 + b.width, max(a.height, b.height)), "white")
+        canvas.paste(a, (0, 0))
+        canvas.paste(b, (a.width + 8, 0))
+        canvas.save(dst)
 
 
 def main(argv=None):
@@ -101,12 +115,13 @@ def main(argv=None):
     stamp = os.path.join(out, "demo_args.json")
     if os.path.isfile(stamp):
         old = read_json(stamp)
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        changed = sorted(k for k in set(old) | set(settings) if k != "env" and old.get(k) != settings.get(k))
         if changed:
             raise UserError(f"{out} holds a demo run with other settings ({', '.join('--' + k.replace('_', '-') for k in changed)})",
                             "pass --fresh to start over there, or another --out")
-    write_json(stamp, settings)
-    steps = Steps()
+    write_json(stamp, settings, env=False)
+    from common.stages import StageClock
+    steps = StageClock(_plan(args))
     sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed,
                             max_items=args.max_items, scale=tuple(args.scale))
     weights = os.path.join(out, "weights")
@@ -121,10 +136,10 @@ def main(argv=None):
                   "--seed", str(args.seed)]
         done_p = bb_path + ".json"
         if os.path.isfile(done_p) and os.path.isfile(bb_path) and read_json(done_p).get("argv") == argv_p:
-            print(f"\n=== pretrain backbone: done before ({bb_path})", flush=True)
+            steps.skip("pretrain backbone", bb_path)
             pre = read_json(done_p)
         else:
-            pre = steps.run("pretrain backbone", pretrain_script.main, argv_p)
+            pre = steps.run("pretrain backbone", "-m detection.pretrain", pretrain_script.main, argv_p)
             pre = {"accuracy": pre["accuracy"], "history": pre["history"], "argv": argv_p}
             write_json(done_p, pre)
     ann: Dict[int, dict] = {}
@@ -145,10 +160,10 @@ def main(argv=None):
         done = os.path.join(os.path.dirname(best[bit]), "metrics_ann.json")
         want = args.epochs_fp if fp else args.epochs_q
         if os.path.isfile(done) and os.path.isfile(best[bit]) and read_json(done).get("epochs") == want:
-            print(f"\n=== train {bit}-bit: done before ({done})", flush=True)
+            steps.skip(f"train {bit}-bit", done)
             rec = read_json(done)
         else:
-            rec = steps.run(f"train {bit}-bit", train_script.main, argv_t)
+            rec = steps.run(f"train {bit}-bit", "detection/train.py", train_script.main, argv_t)
         ann[bit] = rec
         prev = bit
     ev = data + ["-size", str(args.size), "-bs", "16"]
@@ -157,16 +172,20 @@ def main(argv=None):
         for unsigned in (False, True):
             neuron = "unsigned" if unsigned else "signed"
             path = os.path.join(out, "metrics", f"snn_{bit}bit_{neuron}_T{T}.json")
-            snn[(bit, neuron)] = steps.run(f"SNN {bit}-bit {neuron} T={T}", eval_script.main,
+            if os.path.isfile(path):
+                steps.skip(f"SNN {bit}-bit {neuron} T={T}", path)
+                snn[(bit, neuron)] = read_json(path)
+                continue
+            snn[(bit, neuron)] = steps.run(f"SNN {bit}-bit {neuron} T={T}", "detection/eval.py", eval_script.main,
                                            ev + ["--bit", str(bit), "--spike", "--init", best[bit], "--metrics-out", path]
                                            + (["-u"] if unsigned else []))
     ft_path = os.path.join(weights, "voc", f"yolov2_tiny_{FT_BIT}bit_ft", "model_best.pth.tar")
     ft_json = os.path.join(out, "metrics", f"snn_ft_{FT_BIT}bit_signed.json")
     if os.path.isfile(ft_path) and os.path.isfile(ft_json):
-        print(f"\n=== fine-tune {FT_BIT}-bit SNN: done before ({ft_json})", flush=True)
+        steps.skip(f"fine-tune {FT_BIT}-bit SNN", ft_json)
         ft_rec = read_json(ft_json)
     else:
-        ft_rec = steps.run(f"fine-tune {FT_BIT}-bit SNN", ft_script.main,
+        ft_rec = steps.run(f"fine-tune {FT_BIT}-bit SNN", "detection/snn_ft.py", ft_script.main,
                            ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters",
                                  str(args.ft_iters), "--score-batches", "4", "--aug", "flip", "--save_folder", weights,
                                  "--seed", str(args.seed), "--no-eval-before", "--no-tfboard", "--fresh",
@@ -176,9 +195,13 @@ def main(argv=None):
     for i in sc.test_ids[:4]:
         shutil.copyfile(os.path.join(sc.voc2007, "JPEGImages", f"{i}.jpg"), os.path.join(imgs, f"{i}.jpg"))
     common_demo = ["--path", imgs, "-size", str(args.size), "--vis_thresh", "0.2", "--bit", str(FT_BIT)]
-    steps.run("boxes (2-bit ANN)", demo_script.main, common_demo + ["--init", best[FT_BIT], "--out", os.path.join(out, "boxes_ann")])
-    steps.run("boxes (2-bit fine-tuned SNN)", demo_script.main,
+    steps.run("boxes (2-bit ANN)", "detection/demo.py", demo_script.main,
+              common_demo + ["--init", best[FT_BIT], "--out", os.path.join(out, "boxes_ann")])
+    steps.run("boxes (2-bit fine-tuned SNN)", "detection/demo.py", demo_script.main,
               common_demo + ["--init", ft_path, "--spike", "--out", os.path.join(out, "boxes_snn")])
+    for i in sc.test_ids[:4]:
+        side_by_side(os.path.join(out, "boxes_ann", f"{i}.png"), os.path.join(out, "boxes_snn", f"{i}.png"),
+                     os.path.join(out, f"boxes_{i}.png"))
     summary = report(out, args, ann, snn, ft_rec, time.time() - steps.t0, pre)
     print(f"\n{summary['table']}\nresults -> {os.path.join(out, 'results.md')}, summary.json, map_vs_t.png, layers.png "
           f"({summary['minutes']:.1f} min)")

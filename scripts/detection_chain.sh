@@ -12,6 +12,9 @@
 #        OUT (save folder, default weights/), PYTHON (default .venv/bin/python),
 #        TRAIN_ARGS / EVAL_ARGS / FT_ARGS: extra flags for train.py / eval.py / snn_ft.py only
 #        (e.g. TRAIN_ARGS="--train_size 320 --val_size 320 --width 0.5" EVAL_ARGS="-size 320"),
+#        PRETRAIN=1 (first pretrain the backbone on the box crops of the data, detection/pretrain.py, and
+#        start the 32-bit stage --init from it; PRETRAIN_ARGS: its extra flags, e.g. "--epochs 20"; it gets
+#        the data / --width / --seed / workers flags of the extra args),
 #        DRY=1 (print the commands, run nothing)
 # Every training stage uses --resume auto, and an evaluation or fine-tuning whose output exists is skipped:
 # rerunning the chain after a crash continues where it stopped (scripts/lib/chain.sh).
@@ -37,17 +40,19 @@ EVAL_SET=$DATASET; [ "$DATASET" = coco ] && EVAL_SET=coco-val
 run() { chain_run $(chain_launcher) "$@"; }
 rdir() { echo "$OUT/$DATASET/${VERSION}_$1bit$2"; }
 best() { echo "$(rdir "$1" "")/model_best.pth.tar"; }
-train() {  # BIT [INIT_BIT] [extra...]
+train() {  # BIT [INIT_CHECKPOINT] [extra...]
   local bit=$1 init=$2; shift 2
   # shellcheck disable=SC2086
   run $D/train.py -d "$DATASET" -v "$VERSION" $TRAIN_FLAGS --batch_size "$BS" --bit "$bit" --epochs "$EPOCHS" \
-    --save_folder "$OUT" --resume auto ${init:+--init "$(best "$init")"} ${TRAIN_ARGS:-} "$@"
+    --save_folder "$OUT" --resume auto ${init:+--init "$init"} ${TRAIN_ARGS:-} "$@"
 }
 
-train 32 "" "$@"
-train 4 32 "$@"
-train 3 4 "$@"
-train 2 3 "$@"
+chain_pretrain "$OUT/$DATASET/${VERSION}_pretrain" "-root --root --data_root --data-root --classes --width --seed -j --workers --num_workers --num-workers" \
+  "$PY" -m $D.pretrain -d "$DATASET" -v "$VERSION" --save_folder "$OUT" -- "$@"
+train 32 "$CHAIN_INIT" "$@"
+train 4 "$(best 32)" "$@"
+train 3 "$(best 4)" "$@"
+train 2 "$(best 3)" "$@"
 for BIT in 4 3 2; do
   T=$(( (1 << BIT) - 1 ))
   for NEURON in signed unsigned; do

@@ -8,7 +8,10 @@
 #        MODEL: deeplabv1_vgg9 | deeplabv3_r34
 # env:   EPOCHS (ANN epochs per stage, default 50), FT_EPOCHS (snn_ft -n, default 1), FT_ARGS (extra snn_ft
 #        flags, default --force), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
-#        default none), SAVE (--save_folder, default weights), NPROC (processes per stage via torchrun,
+#        default none), PRETRAIN=1 (first pretrain the backbone on the objects of the masks,
+#        segmentation/pretrain.py, and start the 32-bit stage --init from it instead of INIT32; PRETRAIN_ARGS:
+#        its extra flags, e.g. "--epochs 20"; it gets the data / --width / --seed / workers flags of the extra
+#        args), SAVE (--save_folder, default weights), NPROC (processes per stage via torchrun,
 #        default 1), PYTHON (default .venv/bin/python), DRY=1 (print the commands, run nothing)
 # Every training stage uses --resume auto, and an evaluation or fine-tuning whose output exists is skipped:
 # rerunning the chain after a crash continues where it stopped (scripts/lib/chain.sh).
@@ -54,7 +57,9 @@ snn_eval() {  # BIT [-u] : metrics JSON in the run folder; skipped when it exist
     --metrics-out "$js" --plot "$@"
 }
 
-train 32 "$INIT32" "$@"
+chain_pretrain "$SAVE/$DS/${MODEL}_pretrain" "-d --dataset -root --data_root --data-root --classes --mask_cache --mask-cache --width --seed -j --workers --num_workers" \
+  "$PY" -m $S.pretrain -m "$MODEL" --save_folder "$SAVE" -- "$@"
+train 32 "${CHAIN_INIT:-$INIT32}" "$@"
 train 4 "$(best 32)" "$@"
 train 3 "$(best 4)" "$@"
 train 2 "$(best 3)" "$@"

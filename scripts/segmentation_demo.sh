@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The segmentation demo (docs/segmentation.md): set up, then run the Fast-SNN segmentation pipeline offline on
-# the shared scene set -- 32->4->3->2-bit DeepLab VGG-9 (width 0.25, 65-pixel crops), SNN evaluation at
-# T = 15 / 7 / 3 with signed and unsigned IF neurons, layer-wise fine-tuning of the 2-bit SNN. About 10 minutes on
-# 2 CPU cores; table, summary.json and figures in demo_out/segmentation/.
+# the shared scene set -- the backbone pretrained on the objects of the training masks, 32->4->3->2-bit DeepLab
+# VGG-9 (width 0.25, 65-pixel crops), SNN evaluation at T = 15 / 7 / 3 with signed and unsigned IF neurons,
+# layer-wise fine-tuning of the 2-bit SNN. About 5.5 minutes on one CPU thread (each stage prints the time left);
+# table, summary.json and figures (masks_*.png: ANN and SNN side by side) in demo_out/segmentation/. Run again
+# after a kill, it continues where it stopped (--fresh starts over).
 # Extra arguments go to segmentation/demo.py (e.g. --epochs-fp 15 --width 0.5; --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,29 +1,35 @@
 """The offline segmentation demo: the whole Fast-SNN segmentation pipeline on the shared scene set, on a CPU.
 
 1. the scene set (``common.scenes``: Fashion-MNIST items on textured canvases, VOC layout) in ``<out>/data``;
-2. the progressive 32 -> 4 -> 3 -> 2-bit DeepLab VGG-9 chain (train.py, each stage ``--init`` from the
-   previous best; a narrow net, small crops and few epochs so it fits the time budget);
-3. SNN evaluation (eval.py --spike) of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3, signed and unsigned IF;
-4. layer-wise fine-tuning (snn_ft.py) of the 2-bit signed SNN, each layer kept only if the SNN's mIoU on a
+2. backbone pretraining (``segmentation/pretrain.py``, the offline stand-in for ImageNet weights): the
+   segmenter's own backbone as a classifier of the objects of the training masks (``--pretrain-epochs 0``
+   skips it);
+3. the progressive 32 -> 4 -> 3 -> 2-bit DeepLab chain (train.py, the 32-bit stage ``--init`` from the
+   pretrained backbone, each later stage from the previous best; a narrow net, small crops and few epochs
+   so it fits the time budget);
+4. SNN evaluation (eval.py --spike) of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3, signed and unsigned IF;
+5. layer-wise fine-tuning (snn_ft.py) of the 2-bit signed SNN, each layer kept only if the SNN's mIoU on a
    few training batches improves, and its evaluation;
-5. ``table.md`` / ``summary.json`` (bits | T | ANN mIoU | SNN signed | SNN unsigned | fine-tuned), figures:
-   mIoU vs t, per-layer agreement / firing rate, prediction overlays -- all in ``--out``
+6. ``table.md`` / ``summary.json`` (bits | T | ANN mIoU | SNN signed | SNN unsigned | fine-tuned), figures:
+   mIoU vs t, per-layer agreement / firing rate, prediction overlays (``overlays.png``, and one
+   ``masks_<scene>.png`` per test scene: ANN and SNN side by side) -- all in ``--out``
    (default ``demo_out/segmentation``).
 
-Every step calls a script's ``main(argv)`` (the same code as the command line) and prints the command.
+Every step calls a script's ``main(argv)`` (the same code as the command line) and prints the command,
+its time and an estimate of the time left. A killed demo continues where it stopped when run again with
+the same settings (finished stages are reused; ``--fresh`` starts over).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import time
 from typing import Dict, List, Optional
 
-from common import run_cli
+from common import UserError, run_cli
 from common.cli import ArgumentParser
-from common.metrics import write_json
+from common.metrics import read_json, write_json
 
 CHAIN = (32, 4, 3, 2)
 SNN_BITS = (4, 3, 2)
@@ -35,7 +41,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--out", default="demo_out/segmentation", help="output folder (default demo_out/segmentation)")
     p.add_argument("-m", "--model", default="deeplabv1_vgg9", choices=("deeplabv1_vgg9", "deeplabv3_r34"))
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
-    p.add_argument("--train", type=int, default=400, help="training scenes (default 400)")
+    p.add_argument("--train", type=int, default=2000,
+                   help="training scenes (default 2000: more objects for the pretraining, more scenes per step)")
     p.add_argument("--test", type=int, default=80, help="test scenes (default 80)")
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
     p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
@@ -43,7 +50,12 @@ def get_parser() -> ArgumentParser:
                    help="item side as a fraction of the canvas (default 0.45 0.8: fewer background pixels)")
     p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
     p.add_argument("--test-size", type=int, default=65, help="test pad size (default 65)")
-    p.add_argument("--epochs-fp", type=int, default=24, help="epochs of the 32-bit stage (default 24)")
+    p.add_argument("--pretrain-epochs", type=int, default=20,
+                   help="epochs of the backbone pretraining on the objects of the training masks (default 20; 0 = "
+                        "none, the 32-bit stage starts from random weights)")
+    p.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak Adam lr of the pretraining (default 3e-3)")
+    p.add_argument("--pretrain-size", type=int, default=32, help="object crop side of the pretraining (default 32)")
+    p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
     p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
@@ -57,18 +69,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
-    p.add_argument("--keep", action="store_true", help="keep earlier runs in <out>/runs (default: start fresh)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete <out> first (default: continue the run there, which must have the same settings)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
-
-
-def _step(title: str, script: str, argv: List[str], fn, steps: List[dict]):
-    print(f"\n=== {title}\n+ python segmentation/{script} {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    t0 = time.time()
-    rec = fn(argv)
-    steps.append({"step": title, "command": f"python segmentation/{script} " + " ".join(shlex.quote(a) for a in argv),
-                  "seconds": round(time.time() - t0, 1)})
-    return rec
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -120,31 +124,70 @@ def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
     return panels, ["image", "ground truth"] + list(nets)
 
 
+def _plan(args) -> Dict[str, float]:
+    """Planned seconds of each stage (the time-left estimate): measured once at the defaults on one CPU
+    thread, scaled by the scene count, the pixels of a crop and the width (a net's cost grows as width^2)."""
+    net = (args.width / 0.25) ** 2
+    fit = args.train / 400 * (args.crop / 65) ** 2 * net
+    plan = {"pretrain the backbone": 1.8 * args.pretrain_epochs * args.train / 400 * (args.pretrain_size / 48) ** 2 * net} \
+        if args.pretrain_epochs > 0 else {}
+    for bit in CHAIN:
+        plan[f"train the {bit}-bit ANN"] = (2.1 * args.epochs_fp if bit == 32 else 2.4 * args.epochs_q) * fit
+    for bit in SNN_BITS:
+        for neuron in ("signed", "unsigned"):
+            plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 0.25 * ((1 << bit) - 1) * args.test / 80 * net
+    plan[f"fine-tune the {FT_BIT}-bit signed SNN"] = 0.42 * args.ft_batches * net
+    return plan
+
+
+def _settings(args, out: str) -> None:
+    """A continued demo must be the same recipe (its finished stages are reused as they are)."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                if k not in ("out", "fresh", "workers", "progress")}
+    stamp = os.path.join(out, "demo_args.json")
+    if os.path.isfile(stamp):
+        old = read_json(stamp)
+        changed = sorted(k for k in set(old) | set(settings) if k != "env" and old.get(k) != settings.get(k))
+        if changed:
+            raise UserError(f"{out} holds a demo run with other settings "
+                            f"({', '.join('--' + k.replace('_', '-') for k in changed)})",
+                            "pass --fresh to start over there, or another --out")
+    write_json(stamp, settings, env=False)
+
+
 def main(argv=None) -> Dict:
     args = get_parser().parse_args(argv)
     if args.quick:
         args.train, args.test, args.size, args.crop, args.test_size = 24, 8, 48, 33, 49
         args.epochs_fp, args.epochs_q, args.width, args.ft_batches, args.batch_size = 1, 1, 0.125, 1, 8
-    t_start = time.time()
+        args.pretrain_epochs, args.pretrain_size = min(args.pretrain_epochs, 1), 16
     out = args.out
-    runs = os.path.join(out, "runs")
-    if os.path.isdir(runs) and not args.keep:
-        shutil.rmtree(runs)
+    if args.fresh and os.path.isdir(out):
+        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    _settings(args, out)
+    runs = os.path.join(out, "runs")
     from common.scenes import make_scenes
+    from common.stages import StageClock
+    clock = StageClock(_plan(args))
     data_dir = os.path.join(out, "data")
     make_scenes(data_dir, args.train, args.test, args.size, args.seed, max_items=args.max_items,
                 scale=tuple(args.item_scale))
     from segmentation import eval as seg_eval
-    from segmentation import snn_ft, train
+    from segmentation import pretrain, snn_ft, train
     common = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--crop_size",
               str(args.crop), "--test_size", str(args.test_size), "--save_folder", runs, "-j", str(args.workers),
               "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--test_batch_size", "8"]
     if not args.progress:
         common.append("--no-progress")
-    steps: List[dict] = []
+    pre = None
+    if args.pretrain_epochs > 0:
+        argv = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--save_folder",
+                runs, "-j", str(args.workers), "--seed", str(args.seed), "--epochs", str(args.pretrain_epochs),
+                "--lr", str(args.pretrain_lr), "--size", str(args.pretrain_size)]
+        pre = clock.run("pretrain the backbone", "-m segmentation.pretrain", pretrain.main, argv)
     ann: Dict[int, Dict] = {}
-    prev = None
+    prev = pre["checkpoint"] if pre else None
     for bit in CHAIN:
         fp = bit == 32
         argv = common + ["--bit", str(bit), "--epochs", str(args.epochs_fp if fp else args.epochs_q),
@@ -153,24 +196,36 @@ def main(argv=None) -> Dict:
             argv += ["--alpha-init", str(args.alpha_init)]
         if prev is not None:
             argv += ["--init", prev]
-        ann[bit] = _step(f"train the {bit}-bit ANN", "train.py", argv, train.main, steps)
+        ann[bit] = clock.run(f"train the {bit}-bit ANN", "segmentation/train.py", train.main, argv)
         prev = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
     snn: Dict[tuple, Dict] = {}
     for bit in SNN_BITS:
         best = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
         for signed in (True, False):
             neuron = "signed" if signed else "unsigned"
+            name = f"SNN of the {bit}-bit ANN, {neuron} IF"
             js = os.path.join(out, f"metrics_snn_{bit}bit_{neuron}.json")
             argv = common + ["--bit", str(bit), "--spike", "--init", best, "--metrics-out", js, "--plot"]
             if not signed:
                 argv.append("-u")
-            snn[(bit, neuron)] = _step(f"SNN of the {bit}-bit ANN, {neuron} IF", "eval.py", argv, seg_eval.main, steps)
+            if os.path.isfile(js):
+                clock.skip(name, js)
+                snn[(bit, neuron)] = read_json(js)
+            else:
+                snn[(bit, neuron)] = clock.run(name, "segmentation/eval.py", seg_eval.main, argv)
     best2 = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
     ft_js = os.path.join(out, f"metrics_snn_ft_{FT_BIT}bit_signed.json")
+    ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
     argv = common + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches), "--score-batches",
                      str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot", "--fresh"]
-    ft = _step(f"fine-tune the {FT_BIT}-bit signed SNN", "snn_ft.py", argv, snn_ft.main, steps)
-    ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
+    name = f"fine-tune the {FT_BIT}-bit signed SNN"
+    if os.path.isfile(ft_js) and os.path.isfile(ft_path):
+        clock.skip(name, ft_js)
+        ft = read_json(ft_js)
+    else:
+        ft = clock.run(name, "segmentation/snn_ft.py", snn_ft.main, argv)
+    steps = clock.steps
+    t_start = clock.t0
 
     rows = [{"bit": 32, "T": None, "ann_miou": ann[32]["miou"]}]
     for bit in SNN_BITS:
@@ -186,13 +241,17 @@ def main(argv=None) -> Dict:
     figures = _figures(args, out, rows, snn, ft, common, runs, ft_path)
     md = table(rows)
     elapsed = time.time() - t_start
-    note = (f"{args.model} width {args.width}, {args.train} train / {args.test} test scenes of {args.size}x{args.size}, "
+    note = (f"{args.model} width {args.width}, "
+            + (f"backbone pretrained on the training masks' objects ({args.pretrain_epochs} epochs, held-out accuracy "
+               f"{pre['accuracy']:.1f} %), " if pre else "no backbone pretraining, ")
+            + f"{args.train} train / {args.test} test scenes of {args.size}x{args.size}, "
             f"crop {args.crop}, test pad {args.test_size}, epochs {args.epochs_fp} (32-bit) + {args.epochs_q} per "
             f"quantized stage, fine-tuning {args.ft_batches} batches per layer (accepted: {len(accepted)} of "
             f"{len(ft.get('finetune', []))} layers); {elapsed / 60:.1f} min")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md + "\n\n" + note + "\n")
     summary = {"rows": rows, "note": note, "seconds": elapsed, "steps": steps, "figures": figures,
+               "pretrain_accuracy": pre["accuracy"] if pre else None,
                "finetune_accepted": accepted, "args": vars(args)}
     write_json(os.path.join(out, "summary.json"), summary)
     print("\n" + md + "\n\n" + note)
@@ -220,6 +279,8 @@ def _figures(args, out, rows, snn, ft, common, runs, ft_path) -> List[str]:
                             os.path.join(out, "layers.png"), "per-layer agreement with the ANN and firing rate"))
     panels, titles = _predictions(args, common, runs, ft_path)
     figs.append(plot_overlays(panels, titles, os.path.join(out, "overlays.png")))
+    for i, row in enumerate(panels):      # one scene per file: image, ground truth, ANN and SNNs side by side
+        figs.append(plot_overlays([row], titles, os.path.join(out, f"masks_{i}.png")))
     return figs
 
 

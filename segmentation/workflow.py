@@ -318,6 +318,10 @@ def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] 
                 f"their defaults")
         log(f"initialised from {args.init}")
         return {"mode": "strict", "source": args.init}
+    width = float(args.width or 1.0)
+    if ckpt.get("width") is not None and float(ckpt["width"]) != width:   # e.g. a pretrain.py backbone
+        raise UserError(f"--init {args.init} holds a --width {float(ckpt['width']):g} backbone, not --width {width:g}",
+                        f"pass --width {float(ckpt['width']):g}")
     pipeline.load_backbone(model, ckpt["state_dict"], log=log)
     return {"mode": "backbone", "source": args.init}
 

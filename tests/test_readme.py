@@ -288,7 +288,7 @@ FLAG_PAGES = {
     "docs/detection.md": ["detection/train.py", "detection/eval.py", "detection/snn_ft.py", "detection/demo.py",
                           "-m detection.offline_demo", "-m detection.pretrain", "-m common.scenes"],
     "docs/segmentation.md": ["segmentation/train.py", "segmentation/eval.py", "segmentation/snn_ft.py",
-                             "segmentation/inference.py", "-m segmentation.demo"],
+                             "segmentation/inference.py", "-m segmentation.demo", "-m segmentation.pretrain"],
     "benchmarks/README.md": ["benchmarks/snn_speed.py", "benchmarks/if_kernels.py", "benchmarks/kernel_ab.py",
                              "benchmarks/quant_overhead.py", "benchmarks/finetune_cost.py", "benchmarks/dense_memory.py"],
 }

@@ -5,6 +5,12 @@
 #   chain_step OUT CMD  run CMD unless OUT exists: an evaluation's metrics JSON or a fine-tuning's final
 #                       checkpoint is written once, at the end, so its presence means the step finished;
 #                       the step is then reported as "skip (done): OUT"
+#   chain_pick FLAGS ARGS  keep the pairs of ARGS whose flag is in FLAGS (in CHAIN_PICKED): the extra args a
+#                       chain passes to every script, cut to those a script with fewer flags takes
+#   chain_pretrain DIR FLAGS CMD... -- ARGS
+#                       with PRETRAIN=1: run CMD + the FLAGS pairs of ARGS + $PRETRAIN_ARGS unless
+#                       DIR/metrics_pretrain.json exists (a backbone pretraining writes it when it ends), and set
+#                       CHAIN_INIT=DIR/model_best.pth.tar; without PRETRAIN=1: CHAIN_INIT is empty
 #
 # Training stages are not skipped: they always run with --resume auto, so a killed stage continues and a
 # finished one returns at once (and a larger EPOCHS extends it).
@@ -32,4 +38,31 @@ chain_done() {  # MESSAGE: the closing line, not printed by a dry run
 
 chain_launcher() {  # the interpreter, or torch.distributed.run with NPROC processes when NPROC > 1
   if [ "${NPROC:-1}" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi
+}
+
+chain_pick() {  # "FLAG FLAG ..." ARGS...: CHAIN_PICKED = the "FLAG VALUE" / "FLAG=VALUE" pairs of ARGS with these flags
+  local flags=" $1 " a
+  shift
+  CHAIN_PICKED=()
+  while [ $# -gt 0 ]; do
+    a=$1
+    shift
+    case "$a" in
+      --*=*) if [[ "$flags" == *" ${a%%=*} "* ]]; then CHAIN_PICKED+=("$a"); fi ;;
+      *) if [[ "$flags" == *" $a "* ]] && [ $# -gt 0 ]; then CHAIN_PICKED+=("$a" "$1"); shift; fi ;;
+    esac
+  done
+}
+
+chain_pretrain() {
+  CHAIN_INIT=""
+  [ "${PRETRAIN:-0}" = 1 ] || return 0
+  local dir=$1 flags=$2 cmd=()
+  shift 2
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do cmd+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  chain_pick "$flags" "$@"
+  # shellcheck disable=SC2086  # PRETRAIN_ARGS is split into flags on purpose
+  chain_step "$dir/metrics_pretrain.json" "${cmd[@]}" ${CHAIN_PICKED[@]+"${CHAIN_PICKED[@]}"} ${PRETRAIN_ARGS:-}
+  CHAIN_INIT="$dir/model_best.pth.tar"
 }
