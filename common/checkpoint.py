@@ -14,6 +14,7 @@ import collections
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from typing import Mapping, Optional, Sequence
@@ -51,6 +52,11 @@ def _umask() -> int:
 def atomic_save(obj, path: str):
     """``torch.save`` that never leaves a half-written file at ``path`` (killed runs included)."""
     _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_copy(src: str, dst: str):
+    """Copy a file so that ``dst`` is either the old file or the whole new one."""
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 #: the keys that only a resumable checkpoint needs; model_best.pth.tar goes without them

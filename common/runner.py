@@ -121,6 +121,15 @@ def open_run(args, out_dir: str, root_flag: str = "--save_folder") -> Tuple[str,
     return resume, rckpt, ickpt
 
 
+def hint_small_data(task: str, num_images: int, has_init: bool):
+    """One line pointing to backbone pretraining when a dense task trains from scratch on few images
+    (:func:`common.pretrain.small_data_hint`)."""
+    from .pretrain import small_data_hint
+    hint = small_data_hint(task, num_images, has_init)
+    if hint:
+        log(hint)
+
+
 def rng_states(ctx, generators: Optional[Dict] = None) -> List[dict]:
     """Every rank's RNG states (:func:`common.checkpoint.rng_state`), rank order; a collective under DDP."""
     mine = rng_state(generators)

@@ -361,6 +361,7 @@ def train(args) -> dict:
         if not args.classes and meta_src.get("classes") and args.dataset == "voc":
             args.checkpoint_classes = list(meta_src["classes"])
         data = _data(args, True, True, args.train_size, args.val_size)
+        runner.hint_small_data("detection", len(data.train), bool(args.init or rckpt))
         if rckpt is not None:
             check_meta(rckpt, resume, args.version, data.num_classes, "--resume")
             if int(rckpt.get("bit", args.bit)) != args.bit:

@@ -397,6 +397,7 @@ def train(args) -> Dict:
         if args.width is None:   # a run of the bit chain keeps its predecessor's width
             args.width = float(src["width"]) if src.get("task") == TASK_NAME and src.get("width") is not None else 1.0
         data = build_data(args, train=True, ctx=ctx)
+        runner.hint_small_data(TASK_NAME, len(data.train), bool(args.init or rckpt))
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
         model = build_model(args, data.num_classes, ctx.device)
         iters = len(tr_loader) if args.max_iters is None else min(len(tr_loader), args.max_iters)

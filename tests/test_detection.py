@@ -396,6 +396,7 @@ def trained(scene_root, tmp_path_factory):
     r = _run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "train.py", "-ms", "--ema",
               "--sybn", "--bit", "32"] + common)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("hint:") == 1 and "python -m detection.pretrain" in r.stdout  # few images, no --init
     best32 = os.path.join(out, "voc", "yolov2_tiny_32bit", "model_best.pth.tar")
     assert os.path.isfile(best32) and os.path.isfile(os.path.join(out, "voc", "yolov2_tiny_32bit", "checkpoint.pth.tar"))
     from detection import train as T

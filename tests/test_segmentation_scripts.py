@@ -41,6 +41,17 @@ def chain(tmp_path_factory):
             "best2": os.path.join(out, "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")}
 
 
+def test_small_data_hint_without_init_only(chain, tmp_path, capsys):
+    """A few images and no --init: one line pointing to segmentation.pretrain; with --init: none."""
+    from segmentation import train
+    flags = common_flags(chain["data"], str(tmp_path)) + ["--epochs", "1", "--max-iters", "1", "--val-subset", "2"]
+    train.main(flags + ["--bit", "32"])
+    out = capsys.readouterr().out
+    assert out.count("hint:") == 1 and "python -m segmentation.pretrain" in out
+    train.main(flags + ["--bit", "2", "--init", chain["best32"]])
+    assert "hint:" not in capsys.readouterr().out
+
+
 def test_training_writes_best_checkpoint_and_metrics(chain):
     for bit in (32, 2):
         d = os.path.join(chain["out"], "voc", f"deeplabv1_vgg9_{bit}bit")
