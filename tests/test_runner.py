@@ -1,0 +1,103 @@
+"""common.runner: the shared epoch loop, run opening, RNG states and layer selection, on their own."""
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import UserError, runner
+from common.checkpoint import BEST, CHECKPOINT
+
+
+def _ctx():
+    return SimpleNamespace(distributed=False, is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _loop(tmp_path, scores, every=1, start=0, best=None, history=()):
+    """Run runner.epochs with scripted evaluation scores; returns (best, history, the states saved)."""
+    args = SimpleNamespace(epochs=len(scores))
+    saved = []
+
+    def state(done, b, hist):
+        saved.append((done, b))
+        return {"epoch": done, "best": b, "weights": torch.tensor([float(done)]), "optimizer": {}, "history": hist}
+    return (*runner.epochs(args, _ctx(), str(tmp_path), start=start, best=best, history=list(history), key="test_x",
+                           best_name="best_x", train_epoch=lambda e: {"train_loss": 1.0 / (e + 1), "lr": 0.1},
+                           evaluate=lambda e: {"test_x": scores[e]}, state=state, summary={"m": 1}, every=every),
+            saved)
+
+
+def test_epochs_keep_the_best_and_save_it(tmp_path):
+    best, hist, saved = _loop(tmp_path, [3.0, 5.0, 4.0])
+    assert best == 5.0 and [h["best_x"] for h in hist] == [3.0, 5.0, 5.0]
+    assert [h["test_x"] for h in hist] == [3.0, 5.0, 4.0] and hist[0]["train_loss"] == 1.0
+    assert torch.load(tmp_path / BEST, weights_only=True)["weights"].item() == 2.0       # epoch 2 was the best
+    last = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert last["epoch"] == 3 and "optimizer" in last
+    assert "optimizer" not in torch.load(tmp_path / BEST, weights_only=True)            # the training state stays out
+    assert json.load(open(tmp_path / "history.json"))["m"] == 1 and saved[-1] == (3, 5.0)
+
+
+def test_epochs_evaluate_every_n_and_after_the_last(tmp_path):
+    best, hist, _ = _loop(tmp_path, [9.0, 1.0, 2.0, 3.0, 4.0], every=2)
+    assert ["test_x" in h for h in hist] == [False, True, False, True, True]
+    assert hist[0]["best_x"] is None and best == 4.0                                   # 9.0 was never evaluated
+    assert not os.path.exists(tmp_path / "unused")
+
+
+def test_epochs_continue_a_resumed_run(tmp_path):
+    best, hist, _ = _loop(tmp_path, [7.0, 7.0, 6.0], start=2, best=7.0, history=[{"epoch": 1}, {"epoch": 2}])
+    assert best == 7.0 and [h["epoch"] for h in hist] == [1, 2, 3]
+    assert not os.path.exists(tmp_path / BEST)                                         # 6.0 does not beat 7.0
+
+
+def test_write_training_records_the_best_epoch(tmp_path):
+    args = SimpleNamespace(epochs=3, metrics_out="", plot=True, seed=None)
+    hist = [{"epoch": 1, "train_loss": 2.0, "lr": 0.1, "test_x": 1.0}, {"epoch": 2, "train_loss": 1.0, "lr": 0.1},
+            {"epoch": 3, "train_loss": 0.5, "lr": 0.01, "test_x": 3.0}]
+    rec = runner.write_training(args, str(tmp_path), hist, start=0, key="test_x", label="x (%)", title="t",
+                                result=lambda top: {"x": top["test_x"]}, record=lambda res: dict(res))
+    assert rec == {"x": 3.0, "best_epoch": 3, "epochs": 3}
+    assert json.load(open(tmp_path / "metrics_ann.json"))["best_epoch"] == 3
+    assert os.path.getsize(tmp_path / "metrics_ann_curves.png") > 1000
+    with pytest.raises(UserError, match="nothing was trained"):
+        runner.write_training(args, str(tmp_path), [], start=3, key="test_x", label="", title="",
+                              result=dict, record=dict)
+
+
+def test_open_run_refuses_a_used_folder_and_reads_the_resume_checkpoint(tmp_path):
+    args = SimpleNamespace(resume="", init="", fresh=False)
+    assert runner.open_run(args, str(tmp_path / "new")) == ("", None, None)
+    torch.save({"epoch": 1, "optimizer": {}, "state_dict": {"w": torch.ones(1)}}, tmp_path / CHECKPOINT)
+    with pytest.raises(UserError, match="--resume auto"):
+        runner.open_run(args, str(tmp_path))
+    args.resume = "auto"
+    path, rckpt, ickpt = runner.open_run(args, str(tmp_path))
+    assert path == str(tmp_path / CHECKPOINT) and rckpt["epoch"] == 1 and ickpt is None
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "model.pth")
+    with pytest.raises(UserError, match="without training state"):
+        runner.open_run(SimpleNamespace(resume=str(tmp_path / "model.pth"), init="", fresh=False), str(tmp_path))
+
+
+def test_rng_states_round_trip():
+    ctx = _ctx()
+    random.seed(3)
+    torch.manual_seed(3)
+    states = runner.rng_states(ctx)
+    a = (random.random(), torch.rand(2))
+    assert runner.restore_rng({"rng_state": states}, ctx) == "RNG states restored"
+    b = (random.random(), torch.rand(2))
+    assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert "holds none" in runner.restore_rng({}, ctx)
+    assert "saved by 2 process(es)" in runner.restore_rng({"rng_state": states * 2}, ctx)
+
+
+def test_select_layers_by_glob():
+    net = SimpleNamespace(neurons=lambda: {"layer1.0.act1": 0, "layer1.0.act2": 0, "layer2.0.act1": 0})
+    assert runner.select_layers(net, "") is None
+    assert runner.select_layers(net, "layer1.*") == ["layer1.0.act1", "layer1.0.act2"]
+    assert runner.select_layers(net, " layer2.0.act1 , layer1.0.act2") == ["layer1.0.act2", "layer2.0.act1"]
+    with pytest.raises(UserError, match="matches none"):
+        runner.select_layers(net, "fc*")
