@@ -150,9 +150,7 @@ def _not_a_checkpoint(path: str, what: str) -> UserError:
                      "re-create it (e.g. rerun the training) or pass another file")
 
 
-def check_file(path: str, what: str = "checkpoint", hint: Optional[str] = None):
-    """The cheap part of :func:`load_checkpoint`: the path is an existing file that looks like a
-    checkpoint (zip archives are not read here; anything else is loaded once). Same one-line errors."""
+def _check_path(path: str, what: str, hint: Optional[str]):
     if not path:
         raise UserError(f"no {what} given", hint or "pass the path of a .pth.tar file")
     if not os.path.exists(path):
@@ -160,19 +158,19 @@ def check_file(path: str, what: str = "checkpoint", hint: Optional[str] = None):
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder, not a checkpoint file",
                         f"pass {os.path.join(path, BEST)} or another .pth.tar file")
+
+
+def check_file(path: str, what: str = "checkpoint", hint: Optional[str] = None):
+    """The cheap part of :func:`load_checkpoint`: the path is an existing file that looks like a
+    checkpoint (zip archives are not read here; anything else is loaded once). Same one-line errors."""
+    _check_path(path, what, hint)
     if not zipfile.is_zipfile(path):
         load_checkpoint(path, what, hint)
 
 
 def load_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = None) -> dict:
     """Load a checkpoint (or raw state dict) on the CPU; user errors for missing / corrupt files."""
-    if not path:
-        raise UserError(f"no {what} given", hint or "pass the path of a .pth.tar file")
-    if not os.path.exists(path):
-        raise UserError(f"{what} {path} does not exist", hint or "check the path")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder, not a checkpoint file",
-                        f"pass {os.path.join(path, BEST)} or another .pth.tar file")
+    _check_path(path, what, hint)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -56,8 +56,6 @@ NS=""
 [ "$DATASET" != cifar10 ] && NS="$DATASET/"
 cd "$(dirname "$0")/.."
 . scripts/lib/chain.sh
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
 EPOCHS=${EPOCHS:-300}
 FT_EPOCHS=${FT_EPOCHS:-1}
 SEED_ARGS=()

@@ -23,8 +23,6 @@ VERSION=${1:-yolov2_tiny}
 [ $# -gt 0 ] && shift
 cd "$(dirname "$0")/.."
 . scripts/lib/chain.sh
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
 DATASET=${DATASET:-voc}
 EPOCHS=${EPOCHS:-250}
 BS=${BS:-4}

@@ -20,8 +20,6 @@ MODEL=${1:?usage: bash scripts/segmentation_chain.sh MODEL [extra args]}
 shift
 cd "$(dirname "$0")/.."
 . scripts/lib/chain.sh
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
 EPOCHS=${EPOCHS:-50}
 FT_EPOCHS=${FT_EPOCHS:-1}
 FT_ARGS=${FT_ARGS:---force}

@@ -14,6 +14,12 @@
 #
 # Training stages are not skipped: they always run with --resume auto, so a killed stage continues and a
 # finished one returns at once (and a larger EPOCHS extends it).
+#
+# PY: the interpreter of the steps -- $PY or $PYTHON if set, else .venv/bin/python (relative to the
+# repository root, the working directory of the chains that source this), else python3.
+
+PY=${PY:-${PYTHON:-.venv/bin/python}}
+[ -x "$PY" ] || PY=python3
 
 chain_run() {
   local shown=("$@")
