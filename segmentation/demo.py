@@ -237,7 +237,7 @@ def main(argv=None) -> Dict:
                      "first_layer_agreement": s["layers"][0]["agreement"],
                      "sops": s["sops"], "energy": s["energy"]})
     rows[-1]["per_step_finetuned"] = ft["per_step_miou"]
-    accepted = [h.get("name") for h in ft.get("finetune", []) if h.get("accepted")]
+    accepted = [h.get("layer") for h in ft.get("finetune", []) if h.get("accepted")]
     figures = _figures(args, out, rows, snn, ft, common, runs, ft_path)
     md = table(rows)
     elapsed = time.time() - t_start

@@ -435,7 +435,7 @@ def train(args) -> Dict:
         def evaluate(epoch):
             res = evaluate_ann(model, va_loader, data, device=ctx.device, show_progress=args.progress,
                                desc=f"val {epoch + 1}")
-            return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"]}
+            return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"], "val_per_class_iou": res["per_class_iou"]}
 
         def state(done, best, history):
             return dict(meta, epoch=done, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
@@ -450,7 +450,7 @@ def train(args) -> Dict:
         return runner.write_training(
             args, out_dir, history, start=start, key="val_miou", label="val mIoU (%)", title=f"{args.model} {args.bit}-bit",
             result=lambda top: {"miou": top.get("val_miou"), "ann_miou": top.get("val_miou"),
-                                "pixel_acc": top.get("val_pixel_acc")},
+                                "pixel_acc": top.get("val_pixel_acc"), "per_class_iou": top.get("val_per_class_iou") or []},
             record=lambda res: record(args, data, res, script="train.py", checkpoint=os.path.join(out_dir, BEST)))
 
 

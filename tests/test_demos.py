@@ -44,6 +44,7 @@ def test_segmentation_demo_resumes_and_draws_ann_and_snn_side_by_side(tmp_path, 
     argv = ["--quick", "--out", out, "--no-progress", "--test", "3"]
     s = demo.main(argv)
     assert s["pretrain_accuracy"] is not None and len(s["rows"]) == 4
+    assert all(isinstance(n, str) and n for n in s["finetune_accepted"])   # the accepted layers, by name
     for i in range(3):
         assert os.path.isfile(os.path.join(out, f"masks_{i}.png"))
     assert "about" in capsys.readouterr().out                               # the time-left estimate

@@ -63,6 +63,7 @@ def test_training_writes_best_checkpoint_and_metrics(chain):
     hist = ck["history"]
     assert hist[0]["lr"] < 0.01                      # poly LR, stepped per iteration
     assert 0.0 <= chain["rec32"]["miou"] <= 100.0 and chain["rec32"]["best_epoch"] in (1, 2)
+    assert len(chain["rec32"]["per_class_iou"]) == 4                 # the best epoch's IoU of every class
     h32 = json.load(open(os.path.join(chain["out"], "voc", "deeplabv1_vgg9_32bit", "history.json")))["history"]
     assert len(h32) == 2 and h32[1]["lr"] < h32[0]["lr"]
 
