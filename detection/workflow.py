@@ -475,17 +475,12 @@ def train(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- eval.py
-def _print_result(res: dict, spike: bool):
-    full = res.get("snn", res) if spike else res
-    for c, ap in full.get("ap", {}).items():
-        log(f"  AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}")
+def _ap_lines(full: dict) -> List[str]:
+    """Per-class AP (and COCO's AP family) of one metric dict."""
+    lines = [f"  AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}" for c, ap in full.get("ap", {}).items()]
     if "coco" in full:
-        log("  COCO " + " ".join(f"{k} {v:.2f}" for k, v in full["coco"].items()))
-    if spike:
-        log(f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; per step "
-            + " ".join(f"{m:.1f}" for m in res["per_step_map"]))
-    else:
-        log(f"mAP {res['map']:.2f} (VOC07 11-point {full['map_voc07']:.2f}, all-point {full['map_all_point']:.2f})")
+        lines.append("  COCO " + " ".join(f"{k} {v:.2f}" for k, v in full["coco"].items()))
+    return lines
 
 
 def _open(args, ctx, *, train: bool):
@@ -509,7 +504,8 @@ def evaluate(args) -> dict:
         full = pipeline.evaluate(model, loader, make_metric_fn(model, data, args), inputs=D.inputs, device=ctx.device,
                                  progress=args.progress, max_batches=args.max_iters)
         res = {**full, "ann_map": full["map"], "per_step_map": []}
-        _print_result(res, False)
+        log("\n".join(_ap_lines(res) + [f"mAP {res['map']:.2f} (VOC07 11-point {res['map_voc07']:.2f}, all-point "
+                                         f"{res['map_all_point']:.2f})"]))
         rec = _record(args, "eval.py", model, data, res, path, finetuned=bool(ckpt.get("snn_finetuned")),
                       input_size=args.input_size)
         folder = runs.eval_dir(path, run_dir(args))
@@ -567,9 +563,9 @@ def _loaders(args, data, ctx):
 
 
 def _snn_line(res: dict) -> str:
-    aps = [f"AP {c:<14s} {'-' if ap is None else f'{ap:6.2f}'}" for c, ap in (res.get("snn") or res).get("ap", {}).items()]
-    return "\n".join(aps + [f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; "
-                             "per step " + " ".join(f"{m:.1f}" for m in res["per_step_map"])])
+    return "\n".join(_ap_lines(res.get("snn") or res) + [
+        f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; per step "
+        + " ".join(f"{m:.1f}" for m in res["per_step_map"])])
 
 
 TASK = runner.Task(
