@@ -494,6 +494,98 @@ def guard_views(gm: fx.GraphModule, nodes=None):
     return added
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s storage (``-1``: unknown on this PyTorch)."""
+    try:
+        return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError):
+        return -1
+
+
+class ReusedResize(nn.Module):
+    """The network's final ``F.interpolate`` (2-d bilinear or nearest to a given ``size``: DeepLab's
+    upsampling of the logits) written into an output buffer kept from one forward to the next (CPU, no
+    gradient). At 513 px a fresh output is tens of MB, page-faulted in on every forward: most of the
+    upsampling's time. The buffer is reused only when the caller has let go of the previous output (no
+    other tensor shares its storage); otherwise a new one is allocated, so a kept output is never
+    overwritten. Same kernel, same layout as ``F.interpolate``: the values are identical (tested)."""
+
+    _OPS = {"bilinear": "upsample_bilinear2d", "nearest": "upsample_nearest2d"}
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+        self._buf, self._users = None, 0
+
+    @classmethod
+    def handles(cls, args, kwargs) -> bool:
+        kw = dict(zip(("size", "scale_factor", "mode", "align_corners"), args[1:]), **kwargs)
+        return (kw.get("mode", "nearest") in cls._OPS and isinstance(kw.get("size"), (tuple, list, int))
+                and kw.get("scale_factor") is None and not kw.get("antialias", False)
+                and not kw.get("recompute_scale_factor"))
+
+    def _out(self, x: torch.Tensor, shape) -> torch.Tensor:
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        b = self._buf
+        if b is not None and tuple(b.shape) == shape and b.dtype == x.dtype and b.is_contiguous(memory_format=fmt) \
+                and _storage_users(b) == self._users:
+            return b
+        b = self._buf = None  # the old one goes first: never two at once
+        b = torch.empty(shape, dtype=x.dtype, memory_format=fmt)
+        self._users = _storage_users(b)
+        if self._users > 0:  # users countable: keep it
+            self._buf = b
+        return b
+
+    def forward(self, x, *args, **kwargs):
+        kw = dict(zip(("size", "scale_factor", "mode", "align_corners"), args), **self.kwargs, **kwargs)
+        if x.device.type != "cpu" or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) \
+                or x.dtype not in (torch.float32, torch.float64):
+            return nn.functional.interpolate(x, **kw)
+        mode, size = kw.get("mode", "nearest"), kw["size"]
+        size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        out = self._out(x, (x.shape[0], x.shape[1]) + size)
+        op = getattr(torch._C._nn, self._OPS[mode])
+        if mode == "bilinear":
+            op(x, size, bool(kw.get("align_corners") or False), None, None, out=out)
+        else:
+            op(x, size, None, None, out=out)
+        return out.as_strided(out.size(), out.stride())  # a new tensor: the caller's reference counts
+
+    def __deepcopy__(self, memo):
+        return ReusedResize(**copy.deepcopy(self.kwargs, memo))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_buf"], state["_users"] = None, 0
+        return state
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def reuse_output_resize(gm: fx.GraphModule, name: str = "output_resize") -> bool:
+    """Make the graph's output ``F.interpolate`` (when it is one :class:`ReusedResize` handles) a
+    :class:`ReusedResize` module. Returns whether it did."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    src = out.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is nn.functional.interpolate
+            and len(src.users) == 1 and ReusedResize.handles(src.args, src.kwargs)) or hasattr(gm, name):
+        return False
+    kw = dict(zip(("size", "scale_factor", "mode", "align_corners"), src.args[1:]), **src.kwargs)
+    static = {k: v for k, v in kw.items() if not isinstance(v, fx.Node) and k != "size"}
+    dynamic = {k: v for k, v in kw.items() if k not in static}
+    if any(isinstance(v, (list, tuple)) and any(isinstance(e, fx.Node) for e in v) for v in static.values()):
+        return False
+    gm.add_module(name, ReusedResize(**static))
+    with gm.graph.inserting_before(src):
+        node = gm.graph.call_module(name, (src.args[0],), dynamic)
+    src.replace_all_uses_with(node)
+    gm.graph.erase_node(src)
+    return True
+
+
 def pick_layout(build, example, repeats: int = 5):
     """``build(channels_last)`` for both layouts; the one whose forward on ``example`` is faster
     (each timed ``repeats`` times, alternating, after one warm-up; the minima are compared)."""
@@ -570,6 +662,8 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
                 node.replace_all_uses_with(c)
                 c.args = (node,)
                 break
+    if reuse_buffers:
+        reuse_output_resize(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -19,6 +19,8 @@ stays bit-identical to the ANN):
   it reads last, element by element). A forward pass then allocates no spike trains; its only large
   temporaries are the convolutions' outputs, freed right after their neuron, so the heap does not
   grow and shrink (page faults) every forward -- no allocator tuning (``reuse_buffers=False``: off);
+  the output upsampling of a dense model writes into a buffer reused while the caller does not hold
+  the previous output (:class:`~quant.fused.ReusedResize`);
 * **no private ops by default**: the residual sum stays the neuron's residual input; the oneDNN
   convolution post-op (``torch.ops.mkldnn._convolution_pointwise_``, private) only with
   ``conv_add_postop=True``;
@@ -47,7 +49,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from quant.fused import fold_weight_layers, fuse_conv_add, guard_views, is_add, is_eval_bn, pick_layout
+from quant.fused import (fold_weight_layers, fuse_conv_add, guard_views, is_add, is_eval_bn, pick_layout,
+                         reuse_output_resize)
 
 from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .kernels import check_backend
@@ -134,6 +137,9 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
     if channels_last:
         for c in guard_views(gm, nodes=temporal):
             kinds[c.name] = TEMPORAL
+    if reuse_buffers and new.head is not None and reuse_output_resize(new.head):
+        new.head.graph.lint()
+        new.head.recompile()
     graph.lint()
     gm.recompile()
     if reuse_buffers:

@@ -1147,3 +1147,58 @@ def test_settle_network_per_backend_and_optimized():
             assert all(n.bounded for n in net.neurons().values())
         opt = snn.optimize(snn.convert(m, T=3, settle=21, neg_tol=1e-9))
         torch.testing.assert_close(opt(x), a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["deeplabv1_vgg9", "deeplabv3_r34"])
+def test_output_upsampling_buffer_reused_only_when_released(arch):
+    """The dense models' final upsampling writes into a buffer kept between forwards (ANN and SNN): values
+    equal ``reuse_buffers=False`` bit for bit in both layouts; an output the caller still holds (or a view
+    of it) is never overwritten; a released one is reused."""
+    from segmentation.models import get_model
+    torch.manual_seed(0)
+    ann = _randomise_bn(get_model(arch, 5, bit=2, width=0.125))
+    x = torch.randn(2, 3, 41, 41)
+    for cl in (True, False):
+        nets = [(fused.optimize_ann(ann, channels_last=cl), fused.optimize_ann(ann, channels_last=cl,
+                                                                               reuse_buffers=False))]
+        conv = snn.convert(ann, T=3)
+        nets.append((snn.optimize(conv, channels_last=cl), snn.optimize(conv, channels_last=cl, reuse_buffers=False)))
+        for fast, plain in nets:
+            assert any(isinstance(m, fused.ReusedResize) for m in fast.modules())
+            assert not any(isinstance(m, fused.ReusedResize) for m in plain.modules())
+            with torch.no_grad():
+                want = plain(x)
+                a = fast(x)
+                b = fast(x)  # a is held: b must be new memory
+                assert torch.equal(a, want) and torch.equal(b, want) and a.shape[-1] > 20  # upsampled
+                assert a.data_ptr() != b.data_ptr() and a.stride() == want.stride()
+                ptr = b.data_ptr()
+                del a, b
+                c = fast(x)
+                assert c.data_ptr() == ptr and torch.equal(c, want)  # released: reused
+                row = c[0, 1]
+                del c
+                d = fast(x)
+                assert d.data_ptr() != row.data_ptr() and torch.equal(row, want[0, 1])  # a view kept it alive
+                assert torch.equal(fast(x[:1]), plain(x[:1]))  # another batch size
+
+
+@pytest.mark.parametrize("mode,align", [("bilinear", True), ("bilinear", False), ("nearest", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reused_resize_equals_interpolate(mode, align, dtype):
+    """``ReusedResize`` is ``F.interpolate`` (same values, layout) for both layouts, int / tuple sizes; with a
+    gradient it is the plain call."""
+    torch.manual_seed(1)
+    kw = {"mode": mode} if align is None else {"mode": mode, "align_corners": align}
+    r = fused.ReusedResize(**kw)
+    for x in (torch.randn(2, 3, 7, 9, dtype=dtype), torch.randn(2, 3, 7, 9, dtype=dtype).to(
+            memory_format=torch.channels_last)):
+        for size in ((20, 17), 13):
+            want = torch.nn.functional.interpolate(x, size=size, **kw)
+            with torch.no_grad():
+                got = r(x, size=size)
+            assert torch.equal(got, want) and got.stride() == want.stride()
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    r(x, size=(9, 9)).sum().backward()
+    assert x.grad is not None
+    assert copy.deepcopy(r)._buf is None
