@@ -5,8 +5,9 @@ cached, so a re-run only redoes the fine-tuning; a cell whose JSON exists is not
 
 * ``demo``  -- the demo's: 8,000 Fashion-MNIST training images, the ANN fine-tuned on the same set,
   63 batches of 128 per layer, accept / revert score on 8 training batches;
-* ``small`` -- the same ANN, fine-tuned on a 600-image set in batches of 100 (6 batches: every score
-  and every accept test sees only training images);
+* ``demo_small`` -- the demo's ANN, fine-tuned on 600 of its images in batches of 100 (6 batches);
+* ``small`` -- an ANN trained on 2,000 of those images (the demo's recipe), fine-tuned on 600 images in
+  batches of 100 (6 batches: every score and every accept test sees only training images);
 * ``crops`` -- another dataset: 32 x 32 object crops of the offline scene set (:mod:`common.scenes`:
   Fashion-MNIST items tinted in colour on textured backgrounds, partly occluded), 2,000 training and
   500 test crops, its own chain (the demo's recipe), 16 batches of 128 per layer, 4 score batches.
@@ -40,6 +41,8 @@ CROPS = "crops"  # the object-crop folder dataset, under --out
 REGIMES: Dict[str, dict] = {
     "demo": {"text": "the demo's: 8,000 Fashion-MNIST images, fine-tuned on the same (63 batches of 128)",
              "argv": []},
+    "demo_small": {"text": "the demo's ANN (8,000 images) fine-tuned on 600 of its images in batches of 100 (6 batches)",
+                   "argv": ["--ft-subset", "600", "--ft-batch-size", "100"]},
     "small": {"text": "a 2,000-image Fashion-MNIST ANN fine-tuned on 600 images in batches of 100 (6 batches)",
               "argv": ["--train-subset", "2000", "--ft-subset", "600", "--ft-batch-size", "100"]},
     "crops": {"text": "scene-set object crops (colour, texture, occlusion): 2,000 training / 500 test images "
