@@ -1,4 +1,5 @@
-"""Fine-tuning fidelity over regimes beyond the demo: ResNet-20 2-bit at T = 3, several methods, several seeds.
+"""Fine-tuning fidelity over regimes beyond the demo: ResNet-20 2-bit (and the detection demo's YOLOv2-tiny)
+at T = 3, several methods, several seeds.
 
 Every cell (regime, seed, method) is one run of :mod:`classification.fidelity` (its trained ANN chain is
 cached, so a re-run only redoes the fine-tuning; a cell whose JSON exists is not re-run). Regimes:
@@ -10,7 +11,12 @@ cached, so a re-run only redoes the fine-tuning; a cell whose JSON exists is not
   batches of 100 (6 batches: every score and every accept test sees only training images);
 * ``crops`` -- another dataset: 32 x 32 object crops of the offline scene set (:mod:`common.scenes`:
   Fashion-MNIST items tinted in colour on textured backgrounds, partly occluded), 2,000 training and
-  500 test crops, its own chain (the demo's recipe), 16 batches of 128 per layer, 4 score batches.
+  500 test crops, its own chain (the demo's recipe), 16 batches of 128 per layer, 4 score batches;
+* ``crops_small`` -- the crops' ANN fine-tuned on 600 crops in batches of 100;
+* ``yolo`` -- the detection demo's 2-bit YOLOv2-tiny at T = 3 (its chain: :mod:`detection.offline_demo`,
+  run in ``<out>/detection_c<seed>``), each cell one ``detection/snn_ft.py`` with the demo's fine-tuning
+  flags (``default``: that script's default, ``e2e``: ``--method fastsnn+e2e``), the settle check one
+  ``detection/eval.py --spike --settle K``; the score is mAP@0.5 on the demo's test scenes.
 
 Each regime also checks the settle mode (K = 9, the demo's): exact when the SNN's top-1 equals the ANN's
 within 0.1 point and every layer agrees with the ANN's levels on >= 99.9 % of its neurons. The table
@@ -52,6 +58,17 @@ REGIMES: Dict[str, dict] = {
     "crops_small": {"text": "the crops' ANN fine-tuned on 600 crops in batches of 100 (6 batches)",
                     "argv": ["--dataset", "folder", "--train-subset", "2000", "--val-subset", "500", "--epochs-fp", "12",
                              "--ft-subset", "600", "--ft-batch-size", "100"]},
+    "yolo": {"text": "the detection demo's 2-bit YOLOv2-tiny (width 0.5, 96 px scenes, its own chain), fine-tuned as "
+                     "the demo does (6 batches of 16 per layer, 4 score batches); mAP@0.5 on the 96 test scenes",
+             "task": "detection", "argv": []},
+}
+DETECTION = "detection_c{seed}"  # the detection demo's run folder of one chain seed, under --out
+# label -> detection/snn_ft.py flags (labels without an entry are not run on the detection regime);
+# "default" is snn_ft.py's own default there
+DET_METHODS: Dict[str, List[str]] = {
+    "force": ["--method", "fastsnn", "--force"],
+    "default": [],
+    "e2e": ["--method", "fastsnn+e2e"],
 }
 # label -> classification.fidelity method spec; "score=fixed": N training batches drawn once (snn_ft.py's test)
 _DEFAULT = "fastsnn+e2e:e2e_loss=ce,e2e_epochs=3,accept=local,score=fixed"
@@ -62,21 +79,25 @@ METHODS: Dict[str, str] = {
     "default": _DEFAULT + ",min_steps=50",              # the default: at least 50 steps per epoch
     "default_kl": _DEFAULT.replace("e2e_loss=ce", "e2e_loss=kl") + ",min_steps=50",
     "default_steps100": _DEFAULT + ",min_steps=100",
+    "e2e": None,                                         # detection only (DET_METHODS)
 }
 METHOD_TEXT = {
     "force": "`--method fastsnn --force` (the original, every layer kept)",
     "original": "`--method fastsnn` (the original, whole-SNN score test)",
     "local": "`fastsnn+e2e`, local test, one pass per epoch (the previous default)",
-    "default": "`fastsnn+e2e`, local test, >= 50 steps per epoch (**the default**)",
+    "default": "**the default** (classification: `fastsnn+e2e`, local test, >= 50 steps per epoch; "
+               "detection: its `snn_ft.py` default)",
     "default_kl": "as the default, end-to-end loss KL to the ANN's logits",
     "default_steps100": "as the default, >= 100 steps per epoch",
+    "e2e": "`--method fastsnn+e2e` (classification's default; detection only)",
 }
 SETTLE_K = 9
 
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description="Fine-tuning fidelity of ResNet-20 2-bit (T = 3) over several regimes "
-                                   "(demo, a small fine-tuning set, another dataset), several seeds")
+                                   "(demo, a small fine-tuning set, another dataset, the detection demo's "
+                                   "YOLOv2-tiny), several seeds")
     p.add_argument("--out", default="demo_out/fidelity_regimes",
                    help="run folder: cached ANN chains, the crops, one JSON per cell (default demo_out/fidelity_regimes)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default <out>/data)")
@@ -181,6 +202,78 @@ def run_cell(args, regime: str, seed: int, label: Optional[str]) -> dict:
     return fidelity.main(argv)
 
 
+def _applies(regime: str, label: Optional[str]) -> bool:
+    """Whether the method ``label`` (``None``: the settle check) is run on ``regime``."""
+    if label is None:
+        return True
+    if REGIMES[regime].get("task") == "detection":
+        return label in DET_METHODS
+    return METHODS[label] is not None
+
+
+def detection_chain(args, seed: int) -> dict:
+    """The detection demo (``detection.offline_demo``, seed ``seed``) in ``<out>/detection_c<seed>``: its
+    2-bit checkpoint, scene root, classes, input size and the SNN before fine-tuning. A finished or
+    killed demo there is continued, not redone."""
+    from common.metrics import read_json
+    from detection import offline_demo
+    out = os.path.join(args.out, DETECTION.format(seed=seed))
+    argv = ["--out", out, "--seed", str(seed), "--workers", "1"]
+    if args.quick:
+        argv += ["--train", "8", "--test", "4", "--size", "64", "--width", "0.125", "--pretrain", "32",
+                 "--pretrain-epochs", "1", "--pretrain-size", "32", "--epochs-fp", "1", "--epochs-q", "1",
+                 "--batch-size", "4", "--ft-iters", "1"]
+    if not os.path.isfile(os.path.join(out, "summary.json")):
+        print("python -m detection.offline_demo " + " ".join(shlex.quote(a) for a in argv), flush=True)
+        offline_demo.main(argv)
+    bit, T = offline_demo.FT_BIT, offline_demo.SNN_BITS[offline_demo.FT_BIT]
+    demo = read_json(os.path.join(out, "demo_args.json"))
+    scenes = os.path.join(out, "data", "scenes")
+    return {"out": out, "checkpoint": os.path.join(out, "weights", "voc", f"yolov2_tiny_{bit}bit", "model_best.pth.tar"),
+            "data": ["-d", "voc", "-root", scenes, "--classes", os.path.join(scenes, "classes.txt"), "-size",
+                     str(demo["size"]), "-bs", "16", "--num_workers", "1", "--no-progress", "--bit", str(bit)],
+            "ft": ["-n", "1", "--max-iters", str(demo["ft_iters"]), "--score-batches", "4", "--aug", "flip",
+                   "--no-eval-before", "--no-tfboard", "--fresh"],
+            "snn": read_json(os.path.join(out, "metrics", f"snn_{bit}bit_signed_T{T}.json"))}
+
+
+def run_detection_cell(args, regime: str, seed: int, label: Optional[str]) -> dict:
+    """One cell of the detection regime: ``detection/snn_ft.py`` with the flags of ``label`` (fine-tuning
+    seed ``seed``) on the demo's 2-bit detector, or (``label=None``) ``eval.py --spike --settle K``. The
+    cell has the classification cells' keys (``ann_top1`` etc. hold mAP@0.5)."""
+    from detection import eval as eval_script
+    from detection import snn_ft
+    chain = detection_chain(args, seed if args.chain_seed is None else args.chain_seed)
+    tag = _tag(args, regime, seed, label or "settle").lstrip("_")
+    folder = os.path.join(args.out, "detection_runs", tag)
+    metrics = os.path.join(folder, "metrics.json")
+    before = chain["snn"]
+    cell = {"task": "detection", "metric": "mAP@0.5", "arch": "yolov2_tiny", "bit": 2, "T": before["T"],
+            "seed": args.chain_seed if args.chain_seed is not None else seed, "ft_seed": seed,
+            "checkpoint": chain["checkpoint"], "snn_top1": before["map"]}
+    if label is None:
+        argv = chain["data"] + ["--init", chain["checkpoint"], "--spike", "--settle", str(SETTLE_K), "--metrics-out", metrics]
+        print("python detection/eval.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
+        rec = eval_script.main(argv)
+        agreement = [la["agreement"] for la in rec.get("layers") or [] if la.get("agreement") is not None]
+        cell.update(ann_top1=rec["ann_map"], settle={"K": SETTLE_K, "sweep": [
+            {"K": SETTLE_K, "top1": rec["map"], "ann_top1": rec["ann_map"],
+             "min_agreement": min(agreement) if agreement else None}]})
+    else:
+        argv = chain["data"] + ["--init", chain["checkpoint"], "--save_folder", folder, "--seed", str(seed),
+                                "--metrics-out", metrics] + chain["ft"] + DET_METHODS[label]
+        print("python detection/snn_ft.py " + " ".join(shlex.quote(a) for a in argv), flush=True)
+        rec = snn_ft.main(argv)
+        hist = rec.get("finetune") or []
+        cell.update(ann_top1=rec["ann_map"], methods=[{
+            "method": " ".join(DET_METHODS[label]) or "default", "top1": rec["map"], "ann_top1": rec["ann_map"],
+            "seconds": rec["finetune_seconds"], "per_step_top1": rec.get("per_step_map"),
+            "accepted": f"{sum(bool(h.get('accepted')) for h in hist)}/{len(hist)}"}])
+    cell["argv"] = argv
+    write_json(cell_path(args, regime, seed, label or "settle"), cell)
+    return cell
+
+
 def _mean_spread(values: List[float]):
     m = sum(values) / len(values)
     return m, (max(values) - min(values)) / 2
@@ -202,8 +295,11 @@ def table(args, regimes: List[str], labels: List[str], seeds: List[int]) -> dict
                 anns[seed] = res["ann_top1"]
                 if label is None:
                     sw = res["settle"]["sweep"][-1]
+                    exact = res["settle"]["K"] == SETTLE_K  # classification: the sweep stops once exact
+                    if res.get("task") == "detection":  # one evaluation at K: equal mAP, every layer agreeing
+                        exact = abs(sw["top1"] - sw["ann_top1"]) <= 0.1 and (sw["min_agreement"] or 0) >= 0.999
                     per[seed] = {"top1": sw["top1"], "ann_top1": sw["ann_top1"], "min_agreement": sw["min_agreement"],
-                                 "exact": res["settle"]["K"] == SETTLE_K, "snn_top1": res["snn_top1"]}
+                                 "exact": exact, "snn_top1": res["snn_top1"]}
                 elif res.get("methods"):
                     m = res["methods"][0]
                     per[seed] = {"top1": m["top1"], "accepted": m["accepted"], "seconds": m["seconds"]}
@@ -214,7 +310,8 @@ def table(args, regimes: List[str], labels: List[str], seeds: List[int]) -> dict
                 continue
             mean, spread = _mean_spread([v["top1"] for v in per.values()])
             ann_mean = sum(anns[s] for s in per) / len(per)
-            rows.append({"regime": regime, "method": label, "spec": METHODS[label], "seeds": sorted(per),
+            spec = " ".join(DET_METHODS[label]) if REGIMES[regime].get("task") == "detection" else METHODS[label]
+            rows.append({"regime": regime, "method": label, "spec": spec, "seeds": sorted(per),
                          "top1": {str(s): v["top1"] for s, v in per.items()}, "mean": round(mean, 2),
                          "spread": round(spread, 2), "ann_mean": round(ann_mean, 2), "gap": round(ann_mean - mean, 2),
                          "accepted": {str(s): v["accepted"] for s, v in per.items()},
@@ -224,7 +321,8 @@ def table(args, regimes: List[str], labels: List[str], seeds: List[int]) -> dict
 
 def markdown(res: dict, command: str) -> str:
     lines = [f"- `{r}`: {text}" for r, text in res["regimes"].items()] + [""]
-    lines += ["| regime | method | top-1 at T = 3 (mean ± spread) | per seed | ANN | gap to ANN | layers kept |",
+    lines += ["| regime | method | top-1 (detection: mAP@0.5) at T = 3, mean ± spread | per seed | ANN | gap to ANN "
+              "| layers kept |",
              "|---|---|---:|---|---:|---:|---|"]
     for r in res["rows"]:
         per = " / ".join(f"{r['top1'][str(s)]:.1f}" for s in r["seeds"])
@@ -236,7 +334,8 @@ def markdown(res: dict, command: str) -> str:
     for regime, per in res["settle"].items():
         for s, v in sorted(per.items()):
             lines.append(f"| {regime} | {s} | {v['ann_top1']:.1f} | {v['snn_top1']:.1f} | {v['top1']:.1f} | "
-                         f"{v['min_agreement']:.4f} | {'yes' if v['exact'] else 'no'} |")
+                         f"{'–' if v['min_agreement'] is None else format(v['min_agreement'], '.4f')} | "
+                         f"{'yes' if v['exact'] else 'no'} |")
     return "\n".join(lines + ["", f"Command: `{command}`", ""])
 
 
@@ -254,7 +353,11 @@ def main(argv=None) -> dict:
                 settle = [None] if args.settle and args.chain_seed in (None, seed) else []  # one per chain
                 for label in settle + labels:
                     path = cell_path(args, regime, seed, label or "settle")
-                    if not os.path.isfile(path):
+                    if os.path.isfile(path) or not _applies(regime, label):
+                        continue
+                    if REGIMES[regime].get("task") == "detection":
+                        run_detection_cell(args, regime, seed, label)
+                    else:
                         run_cell(args, regime, seed, label)
     res = table(args, regimes, labels, seeds)
     # the command that runs every cell of this table (cells already on disk are reused)

@@ -183,3 +183,24 @@ def test_regime_benchmark_quick_run_and_reuse(tmp_path):
     mtime = os.path.getmtime(cell)
     fr.main(argv)
     assert os.path.getmtime(cell) == mtime
+
+
+def test_regime_benchmark_detection_quick_run(tmp_path):
+    """The detection regime on a tiny demo chain: the settle check and two methods through the task's own
+    scripts, cells in the classification cells' format, the table; methods without a detection form skipped."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    fr = importlib.import_module("fidelity_regimes")
+    argv = ["--quick", "--out", str(tmp_path), "--regimes", "yolo", "--seeds", "0", "--chain-seed", "0",
+            "--methods", "force,default,local", "--results", str(tmp_path / "t")]
+    res = fr.main(argv)
+    assert [r["method"] for r in res["rows"]] == ["force", "default"]  # `local` has no detection form
+    settle = res["settle"]["yolo"][0]
+    assert 0.0 <= settle["top1"] <= 100.0 and settle["min_agreement"] is not None
+    args = fr.get_parser().parse_args(argv)
+    with open(fr.cell_path(args, "yolo", 0, "force")) as f:
+        cell = json.load(f)
+    kept, layers = cell["methods"][0]["accepted"].split("/")
+    assert cell["task"] == "detection" and "--force" in cell["argv"] and kept == layers != "0"  # --force keeps all
+    with open(fr.cell_path(args, "yolo", 0, "default")) as f:
+        assert "--force" not in json.load(f)["argv"]
+    assert "mAP@0.5" in (tmp_path / "t.md").read_text()
