@@ -20,12 +20,15 @@ backward kernels with the reference's values.
 
 :func:`optimize_ann` returns an inference copy of a quantized ANN: quantized weights computed once,
 eval-mode BatchNorm folded into the preceding conv / linear, a residual addition fused into the
-quantizer that follows it, channels-last layout for the convolutions, the quantizers' outputs in reused
-buffers. It equals the ANN up to float
+quantizer that follows it, channels-last layout for the convolutions, the quantizers' and the
+convolutions' outputs in reused buffers. It equals the ANN up to float
 rounding (BN folding changes the last bit of a pre-activation; a level can differ only where the
-pre-activation lies within ~1e-6 of a rounding boundary). The oneDNN convolution + sum post-op (a
-private op, ``torch.ops.mkldnn._convolution_pointwise_``) is used only on request
-(``conv_add_postop=True``), with a plain ``conv(x) + r`` fallback.
+pre-activation lies within ~1e-6 of a rounding boundary). The oneDNN convolution with a post-op sum (a
+private op, ``torch.ops.mkldnn._convolution_pointwise_``) writes a convolution into a reused, zeroed
+buffer (:class:`PooledConv2d`: used only where it gives the plain module's values bit for bit, checked
+once per input shape; ``reuse_buffers=False`` turns it off); as the fusion of a residual sum
+(``conv(x) + r`` into ``r``) it is used only on request (``conv_add_postop=True``), with a plain
+``conv(x) + r`` fallback.
 
 :func:`tune_malloc` (glibc allocator thresholds) is never applied implicitly: a script or benchmark
 calls it on an explicit flag.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import math
 import operator
 import os
 import warnings
@@ -502,6 +506,161 @@ def _storage_users(t: torch.Tensor) -> int:
         return -1
 
 
+class OutputPool:
+    """Output buffers kept from one forward to the next and shared by a network's convolutions
+    (:class:`PooledConv2d`). A buffer is handed out only while no tensor but the pool refers to its
+    storage (:func:`_storage_users`), so an output still read downstream -- or kept by the caller -- is
+    never overwritten; otherwise a new one is allocated. At most ``max_buffers`` are kept (the least
+    recently used free one goes first)."""
+
+    def __init__(self, max_buffers: int = 16):
+        self.max_buffers = max_buffers
+        self._bufs: list = []  # [tensor, users when free, last use]
+        self._clock = 0
+
+    def take(self, shape, dtype, memory_format) -> torch.Tensor:
+        self._clock += 1
+        for e in self._bufs:
+            b = e[0]
+            if tuple(b.shape) == shape and b.dtype == dtype and b.is_contiguous(memory_format=memory_format) \
+                    and _storage_users(b) == e[1]:
+                e[2] = self._clock
+                return b
+        b = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+        users = _storage_users(b)
+        if users > 0:  # users countable: keep it
+            if len(self._bufs) >= self.max_buffers:
+                free = [e for e in self._bufs if _storage_users(e[0]) == e[1]]
+                if free:
+                    self._bufs.remove(min(free, key=lambda e: e[2]))
+            if len(self._bufs) < self.max_buffers:
+                self._bufs.append([b, users, self._clock])
+        return b
+
+    def clear(self):
+        self._bufs = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[0].numel() * e[0].element_size() for e in self._bufs)
+
+    def __deepcopy__(self, memo):
+        return OutputPool(self.max_buffers)
+
+    def __getstate__(self):
+        return {"max_buffers": self.max_buffers, "_bufs": [], "_clock": 0}
+
+
+# glibc's largest dynamic mmap threshold (64-bit): a block at least this large is mmap'ed fresh, and
+# page-faulted in, on every allocation unless the heap keeps it (tune_malloc); smaller ones are reused
+POOL_MIN_BYTES = 32 << 20
+
+
+def _heap_keeps_large() -> bool:
+    return _MALLOC_TUNED or "MALLOC_MMAP_THRESHOLD_" in os.environ
+
+
+class PooledConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose output (CPU, float32, oneDNN, no gradient) goes into a buffer of its
+    network's :class:`OutputPool` instead of fresh memory, where that pays: an output of at least
+    ``POOL_MIN_BYTES`` (at 416-513 px a convolution's output is 10-400 MB; glibc maps such a block
+    afresh, page-faulted in on every forward, unless :func:`tune_malloc` keeps it in the heap), and, with
+    ``out_channels_last``, a contiguous input such as the network's own image (a channels-last weight
+    and output spare oneDNN two reorders of the output: the analog-input convolution at 513 px runs
+    about 6x faster). The buffer is zeroed and the convolution adds into it (oneDNN's post-op sum, the
+    kernel :class:`Conv2dAdd` uses): ``conv(x) + 0``, the same values. Each input shape and layout
+    is checked once, on a random probe, against the plain module; where they differ, or elsewhere (training,
+    CUDA, gradients, hooks), it is the plain module."""
+
+    out_pool: Optional[OutputPool] = None
+    out_channels_last = False  # write a channels-last output (channels-last weight copy) from any input layout
+
+    def forward(self, x, *args):
+        if args or not self._poolable(x):
+            return super().forward(x, *args)
+        cl = self.out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        weight = self._weight(cl)
+        n, _, h, w = x.shape
+        shape = (n, self.out_channels,
+                 (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1,
+                 (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1)
+        reorders = cl and not x.is_contiguous(memory_format=torch.channels_last)
+        if not reorders and (_heap_keeps_large() or 4 * math.prod(shape) < POOL_MIN_BYTES):
+            return super().forward(x)  # a fresh output costs no page faults: the plain module is cheaper
+        key = (tuple(x.shape), x.stride(), cl)
+        ok = self.__dict__.setdefault("_pool_ok", {})
+        if key not in ok:  # first call at this input: the plain module's values (and layout), or never again
+            ok[key] = self._same_as_plain(x, shape, fmt, weight)
+        if not ok[key]:
+            return super().forward(x)
+        out = self.out_pool.take(shape, x.dtype, fmt)
+        self._conv_into(out, x, weight)
+        return out.as_strided(out.size(), out.stride())  # a new tensor: the caller's reference counts
+
+    def _conv_into(self, out, x, weight):
+        out.zero_()
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, x, weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            "add", None, None, [], None)
+
+    def _same_as_plain(self, x, shape, fmt, weight) -> bool:
+        """Whether the pooled path gives the plain module's output bit for bit at this input shape and
+        layout, on a random probe (a real input can be degenerate: a first time step of all-zero spikes
+        makes any kernel exact)."""
+        g = torch.Generator().manual_seed(0)
+        probe = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(torch.randn(x.shape, generator=g))
+        ref = super().forward(probe)
+        out = torch.empty(shape, dtype=x.dtype, memory_format=fmt)
+        try:
+            self._conv_into(out, probe, weight)
+        except RuntimeError:  # the private op refuses these operands (or changed): the plain module
+            return False
+        return bool(torch.equal(ref, out) and (self.out_channels_last or ref.stride() == out.stride()))
+
+    def _weight(self, cl: bool) -> torch.Tensor:
+        w = self.weight
+        if not cl or w.is_contiguous(memory_format=torch.channels_last):
+            return w
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_weight_cl")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight_cl"] = (key, w.detach().contiguous(memory_format=torch.channels_last))
+        return cached[1]
+
+    def _poolable(self, x) -> bool:
+        if self.out_pool is None or not _MKLDNN or self.training or x.device.type != "cpu" \
+                or x.dtype != torch.float32 or x.dim() != 4 or self.padding_mode != "zeros" \
+                or not isinstance(self.padding, tuple) or self._forward_hooks or self._forward_pre_hooks \
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return False
+        cl = torch.channels_last
+        if self.out_channels_last:
+            return x.is_contiguous(memory_format=cl) or x.is_contiguous()
+        return (x.is_contiguous(memory_format=cl) and self.weight.is_contiguous(memory_format=cl)) or \
+            (x.is_contiguous() and self.weight.is_contiguous())
+
+
+def pool_conv_outputs(gm: fx.GraphModule, nodes=None, pool: Optional[OutputPool] = None,
+                      channels_last: bool = False) -> Optional[OutputPool]:
+    """Make the plain ``nn.Conv2d`` modules called in ``gm`` (at ``nodes``, default all) write into one
+    shared :class:`OutputPool` (:class:`PooledConv2d`), channels-last outputs with ``channels_last``
+    (a contiguous input, such as the network's own input, then costs oneDNN no reorder of the output).
+    Returns the pool (``None``: no conv)."""
+    modules = dict(gm.named_modules())
+    convs = [modules[n.target] for n in gm.graph.nodes if (nodes is None or n in nodes) and n.op == "call_module"
+             and type(modules.get(n.target)) in (nn.Conv2d, PooledConv2d)]
+    if not convs:
+        return None
+    pool = pool or OutputPool(max_buffers=max(16, 2 * len(convs)))
+    for m in convs:
+        m.__class__ = PooledConv2d
+        m.out_pool, m.out_channels_last = pool, bool(channels_last)
+        m.__dict__.pop("_pool_ok", None)
+        m.__dict__.pop("_weight_cl", None)
+    return pool
+
+
 class ReusedResize(nn.Module):
     """The network's final ``F.interpolate`` (2-d bilinear or nearest to a given ``size``: DeepLab's
     upsampling of the logits) written into an output buffer kept from one forward to the next (CPU, no
@@ -611,9 +770,9 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
     without an example). ``conv_add_postop`` (opt-in): residual sums as oneDNN convolution post-ops
     (a private op, see :class:`Conv2dAdd`); by default they are the fused quantizer's residual input.
     ``reuse_buffers``: every quantizer whose output is read only inside the network writes it into a
-    reused buffer (the liveness plan of :func:`snn.optimize.plan_buffers`), so the convolutions'
-    outputs are freed right after their quantizer and the heap does not grow and shrink (page faults)
-    every forward; the values are the same."""
+    reused buffer (the liveness plan of :func:`snn.optimize.plan_buffers`), and the convolutions write
+    into buffers of one :class:`OutputPool` (:class:`PooledConv2d`), so the heap does not grow and
+    shrink (page faults) every forward; the values are the same."""
     if channels_last == "auto":
         if example is None:
             channels_last = True
@@ -670,11 +829,12 @@ def optimize_ann(model: nn.Module, channels_last="auto", inplace: bool = True,
     if reuse_buffers:
         from snn.optimize import plan_buffers  # lazy: snn imports quant
         plan_buffers(gm, writers=(FusedQuantAct,))
+        pool_conv_outputs(gm, channels_last=channels_last)
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.layout = "channels_last" if channels_last else "contiguous"
     return gm.eval()
 
 
-__all__ = ["act_quant_infer", "act_quant_fused", "weight_quant_fused", "optimize_ann", "Conv2dAdd", "fuse_conv_add", "tune_malloc", "FusedQuantAct", "frozen_weight_layer", "native_ops",
+__all__ = ["OutputPool", "PooledConv2d", "pool_conv_outputs", "act_quant_infer", "act_quant_fused", "weight_quant_fused", "optimize_ann", "Conv2dAdd", "fuse_conv_add", "tune_malloc", "FusedQuantAct", "frozen_weight_layer", "native_ops",
            "fold_weight_layers"]

@@ -17,13 +17,16 @@ stays bit-identical to the ANN):
   it into a :class:`~snn.neuron.BufferPool` slot shared, by a liveness plan over the graph, with
   neurons whose trains are never alive at the same time (a residual neuron takes the slot of the train
   it reads last, element by element). A forward pass then allocates no spike trains; its only large
-  temporaries are the convolutions' outputs, freed right after their neuron, so the heap does not
-  grow and shrink (page faults) every forward -- no allocator tuning (``reuse_buffers=False``: off);
-  the output upsampling of a dense model writes into a buffer reused while the caller does not hold
-  the previous output (:class:`~quant.fused.ReusedResize`);
-* **no private ops by default**: the residual sum stays the neuron's residual input; the oneDNN
-  convolution post-op (``torch.ops.mkldnn._convolution_pointwise_``, private) only with
-  ``conv_add_postop=True``;
+  temporaries are the convolutions' outputs, and those go into buffers of one
+  :class:`~quant.fused.OutputPool` kept between forwards, each handed out again only once nothing
+  reads it (:class:`~quant.fused.PooledConv2d`), so the heap does not grow and shrink (page faults)
+  every forward -- no allocator tuning (``reuse_buffers=False``: off); the output upsampling of a dense
+  model writes into a buffer reused while the caller does not hold the previous output
+  (:class:`~quant.fused.ReusedResize`);
+* **the residual sum stays the neuron's residual input**: the oneDNN convolution post-op
+  (``torch.ops.mkldnn._convolution_pointwise_``, private) fuses it only with ``conv_add_postop=True``;
+  by default that op only writes a convolution into its pooled, zeroed buffer, and only where its values
+  equal the plain module's (:class:`~quant.fused.PooledConv2d`; ``reuse_buffers=False``: never);
 * **static BN in place**: the eval-mode BatchNorm of the static prefix (the analog input's first conv / BN,
   left unfolded) writes over the convolution output it reads, with the module's own kernel and values
   (``aten::native_batch_norm``'s ``out=`` variant): at 416-513 px that output is tens of MB, a fresh
@@ -50,7 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from quant.fused import (fold_weight_layers, fuse_conv_add, guard_views, is_add, is_eval_bn, pick_layout,
-                         reuse_output_resize)
+                         pool_conv_outputs, reuse_output_resize)
 
 from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .kernels import check_backend
@@ -144,6 +147,9 @@ def optimize(net: SpikingNetwork, channels_last="auto", fold_bn: bool = True, fu
     gm.recompile()
     if reuse_buffers:
         plan_buffers(gm)
+        pool = pool_conv_outputs(gm, channels_last=channels_last)
+        if new.head is not None:
+            pool_conv_outputs(new.head, pool=pool, channels_last=channels_last)
     for p in gm.parameters():
         p.requires_grad_(False)
     new.optimized = True

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -765,7 +766,7 @@ def _check_plan(graph, mods, writer):
     assert not any(n in out.all_input_nodes for n in slot)
 
 
-def test_optimized_network_folds_and_fuses_without_private_ops():
+def test_optimized_network_folds_and_fuses():
     ann = _randomise_bn(TinyResNet(bit=2))
     net = snn.convert(ann)
     opt = snn.optimize(net)
@@ -773,8 +774,10 @@ def test_optimized_network_folds_and_fuses_without_private_ops():
     called = {n.target for n in opt.net.graph.nodes if n.op == "call_module"}
     assert "stem.bn" in called  # the static prefix keeps its BN (bit-exact first layer)
     assert not called & {"b1.bn1", "b1.bn2", "b2.bn1", "b2.bn2", "b2.downsample.1"}  # temporal BNs folded
-    assert type(mods["b1.conv1"]) is nn.Conv2d and mods["b1.conv1"].bias is not None
-    assert not any(isinstance(m, fused.Conv2dAdd) for m in mods.values())  # no private op by default
+    assert type(mods["b1.conv1"]) is fused.PooledConv2d and mods["b1.conv1"].bias is not None  # folded, pooled
+    assert not any(isinstance(m, fused.Conv2dAdd) for m in mods.values())  # no residual post-op by default
+    plain = snn.optimize(net, reuse_buffers=False)  # no pooled outputs: no private op at all
+    assert not any(isinstance(m, (fused.Conv2dAdd, fused.PooledConv2d)) for m in plain.modules())
     assert not any(fused.is_add(n) for n in opt.net.graph.nodes)  # residual sums moved into the neurons
     assert mods["b1.act2"].inplace and not mods["stem.act"].inplace
     assert snn.optimize(opt) is opt
@@ -1202,3 +1205,67 @@ def test_reused_resize_equals_interpolate(mode, align, dtype):
     r(x, size=(9, 9)).sum().backward()
     assert x.grad is not None
     assert copy.deepcopy(r)._buf is None
+
+
+def test_pooled_conv_outputs_equal_plain_and_never_overwrite_a_held_output(monkeypatch):
+    """``PooledConv2d``: the plain module's values (channels-last output from a contiguous input too); the
+    buffer comes back only once its output is dropped; a shape whose pooled values differ from the
+    plain module's (checked once on a random probe) runs the plain module; deepcopy / pickle start empty."""
+    import pickle
+    monkeypatch.setattr(fused, "POOL_MIN_BYTES", 0)  # pool these small outputs too
+    monkeypatch.setattr(fused, "_MALLOC_TUNED", False)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 16, 3, padding=1).eval()
+    for cl in (False, True):
+        m = copy.deepcopy(plain)
+        fused.pool_conv_outputs(fx.symbolic_trace(nn.Sequential(m)), channels_last=cl)
+        pool = m.out_pool
+        with torch.no_grad():
+            xs = [torch.randn(2, 3, 17, 17) for _ in range(3)]
+            y0 = m(xs[0])
+            if not fused._MKLDNN or not m._pool_ok[(tuple(xs[0].shape), xs[0].stride(), cl)]:
+                pytest.skip("no oneDNN post-op here: the plain module runs")
+            assert y0.is_contiguous(memory_format=torch.channels_last) == cl
+            y1 = m(xs[1])  # y0 still held: a second buffer
+            assert y0.data_ptr() != y1.data_ptr()
+            assert torch.equal(y0, plain(xs[0])) and torch.equal(y1, plain(xs[1]))
+            p0 = y0.data_ptr()
+            del y0
+            y2 = m(xs[2])  # y0's buffer is free again
+            assert y2.data_ptr() == p0 and torch.equal(y2, plain(xs[2])) and torch.equal(y1, plain(xs[1]))
+            assert len(pool._bufs) == 2
+            assert copy.deepcopy(m).out_pool._bufs == [] and pickle.loads(pickle.dumps(m)).out_pool._bufs == []
+    # a pooled path that differs from the plain module: found on the probe, the plain module runs
+    m = copy.deepcopy(plain)
+    fused.pool_conv_outputs(fx.symbolic_trace(nn.Sequential(m)))
+    orig = fused.PooledConv2d._conv_into
+    try:
+        fused.PooledConv2d._conv_into = lambda self, out, x, w: (orig(self, out, x, w), out.add_(1e-3))
+        with torch.no_grad():
+            x = torch.randn(2, 3, 9, 9)
+            assert torch.equal(m(x), plain(x)) and m.out_pool._bufs == []
+    finally:
+        fused.PooledConv2d._conv_into = orig
+
+
+def test_pooled_conv_only_where_it_pays(monkeypatch):
+    """Small outputs (reused by the heap anyway) and a heap that keeps large blocks (``tune_malloc``) take
+    the plain module; a contiguous input into a channels-last output is pooled either way (it saves
+    oneDNN's reorders)."""
+    monkeypatch.setattr(fused, "_MALLOC_TUNED", False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    x = torch.randn(1, 3, 17, 17)
+    for cl, big, tuned, pooled in ((False, False, False, False), (False, True, False, True), (False, True, True, False),
+                                   (True, False, True, True)):
+        monkeypatch.setattr(fused, "POOL_MIN_BYTES", 0 if big else 1 << 40)
+        monkeypatch.setattr(fused, "_MALLOC_TUNED", tuned)
+        m = nn.Conv2d(3, 16, 3, padding=1).eval()
+        fused.pool_conv_outputs(fx.symbolic_trace(nn.Sequential(m)), channels_last=cl)
+        with torch.no_grad():
+            y = m(x)
+        tried = bool(m.__dict__.get("_pool_ok"))  # the pooled path was considered (and checked once)
+        assert tried == (pooled and fused._MKLDNN), (cl, big, tuned)
+        if tried and all(m._pool_ok.values()):  # oneDNN gave the plain values here: the output is pooled
+            assert len(m.out_pool._bufs) == 1 and y.is_contiguous(memory_format=torch.channels_last) == cl
+        else:
+            assert m.out_pool._bufs == [] and torch.equal(y, nn.Conv2d.forward(m, x))
