@@ -287,10 +287,13 @@ def sj_network(net_unsigned: snn.SpikingNetwork):
 
 
 def _pool_mb(net) -> float:
-    """MB held by the network's reused output buffers (allocated once; not in ``peak_mb``, which counts
-    what one forward adds)."""
-    pools = {id(m.pool): m.pool for m in net.neurons().values() if m.pool is not None}
-    return round(sum(p.nbytes() for p in pools.values()) / 2**20, 1)
+    """MB held by the network's reused output buffers, the neurons' and the convolutions' (allocated
+    once; not in ``peak_mb``, which counts what one forward adds)."""
+    from quant.fused import PooledConv2d
+    pools = {id(m.pool): m.pool.nbytes() for m in net.neurons().values() if m.pool is not None}
+    pools.update({id(m.out_pool): m.out_pool.nbytes for m in net.modules()
+                  if isinstance(m, PooledConv2d) and m.out_pool is not None})
+    return round(sum(pools.values()) / 2**20, 1)
 
 
 # ------------------------------------------------------------------------------------------ checks
