@@ -181,7 +181,8 @@ def _tag(args, regime: str, seed: int, label: str) -> str:
 
 
 def cell_path(args, regime: str, seed: int, label: str) -> str:
-    return os.path.join(args.out, f"fidelity_{args.arch}{_tag(args, regime, seed, label)}.json")
+    arch = "yolov2_tiny" if REGIMES[regime].get("task") == "detection" else args.arch
+    return os.path.join(args.out, f"fidelity_{arch}{_tag(args, regime, seed, label)}.json")
 
 
 def run_cell(args, regime: str, seed: int, label: Optional[str]) -> dict:
