@@ -181,7 +181,7 @@ def _tag(args, regime: str, seed: int, label: str) -> str:
 
 
 def cell_path(args, regime: str, seed: int, label: str) -> str:
-    arch = "yolov2_tiny" if REGIMES[regime].get("task") == "detection" else args.arch
+    arch = "yolov2_tiny" if _is_detection(regime) else args.arch
     return os.path.join(args.out, f"fidelity_{arch}{_tag(args, regime, seed, label)}.json")
 
 
@@ -203,11 +203,15 @@ def run_cell(args, regime: str, seed: int, label: Optional[str]) -> dict:
     return fidelity.main(argv)
 
 
+def _is_detection(regime: str) -> bool:
+    return REGIMES[regime].get("task") == "detection"
+
+
 def _applies(regime: str, label: Optional[str]) -> bool:
     """Whether the method ``label`` (``None``: the settle check) is run on ``regime``."""
     if label is None:
         return True
-    if REGIMES[regime].get("task") == "detection":
+    if _is_detection(regime):
         return label in DET_METHODS
     return METHODS[label] is not None
 
@@ -311,7 +315,7 @@ def table(args, regimes: List[str], labels: List[str], seeds: List[int]) -> dict
                 continue
             mean, spread = _mean_spread([v["top1"] for v in per.values()])
             ann_mean = sum(anns[s] for s in per) / len(per)
-            spec = " ".join(DET_METHODS[label]) if REGIMES[regime].get("task") == "detection" else METHODS[label]
+            spec = " ".join(DET_METHODS[label]) if _is_detection(regime) else METHODS[label]
             rows.append({"regime": regime, "method": label, "spec": spec, "seeds": sorted(per),
                          "top1": {str(s): v["top1"] for s, v in per.items()}, "mean": round(mean, 2),
                          "spread": round(spread, 2), "ann_mean": round(ann_mean, 2), "gap": round(ann_mean - mean, 2),
@@ -356,7 +360,7 @@ def main(argv=None) -> dict:
                     path = cell_path(args, regime, seed, label or "settle")
                     if os.path.isfile(path) or not _applies(regime, label):
                         continue
-                    if REGIMES[regime].get("task") == "detection":
+                    if _is_detection(regime):
                         run_detection_cell(args, regime, seed, label)
                     else:
                         run_cell(args, regime, seed, label)

@@ -379,10 +379,15 @@ class Conv2dAdd(nn.Conv2d):
             (x.is_contiguous() and r.is_contiguous() and self.weight.is_contiguous())
         if not same:
             return False
-        n, _, h, w = x.shape
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        return tuple(r.shape) == (n, self.out_channels, oh, ow)
+        return tuple(r.shape) == _conv2d_out_shape(self, x)
+
+
+def _conv2d_out_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple:
+    """The output shape of ``conv`` (tuple padding) on a 4-d input ``x``."""
+    n, _, h, w = x.shape
+    return (n, conv.out_channels,
+            (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1,
+            (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1)
 
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
@@ -579,15 +584,12 @@ class PooledConv2d(nn.Conv2d):
         if args or not self._poolable(x):
             return super().forward(x, *args)
         cl = self.out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        weight = self._weight(cl)
-        n, _, h, w = x.shape
-        shape = (n, self.out_channels,
-                 (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1,
-                 (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1)
+        shape = _conv2d_out_shape(self, x)
         reorders = cl and not x.is_contiguous(memory_format=torch.channels_last)
         if not reorders and (_heap_keeps_large() or 4 * math.prod(shape) < POOL_MIN_BYTES):
             return super().forward(x)  # a fresh output costs no page faults: the plain module is cheaper
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        weight = self._weight(cl)
         key = (tuple(x.shape), x.stride(), cl)
         ok = self.__dict__.setdefault("_pool_ok", {})
         if key not in ok:  # first call at this input: the plain module's values (and layout), or never again
