@@ -135,6 +135,53 @@ def test_cpp_bit_identical_all_variants(T, dtype):
         assert torch.equal(s2, ref2 * theta)
 
 
+_STREAM_SCRIPT = r"""
+import torch
+from snn import kernels
+from snn.kernels import cpp
+assert cpp.load().stream_min_bytes() == 0
+g = torch.Generator().manual_seed(0)
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for dtype in (torch.float32, torch.float64):
+        theta = torch.tensor(0.9, dtype=dtype)
+        # rows of whole cache lines (streamed) and not (6300 neurons: plain stores), > 1 block, ragged tail
+        for shape in ((4, 3, 1024), (4, 3, 2100), (4, 2, 8, 8)):
+            for T, signed, bound in ((3, True, None), (7, False, None), (3, True, 3)):
+                cur = (torch.rand((T,) + shape, generator=g, dtype=dtype) - 0.3) * 1.5 * theta
+                res = (torch.rand((T,) + shape, generator=g, dtype=dtype) - 0.5) * theta
+                v0 = torch.rand(shape, generator=g, dtype=dtype) * theta
+                n0 = torch.randint(0, 2, shape, generator=g).to(dtype) if signed else None
+                ref = kernels.if_steps(cur, theta, signed, residual=res, v=v0, n=n0, scale=theta, bound=bound,
+                                       backend="reference")
+                got = kernels.if_steps(cur, theta, signed, residual=res, v=v0, n=n0, scale=theta, bound=bound,
+                                       backend="cpp")
+                assert all(torch.equal(a, b) for a, b in zip(got, ref) if a is not None), (shape, T, signed)
+                ref = kernels.if_steps(cur, theta, signed, residual=res, scale=theta, bound=bound, backend="reference")
+                for alias in ("out", "cur", "res"):
+                    c, r = cur.clone(), res.clone()
+                    dst = {"out": torch.empty_like(cur), "cur": c, "res": r}[alias]
+                    o = kernels.if_steps(c, theta, signed, residual=r, scale=theta, bound=bound, state=False,
+                                         backend="cpp", out=dst)[0]
+                    assert o.data_ptr() == dst.data_ptr() and torch.equal(o, ref[0]), (shape, alias)
+print("STREAM-OK")
+"""
+
+
+@needs_cpp
+def test_cpp_streamed_stores_bit_identical():
+    """Large trains are written with non-temporal stores (a quarter of the last-level cache or more; the
+    threshold is FASTSNN_STREAM_MIN when set): with it at 0 every train whose rows are whole cache lines
+    streams, and the results equal the reference bit for bit (state, residual, bound, aliased outputs,
+    float64, two threads); rows that are not whole lines take the plain stores."""
+    assert kcpp.load().stream_min_bytes() > 0 or os.environ.get("FASTSNN_STREAM_MIN") == "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTSNN_STREAM_MIN="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=root)
+    assert r.returncode == 0 and "STREAM-OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
 @pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("signed, bounded", [(True, False), (False, False), (True, True)])
 def test_backend_bit_identical(backend, signed, bounded):

@@ -21,9 +21,13 @@
 #include <cmath>
 #include <limits>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #include <vector>
+
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -108,11 +112,71 @@ constexpr int64_t VBYTES = 16;
 template <typename R>
 constexpr int64_t LANES = 4 * VBYTES / int64_t(sizeof(R));
 
+// Large trains do not fit in the cache, and the block's T interleaved streams (each visited for only one
+// register block at a time) defeat the hardware prefetcher: each step's current (and residual) is prefetched
+// PREFETCH bytes ahead. A train of a quarter of the last-level cache or more (FASTSNN_STREAM_MIN bytes when
+// set), whose rows are vector-aligned, is written with non-temporal stores: that spares the read-for-ownership
+// of every output line, and a train that large would be evicted before the next layer reads it anyway (a
+// smaller one is left in the cache for it). Neither changes a value.
+constexpr int64_t PREFETCH = 2048;
+constexpr int64_t LINE = 64;
+// the size of the largest cache CPU 0 sees (Linux sysfs: the slice a core shares, not the socket's sum
+// that sysconf may report); 0 when unknown
+int64_t last_level_cache_bytes() {
+  int64_t best_level = 0, bytes = 0;
+  for (int i = 0; i < 16; i++) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lf(dir + "level"), sf(dir + "size");
+    int64_t level = 0;
+    std::string size;
+    if (!(lf >> level) || !(sf >> size) || size.empty()) continue;
+    int64_t v = std::atoll(size.c_str());
+    const char unit = size.back();
+    v *= unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? int64_t(1) << 30 : 1;
+    if (level > best_level || (level == best_level && v > bytes)) best_level = level, bytes = v;
+  }
+  return bytes;
+}
+
+int64_t stream_min_bytes() {
+  static const int64_t v = [] {
+    if (const char* e = std::getenv("FASTSNN_STREAM_MIN")) return std::max<int64_t>(0, std::atoll(e));
+    const int64_t llc = last_level_cache_bytes();
+    return llc > 0 ? llc / 4 : int64_t(8) << 20;
+  }();
+  return v;
+}
+
+// stores `W` values of tmp (64-byte aligned) to o (64-byte aligned) bypassing the cache
+template <typename R, int64_t W>
+inline __attribute__((always_inline)) void stream_out(const R* tmp, R* o) {
+#if defined(__AVX512F__)
+  for (int64_t k = 0; k < W * int64_t(sizeof(R)); k += 64) {
+    if constexpr (std::is_same_v<R, float>)
+      _mm512_stream_ps(reinterpret_cast<float*>(reinterpret_cast<char*>(o) + k),
+                       _mm512_load_ps(reinterpret_cast<const float*>(reinterpret_cast<const char*>(tmp) + k)));
+    else
+      _mm512_stream_pd(reinterpret_cast<double*>(reinterpret_cast<char*>(o) + k),
+                       _mm512_load_pd(reinterpret_cast<const double*>(reinterpret_cast<const char*>(tmp) + k)));
+  }
+#else
+  for (int64_t j = 0; j < W; j++) o[j] = tmp[j];
+#endif
+}
+
 template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
 void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,
                const R* vin, const R* nin, R* vout, R* nout) {
   constexpr int64_t W = LANES<R>;
+  constexpr int64_t AHEAD = PREFETCH / int64_t(sizeof(R));
   const int64_t nb = (N + BLK - 1) / BLK;
+#if defined(__AVX512F__)
+  // rows t * N + i0 stay 64-byte aligned when the output is and N is a whole number of lines
+  const bool stream = T * N * int64_t(sizeof(R)) >= stream_min_bytes() && (N * int64_t(sizeof(R))) % LINE == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % LINE == 0;
+#else
+  const bool stream = false;
+#endif
   at::parallel_for(0, nb, grain_blocks(BLK * T), [&](int64_t b0, int64_t b1) {
     // copies: the lambda's captures are references, which the compiler must otherwise reload after every store
     const R th = theta, ng = neg, sc = scale, bd = bound;
@@ -125,24 +189,43 @@ void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta
         v[j] = (VIN && j < len) ? vin[i0 + j] : half;
         n[j] = (VIN && SIGNED && j < len) ? nin[i0 + j] : R(0);
       }
+      const bool ahead = i0 + AHEAD + W <= N;
       // the time loop, with the block width fixed at compile time (full block) or not (the ragged tail)
-      auto run_steps = [&](auto fixed) {
+      auto run_steps = [&](auto fixed, auto streamed) {
+        constexpr int64_t F = decltype(fixed)::value;
         for (int64_t t = 0; t < T; t++) {
           const R* a = cur + t * N + i0;
-          if_lanes<R, SIGNED, RES, BOUNDED, decltype(fixed)::value>(a, RES ? res + t * N + i0 : a, out + t * N + i0,
-                                                                   v, n, len, th, ng, sc, bd);
+          if (F > 0 && ahead) {
+            for (int64_t k = 0; k < W * int64_t(sizeof(R)); k += LINE) {
+              __builtin_prefetch(reinterpret_cast<const char*>(a + AHEAD) + k, 0, 3);
+              if (RES) __builtin_prefetch(reinterpret_cast<const char*>(res + t * N + i0 + AHEAD) + k, 0, 3);
+            }
+          }
+          if constexpr (decltype(streamed)::value) {
+            alignas(64) R tmp[W];
+            if_lanes<R, SIGNED, RES, BOUNDED, F>(a, RES ? res + t * N + i0 : a, tmp, v, n, len, th, ng, sc, bd);
+            stream_out<R, W>(tmp, out + t * N + i0);
+          } else {
+            if_lanes<R, SIGNED, RES, BOUNDED, F>(a, RES ? res + t * N + i0 : a, out + t * N + i0, v, n, len, th,
+                                                 ng, sc, bd);
+          }
         }
       };
-      if (len == W)
-        run_steps(std::integral_constant<int64_t, W>());
+      if (len == W && stream)
+        run_steps(std::integral_constant<int64_t, W>(), std::true_type());
+      else if (len == W)
+        run_steps(std::integral_constant<int64_t, W>(), std::false_type());
       else
-        run_steps(std::integral_constant<int64_t, 0>());
+        run_steps(std::integral_constant<int64_t, 0>(), std::false_type());
       if (VOUT) {
         for (int64_t j = 0; j < len; j++) vout[i0 + j] = v[j];
         if (SIGNED)
           for (int64_t j = 0; j < len; j++) nout[i0 + j] = n[j];
       }
     }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();  // this thread's streamed stores are visible before it reports done
+#endif
   });
 }
 
@@ -862,6 +945,7 @@ TORCH_LIBRARY(fastsnn, m) {
   m.def("act_quant_into(Tensor x, Tensor? r, float alpha, float n, float step, Tensor(a!) out) -> ()");
   m.def("act_quant_bwd(Tensor x, Tensor g, float alpha, float n, bool want_x, bool want_alpha) -> (Tensor, Tensor)");
   m.def("wq_fwd(Tensor w, float mu, float s, float alpha, Tensor mids, Tensor mags) -> Tensor");
+  m.def("stream_min_bytes() -> int", [] { return stream_min_bytes(); });  // the IF trains' streaming threshold
   m.def("wq_bwd(Tensor w, Tensor g, float mu, float s, float sd, float alpha, Tensor mids, Tensor mags, "
         "bool pass_outside, bool want_w) -> (Tensor, Tensor)");
 }
