@@ -164,6 +164,16 @@ for threads in (1, 2):
                     o = kernels.if_steps(c, theta, signed, residual=r, scale=theta, bound=bound, state=False,
                                          backend="cpp", out=dst)[0]
                     assert o.data_ptr() == dst.data_ptr() and torch.equal(o, ref[0]), (shape, alias)
+        # the analog input's closed form: flat, and NCHW current into a channels-last train
+        for shape in ((2, 16, 16, 16), (2, 3, 10, 10), (1, 32, 9, 9)):
+            x = torch.randn(shape, generator=g, dtype=dtype) * theta
+            for t0, steps, T in ((0, 3, 3), (0, 7, 3), (2, 5, 7)):
+                for cl in (False, True):
+                    ref = kernels.if_const_steps(x, theta, t0, steps, T=T, scale=theta, channels_last=cl,
+                                                 backend="reference")
+                    got = kernels.if_const_steps(x, theta, t0, steps, T=T, scale=theta, channels_last=cl,
+                                                 backend="cpp")
+                    assert torch.equal(got, ref), (shape, t0, steps, T, cl)
 print("STREAM-OK")
 """
 
@@ -173,7 +183,8 @@ def test_cpp_streamed_stores_bit_identical():
     """Large trains are written with non-temporal stores (a quarter of the last-level cache or more; the
     threshold is FASTSNN_STREAM_MIN when set): with it at 0 every train whose rows are whole cache lines
     streams, and the results equal the reference bit for bit (state, residual, bound, aliased outputs,
-    float64, two threads); rows that are not whole lines take the plain stores."""
+    float64, two threads, the analog input's closed form in both layouts); rows that are not whole lines
+    take the plain stores."""
     assert kcpp.load().stream_min_bytes() > 0 or os.environ.get("FASTSNN_STREAM_MIN") == "0"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, FASTSNN_STREAM_MIN="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))

@@ -164,19 +164,30 @@ inline __attribute__((always_inline)) void stream_out(const R* tmp, R* o) {
 #endif
 }
 
+// whether a train of `steps` rows of N values at `out` is written with non-temporal stores (see if_kernel)
+template <typename R>
+bool streams(const R* out, int64_t N, int64_t steps) {
+#if defined(__AVX512F__)
+  return steps * N * int64_t(sizeof(R)) >= stream_min_bytes() && (N * int64_t(sizeof(R))) % LINE == 0 &&
+         reinterpret_cast<uintptr_t>(out) % LINE == 0;
+#else
+  return false;
+#endif
+}
+
+inline void stream_fence(bool stream) {
+#if defined(__AVX512F__)
+  if (stream) _mm_sfence();  // this thread's streamed stores are visible before it reports done
+#endif
+}
+
 template <typename R, bool SIGNED, bool RES, bool VIN, bool VOUT, bool BOUNDED>
 void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta, R neg, R scale, R bound,
                const R* vin, const R* nin, R* vout, R* nout) {
   constexpr int64_t W = LANES<R>;
   constexpr int64_t AHEAD = PREFETCH / int64_t(sizeof(R));
   const int64_t nb = (N + BLK - 1) / BLK;
-#if defined(__AVX512F__)
-  // rows t * N + i0 stay 64-byte aligned when the output is and N is a whole number of lines
-  const bool stream = T * N * int64_t(sizeof(R)) >= stream_min_bytes() && (N * int64_t(sizeof(R))) % LINE == 0 &&
-                      reinterpret_cast<uintptr_t>(out) % LINE == 0;
-#else
-  const bool stream = false;
-#endif
+  const bool stream = streams(out, N, T);  // rows t * N + i0 stay aligned when out is and N is whole lines
   at::parallel_for(0, nb, grain_blocks(BLK * T), [&](int64_t b0, int64_t b1) {
     // copies: the lambda's captures are references, which the compiler must otherwise reload after every store
     const R th = theta, ng = neg, sc = scale, bd = bound;
@@ -223,9 +234,7 @@ void if_kernel(const R* cur, const R* res, R* out, int64_t N, int64_t T, R theta
           for (int64_t j = 0; j < len; j++) nout[i0 + j] = n[j];
       }
     }
-#if defined(__AVX512F__)
-    if (stream) _mm_sfence();  // this thread's streamed stores are visible before it reports done
-#endif
+    stream_fence(stream);
   });
 }
 
@@ -379,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor> if_steps_into(const at::Tensor& cur, const c1
 // k(t) = min(t, T): the input is switched off after T steps (settle steps emit nothing).
 // `len` neurons of the closed form (register block of LANES when FIXED): x the currents, o = out + offset
 // of the first; step t goes to o + t * N
-template <typename R, int64_t FIXED>
+template <typename R, int64_t FIXED, bool STREAM = false>
 inline __attribute__((always_inline)) void const_lanes(const R* x, R* o, int64_t N, int64_t len, int64_t t0,
                                                        int64_t steps, int64_t T, R theta, R scale) {
   constexpr int64_t W = FIXED > 0 ? FIXED : LANES<R>;
@@ -395,22 +404,27 @@ _Pragma("omp simd")
   }
   for (int64_t t = 0; t < steps; t++) {
     const R k = R(std::min(t0 + t + 1, T));
-    R* ot = o + t * N;
+    alignas(64) R tmp[W];
+    R* ot = STREAM ? tmp : o + t * N;
 _Pragma("omp simd")
     for (int64_t j = 0; j < m; j++) {
       const R nx = std::floor(u[j] * k + R(0.5));
       ot[j] = (nx - prev[j]) * scale;
       prev[j] = nx;
     }
+    if constexpr (STREAM) stream_out<R, W>(tmp, o + t * N);
   }
 }
 
-// `len` (<= BLK) neurons from x, in register blocks
+// `len` (<= BLK) neurons from x, in register blocks; `stream`: the train streams (see if_kernel) where the
+// block's rows are cache-line aligned
 template <typename R>
 inline void const_run_block(const R* x, R* o, int64_t N, int64_t len, int64_t t0, int64_t steps, int64_t T, R theta,
-                            R scale) {
+                            R scale, bool stream) {
   constexpr int64_t W = LANES<R>;
   int64_t i = 0;
+  if (stream && reinterpret_cast<uintptr_t>(o) % LINE == 0)
+    for (; i + W <= len; i += W) const_lanes<R, W, true>(x + i, o + i, N, W, t0, steps, T, theta, scale);
   for (; i + W <= len; i += W) const_lanes<R, W>(x + i, o + i, N, W, t0, steps, T, theta, scale);
   if (i < len) const_lanes<R, 0>(x + i, o + i, N, len - i, t0, steps, T, theta, scale);
 }
@@ -418,12 +432,14 @@ inline void const_run_block(const R* x, R* o, int64_t N, int64_t len, int64_t t0
 template <typename R>
 void const_flat(const R* cur, R* out, int64_t N, int64_t t0, int64_t steps, int64_t T, R theta, R scale) {
   const int64_t nb = (N + BLK - 1) / BLK;
+  const bool stream = streams(out, N, steps);
   at::parallel_for(0, nb, grain_blocks(BLK * std::max<int64_t>(steps, 1)), [&](int64_t b0, int64_t b1) {
     const R th = theta, sc = scale;
     for (int64_t b = b0; b < b1; b++) {
       const int64_t i0 = b * BLK, len = std::min(BLK, N - i0);
-      const_run_block<R>(cur + i0, out + i0, N, len, t0, steps, T, th, sc);
+      const_run_block<R>(cur + i0, out + i0, N, len, t0, steps, T, th, sc, stream);
     }
+    stream_fence(stream);
   });
 }
 
@@ -476,6 +492,7 @@ void const_nchw_to_cl(const R* cur, R* out, int64_t B, int64_t C, int64_t HW, in
   int64_t hwb = std::max<int64_t>(1, 16 * BLK / std::max<int64_t>(C, 1));
   hwb = std::min(hwb, std::max<int64_t>(HW, 1));
   const int64_t ntile = (HW + hwb - 1) / hwb;
+  const bool stream = streams(out, N, steps);
   at::parallel_for(0, B * ntile, grain_blocks(hwb * C * std::max<int64_t>(steps, 1)), [&](int64_t j0, int64_t j1) {
     const R th = theta, sc = scale;
     std::vector<R> tx(hwb * C);
@@ -486,8 +503,9 @@ void const_nchw_to_cl(const R* cur, R* out, int64_t B, int64_t C, int64_t HW, in
       transpose_block<R>(cur + b * C * HW + h0, HW, px, C, C, len);
       R* o = out + (b * HW + h0) * C;
       for (int64_t i = 0; i < m; i += BLK)
-        const_run_block<R>(px + i, o + i, N, std::min(BLK, m - i), t0, steps, T, th, sc);
+        const_run_block<R>(px + i, o + i, N, std::min(BLK, m - i), t0, steps, T, th, sc, stream);
     }
+    stream_fence(stream);
   });
 }
 
