@@ -24,6 +24,7 @@ from snn import kernels
 from snn.kernels import BackendUnavailable
 from snn.kernels import cpp as kcpp
 from snn.neuron import IFNeuron, if_constant, if_multistep
+from snn.optimize import channels_last_4d
 
 from test_snn import MLP, TinyDeepLab, TinyResNet, TinyYolo, _randomise_bn
 
@@ -1214,7 +1215,7 @@ def test_settle_network_per_backend_and_optimized():
 def test_output_upsampling_buffer_reused_only_when_released(arch):
     """The dense models' final upsampling writes into a buffer kept between forwards (ANN and SNN): values
     equal ``reuse_buffers=False`` bit for bit in both layouts; an output the caller still holds (or a view
-    of it) is never overwritten; a released one is reused."""
+    of it) is never overwritten; a released one is reused. The channels-last SNN resizes channels-last."""
     from segmentation.models import get_model
     torch.manual_seed(0)
     ann = _randomise_bn(get_model(arch, 5, bit=2, width=0.125))
@@ -1242,6 +1243,13 @@ def test_output_upsampling_buffer_reused_only_when_released(arch):
                 d = fast(x)
                 assert d.data_ptr() != row.data_ptr() and torch.equal(row, want[0, 1])  # a view kept it alive
                 assert torch.equal(fast(x[:1]), plain(x[:1]))  # another batch size
+        # the optimised SNN resizes in its convolutions' layout, as the optimised ANN does; values within an ulp
+        # or so of the converted network's (PyTorch's two bilinear kernels round differently)
+        with torch.no_grad():
+            ref, got = conv(x), nets[1][0](x)
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+        assert any(n.target is channels_last_4d for n in nets[1][0].head.graph.nodes) == cl
 
 
 @pytest.mark.parametrize("mode,align", [("bilinear", True), ("bilinear", False), ("nearest", None)])
