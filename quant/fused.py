@@ -726,13 +726,19 @@ class ReusedResize(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
+def output_interpolate(gm: fx.GraphModule) -> Optional[fx.Node]:
+    """The ``F.interpolate`` node whose value is the graph's output (a dense model's final upsampling),
+    or ``None``."""
+    src = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    ok = isinstance(src, fx.Node) and src.op == "call_function" and src.target is nn.functional.interpolate
+    return src if ok else None
+
+
 def reuse_output_resize(gm: fx.GraphModule, name: str = "output_resize") -> bool:
     """Make the graph's output ``F.interpolate`` (when it is one :class:`ReusedResize` handles) a
     :class:`ReusedResize` module. Returns whether it did."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    src = out.args[0]
-    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is nn.functional.interpolate
-            and len(src.users) == 1 and ReusedResize.handles(src.args, src.kwargs)) or hasattr(gm, name):
+    src = output_interpolate(gm)
+    if src is None or len(src.users) != 1 or not ReusedResize.handles(src.args, src.kwargs) or hasattr(gm, name):
         return False
     kw = dict(zip(("size", "scale_factor", "mode", "align_corners"), src.args[1:]), **src.kwargs)
     static = {k: v for k, v in kw.items() if not isinstance(v, fx.Node) and k != "size"}

@@ -54,7 +54,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from quant.fused import (fold_weight_layers, fuse_conv_add, guard_views, is_add, is_eval_bn, pick_layout,
-                         pool_conv_outputs, reuse_output_resize)
+                         output_interpolate, pool_conv_outputs, reuse_output_resize)
 
 from .convert import STATIC, TEMPORAL, SpikingNetwork
 from .kernels import check_backend
@@ -173,10 +173,8 @@ def resize_channels_last(gm: fx.GraphModule) -> bool:
     already does: PyTorch's channels-last bilinear kernel is about 2.3 x faster at 513 px than the
     contiguous one (the copy of the small logits costs little), and the two differ by an ulp or so.
     Returns whether the graph changed."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    src = out.args[0]
-    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is nn.functional.interpolate
-            and src.args and isinstance(src.args[0], fx.Node)):
+    src = output_interpolate(gm)
+    if src is None or not src.args or not isinstance(src.args[0], fx.Node):
         return False
     x = src.args[0]
     if x.op == "call_function" and x.target is channels_last_4d:

@@ -28,7 +28,6 @@
 #include <type_traits>
 #include <vector>
 
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -963,9 +962,9 @@ TORCH_LIBRARY(fastsnn, m) {
   m.def("act_quant_into(Tensor x, Tensor? r, float alpha, float n, float step, Tensor(a!) out) -> ()");
   m.def("act_quant_bwd(Tensor x, Tensor g, float alpha, float n, bool want_x, bool want_alpha) -> (Tensor, Tensor)");
   m.def("wq_fwd(Tensor w, float mu, float s, float alpha, Tensor mids, Tensor mags) -> Tensor");
-  m.def("stream_min_bytes() -> int", [] { return stream_min_bytes(); });  // the IF trains' streaming threshold
   m.def("wq_bwd(Tensor w, Tensor g, float mu, float s, float sd, float alpha, Tensor mids, Tensor mags, "
         "bool pass_outside, bool want_w) -> (Tensor, Tensor)");
+  m.def("stream_min_bytes() -> int", [] { return stream_min_bytes(); });  // the IF trains' streaming threshold
 }
 
 TORCH_LIBRARY_IMPL(fastsnn, CPU, m) {
