@@ -61,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from classification import engine
     from classification.data import build_datasets, build_loaders
     from classification.metrics import TopK
-    from common import UserError, dist, pipeline
+    from common import UserError, dist, pipeline, runner
     from common.checkpoint import atomic_save
     from common.metrics import write_json
 
@@ -94,7 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs)))
     t0 = time.time()
-    best, history = engine.fit(ann, opt, sched, train, val, epochs=args.epochs, show_progress=args.progress)
+    train_epoch, evaluate = engine.epoch_steps(ann, ann, train, val, opt, sched, show_progress=args.progress)
+    _, history = runner.epochs(args, dist.context(), args.out, start=0, best=None, history=[], key="test_top1",
+                               best_name="best_acc1", train_epoch=train_epoch, evaluate=evaluate, state=None,
+                               summary={})
     train_s = time.time() - t0
     ann.eval()
     atomic_save(ann.state_dict(), os.path.join(args.out, "model.pth"))

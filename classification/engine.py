@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -89,37 +89,25 @@ def evaluate(model: nn.Module, loader, criterion=None, *, desc: str = "test", sh
 
 
 # ---------------------------------------------------------------------------------------- training driver
-def fit(model: nn.Module, optimizer, scheduler, train_loader, val_loader, *, epochs: int, start_epoch: int = 0,
-        best_acc1: float = 0.0, history: Optional[List[dict]] = None,
-        on_epoch_end: Optional[Callable[[int, float, bool, List[dict]], None]] = None,
-        print_freq: int = 100, show_progress: bool = True, tb: Optional[TensorBoard] = None,
-        max_iters: Optional[int] = None) -> tuple:
-    """Train epochs ``start_epoch .. epochs-1``, evaluate after each, track the best test top-1.
-
-    ``on_epoch_end(epochs_done, best_acc1, is_best, history)`` is called on every rank after each
-    epoch (the caller saves checkpoints on rank 0). Returns ``(best_acc1, history)``.
-    """
-    history = list(history or [])
+def epoch_steps(net: nn.Module, model: nn.Module, train_loader, val_loader, optimizer, scheduler, *,
+                print_freq: int = 100, show_progress: bool = True,
+                max_iters: Optional[int] = None) -> Tuple[Callable[..., dict], Callable[[int], dict]]:
+    """``(train_epoch(epoch, tb=None), evaluate(epoch))`` for :func:`common.runner.epochs` /
+    :func:`common.runner.train`: an epoch of SGD on ``net`` (the DDP wrapper, if any) and a scheduler
+    step; the test loss / top-1 / top-5 of ``model``."""
     criterion = nn.CrossEntropyLoss()
-    for epoch in range(start_epoch, epochs):
+
+    def train_epoch(epoch: int, tb: Optional[TensorBoard] = None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
-        log(f"epoch {epoch + 1}/{epochs}  lr {lr:.4g}")
-        tr = train_one_epoch(model, train_loader, criterion, optimizer, epoch + 1, print_freq=print_freq,
+        tr = train_one_epoch(net, train_loader, criterion, optimizer, epoch + 1, print_freq=print_freq,
                              show_progress=show_progress, tb=tb, max_iters=max_iters)
         scheduler.step()
-        te = evaluate(dist.unwrap(model), val_loader, criterion, desc=f"test {epoch + 1}", show_progress=show_progress)
-        is_best = te["top1"] > best_acc1 or not history
-        best_acc1 = max(best_acc1, te["top1"]) if history else te["top1"]
-        history.append({"epoch": epoch + 1, "lr": lr, **tr, "test_loss": te["loss"], "test_top1": te["top1"],
-                        "test_top5": te["top5"], "best_acc1": best_acc1})
-        log(f"epoch {epoch + 1}/{epochs}: train loss {tr['train_loss']:.4f} top-1 {tr['train_top1']:.2f} | "
-            f"test top-1 {te['top1']:.2f} top-5 {te['top5']:.2f} | best {best_acc1:.2f}")
-        if tb is not None:
-            tb.scalars(epoch + 1, "epoch/", lr=lr, train_loss=tr["train_loss"], train_top1=tr["train_top1"],
-                       test_loss=te["loss"], test_top1=te["top1"], test_top5=te["top5"])
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, best_acc1, is_best, history)
-    return best_acc1, history
+        return {"lr": lr, **tr}
+
+    def test(epoch: int) -> dict:
+        te = evaluate(model, val_loader, criterion, desc=f"test {epoch + 1}", show_progress=show_progress)
+        return {"test_loss": te["loss"], "test_top1": te["top1"], "test_top5": te["top5"]}
+    return train_epoch, test
 
 
 # ---------------------------------------------------------------------------------------- SNN fine-tuning

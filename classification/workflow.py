@@ -30,7 +30,7 @@ from common import runs
 from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_state, \
     plain_scheduler_state
 from common.cli import ArgumentParser, plain_args
-from common.logger import TensorBoard, log
+from common.logger import log
 from common import runner
 from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
 from common.pipeline import check_method, check_method_args, method_options  # noqa: F401
@@ -379,19 +379,9 @@ def train_ann(args, task: Task) -> Dict:
         log(f"{args.arch} {args.bit}-bit (weights {model.wbit}-bit) on {data.name}: "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {ctx.world_size} process(es) "
             f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones} -> {out_dir}")
-        ddp, criterion = dist.wrap_ddp(model, ctx), nn.CrossEntropyLoss()
-
-        def train_epoch(epoch):
-            lr = optimizer.param_groups[0]["lr"]
-            tr = engine.train_one_epoch(ddp, data.train_loader, criterion, optimizer, epoch + 1,
-                                        print_freq=args.print_freq, show_progress=args.progress, tb=tb,
-                                        max_iters=args.max_iters)
-            scheduler.step()
-            return {"lr": lr, **tr}
-
-        def evaluate(epoch):
-            te = engine.evaluate(model, data.val_loader, criterion, desc=f"test {epoch + 1}", show_progress=args.progress)
-            return {"test_loss": te["loss"], "test_top1": te["top1"], "test_top5": te["top5"]}
+        train_epoch, evaluate = engine.epoch_steps(dist.wrap_ddp(model, ctx), model, data.train_loader, data.val_loader,
+                                                   optimizer, scheduler, print_freq=args.print_freq,
+                                                   show_progress=args.progress, max_iters=args.max_iters)
 
         def state(done, best_acc1, hist):
             return {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,
@@ -399,16 +389,14 @@ def train_ann(args, task: Task) -> Dict:
                     "optimizer": optimizer.state_dict(), "scheduler": plain_scheduler_state(scheduler),
                     "rng_state": runner.rng_states(ctx, generators),  # collective: every rank
                     "seed": args.seed, "args": plain_args(args), "history": hist}
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_top1",
-                                          best_name="best_acc1", train_epoch=train_epoch, evaluate=evaluate,
-                                          state=state, summary={"arch": args.arch, "bit": args.bit, "dataset": data.name},
-                                          tb=tb)
-        return runner.write_training(
-            args, out_dir, history, start=args.start_epoch, key="test_top1", label="top-1 (%)",
-            train_key="train_top1", title=f"{args.arch} {args.bit}-bit on {data.name}", start_flag="--start-epoch",
+        return runner.train(
+            args, ctx, out_dir, start=start, best=best, history=history, key="test_top1", best_name="best_acc1",
+            train_epoch=train_epoch, evaluate=evaluate, state=state,
+            summary={"arch": args.arch, "bit": args.bit, "dataset": data.name}, first=args.start_epoch,
+            label="top-1 (%)", train_key="train_top1", title=f"{args.arch} {args.bit}-bit on {data.name}",
+            start_flag="--start-epoch",
             result=lambda top: _ann_result(model, task, top["test_top1"], top["test_top5"], None),
-            record=lambda res: _record(args, data, model, res, script="main.py", checkpoint=os.path.join(out_dir, BEST)))
+            record=lambda res, _: _record(args, data, model, res, script="main.py", checkpoint=os.path.join(out_dir, BEST)))
 
 
 def loader_generators(loader) -> Dict[str, torch.Generator]:

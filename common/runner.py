@@ -166,13 +166,14 @@ def sync_bn(model, ctx, wanted: bool):
 
 def epochs(args, ctx, out_dir: str, *, start: int, best: Optional[float], history: List[dict], key: str,
            best_name: str, train_epoch: Callable[[int], dict], evaluate: Callable[[int], dict],
-           state: Callable[[int, Optional[float], List[dict]], dict], summary: dict, every: int = 1,
+           state: Optional[Callable[[int, Optional[float], List[dict]], dict]], summary: dict, every: int = 1,
            tb=None) -> Tuple[Optional[float], List[dict]]:
     """The epoch loop of every ``train.py``, epochs ``start .. args.epochs - 1``: ``train_epoch(epoch)``
     gives the epoch's record (``train_loss``, ``lr``, ...); ``evaluate(epoch)`` runs every ``every`` epochs
     and after the last, its ``key`` deciding the best; the record goes to ``history`` (with ``best_name``),
     TensorBoard and one log line; ``state(done, best, history)`` (on every rank: it may gather) is saved by
-    rank 0 as checkpoint.pth.tar, and as model_best.pth.tar when best. Returns ``(best, history)``."""
+    rank 0 as checkpoint.pth.tar, and as model_best.pth.tar when best (``state=None``: nothing saved).
+    Returns ``(best, history)``."""
     history = list(history)
     for epoch in range(start, args.epochs):
         rec = {"epoch": epoch + 1, **train_epoch(epoch)}
@@ -188,14 +189,27 @@ def epochs(args, ctx, out_dir: str, *, start: int, best: Optional[float], histor
         if tb is not None:
             tb.scalars(epoch + 1, "epoch/", **shown)
         log(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        saved = state(epoch + 1, best, history)
-        if ctx.is_main:
+        saved = state(epoch + 1, best, history) if state is not None else None
+        if saved is not None and ctx.is_main:
             runs.save_epoch(saved, out_dir, is_best, summary)
     return best, history
 
 
+def train(args, ctx, out_dir: str, *, train_epoch: Callable[[int, Any], dict], result: Callable[[dict], dict],
+          record: Callable[[dict, List[dict]], dict], title: str, label: str, train_key: Optional[str] = None,
+          start_flag: str = "--start_epoch", first: Optional[int] = None, **loop) -> Dict:
+    """A training run: :func:`epochs` (``loop``: its keywords) with TensorBoard logs in ``<out_dir>/tb``
+    under ``--tensorboard`` (``train_epoch(epoch, tb)``), then :func:`write_training` (``record(result,
+    history)``; ``first``: the start epoch its error names, default the loop's)."""
+    with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
+        _, history = epochs(args, ctx, out_dir, train_epoch=lambda e: train_epoch(e, tb), tb=tb, **loop)
+    return write_training(args, out_dir, history, start=loop["start"] if first is None else first, key=loop["key"],
+                          result=result, record=lambda res: record(res, history), title=title, label=label, train_key=train_key,
+                          start_flag=start_flag)
+
+
 def write_training(args, out_dir: str, history: List[dict], *, start: int, key: str, result: Callable[[dict], dict],
-                   record: Callable[[dict], dict], title: str, label: str, train_key: Optional[str] = None,
+                   record: Callable[[dict, List[dict]], dict], title: str, label: str, train_key: Optional[str] = None,
                    start_flag: str = "--start_epoch") -> Dict:
     """After training: the best epoch's figures (``result(best epoch's record)``) into ``metrics_ann.json``
     of the run folder (``record`` makes the record), with its training curves under ``--plot``."""

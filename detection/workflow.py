@@ -33,7 +33,7 @@ from common import dist
 from common import runner, runs
 from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
-from common.logger import TensorBoard, log, progress
+from common.logger import log, progress
 from common.metrics import write_json
 
 from . import data as D
@@ -410,7 +410,7 @@ def train(args) -> dict:
             + (", EMA" if ema else ""))
         make_metric = make_metric_fn(model, data, args)
 
-        def train_epoch(epoch):
+        def train_epoch(epoch, tb):
             D.set_epoch(train_loader, epoch)
             ddp.train()
             lr = base_lr(args, epoch)
@@ -461,17 +461,14 @@ def train(args) -> dict:
                     "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "ema_updates": ema.updates if ema is not None else 0, "train_size": args.train_size,
                     "rng_state": runner.rng_states(ctx), "args": plain_args(args), "history": history}
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            best, history = runner.epochs(args, ctx, out_dir, start=start, best=best, history=history, key="test_map",
-                                          best_name="best_map", train_epoch=train_epoch, evaluate=evaluate, state=state,
-                                          summary={"version": args.version, "bit": args.bit}, every=args.eval_epoch,
-                                          tb=tb)
-        return runner.write_training(
-            args, out_dir, history, start=start, key="test_map", label="test mAP (%)",
-            title=f"{args.version} {args.bit}-bit",
+        return runner.train(
+            args, ctx, out_dir, start=start, best=best, history=history, key="test_map", best_name="best_map",
+            train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"version": args.version, "bit": args.bit},
+            every=args.eval_epoch, label="test mAP (%)", title=f"{args.version} {args.bit}-bit",
             result=lambda top: {"map": top.get("test_map"), "ann_map": top.get("test_map"),
                                 "map_all_point": top.get("test_map_all_point")},
-            record=lambda res: _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST), history=history))
+            record=lambda res, history: _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST),
+                                                history=history))
 
 
 # ---------------------------------------------------------------------------------------- eval.py

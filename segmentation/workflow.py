@@ -31,7 +31,7 @@ from common import dist
 from common import runner, runs
 from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
-from common.logger import TensorBoard, log, progress
+from common.logger import log, progress
 from common.runs import count_macs, sgd_step
 
 from . import data as segdata
@@ -427,7 +427,7 @@ def train(args) -> Dict:
             f"{ctx.device}; epochs {start}->{args.epochs}, {iters} iters/epoch, lr {args.lr} poly {args.power}")
         meta = _meta(args, data, model)
 
-        def train_epoch(epoch):
+        def train_epoch(epoch, tb):
             tr = train_one_epoch(net, tr_loader, optimizer, scheduler, epoch + 1, device=ctx.device,
                                  show_progress=args.progress, tb=tb, max_iters=args.max_iters, start_iter=epoch * iters)
             return {"lr": optimizer.param_groups[0]["lr"], **tr}   # the rate at the end of the epoch
@@ -442,16 +442,13 @@ def train(args) -> Dict:
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), args=plain_args(args),
                         history=history, init=init_info, sampler_seed=getattr(tr_loader.sampler, "seed", None),
                         rng_state=runner.rng_states(ctx))
-        with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
-            best, history = runner.epochs(
-                args, ctx, out_dir, start=start, best=best, history=history, key="val_miou", best_name="best_miou",
-                train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"model": args.model, "bit": args.bit}, every=args.eval_epoch,
-                tb=tb)
-        return runner.write_training(
-            args, out_dir, history, start=start, key="val_miou", label="val mIoU (%)", title=f"{args.model} {args.bit}-bit",
+        return runner.train(
+            args, ctx, out_dir, start=start, best=best, history=history, key="val_miou", best_name="best_miou",
+            train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"model": args.model, "bit": args.bit},
+            every=args.eval_epoch, label="val mIoU (%)", title=f"{args.model} {args.bit}-bit",
             result=lambda top: {"miou": top.get("val_miou"), "ann_miou": top.get("val_miou"),
                                 "pixel_acc": top.get("val_pixel_acc"), "per_class_iou": top.get("val_per_class_iou") or []},
-            record=lambda res: record(args, data, res, script="train.py", checkpoint=os.path.join(out_dir, BEST)))
+            record=lambda res, _: record(args, data, res, script="train.py", checkpoint=os.path.join(out_dir, BEST)))
 
 
 # ---------------------------------------------------------------------------------------- records
