@@ -24,14 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from common import dist
-from common import runs
+from common import UserError, dist, pipeline, runner, runs
 from common.checkpoint import BEST, CHECKPOINT, load_checkpoint, load_scheduler_state, \
     plain_scheduler_state
 from common.cli import ArgumentParser, plain_args
 from common.logger import log
-from common import runner
 from common.pipeline import add_snn_args  # noqa: F401 - the conversion flags of snn.py / snn_ft.py
 from common.pipeline import check_method, check_method_args, method_options  # noqa: F401
 from common.runner import FT_CACHE, select_layers  # noqa: F401
@@ -222,12 +219,6 @@ def build_model(args, task: Task, num_classes: int) -> nn.Module:
                          dataset=task.model_dataset, alpha_init=getattr(args, "alpha_init", None))
     except ValueError as e:
         raise UserError(str(e), "see --help for the supported --arch / --bit / --wbit values") from None
-
-
-def _tune_malloc(args):
-    """``--tune-malloc`` (opt-in; :func:`common.pipeline.tune_malloc_if_asked`)."""
-    from common.pipeline import tune_malloc_if_asked
-    tune_malloc_if_asked(args, log)
 
 
 def _script(args) -> str:
@@ -450,10 +441,8 @@ def _evaluate_ann(args, task, data, ctx, out_dir) -> Dict:
     model, ckpt = load_trained(args, task, data, ctx.device, path, "checkpoint",
                                f"pass --init PATH, or train first ({task.train_script} without -e)", raw_as_init=True)
     res = engine.evaluate(model, data.val_loader, nn.CrossEntropyLoss(), desc="test", show_progress=args.progress)
-    rec = _record(args, data, model, _ann_result(model, task, res["top1"], res["top5"], res["samples"]),
-                  script="main.py -e", checkpoint=path, loss=res["loss"], finetuned=bool(ckpt.get("snn_finetuned")))
-    runs.write_metrics(args, rec, os.path.join(runs.eval_dir(path, out_dir), "metrics_ann_eval.json"), lambda r, p: [])
-    return rec
+    return runner.write_ann_eval(runner_task(task), args, data, model, ckpt, path, script="main.py -e",
+                                 res=_ann_result(model, task, res["top1"], res["top5"], res["samples"]), loss=res["loss"])
 
 
 # ---------------------------------------------------------------------------------------- snn.py / snn_ft.py
@@ -538,7 +527,7 @@ def evaluate_snn(args, task: Task) -> Dict:
     beside the evaluated checkpoint (or to ``--metrics-out``)."""
     args.run_kind = "snn"
     setup_run(args, task)
-    _tune_malloc(args)
+    pipeline.tune_malloc_if_asked(args, log)
     rt = runner_task(task)
     with dist.session(args.device, args.local_rank) as ctx:
         data, model, ckpt, path = rt.open(args, ctx, False)

@@ -53,6 +53,8 @@ class Task:
     before_keys: Sequence[str] = ()             # further keys of the "before" result kept in the record
     root_flag: str = "--save_folder"            # the flag naming the runs' root (error hints)
     device: Callable[[Any], Optional[str]] = lambda args: args.device
+    # (args, data, model, the ANN's metric dict) -> the record's figures of eval.py's ANN, its line logged
+    ann_result: Optional[Callable[[Any, Any, Any, Dict], Dict]] = None
 
 
 # ---------------------------------------------------------------------------------------- flags
@@ -264,6 +266,28 @@ def snn_eval(task: Task, args, ctx, data, model, ckpt, path: str, *, script: str
     folder = folder or runs.eval_dir(path, task.run_dir(args, "_ft" if finetuned else ""))
     out = runs.write_metrics(args, rec, os.path.join(folder, runs.metrics_name(res)), task.plot)
     rec["path"] = out
+    return rec
+
+
+def evaluate(task: Task, args, ctx, data, model, ckpt, path: str, *, script: str, loader) -> Dict:
+    """``eval.py``: with ``--spike`` :func:`snn_eval`; else the ANN's figures (``task.ann_result``) into
+    ``metrics_ann_eval.json`` beside the checkpoint (or ``--metrics-out``). Returns the record."""
+    if args.spike:
+        pipeline.tune_malloc_if_asked(args, log)
+        return snn_eval(task, args, ctx, data, model, ckpt, path, script=script, loader=loader)
+    full = pipeline.evaluate(model, loader, task.make_metric(args, data, model), inputs=task.inputs,
+                             device=ctx.device, progress=args.progress, max_batches=args.max_iters)
+    return write_ann_eval(task, args, data, model, ckpt, path, task.ann_result(args, data, model, full),
+                          script=script)
+
+
+def write_ann_eval(task: Task, args, data, model, ckpt, path: str, res: Dict, *, script: str, **extra) -> Dict:
+    """An ANN evaluation's record of checkpoint ``path`` into ``metrics_ann_eval.json`` beside it (or
+    ``--metrics-out``); returns the record, ``path`` naming the file."""
+    finetuned = bool(ckpt.get("snn_finetuned"))
+    rec = task.record(args, data, model, res, script=script, checkpoint=path, finetuned=finetuned, **extra)
+    folder = runs.eval_dir(path, task.run_dir(args, "_ft" if finetuned else ""))
+    rec["path"] = runs.write_metrics(args, rec, os.path.join(folder, "metrics_ann_eval.json"), task.plot)
     return rec
 
 

@@ -495,18 +495,14 @@ def evaluate(args) -> dict:
         loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
         if args.dataset == "coco-test":
             return _coco_test(args, model, ckpt, data, loader, make_metric_fn(model, data, args), path, ctx)
-        if args.spike:
-            return runner.snn_eval(TASK, args, ctx, data, model, ckpt, path, script="eval.py", loader=loader)
-        from common import pipeline
-        full = pipeline.evaluate(model, loader, make_metric_fn(model, data, args), inputs=D.inputs, device=ctx.device,
-                                 progress=args.progress, max_batches=args.max_iters)
-        res = {**full, "ann_map": full["map"], "per_step_map": []}
-        log("\n".join(_ap_lines(res) + [f"mAP {res['map']:.2f} (VOC07 11-point {res['map_voc07']:.2f}, all-point "
-                                         f"{res['map_all_point']:.2f})"]))
-        rec = _record(args, "eval.py", model, data, res, path, finetuned=bool(ckpt.get("snn_finetuned")),
-                      input_size=args.input_size)
-        folder = runs.eval_dir(path, run_dir(args))
-        return {**rec, "path": runs.write_metrics(args, rec, os.path.join(folder, "metrics_ann_eval.json"), _plot_eval)}
+        return runner.evaluate(TASK, args, ctx, data, model, ckpt, path, script="eval.py", loader=loader)
+
+
+def _ann_result(args, data, model, full: dict) -> dict:
+    res = {**full, "ann_map": full["map"], "per_step_map": []}
+    log("\n".join(_ap_lines(res) + [f"mAP {res['map']:.2f} (VOC07 11-point {res['map_voc07']:.2f}, all-point "
+                                     f"{res['map_all_point']:.2f})"]))
+    return res
 
 
 def _plot_eval(rec, path):
@@ -574,7 +570,8 @@ TASK = runner.Task(
     score_text=lambda args: f"the mAP of {args.score_batches} training batches",
     ft_meta=lambda args, data, model, res: {**_meta(model, data, args), "best_map": res["map"]},
     e2e_losses=lambda model: {"yolo": e2e_yolo_loss(model.anchors)},
-    flatten=lambda res: {**res, "per_step_map_all_point": None}, inputs=D.inputs, device=_device_arg)
+    flatten=lambda res: {**res, "per_step_map_all_point": None}, inputs=D.inputs, device=_device_arg,
+    ann_result=_ann_result)
 
 
 def finetune(args) -> dict:

@@ -501,26 +501,18 @@ def _open(args, ctx, *, train: bool, need_quant: bool):
 def evaluate(args) -> Dict:
     """``eval.py``: mIoU of the ANN (default) or, with ``--spike``, of its SNN next to the ANN."""
     check_args(args)
-    if args.spike:
-        from common import pipeline
-        pipeline.tune_malloc_if_asked(args, log)
     with dist.session(args.device, args.local_rank) as ctx:
         data, model, ckpt, path = _open(args, ctx, train=False, need_quant=args.spike)
-        loader = val_loader(args, data, ctx)
-        finetuned = bool(ckpt.get("snn_finetuned"))
-        folder = runs.eval_dir(path, run_dir(args, "_ft" if finetuned else ""))
-        if not args.spike:
-            res = evaluate_ann(model, loader, data, device=ctx.device, show_progress=args.progress,
-                               max_batches=args.max_iters)
-            macs = count_macs(model, args.test_size)
-            result = {"miou": res["miou"], "ann_miou": res["miou"], "per_class_iou": res["per_class_iou"],
-                      "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "samples": res.get("samples"),
-                      "ann_macs": macs, "energy": runs.ann_energy(macs)}
-            log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}")
-            rec = record(args, data, result, script="eval.py", checkpoint=path, finetuned=finetuned)
-            _write(args, rec, os.path.join(folder, "metrics_ann_eval.json"))
-            return rec
-        return runner.snn_eval(TASK, args, ctx, data, model, ckpt, path, script="eval.py", loader=loader, folder=folder)
+        return runner.evaluate(TASK, args, ctx, data, model, ckpt, path, script="eval.py",
+                               loader=val_loader(args, data, ctx))
+
+
+def _ann_result(args, data, model, res: Dict) -> Dict:
+    macs = count_macs(model, args.test_size)
+    log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}")
+    return {"miou": res["miou"], "ann_miou": res["miou"], "per_class_iou": res["per_class_iou"],
+            "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "samples": res.get("samples"),
+            "ann_macs": macs, "energy": runs.ann_energy(macs)}
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
@@ -564,7 +556,7 @@ TASK = runner.Task(
     record=lambda args, data, model, res, **kw: record(args, data, res, **kw), plot=lambda r, p: _plot(r, p),
     snn_line=_snn_line, score=_score, score_text=lambda args: f"the train mIoU ({args.score_batches} batches)",
     ft_meta=lambda args, data, model, res: _meta(args, data, model),
-    e2e_losses=lambda model: {"ce": e2e_cross_entropy}, flatten=_snn_result)
+    e2e_losses=lambda model: {"ce": e2e_cross_entropy}, flatten=_snn_result, ann_result=_ann_result)
 
 
 def finetune(args) -> Dict:
