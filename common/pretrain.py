@@ -131,6 +131,29 @@ def render_crops(source: Sequence[ImageObjects], side: int, context: float = 1.2
     return Crops(torch.cat(xs), torch.cat(ys), side)
 
 
+def fashion_canvases(split: str, n: int, size: int, scale: Sequence[float], seed: int) -> Crops:
+    """``n`` canvases of ``size`` pixels, each one tinted Fashion-MNIST item on a textured background
+    (``common.scenes.render_scene`` with ``max_items=1``, the item's side ``scale`` x the canvas) and its
+    class: Fashion-MNIST's training images for ``split="train"`` (as the scene set's training scenes), its
+    test images otherwise, so a scene set's test scenes stay unseen. Canvas ``i`` is drawn from
+    ``default_rng([seed, 101 + (split != "train"), i])``."""
+    from . import scenes
+    images, labels = scenes.load_fashion_mnist(split)
+    x = np.empty((n, size, size, 3), np.uint8)
+    y = np.empty(n, np.int64)
+    k = 0 if split == "train" else 1
+    for i in range(n):
+        sc = scenes.render_scene(np.random.default_rng([seed, 101 + k, i]), images, labels, size, max_items=1,
+                                 scale=tuple(scale))
+        x[i], y[i] = sc.image, sc.labels[0]
+    return Crops(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y), size)
+
+
+def check_canvas_scale(scale: Sequence[float], flag: str = "--scale"):
+    if not (0 < scale[0] <= scale[1] <= 1.0):
+        raise UserError(f"{flag} {scale[0]} {scale[1]} must satisfy 0 < lo <= hi <= 1", f"pass e.g. {flag} 0.6 1.0")
+
+
 def window(x: torch.Tensor, side: int, g: Optional[torch.Generator] = None) -> torch.Tensor:
     """The ``side`` window of a batch of larger crops: random (one offset per batch) with ``g``, else the centre;
     with ``g`` also a random horizontal flip per crop."""
@@ -312,6 +335,6 @@ def check_args(args):
         raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 3e-3")
 
 
-__all__ = ["SMALL_DATASET", "small_data_hint", "box_objects", "mask_objects", "crop_square", "Crops", "render_crops",
+__all__ = ["SMALL_DATASET", "small_data_hint", "box_objects", "mask_objects", "crop_square", "Crops", "render_crops", "fashion_canvases", "check_canvas_scale",
            "window", "normalise", "BackboneClassifier", "backbone_state", "accuracy", "lr_at", "train_classifier",
            "run_folder", "add_args", "check_args"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from common import UserError, run_cli
@@ -66,21 +65,6 @@ def get_parser() -> ArgumentParser:
     return p
 
 
-def render(split: str, n: int, size: int, scale, seed: int) -> tuple:
-    """``n`` single-item canvases: (uint8 ``[n, 3, size, size]``, labels ``[n]``); canvas ``i`` is drawn from
-    ``default_rng([seed, 101 + split, i])``."""
-    from common import scenes
-    images, labels = scenes.load_fashion_mnist(split)
-    x = np.empty((n, size, size, 3), np.uint8)
-    y = np.empty(n, np.int64)
-    k = 0 if split == "train" else 1
-    for i in range(n):
-        sc = scenes.render_scene(np.random.default_rng([seed, 101 + k, i]), images, labels, size, max_items=1,
-                                 scale=tuple(scale))
-        x[i], y[i] = sc.image, sc.labels[0]
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
-
-
 class BoxObjects(torch.utils.data.Dataset):
     """Image ``i`` of a detection set and its boxes (:func:`common.pretrain.box_objects`)."""
 
@@ -108,11 +92,9 @@ def main(argv=None) -> dict:
         from common import scenes
         if args.size % 32:
             raise UserError(f"--size {args.size} is not a multiple of 32", "pass e.g. --size 64")
-        if not (0 < args.scale[0] <= args.scale[1] <= 1.0):
-            raise UserError(f"--scale {args.scale[0]} {args.scale[1]} must satisfy 0 < lo <= hi <= 1",
-                            "pass e.g. --scale 0.6 1.0")
+        P.check_canvas_scale(args.scale)
         names, dataset = list(scenes.CLASSES), "fashion-mnist"
-        train, test = (P.Crops(*render(split, n, args.size, args.scale, args.seed), args.size)
+        train, test = (P.fashion_canvases(split, n, args.size, args.scale, args.seed)
                        for split, n in (("train", args.train), ("test", args.test)))
         log(f"pretrain: rendered {args.train} + {args.test} canvases of {args.size} px in {time.time() - t0:.0f} s")
     else:

@@ -55,6 +55,9 @@ def get_parser() -> ArgumentParser:
                         "none, the 32-bit stage starts from random weights)")
     p.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak Adam lr of the pretraining (default 3e-3)")
     p.add_argument("--pretrain-size", type=int, default=32, help="object crop side of the pretraining (default 32)")
+    p.add_argument("--pretrain-canvases", type=int, default=0, metavar="N",
+                   help="pretrain on N single-item Fashion-MNIST canvases (segmentation/pretrain.py --canvases) "
+                        "instead of the objects of the training masks (default 0: the objects)")
     p.add_argument("--epochs-fp", type=int, default=12, help="epochs of the 32-bit stage (default 12)")
     p.add_argument("--epochs-q", type=int, default=3, help="epochs of each 4/3/2-bit stage (default 3)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
@@ -110,7 +113,7 @@ def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
         ft, _ = workflow.load_trained(a, data.num_classes, dev, ft_path, "--init", "")
         nets["SNN T=3 fine-tuned"] = pipeline.convert(ft.eval())
     palette = sd.voc_palette()
-    panels, names = [], data.class_names
+    panels = []
     for i in range(len(data.val)):
         img, mask = data.val.load(i)
         x, _ = data.val[i]
@@ -129,7 +132,8 @@ def _plan(args) -> Dict[str, float]:
     thread, scaled by the scene count, the pixels of a crop and the width (a net's cost grows as width^2)."""
     net = (args.width / 0.25) ** 2
     fit = args.train / 400 * (args.crop / 65) ** 2 * net
-    plan = {"pretrain the backbone": 1.8 * args.pretrain_epochs * args.train / 400 * (args.pretrain_size / 48) ** 2 * net} \
+    crops = args.pretrain_canvases or 2 * args.train     # about two objects per training scene
+    plan = {"pretrain the backbone": 1.8 * args.pretrain_epochs * crops / 800 * (args.pretrain_size / 48) ** 2 * net} \
         if args.pretrain_epochs > 0 else {}
     for bit in CHAIN:
         plan[f"train the {bit}-bit ANN"] = (2.1 * args.epochs_fp if bit == 32 else 2.4 * args.epochs_q) * fit
@@ -185,6 +189,8 @@ def main(argv=None) -> Dict:
         argv = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--save_folder",
                 runs, "-j", str(args.workers), "--seed", str(args.seed), "--epochs", str(args.pretrain_epochs),
                 "--lr", str(args.pretrain_lr), "--size", str(args.pretrain_size)]
+        if args.pretrain_canvases:
+            argv += ["--canvases", str(args.pretrain_canvases)]
         pre = clock.run("pretrain the backbone", "-m segmentation.pretrain", pretrain.main, argv)
     ann: Dict[int, Dict] = {}
     prev = pre["checkpoint"] if pre else None

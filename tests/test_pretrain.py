@@ -248,7 +248,7 @@ def test_chain_pretrain_step(name, args, save, tmp_path):
     for flag in ("/data/x", "--width 0.5", "--seed 3", "--epochs 3", f"--save_folder {tmp_path}/w"):
         assert flag in printed[0], printed[0]
     assert "--train_size" not in printed[0]
-    assert f"--bit 32" in printed[1] and f"--init {pre}/model_best.pth.tar" in printed[1]
+    assert "--bit 32" in printed[1] and f"--init {pre}/model_best.pth.tar" in printed[1]
     assert sorted(os.listdir(tmp_path)) == []
     # a finished pretraining is skipped
     os.makedirs(pre)
@@ -257,3 +257,28 @@ def test_chain_pretrain_step(name, args, save, tmp_path):
                        capture_output=True, text=True, env=env, timeout=60)
     assert f"skip (done): {pre}/metrics_pretrain.json" in r.stderr
     assert f"--init {pre}/model_best.pth.tar" in [ln for ln in r.stderr.splitlines() if ln.startswith("+ ")][0]
+
+
+def test_segmentation_pretrain_on_fashion_mnist_canvases(tmp_path):
+    """``--canvases N``: the backbone learns single Fashion-MNIST items (the scene set's stand-in for
+    ImageNet); the run is filed under ``fashion-mnist`` and holds the segmenter's backbone keys only."""
+    from common import scenes
+    if not os.path.isfile(os.path.join(scenes.fashion_mnist_dir(), "t10k-images-idx3-ubyte.gz")):
+        pytest.skip("dataset-fashion-mnist is not installed (scripts/setup.sh)")
+    from segmentation import pretrain as SP
+    save = str(tmp_path / "w")
+    rec = SP.main(["--canvases", "96", "--width", "0.125", "--size", "32", "--epochs", "1", "-bs", "32", "-j", "0",
+                   "--save_folder", save, "--data_root", str(tmp_path / "not-read")])
+    run = os.path.join(save, "fashion-mnist", "deeplabv1_vgg9_pretrain")
+    assert rec["checkpoint"] == os.path.join(run, "model_best.pth.tar")
+    assert rec["train_crops"] == 96 and rec["test_crops"] == SP.CANVAS_TEST
+    best = torch.load(rec["checkpoint"], weights_only=True)
+    assert best["object_classes"] == list(scenes.CLASSES) and best["dataset"] == "fashion-mnist"
+    assert set(best["state_dict"]) and all(k.startswith("features.") for k in best["state_dict"])
+    x = P.fashion_canvases("test", 3, 32, (0.6, 1.0), 0)
+    assert x.images.shape == (3, 3, 32, 32) and x.images.dtype == torch.uint8 and len(x) == 3
+    assert torch.equal(x.images, P.fashion_canvases("test", 3, 32, (0.6, 1.0), 0).images)   # seeded
+    for extra, msg in ((["--canvases", "-1"], "--canvases -1 is negative"),
+                       (["--canvases", "8", "--canvas-scale", "0.8", "0.5"], "--canvas-scale 0.8 0.5 must satisfy")):
+        r = _run(["-m", "segmentation.pretrain", "--save_folder", save, *extra])
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
