@@ -409,21 +409,12 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
         if wbit is not None and int(wbit) != model.wbit:
             raise UserError(f"--resume {path} was trained with {wbit}-bit weights, this model has {model.wbit}-bit",
                             f"pass --wbit {wbit}")
-        import quant
-        try:
-            model.load_state_dict(quant.strip_prefix(ckpt["state_dict"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = " ".join(str(e).split())[:300]
-            raise UserError(f"--resume {path} does not fit this {args.arch} {args.bit}-bit model ({first})",
-                            "resume with the flags of that run, or start a new run in another --out") from None
+        done = runner.resume(ckpt, path, ctx, model, optimizer, best_name="best_acc1", label="top-1",
+                             what=f"{args.arch} {args.bit}-bit", generators=generators, root_flag="--out")
         if "scheduler" in ckpt:
             load_scheduler_state(scheduler, ckpt["scheduler"])
-        start = int(ckpt["epoch"])
-        _set_lr(optimizer, scheduler, milestones, start)
-        how = runner.restore_rng(ckpt, ctx, generators)
-        log(f"resumed {path}: {start} epochs done, best top-1 {ckpt.get('best_acc1') or 0.0:.2f}; {how}")
-        return start, ckpt.get("best_acc1"), list(ckpt.get("history", []))
+        _set_lr(optimizer, scheduler, milestones, done[0])
+        return done
     if args.init:
         ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data,
                           ckpt=init_ckpt)

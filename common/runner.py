@@ -154,6 +154,24 @@ def restore_rng(ckpt: dict, ctx, generators: Optional[Dict] = None) -> str:
     return f"RNG states not restored (saved by {len(states)} process(es), this run has {ctx.world_size})"
 
 
+def resume(ckpt: dict, path: str, ctx, model, optimizer, *, best_name: str, label: str, what: str,
+           generators: Optional[Dict] = None, weights: str = "state_dict",
+           root_flag: str = "--save_folder") -> Tuple[int, Optional[float], List[dict]]:
+    """Continue a run from its checkpoint: the model's weights (``ckpt[weights]``) and the optimizer's
+    state (a file of another model is a one-line error), this rank's RNG states (:func:`restore_rng`).
+    Returns ``(epochs done, best, history)``."""
+    import quant
+    try:
+        model.load_state_dict(quant.strip_prefix(ckpt.get(weights, ckpt["state_dict"])))
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"--resume {path} does not fit this {what} model ({' '.join(str(e).split())[:300]})",
+                        f"resume with the flags of that run, or start a new run in another {root_flag}") from None
+    start, best = int(ckpt["epoch"]), ckpt.get(best_name)
+    log(f"resumed {path}: {start} epochs done, best {label} {best or 0.0:.2f}; {restore_rng(ckpt, ctx, generators)}")
+    return start, best, list(ckpt.get("history", []))
+
+
 def sync_bn(model, ctx, wanted: bool):
     """``--sybn``: SyncBatchNorm across the processes (GPUs only; otherwise one warning and plain BN)."""
     if wanted and ctx.distributed and ctx.device.type == "cuda":

@@ -387,14 +387,12 @@ def train(args) -> dict:
         ema = ModelEMA(model) if args.ema else None
         start, best, history = args.start_epoch, None, []
         if rckpt is not None:
-            import quant
-            model.load_state_dict(quant.strip_prefix(rckpt.get("model_state", rckpt["state_dict"])))
-            optimizer.load_state_dict(rckpt["optimizer"])
+            start, best, history = runner.resume(rckpt, resume, ctx, model, optimizer, best_name="best_map",
+                                                 label="mAP", what=args.version, weights="model_state")
             if ema is not None:
+                import quant
                 ema = ModelEMA(model, updates=int(rckpt.get("ema_updates", 0)))
                 ema.ema.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
-            start, best, history = int(rckpt["epoch"]), rckpt.get("best_map"), list(rckpt.get("history", []))
-            log(f"resumed {resume}: {start} epochs done, best mAP {best}; {runner.restore_rng(rckpt, ctx)}")
         ddp = dist.wrap_ddp(runner.sync_bn(model, ctx, args.sybn), ctx)
         train_loader = D.make_loader(data.train, ctx, args.batch_size, args.workers, True,
                                      seed=args.seed or 0, drop_last=True)

@@ -407,17 +407,14 @@ def train(args) -> Dict:
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
         start, best, history, init_info = 0, None, [], None
         if rckpt is not None:
-            import quant
             check_ckpt(rckpt, resume, "--resume", args, data.num_classes, same_bit=True)
-            model.load_state_dict(quant.strip_prefix(rckpt["state_dict"]))
-            optimizer.load_state_dict(rckpt["optimizer"])
             scheduler.load_state_dict(rckpt["scheduler"])
             scheduler.total_iters = total_iters   # this run's --epochs (a longer run continues the poly decay)
-            start, best, history = int(rckpt["epoch"]), rckpt.get("best_miou"), list(rckpt.get("history", []))
             init_info = rckpt.get("init")
             if rckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
                 tr_loader.sampler.seed = int(rckpt["sampler_seed"])
-            log(f"resumed {resume}: {start} epochs done, best mIoU {best}; {runner.restore_rng(rckpt, ctx)}")
+            start, best, history = runner.resume(rckpt, resume, ctx, model, optimizer, best_name="best_miou",
+                                                 label="mIoU", what=args.model)
         elif args.init:
             init_info = init_weights(model, args, data.num_classes, init_ckpt)
         model = runner.sync_bn(model, ctx, args.sybn)
