@@ -139,10 +139,10 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
                    help="metrics JSON path (default: " + ("in the run folder" if train else
                                                           "beside the evaluated checkpoint") + ")")
     p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
-    p.add_argument("--progress", action=argparse_bool(), default=True,
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="tqdm progress bars (rank 0; display only: the numbers do not depend on it)")
     if train or ft:
-        p.add_argument("--tensorboard", action=argparse_bool(), default=True,
+        p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                        help="TensorBoard logs in the run folder's tb/ (rank 0)")
     p.add_argument("--max-iters", type=int, default=None,
                    help={"train": "cap iterations per epoch (smoke tests)",
@@ -153,25 +153,9 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
     return p
 
 
-def argparse_bool():
-    """``--flag / --no-flag`` action."""
-    return argparse.BooleanOptionalAction
-
-
 def check_args(args):
-    for name in ("epochs", "batch_size", "test_batch_size", "print_freq", "chunk"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1",
-                            "pass a positive number" + (" (or leave --chunk out: all steps at once)"
-                                                        if name == "chunk" else ""))
-    if getattr(args, "workers", 0) < 0:
-        raise UserError(f"-j/--workers {args.workers} must not be negative", "pass 0 (in-process loading) or more")
-    if getattr(args, "max_iters", None) is not None and args.max_iters < 1:
-        raise UserError(f"--max-iters {args.max_iters} must be at least 1", "pass a positive number")
-    for name in ("lr", "weight_decay", "momentum"):
-        v = getattr(args, name, None)
-        if v is not None and v < 0:
-            raise UserError(f"--{name.replace('_', '-')} {v} must not be negative", "pass a value >= 0")
+    runs.check_positive(args, "epochs", "batch_size", "test_batch_size", "print_freq", "chunk", "max_iters")
+    runs.check_non_negative(args, "workers", "lr", "weight_decay", "momentum")
     check_method_args(args)
 
 

@@ -245,9 +245,6 @@ def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
 
 
 # ---------------------------------------------------------------------------------------- dataset
-AUGMENTATIONS = ("ssd", "flip", "none")
-
-
 def train_transform(size: int, with_boxes: bool = True, aug: str = "ssd"):
     """``ssd``: photometric distortion, zoom-out, IoU crop, flip (the original's SSD-style augmentation);
     ``flip``: horizontal flip only; ``none``: resize only."""

@@ -28,9 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from common import dist
-from common import runner, runs
+from common import UserError, dist, pipeline, runner, runs
 from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import log, progress
@@ -50,10 +48,6 @@ FT_METHOD = "fastsnn"          # snn_ft.py's default --method (its run folder is
 
 
 # ---------------------------------------------------------------------------------------- flags
-def bool_flag():
-    return argparse.BooleanOptionalAction
-
-
 def add_model_args(p: ArgumentParser, bit_default: Optional[int], train: bool = False):
     """``-v``, ``--bit``, ``--width``, ``--init``. Scripts that read a trained checkpoint take the
     version, bits and width from it (``None`` defaults); ``bit_default`` then names the run folder of
@@ -83,7 +77,7 @@ def add_runtime_args(p: ArgumentParser, train: bool = False):
     dist.add_dist_args(p)
     p.add_argument("--cuda", action="store_true", help="use the GPU (the default when there is one; "
                                                        "without one: a warning and the CPU)")
-    p.add_argument("--progress", action=bool_flag(), default=True, help="tqdm progress bars (rank 0)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars (rank 0)")
     p.add_argument("--metrics-out", "--metrics_out", dest="metrics_out", default="", metavar="FILE",
                    help="metrics JSON path (default: next to the checkpoint)")
     p.add_argument("--plot", action="store_true", help="write PNG figures next to the metrics JSON")
@@ -94,7 +88,7 @@ def add_runtime_args(p: ArgumentParser, train: bool = False):
     # the scripts that do not train accept these (a command line shared by a chain's steps) unlisted
     shown = (lambda text: text) if train else (lambda text: argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=None, help=shown("random seed (default: not seeded)"))
-    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=bool_flag(), default=True,
+    p.add_argument("--tensorboard", "--tfboard", dest="tensorboard", action=argparse.BooleanOptionalAction, default=True,
                    help=shown("TensorBoard logs in the run folder's tb/"))
     if train:
         runs.add_fresh_arg(p)
@@ -137,7 +131,6 @@ def _check_read_args(args, spike: bool):
         raise UserError("--spike with --bit 32: a full-precision ANN has no activation clips to become thresholds",
                         "pass --bit 2/3/4/5 with a checkpoint trained at that bit-width")
     if getattr(args, "method", None) is not None:
-        from common import pipeline
         pipeline.check_method_args(args)
 
 
@@ -249,7 +242,6 @@ def _init_model(model, ckpt: dict, path: str, args, num_classes: int):
     """``--init`` for training: a detector checkpoint of the same version (the bit chain: missing clips
     start at their defaults), or a backbone (ImageNet ResNet-34 of classification/ or torchvision)."""
     import quant
-    from common import pipeline
     sd = quant.strip_prefix(ckpt["state_dict"])
     if _is_detector_state(sd) or ckpt.get("version"):
         check_meta(ckpt, path, args.version, num_classes, "--init")
@@ -447,7 +439,6 @@ def train(args) -> dict:
             return {"lr": lr, **{f"train_{k}": v for k, v in zip(meters, avg)}, "seconds": time.time() - t0}
 
         def evaluate(epoch):
-            from common import pipeline
             res = pipeline.evaluate(ema.ema if ema is not None else model, val_loader, make_metric, inputs=D.inputs,
                                     device=ctx.device, progress=args.progress, desc=f"test {epoch + 1}",
                                     max_batches=args.max_iters)
@@ -539,7 +530,6 @@ def e2e_yolo_loss(anchors):
 def _score(args, data, ctx, model, loader):
     """The accept / revert score: the SNN's mAP on the first --score-batches training images, without
     augmentation."""
-    from common import pipeline
     plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
     score_loader = D.make_loader(plain, ctx, args.batch_size, args.workers, False)
     make_metric = make_metric_fn(model, data, args)

@@ -13,6 +13,7 @@ metrics JSON (--metrics-out, default in the run folder) has miou, ann_miou, per_
 per_class_iou, pixel_acc, T, neuron, layers, sops; --plot adds mIoU-vs-t and per-layer PNGs.
 """
 from common.cli import ArgumentParser, unshadow_script_dir
+from common.pipeline import add_snn_args
 
 unshadow_script_dir(__file__)
 
@@ -26,7 +27,7 @@ def get_parser() -> ArgumentParser:
         "checkpoint to evaluate (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar; "
         "snn_ft.py's fine-tuned model too)"))
     p.add_argument("--spike", action="store_true", help="convert to an SNN (T = 2^bit - 1) and evaluate it")
-    workflow.add_snn_args(p)
+    add_snn_args(p)
     return p
 
 

@@ -8,6 +8,7 @@ cropped back; <output>/<name>_mask.png holds the class indices (palette PNG), <n
 image with the classes blended in and named (imgviz). The class names come from the checkpoint.
 """
 from common.cli import ArgumentParser, unshadow_script_dir
+from common.pipeline import add_snn_args
 
 unshadow_script_dir(__file__)
 
@@ -22,7 +23,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--input", "-i", required=True, metavar="PATH", help="an image file or a folder of images")
     p.add_argument("--output", "-o", default="seg_out", metavar="DIR", help="output folder (default seg_out/)")
     p.add_argument("--spike", action="store_true", help="run the SNN (T = 2^bit - 1) instead of the ANN")
-    workflow.add_snn_args(p)
+    add_snn_args(p)
     return p
 
 

@@ -86,9 +86,6 @@ class SegmentationModel(nn.Module):
     backbone_prefixes: Sequence[str] = ()
     output_stride = 8
 
-    def valid_size(self, size: int) -> bool:
-        return size >= self.output_stride + 1 and (size - 1) % self.output_stride == 0
-
 
 class DeepLabV1VGG9(SegmentationModel):
     #: (out channels, stride, dilation) of features.0 .. features.7

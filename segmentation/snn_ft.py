@@ -13,6 +13,7 @@ labels by default). Saves <save_folder>/<dataset>/<model>_<bit>bit_ft/model_best
 --spike --init reads it) and metrics_snn_ft_<neuron>_T<T>.json (before / after, per-layer history).
 """
 from common.cli import ArgumentParser, unshadow_script_dir
+from common.pipeline import add_snn_args
 
 unshadow_script_dir(__file__)
 
@@ -24,7 +25,7 @@ def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     workflow.add_common_args(p, bit_default=2, script="ft", lr_default=1e-3, init_help=(
         "ANN checkpoint (default <save_folder>/<dataset>/<model>_<bit>bit/model_best.pth.tar)"))
-    workflow.add_snn_args(p)
+    add_snn_args(p)
     runner.add_finetune_args(
         p, method=workflow.FT_METHOD, losses=("ce", "kl", "mse"), default_loss="ce",
         loss_help="loss of the end-to-end stage: ce = per-pixel cross-entropy with the label masks (ignore 255; "

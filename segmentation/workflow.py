@@ -26,9 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError
-from common import dist
-from common import runner, runs
+from common import UserError, dist, pipeline, runner, runs
 from common.checkpoint import BEST, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import log, progress
@@ -119,12 +117,6 @@ def add_common_args(p: ArgumentParser, *, bit_default: Optional[int] = 32, init_
     return p
 
 
-def add_snn_args(p: ArgumentParser):
-    """``-u/--unsigned``, ``--T``, ``--chunk``, ``--settle`` (the pipeline's)."""
-    from common import pipeline
-    pipeline.add_snn_args(p)
-
-
 #: flags of the training / fine-tuning scripts: a preset may set them, the scripts without them skip them
 SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "spike", "unsigned", "T", "chunk",
                "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
@@ -184,7 +176,6 @@ def check_args(args, model_name: Optional[str] = None):
     if args.data_root is None:
         args.data_root = DEFAULT_ROOT[args.dataset]
     if getattr(args, "method", None) is not None:
-        from common import pipeline
         pipeline.check_method_args(args)
 
 
@@ -294,7 +285,6 @@ def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] 
     shapes; it prints what was loaded / initialised and refuses shape mismatches). ``torchvision``
     fetches torchvision's ImageNet ResNet-34 weights (online)."""
     import quant
-    from common import pipeline
     if args.init == "torchvision":
         from classification.models import pretrained_state_dict
         if args.model != "deeplabv3_r34":
@@ -380,12 +370,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, 
     return {"train_loss": tot[0] / max(tot[1], 1), "train_seconds": time.time() - t0, "iters": n_iter}
 
 
-def evaluate_ann(model, loader, data, *, device, show_progress=True, desc="val", max_batches=None) -> Dict:
-    from common import pipeline
-    return pipeline.evaluate(dist.unwrap(model), loader, make_metric_factory(data.num_classes, data.class_names),
-                             device=device, progress=show_progress, desc=desc, max_batches=max_batches)
-
-
 def train(args) -> Dict:
     """``train.py``."""
     check_args(args)
@@ -430,8 +414,8 @@ def train(args) -> Dict:
             return {"lr": optimizer.param_groups[0]["lr"], **tr}   # the rate at the end of the epoch
 
         def evaluate(epoch):
-            res = evaluate_ann(model, va_loader, data, device=ctx.device, show_progress=args.progress,
-                               desc=f"val {epoch + 1}")
+            res = pipeline.evaluate(model, va_loader, make_metric_factory(data.num_classes, data.class_names),
+                                    device=ctx.device, progress=args.progress, desc=f"val {epoch + 1}")
             return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"], "val_per_class_iou": res["per_class_iou"]}
 
         def state(done, best, history):
@@ -530,7 +514,6 @@ def e2e_cross_entropy(out, ann_out, batch):
 def _score(args, data, ctx, model, loader):
     """The accept / revert score: the SNN's mIoU on the first --score-batches training batches, without
     augmentation (padded to --test_size)."""
-    from common import pipeline
     score_ds = copy.copy(data.train)
     score_ds.transforms = segdata.test_transforms(args.test_size)
     score_loader = segdata.make_loader(score_ds, args.batch_size, train=False, workers=args.workers, ctx=ctx)

@@ -1,9 +1,11 @@
 """The CIFAR task: 32x32 datasets, the CIFAR model zoo, LR x0.1 at 50 % and 75 % of the epochs."""
 from __future__ import annotations
 
+import argparse
+
 from classification.data import DATASETS, build_datasets, build_loaders
 from classification.models import CIFAR_ARCHS
-from classification.workflow import Data, Task, argparse_bool
+from classification.workflow import Data, Task
 from common.logger import log
 
 
@@ -16,7 +18,7 @@ def add_data_args(p):
                    help="cifar10 (default), cifar100, fashionmnist, or folder (DIR/train/<class>/*, DIR/val/<class>/*)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N", help="use a fixed random N training images")
     p.add_argument("--val-subset", type=int, default=None, metavar="N", help="use a fixed random N test images")
-    p.add_argument("--download", action=argparse_bool(), default=True,
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download CIFAR / Fashion-MNIST when missing (default on)")
 
 
