@@ -1,15 +1,8 @@
-"""The three classification workflows behind the task scripts, written once for CIFAR and ImageNet.
+"""The classification workflows behind the CIFAR and ImageNet scripts: :func:`train_ann` (``main.py``),
+:func:`evaluate_snn` (``snn.py``), :func:`finetune_snn` (``snn_ft.py``).
 
-* :func:`train_ann`     (``main.py``)   -- train / evaluate a quantized ANN, checkpoints, resume;
-* :func:`evaluate_snn`  (``snn.py``)    -- convert a trained ANN and evaluate the SNN against it;
-* :func:`finetune_snn`  (``snn_ft.py``) -- layer-wise fine-tuning of the converted SNN, saved in ANN format.
-
-The SNN is converted, evaluated and fine-tuned through :mod:`common.pipeline` (as in detection and
-segmentation), with the top-k metric of :mod:`classification.metrics`.
-
-A :class:`Task` says what differs between datasets: the arch names, how loaders are built, the LR
-schedule. :func:`add_common_args` defines the flags every script shares (the original's flags plus
-this project's); each script adds its own and calls one workflow.
+A :class:`Task` says what differs between datasets (archs, loaders, LR schedule); the stages shared with
+detection and segmentation are :mod:`common.runner`'s, with the top-k metric of :mod:`classification.metrics`.
 """
 from __future__ import annotations
 
@@ -35,6 +28,7 @@ from common.runner import FT_CACHE, select_layers  # noqa: F401
 
 from . import engine
 from .metrics import TopK, format_acc
+from .plots import plot_snn_metrics
 
 BITS = (32, 5, 4, 3, 2)
 FT_METHOD = "fastsnn+e2e"      # snn_ft.py's default --method (its run folder is <arch>_<bit>bit_ft)
@@ -295,10 +289,6 @@ def load_trained(args, task: Task, data: Data, device, path: str, what: str, hin
     return model, ckpt
 
 
-def make_optimizer(model: nn.Module, args):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-
-
 def _set_lr(optimizer, scheduler, milestones: List[int], epoch: int):
     """Put the step schedule at ``epoch``: lr = base * 0.1^(milestones passed)."""
     scheduler.milestones = collections.Counter(milestones)
@@ -328,11 +318,6 @@ def _ann_result(model: nn.Module, task: Task, top1: float, top5: float, samples:
             "ann_macs": macs, "energy": runs.ann_energy(macs)}
 
 
-def _plot_snn(rec, path):
-    from .plots import plot_snn_metrics
-    return plot_snn_metrics(rec, path)
-
-
 # ---------------------------------------------------------------------------------------- main.py
 def train_ann(args, task: Task) -> Dict:
     """``main.py``: train the ANN (or ``-e``: evaluate it). Returns the metrics record."""
@@ -345,7 +330,8 @@ def train_ann(args, task: Task) -> Dict:
         if args.evaluate:
             return _evaluate_ann(args, task, data, ctx, out_dir)
         model = build_model(args, task, data.num_classes).to(ctx.device)
-        optimizer = make_optimizer(model, args)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
         milestones = task.milestones(args.epochs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
         generators = loader_generators(data.train_loader)
@@ -487,7 +473,7 @@ def runner_task(task: Task) -> runner.Task:
         name="classification", key="top1", ft_method=FT_METHOD, root_flag="--out",
         open=lambda args, ctx, train: open_trained(args, task, ctx), run_dir=run_dir,
         loaders=lambda args, data, ctx: (data.train_loader, data.val_loader),
-        make_metric=lambda args, data, model: TopK.factory(), record=_record, plot=_plot_snn, snn_line=_snn_line,
+        make_metric=lambda args, data, model: TopK.factory(), record=_record, plot=plot_snn_metrics, snn_line=_snn_line,
         score=_score, flatten=_flatten, reference=ann_reference, before_keys=("top5",),
         score_text=lambda args: "the train top-1 (" + ("the whole training set" if args.score_batches is None
                                                        else f"{args.score_batches} batches") + ")",

@@ -1,18 +1,9 @@
-"""The detection workflows behind ``train.py``, ``eval.py``, ``snn_ft.py`` and ``demo.py``.
+"""The detection workflows behind ``train.py`` (quantized YOLOv2: warm-up, step LR, multi-scale, EMA),
+``eval.py`` (mAP of the ANN or, with ``--spike``, of its SNN), ``snn_ft.py`` and ``demo.py``.
 
-* :func:`train`    -- quantized YOLOv2 training (warm-up, step LR, multi-scale, EMA, SyncBN, DDP),
-  evaluation every ``--eval_epoch`` epochs, best-by-mAP checkpoint, ``--resume auto``;
-* :func:`evaluate` -- mAP of the ANN, or with ``--spike`` of its SNN next to the ANN on the same images
-  (mAP after every time step, per-layer statistics) through :mod:`common.pipeline`;
-* :func:`finetune` -- layer-wise fine-tuning of the SNN (accept / revert on the mAP of a few training
-  batches, or ``--force``), saved in ANN format;
-* :func:`demo`     -- boxes drawn on images by the ANN or the SNN.
-
-Checkpoints (``<save_folder>/<dataset>/<version>_<bit>bit/{checkpoint,model_best}.pth.tar``) carry the
-model's description (``version``, ``bit``, ``num_classes``, ``classes``, ``anchors``, ``width``,
-``val_size``): ``eval.py`` / ``snn_ft.py`` / ``demo.py`` rebuild exactly the trained net and take
-those settings from it unless a flag gives them. The run-folder and metrics-file rules are
-:mod:`common.runs`'.
+Checkpoints carry the model's description (``version``, ``bit``, ``num_classes``, ``classes``,
+``anchors``, ``width``, ``val_size``): the reading scripts rebuild exactly the trained net and take
+those settings from it unless a flag gives them. The shared stages are :mod:`common.runner`'s.
 """
 from __future__ import annotations
 
@@ -39,6 +30,7 @@ from .boxes import kmeans_anchors, postprocess
 from .loss import build_targets, yolo_loss
 from .metrics import DetectionMetric
 from .models import CONF_THRESH, NMS_THRESH, STRIDE, VERSIONS, default_anchors, get_model
+from .plots import plot_snn_metrics
 
 BITS = (32, 5, 4, 3, 2)
 DATASETS_TRAIN = ("voc", "coco")
@@ -494,11 +486,6 @@ def _ann_result(args, data, model, full: dict) -> dict:
     return res
 
 
-def _plot_eval(rec, path):
-    from .plots import plot_snn_metrics
-    return plot_snn_metrics(rec, path)
-
-
 @torch.no_grad()
 def _coco_test(args, model, ckpt, data, loader, make_metric, path, ctx) -> dict:
     """COCO test-dev has no public annotations: write the detections JSON for the evaluation server."""
@@ -554,7 +541,7 @@ TASK = runner.Task(
     run_dir=run_dir, loaders=_loaders, make_metric=lambda args, data, model: make_metric_fn(model, data, args),
     record=lambda args, data, model, res, *, script, checkpoint, **extra: _record(
         args, script, model, data, res, checkpoint, input_size=args.input_size, **extra),
-    plot=lambda rec, path: _plot_eval(rec, path), snn_line=_snn_line, score=_score,
+    plot=plot_snn_metrics, snn_line=_snn_line, score=_score,
     score_text=lambda args: f"the mAP of {args.score_batches} training batches",
     ft_meta=lambda args, data, model, res: {**_meta(model, data, args), "best_map": res["map"]},
     e2e_losses=lambda model: {"yolo": e2e_yolo_loss(model.anchors)},

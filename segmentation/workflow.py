@@ -1,18 +1,9 @@
-"""The segmentation workflows behind ``train.py``, ``eval.py``, ``snn_ft.py`` and ``inference.py``.
+"""The segmentation workflows behind ``train.py`` (quantized DeepLab: SGD, poly LR per iteration,
+cross-entropy ignoring 255), ``eval.py`` (mIoU of the ANN or, with ``--spike``, of its SNN),
+``snn_ft.py`` and ``inference.py`` (colour masks and overlays).
 
-* :func:`train`     -- train a quantized DeepLab (SGD, poly LR per iteration, CE ignoring 255), evaluate
-  mIoU every ``--eval_epoch`` epochs, keep the best in ``<save_folder>/<dataset>/<model>_<bit>bit/
-  model_best.pth.tar`` (``checkpoint.pth.tar`` after every epoch, atomic; ``--resume auto``);
-* :func:`evaluate`  -- mIoU of the ANN, or with ``--spike`` of its SNN (T = 2^bit - 1, signed IF, ``-u``
-  unsigned) next to the ANN on the same images, mIoU after every step from one pass, per-layer
-  statistics, SOPs, energy; metrics JSON and PNG figures;
-* :func:`finetune`  -- layer-wise fine-tuning of the SNN (``common.pipeline.finetune``), saved in ANN
-  format so ``eval.py --spike --init`` reads it;
-* :func:`infer`     -- colour masks and overlays of the ANN / SNN predictions for images on disk.
-
-The task-agnostic parts (conversion with one-line errors, side-by-side ANN / SNN evaluation, the
-fine-tuner, backbone loading) come from :mod:`common.pipeline`; this module supplies the models, the
-data, the loss and the metric (:class:`segmentation.metrics.SegMetric`).
+This module supplies the models, the data, the loss and the metric; the shared stages are
+:mod:`common.runner`'s.
 """
 from __future__ import annotations
 
@@ -35,6 +26,7 @@ from common.runs import count_macs, sgd_step
 from . import data as segdata
 from .metrics import IGNORE, make_metric_factory
 from .models import MODELS, OUTPUT_STRIDE, classifier_weight_key, get_model
+from .plots import plot_metrics
 
 BITS = (32, 5, 4, 3, 2)
 DATASETS = ("voc", "coco")
@@ -456,15 +448,6 @@ def _snn_result(res: Dict) -> Dict:
     return out
 
 
-def _plot(rec: Dict, path: str):
-    from .plots import plot_metrics
-    return plot_metrics(rec, path)
-
-
-def _write(args, rec: Dict, default_path: str) -> str:
-    return runs.write_metrics(args, rec, default_path, _plot)
-
-
 # ---------------------------------------------------------------------------------------- eval.py
 def _open(args, ctx, *, train: bool, need_quant: bool):
     """The checkpoint to read (its settings taken), the data, the model it holds."""
@@ -533,7 +516,7 @@ TASK = runner.Task(
     loaders=lambda args, data, ctx: (None if data.train is None else train_loader(args, data, ctx),
                                      val_loader(args, data, ctx)),
     make_metric=lambda args, data, model: make_metric_factory(data.num_classes, data.class_names),
-    record=lambda args, data, model, res, **kw: record(args, data, res, **kw), plot=lambda r, p: _plot(r, p),
+    record=lambda args, data, model, res, **kw: record(args, data, res, **kw), plot=plot_metrics,
     snn_line=_snn_line, score=_score, score_text=lambda args: f"the train mIoU ({args.score_batches} batches)",
     ft_meta=lambda args, data, model, res: _meta(args, data, model),
     e2e_losses=lambda model: {"ce": e2e_cross_entropy}, flatten=_snn_result, ann_result=_ann_result)
