@@ -50,6 +50,9 @@ def get_parser() -> ArgumentParser:
                    help="item side as a fraction of the canvas (default 0.45 0.8: fewer background pixels)")
     p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
     p.add_argument("--test-size", type=int, default=65, help="test pad size (default 65)")
+    p.add_argument("--scales", type=float, nargs="+", default=(0.75, 1.0, 1.25), metavar="S",
+                   help="random rescaling of the training scenes (train.py --scales; default 0.75 1 1.25: the "
+                        "paper's 0.5-2.0 shrinks a 64-pixel scene's items below 16 pixels or cuts them off)")
     p.add_argument("--pretrain-epochs", type=int, default=20,
                    help="epochs of the backbone pretraining on the objects of the training masks (default 20; 0 = "
                         "none, the 32-bit stage starts from random weights)")
@@ -181,7 +184,8 @@ def main(argv=None) -> Dict:
     from segmentation import pretrain, snn_ft, train
     common = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--crop_size",
               str(args.crop), "--test_size", str(args.test_size), "--save_folder", runs, "-j", str(args.workers),
-              "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--test_batch_size", "8"]
+              "--seed", str(args.seed), "--batch_size", str(args.batch_size), "--test_batch_size", "8",
+              "--scales", *(f"{v:g}" for v in args.scales)]
     if not args.progress:
         common.append("--no-progress")
     pre = None

@@ -79,6 +79,9 @@ def add_common_args(p: ArgumentParser, *, bit_default: Optional[int] = 32, init_
     p.add_argument("--crop_size", "--crop-size", dest="crop_size", type=int,
                    default=segdata.DEFAULT_CROP if train else None,
                    help=shown("training crop (default 513; must be k * output stride + 1)"))
+    p.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+                   help=shown("random rescaling factors of the training images (default 0.5 0.75 ... 2.0, the "
+                              "paper's; small images of fixed-size objects train better on e.g. 0.75 1 1.25)"))
     p.add_argument("--batch_size", "--batch-size", "-b", dest="batch_size", type=int, default=8,
                    help=shown("training batch per process (default 8)"))
     p.add_argument("--lr", type=float, default=lr_default, help=shown(f"learning rate (default {lr_default})"))
@@ -113,7 +116,7 @@ def add_common_args(p: ArgumentParser, *, bit_default: Optional[int] = 32, init_
 SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "spike", "unsigned", "T", "chunk",
                "settle", "max_batches", "num_epochs", "force", "score_batches", "ft_bn", "eval_before", "input",
                "output", "tune_malloc", "method", "e2e_batches", "e2e_loss", "e2e_epochs", "e2e_lr", "ft_accept",
-               "local_batches", "alpha_init", "crop_size", "batch_size", "lr", "momentum", "weight_decay",
+               "local_batches", "alpha_init", "crop_size", "scales", "batch_size", "lr", "momentum", "weight_decay",
                "train_subset", "seed", "tensorboard", "fresh", "ft_layers", "ft_cache", "ft_cache_mb", "min_steps"}
 
 
@@ -153,6 +156,9 @@ def check_args(args, model_name: Optional[str] = None):
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.25 for a small net")
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
+    if getattr(args, "scales", None) is not None and not all(0 < s <= 8 for s in args.scales):
+        raise UserError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: every factor must be in (0, 8]",
+                        "pass e.g. --scales 0.75 1 1.25")
     for flag, v in (("--crop_size", args.crop_size), ("--test_size", args.test_size)):
         if v is None:
             continue
@@ -206,7 +212,8 @@ def build_data(args, *, train: bool, ctx=None) -> segdata.SegData:
     data = segdata.build_datasets(args.dataset, args.data_root, crop_size=args.crop_size or segdata.DEFAULT_CROP,
                                   test_size=args.test_size, classes=args.classes,
                                   class_names=getattr(args, "checkpoint_classes", None), mask_cache=args.mask_cache, train=train,
-                                  train_subset=args.train_subset, val_subset=args.val_subset)
+                                  train_subset=args.train_subset, val_subset=args.val_subset,
+                                  scales=getattr(args, "scales", None) or segdata.SCALES)
     log(f"data: {args.dataset} at {data.info.get('root')}: "
         + (f"{len(data.train)} train ({data.info.get('train')}) / " if data.train is not None else "")
         + f"{len(data.val)} val images ({data.info.get('val')}), {data.num_classes} classes")

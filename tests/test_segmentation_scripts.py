@@ -324,3 +324,28 @@ def test_original_dist_test_command_with_a_json_config(chain, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.load(open(tmp_path / "t3.json"))
     assert rec["T"] == 3 and rec["neuron"] == "signed" and rec["samples"] == 3
+
+
+def test_scales_flag_reaches_the_training_transform(chain, tmp_path):
+    """``--scales`` sets the random rescaling of the training images (flag and preset alike); a factor
+    out of range is a one-line error before any data is read."""
+    from segmentation import data as segdata
+    from segmentation import train, workflow
+
+    def scales_of(argv):
+        args = workflow.parse_args(train.get_parser(), argv)
+        workflow.check_args(args)
+        data = workflow.build_data(args, train=True)
+        found = [t.scales for t in data.train.transforms.transforms if isinstance(t, segdata.RandomScale)]
+        assert len(found) == 1
+        return found[0]
+
+    assert scales_of(chain["flags"]) == segdata.SCALES
+    assert scales_of(chain["flags"] + ["--scales", "0.75", "1", "1.25"]) == (0.75, 1.0, 1.25)
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"scales": [0.5, 1.0]}')
+    assert scales_of(chain["flags"] + ["--config", str(cfg)]) == (0.5, 1.0)
+    p = _cli("train.py", chain["flags"] + ["--scales", "0", "1", "--save_folder", str(tmp_path / "o2")])
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert p.returncode == 2 and len(lines) == 1 and "--scales 0 1: every factor must be in (0, 8]" in lines[0], p.stderr
+    assert not os.path.exists(str(tmp_path / "o2"))
