@@ -216,6 +216,11 @@ def _applies(regime: str, label: Optional[str]) -> bool:
     return METHODS[label] is not None
 
 
+#: the detection chains of the recorded cells: the demo with 2560 scenes and a 16000-canvas x 6-epoch
+#: pretraining (a weaker ANN than the demo's default, which trains on 12000 scenes)
+DETECTION_RECIPE = ("--train", "2560", "--pretrain", "16000", "--pretrain-epochs", "6")
+
+
 def detection_chain(args, seed: int) -> dict:
     """The detection demo (``detection.offline_demo``, seed ``seed``) in ``<out>/detection_c<seed>``: its
     2-bit checkpoint, scene root, classes, input size and the SNN before fine-tuning. A finished or
@@ -223,7 +228,7 @@ def detection_chain(args, seed: int) -> dict:
     from common.metrics import read_json
     from detection import offline_demo
     out = os.path.join(args.out, DETECTION.format(seed=seed))
-    argv = ["--out", out, "--seed", str(seed), "--workers", "1"]
+    argv = ["--out", out, "--seed", str(seed), "--workers", "1"] + list(DETECTION_RECIPE)
     if args.quick:
         argv += ["--train", "8", "--test", "4", "--size", "64", "--width", "0.125", "--pretrain", "32",
                  "--pretrain-epochs", "1", "--pretrain-size", "32", "--epochs-fp", "1", "--epochs-q", "1",

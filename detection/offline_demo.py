@@ -1,6 +1,6 @@
 """The offline detection demo: the whole Fast-SNN detection pipeline on the Fashion-MNIST scene set, on a CPU.
 
-1. the scene set (``common.scenes``: 2560 training / 96 test scenes of 1-2 tinted Fashion-MNIST items on
+1. the scene set (``common.scenes``: 12000 training / 96 test scenes of 1-2 tinted Fashion-MNIST items on
    textured 96 x 96 canvases, VOC layout) in ``<out>/data/scenes``;
 2. backbone pretraining (``detection/pretrain.py``, the offline stand-in for the paper's ImageNet
    backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 64 x 64
@@ -40,20 +40,21 @@ FT_BIT = 2
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out/detection", help="output folder (default demo_out/detection)")
-    p.add_argument("--train", type=int, default=2560, help="training scenes (default 2560)")
+    p.add_argument("--train", type=int, default=12000,
+                   help="training scenes (default 12000: more distinct scenes beat more epochs here)")
     p.add_argument("--test", type=int, default=96, help="test scenes (default 96)")
     p.add_argument("--size", type=int, default=96, help="canvas / input size (default 96: a 3 x 3 grid at stride 32)")
     p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
     p.add_argument("--max-items", type=int, default=2, help="items per scene: 1..N (default 2)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.45, 0.75), help="item size / canvas (default 0.45 0.75)")
-    p.add_argument("--pretrain", type=int, default=16000,
-                   help="single-item canvases of the backbone pretraining (default 16000; 0 = no pretraining, "
+    p.add_argument("--pretrain", type=int, default=32000,
+                   help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
-    p.add_argument("--pretrain-epochs", type=int, default=6, help="passes of the pretraining (default 6)")
+    p.add_argument("--pretrain-epochs", type=int, default=12, help="passes of the pretraining (default 12)")
     p.add_argument("--pretrain-lr", type=float, default=1e-2, help="peak Adam lr of the pretraining (default 1e-2)")
     p.add_argument("--pretrain-size", type=int, default=64, help="canvas side of the pretraining (default 64)")
     p.add_argument("--epochs-fp", type=int, default=6,
-                   help="epochs of the 32-bit stage (default 6: more scenes beat more epochs here)")
+                   help="epochs of the 32-bit stage (default 6)")
     p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
                    help="adam (default: reaches a usable detector in the few hundred steps a CPU affords) or sgd "
@@ -72,10 +73,10 @@ def get_parser() -> ArgumentParser:
 
 
 def _plan(args) -> Dict[str, float]:
-    """Planned seconds of each stage (the time-left estimate): measured once at the defaults on one CPU
-    thread, scaled by the scene / canvas counts, epochs, pixels and width."""
+    """Planned seconds of each stage (the time-left estimate; only their ratios matter, the clock rescales
+    them by the speed of the stages run so far), scaled by the scene / canvas counts, epochs, pixels and width."""
     per_scene = (args.size / 96) ** 2 * (args.width / 0.5) ** 2
-    plan = {"pretrain backbone": 0.0012 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 2
+    plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 2
             * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
     for bit in CHAIN_BITS:
         plan[f"train {bit}-bit"] = 0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
