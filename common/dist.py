@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import random
 import sys
@@ -115,6 +116,9 @@ def session(device: Optional[str] = None, local_rank: Optional[int] = None):
         if dist.get_world_size() > 1:
             dist.barrier()  # every rank is done with its collectives: tear the group down together
         dist.destroy_process_group()
+        # objects in reference cycles that still hold the group's work (and its tensors) are freed now,
+        # while the interpreter is alive, not by gloo's threads during interpreter shutdown
+        gc.collect()
 
 
 def context() -> Context:

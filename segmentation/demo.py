@@ -5,7 +5,7 @@
    segmenter's own backbone as a classifier of the objects of the training masks (``--pretrain-epochs 0``
    skips it);
 3. the progressive 32 -> 4 -> 3 -> 2-bit DeepLab chain (train.py, the 32-bit stage ``--init`` from the
-   pretrained backbone, each later stage from the previous best; a narrow net, small crops and few epochs
+   pretrained backbone, each later stage from the previous best; a narrow net and small crops
    so it fits the time budget);
 4. SNN evaluation (eval.py --spike) of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3, signed and unsigned IF;
 5. layer-wise fine-tuning (snn_ft.py) of the 2-bit signed SNN, each layer kept only if the SNN's mIoU on a
