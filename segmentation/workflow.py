@@ -156,7 +156,7 @@ def check_args(args, model_name: Optional[str] = None):
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.25 for a small net")
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
-    if getattr(args, "scales", None) is not None and not all(0 < s <= 8 for s in args.scales):
+    if args.scales is not None and not all(0 < s <= 8 for s in args.scales):
         raise UserError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: every factor must be in (0, 8]",
                         "pass e.g. --scales 0.75 1 1.25")
     for flag, v in (("--crop_size", args.crop_size), ("--test_size", args.test_size)):
@@ -213,7 +213,7 @@ def build_data(args, *, train: bool, ctx=None) -> segdata.SegData:
                                   test_size=args.test_size, classes=args.classes,
                                   class_names=getattr(args, "checkpoint_classes", None), mask_cache=args.mask_cache, train=train,
                                   train_subset=args.train_subset, val_subset=args.val_subset,
-                                  scales=getattr(args, "scales", None) or segdata.SCALES)
+                                  scales=args.scales or segdata.SCALES)
     log(f"data: {args.dataset} at {data.info.get('root')}: "
         + (f"{len(data.train)} train ({data.info.get('train')}) / " if data.train is not None else "")
         + f"{len(data.val)} val images ({data.info.get('val')}), {data.num_classes} classes")
