@@ -5,8 +5,8 @@
    segmenter's own backbone as a classifier of the objects of the training masks (``--pretrain-epochs 0``
    skips it);
 3. the progressive 32 -> 4 -> 3 -> 2-bit DeepLab chain (train.py, the 32-bit stage ``--init`` from the
-   pretrained backbone, each later stage from the previous best; a narrow net and small crops
-   so it fits the time budget);
+   pretrained backbone, each later stage from the previous one; each stage evaluated once, after its
+   last epoch; a narrow net and small crops so it fits the time budget);
 4. SNN evaluation (eval.py --spike) of the 4 / 3 / 2-bit ANNs at T = 15 / 7 / 3, signed and unsigned IF;
 5. layer-wise fine-tuning (snn_ft.py) of the 2-bit signed SNN, each layer kept only if the SNN's mIoU on a
    few training batches improves, and its evaluation;
@@ -43,7 +43,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
     p.add_argument("--train", type=int, default=2000,
                    help="training scenes (default 2000: more objects for the pretraining, more scenes per step)")
-    p.add_argument("--test", type=int, default=80, help="test scenes (default 80)")
+    p.add_argument("--test", type=int, default=400,
+                   help="test scenes (default 400: a smaller split moves the mIoU by several points between seeds)")
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
     p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
     p.add_argument("--item-scale", type=float, nargs=2, default=(0.45, 0.8), metavar=("MIN", "MAX"),
@@ -202,7 +203,10 @@ def main(argv=None) -> Dict:
     prev = pre["checkpoint"] if pre else None
     for bit in CHAIN:
         fp = bit == 32
-        argv = common + ["--bit", str(bit), "--epochs", str(args.epochs_fp if fp else args.epochs_q),
+        epochs = args.epochs_fp if fp else args.epochs_q
+        # one evaluation, after the last epoch: the kept model is the trained one, not the epoch that
+        # happened to score best on the test scenes
+        argv = common + ["--bit", str(bit), "--epochs", str(epochs), "--eval_epoch", str(epochs),
                          "--lr", str(args.lr_fp if fp else args.lr_q), "--resume", "auto"]
         if not fp:
             argv += ["--alpha-init", str(args.alpha_init)]

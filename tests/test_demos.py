@@ -47,7 +47,9 @@ def test_segmentation_demo_resumes_and_draws_ann_and_snn_side_by_side(tmp_path, 
     assert all(isinstance(n, str) and n for n in s["finetune_accepted"])   # the accepted layers, by name
     for i in range(3):
         assert os.path.isfile(os.path.join(out, f"masks_{i}.png"))
-    assert "about" in capsys.readouterr().out                               # the time-left estimate
+    first = capsys.readouterr().out
+    assert "about" in first                                                # the time-left estimate
+    assert first.count("--epochs 1 --eval_epoch 1") == 4                   # each stage: one evaluation, at its end
     again = demo.main(argv)                                                # a rerun reuses the finished stages
     text = capsys.readouterr().out
     assert text.count("done before") == 7 and again["rows"][1:] == s["rows"][1:]
