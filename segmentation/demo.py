@@ -64,7 +64,7 @@ def get_parser() -> ArgumentParser:
                         "instead of the objects of the training masks (default 0: the objects)")
     p.add_argument("--epochs-fp", type=int, default=96,
                    help="epochs of the 32-bit stage (default 96: the mIoU still climbs at 48)")
-    p.add_argument("--epochs-q", type=int, default=4, help="epochs of each 4/3/2-bit stage (default 4)")
+    p.add_argument("--epochs-q", type=int, default=8, help="epochs of each 4/3/2-bit stage (default 8)")
     p.add_argument("--lr-fp", type=float, default=0.1, help="learning rate of the 32-bit stage (default 0.1)")
     p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
     p.add_argument("--alpha-init", type=float, default=3.0,
@@ -182,7 +182,7 @@ def main(argv=None) -> Dict:
     clock = StageClock(_plan(args))
     data_dir = os.path.join(out, "data")
     make_scenes(data_dir, args.train, args.test, args.size, args.seed, max_items=args.max_items,
-                scale=tuple(args.item_scale))
+                scale=tuple(args.item_scale), replace=True)
     from segmentation import eval as seg_eval
     from segmentation import pretrain, snn_ft, train
     common = ["-d", "voc", "--data_root", data_dir, "-m", args.model, "--width", str(args.width), "--crop_size",
