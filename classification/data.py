@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import UserError
 from common.dist import Context
-from common.loaders import ShardSampler  # noqa: F401 (part of this module's interface)
+from common.loaders import ShardSampler, open_rgb  # noqa: F401 (ShardSampler: part of this module's interface)
 
 DATASETS = ("cifar10", "cifar100", "fashionmnist", "folder")
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
@@ -261,7 +261,8 @@ def image_folder(root: str) -> DataSpec:
     sets = []
     for d, train in ((train_dir, True), (val_dir, False)):
         try:
-            sets.append(ImageFolder(d, transform=build_transforms(CIFAR_MEAN, CIFAR_STD, train, resize=True)))
+            sets.append(ImageFolder(d, transform=build_transforms(CIFAR_MEAN, CIFAR_STD, train, resize=True),
+                                    loader=open_rgb))
         except FileNotFoundError as e:
             raise UserError(f"no images found in {d} ({e})",
                             "put the images into one sub-folder per class (DIR/train/<class>/*.png)") from None
@@ -305,7 +306,7 @@ def build_loaders(spec: DataSpec, ctx: Context, batch_size: int, workers: int,
     The training loader has its own ``torch.Generator`` (seeded with ``seed + rank``; without a seed,
     from torch's RNG once): the shuffling order and the workers' seeds come from it alone, so nothing
     else that draws random numbers (a display, a model built later) changes the data order, and a
-    resumed run restores it (:func:`classification.workflow.loader_generators`). Its workers restart
+    resumed run restores it (:func:`common.runs.loader_generators`). Its workers restart
     every epoch (not persistent), seeded from that generator, so a resumed epoch gets the same ones."""
     pin = ctx.device.type == "cuda"
     if ctx.distributed:

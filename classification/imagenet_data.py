@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from common.errors import UserError
-from common.loaders import ShardSampler
+from common.loaders import ShardSampler, open_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +160,7 @@ def val_transform(input_size: int = DEFAULT_INPUT_SIZE):
 def _image_folder(folder: str, transform):
     from torchvision.datasets import ImageFolder
     try:
-        return ImageFolder(folder, transform=transform)
+        return ImageFolder(folder, transform=transform, loader=open_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"cannot read images from {folder}: {msg}",

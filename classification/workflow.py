@@ -334,7 +334,7 @@ def train_ann(args, task: Task) -> Dict:
                                     weight_decay=args.weight_decay)
         milestones = task.milestones(args.epochs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-        generators = loader_generators(data.train_loader)
+        generators = runs.loader_generators(data.train_loader)
         start, best, history = _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx,
                                                generators)
         log(f"{args.arch} {args.bit}-bit (weights {model.wbit}-bit) on {data.name}: "
@@ -358,16 +358,6 @@ def train_ann(args, task: Task) -> Dict:
             start_flag="--start-epoch",
             result=lambda top: _ann_result(model, task, top["test_top1"], top["test_top5"], None),
             record=lambda res, _: _record(args, data, model, res, script="main.py", checkpoint=os.path.join(out_dir, BEST)))
-
-
-def loader_generators(loader) -> Dict[str, torch.Generator]:
-    """The ``torch.Generator`` that fixes a training loader's shuffling (and its workers' seeds), if it
-    has one (a ``DataLoader``, or a wrapper holding one as ``.loader``)."""
-    for obj in (loader, getattr(loader, "loader", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator):
-            return {"train_loader": g}
-    return {}
 
 
 def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data, ctx, generators):

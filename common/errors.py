@@ -40,6 +40,10 @@ _HINTS = {
                                "checkpoint, or pass the right --init",
     "ConversionError": "convert a model trained with quantized activations (--bit 2/3/4/5)",
     "FileNotFoundError": "check the path",
+    "FileExistsError": "a file stands where an output folder goes: pass another path",
+    "NotADirectoryError": "part of the path is a file, not a folder: pass another path",
+    "IsADirectoryError": "a folder stands where a file goes: pass a file path",
+    "PermissionError": "pass a path this user may write / read",
     "FloatingPointError": "lower the learning rate or check the data",
     "OutOfMemoryError": "lower -b/--batch-size (or use fewer time steps)",
 }
@@ -47,7 +51,8 @@ _HINTS = {
 
 def user_error_types() -> Tuple[Type[BaseException], ...]:
     """:class:`UserError` plus the library errors that mean bad input (imported lazily)."""
-    types = [UserError, FileNotFoundError, FloatingPointError]
+    types = [UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+             FloatingPointError]
     try:
         import quant
         types.append(quant.CheckpointMismatchError)
@@ -67,10 +72,14 @@ def user_error_types() -> Tuple[Type[BaseException], ...]:
 
 
 def format_error(e: BaseException) -> str:
-    """The one-line ``error: ...`` message for a user error."""
+    """The one-line ``error: ...`` message for a user error (one raised in a ``DataLoader`` worker, which
+    PyTorch re-raises with the worker's traceback as its text: that error's own message)."""
     if isinstance(e, UserError):
         msg = str(e)
-    elif isinstance(e, FileNotFoundError) and e.filename:
+        if msg.startswith("Caught ") and "Original Traceback" in msg:
+            last = msg.rstrip().splitlines()[-1]
+            msg = last.split(": ", 1)[1] if ": " in last else last
+    elif isinstance(e, OSError) and e.filename:
         msg = f"{e.strerror or 'not found'}: {e.filename}"
     else:
         msg = str(e) or type(e).__name__

@@ -1,4 +1,4 @@
-"""Data-loading pieces every task uses: the evaluation sampler, worker seeding, classes files."""
+"""Data-loading pieces every task uses: the evaluation sampler, worker seeding, classes files, image decoding."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,22 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from .errors import UserError
+
+
+def open_rgb(path: str, hint: str = "replace or remove the file"):
+    """The image at ``path`` as a loaded RGB ``PIL.Image`` (also torchvision ``ImageFolder``'s
+    ``loader``); a file that is missing or does not decode is a :class:`UserError` naming it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist", hint) from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        why = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"image {path} cannot be decoded ({why})", hint) from None
 
 
 class ShardSampler(Sampler):

@@ -235,9 +235,16 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
     steps = args.epochs * per_epoch
     g = torch.Generator().manual_seed(args.seed)
     start, best, history = 0, -1.0, []
+    recipe = {"train_crops": len(train), "test_crops": len(test), "crop": train.side, "lr": args.lr,
+              "batch_size": args.batch_size, "seed": args.seed, "width": meta.get("width")}
     if resume:
         ck = load_checkpoint(resume, "--resume", "pass the checkpoint.pth.tar of the pretraining to continue, or 'auto'")
         runs.require_training_state(ck, resume)
+        old = ck.get("recipe") or {}
+        changed = [f"{k} {old[k]} -> {v}" for k, v in recipe.items() if k in old and old[k] != v]
+        if changed:
+            raise UserError(f"{resume} is a pretraining of other settings ({', '.join(changed)})",
+                            "pass --fresh to start over, or the settings of that run")
         try:
             clf.load_state_dict(ck["state_dict"])
         except RuntimeError as e:
@@ -249,6 +256,7 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
         log(f"resumed {resume}: {start} epochs done, best held-out accuracy {best:.1f} %")
     log(f"pretrain: {len(train)} training / {len(test)} held-out crops of {train.side} px, "
         f"{int(train.labels.max()) + 1 if len(train) else 0} classes; {args.epochs} epochs x {per_epoch} steps")
+    runs.start_run(run_dir)
     t0 = time.time()
     for ep in range(start, args.epochs):
         clf.train()
@@ -273,7 +281,7 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
             atomic_save({**meta, "state_dict": backbone_state(clf.model, prefixes), "epoch": ep + 1,
                          "accuracy": acc, "history": history, "args": plain_args(args)}, os.path.join(run_dir, BEST))
         atomic_save({"state_dict": clf.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
-                     "epoch": ep + 1, "best_accuracy": best, "history": history, "args": plain_args(args)},
+                     "recipe": recipe, "epoch": ep + 1, "best_accuracy": best, "history": history, "args": plain_args(args)},
                     os.path.join(run_dir, CHECKPOINT))
         log(f"pretrain epoch {ep + 1}/{args.epochs}: loss {tot / max(1, n):.3f}, "
             + ("no held-out crops" if acc is None else f"held-out accuracy {acc:.1f} %")

@@ -221,6 +221,7 @@ def train(args, ctx, out_dir: str, *, train_epoch: Callable[[int, Any], dict], r
     """A training run: :func:`epochs` (``loop``: its keywords) with TensorBoard logs in ``<out_dir>/tb``
     under ``--tensorboard`` (``train_epoch(epoch, tb)``), then :func:`write_training` (``record(result,
     history)``; ``first``: the start epoch its error names, default the loop's)."""
+    runs.start_run(out_dir)
     with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
         _, history = epochs(args, ctx, out_dir, train_epoch=lambda e: train_epoch(e, tb), tb=tb, **loop)
     return write_training(args, out_dir, history, start=loop["start"] if first is None else first, key=loop["key"],
@@ -332,6 +333,7 @@ def finetune(task: Task, args) -> Dict:
 
 def _finetune(task, args, ctx, data, model, net, init_path, out_dir, train_loader, val_loader) -> Dict:
     key = task.key
+    runs.start_run(out_dir)
     bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
     wd = args.weight_decay if args.weight_decay is not None else getattr(model, "ft_weight_decay", 1e-4)
     before = None

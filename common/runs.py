@@ -165,16 +165,35 @@ def is_run_folder(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
 
 
+_REPLACE = set()  # folders whose earlier run --fresh moves aside when the new run starts writing
+
+
 def claim_run_folder(folder: str, args, *, resuming: bool = False, root_flag: str = "--save_folder",
                      can_resume: bool = True) -> str:
     """Make ``folder`` this run's: a folder holding another run is an error unless the run resumes it
-    or ``--fresh`` was given (the old files then move to ``<folder>.replaced-<time>``; nothing is
-    deleted). Rank 0 moves; every rank checks."""
+    or ``--fresh`` was given. The old files then move to ``<folder>.replaced-<time>`` (nothing is
+    deleted) only when the run starts writing (:func:`start_run`), so a command that fails on its
+    inputs first leaves them where they were."""
+    _REPLACE.discard(os.path.abspath(folder))  # what an earlier call in this process (that failed) planned
     if resuming or not is_run_folder(folder):
         return folder
     if getattr(args, "fresh", False):
-        from . import dist
-        if dist.is_main():
+        _REPLACE.add(os.path.abspath(folder))
+        return folder
+    keep = "--resume auto to continue it, " if can_resume else ""
+    raise UserError(f"{folder} already holds a run ({', '.join(f for f in RUN_FILES if os.path.exists(os.path.join(folder, f)))})",
+                    f"pass {keep}--fresh to start over (the old files are kept aside), or another {root_flag}")
+
+
+def start_run(folder: str):
+    """Called by every process where a run starts writing into ``folder``: rank 0 moves a ``--fresh``
+    run's predecessor aside (:func:`claim_run_folder`), then all processes wait for it (whatever each
+    one found in the folder, so none waits alone)."""
+    from . import dist
+    key = os.path.abspath(folder)
+    if key in _REPLACE:
+        _REPLACE.discard(key)
+        if dist.is_main() and is_run_folder(folder):
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             aside = f"{folder.rstrip(os.sep)}.replaced-{stamp}"
             k = 1
@@ -183,11 +202,7 @@ def claim_run_folder(folder: str, args, *, resuming: bool = False, root_flag: st
                 aside = f"{folder.rstrip(os.sep)}.replaced-{stamp}-{k}"
             os.replace(folder, aside)
             log(f"--fresh: the earlier run in {folder} moved to {aside}")
-        dist.barrier()
-        return folder
-    keep = "--resume auto to continue it, " if can_resume else ""
-    raise UserError(f"{folder} already holds a run ({', '.join(f for f in RUN_FILES if os.path.exists(os.path.join(folder, f)))})",
-                    f"pass {keep}--fresh to start over (the old files are kept aside), or another {root_flag}")
+    dist.barrier()
 
 
 def resume_path(resume: str, folder: str) -> str:
@@ -293,6 +308,17 @@ def best_epoch(history: List[Dict], key: str, start: int, epochs: int, start_fla
     return max(evaluated, key=lambda h: h[key]) if evaluated else history[-1]
 
 
+def loader_generators(loader) -> Dict[str, torch.Generator]:
+    """The ``torch.Generator`` of a training loader (its workers' seeds, and the shuffling where the
+    sampler uses it), if it has one (a ``DataLoader``, or a wrapper holding one as ``.loader``): saved in
+    the checkpoint's RNG state, so a resumed run draws what the uninterrupted one would."""
+    for obj in (loader, getattr(loader, "loader", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            return {"train_loader": g}
+    return {}
+
+
 def set_loader_epoch(loader, epoch: int):
     """Reshuffle a loader's sampler for this epoch (``set_epoch``; no-op for samplers without one)."""
     sampler = getattr(loader, "sampler", None)
@@ -367,10 +393,10 @@ def read_each(files: Sequence[str], read: Callable[[str], object]) -> Iterator[T
         try:
             img = read(f)
         except (OSError, ValueError, RuntimeError, UserError) as e:
+            why = e.what if isinstance(e, UserError) else f"cannot read {f} ({' '.join(str(e).split())[:200]})"
             if len(files) == 1:
-                raise UserError(f"cannot read {f} ({' '.join(str(e).split())[:200]})",
-                                "pass an image file PIL can decode") from None
-            dist.warn_once(f"skipped {f}: not a readable image ({' '.join(str(e).split())[:120]})")
+                raise UserError(why, "pass an image file PIL can decode") from None
+            dist.warn_once(f"skipped: {why}")
             skipped += 1
             continue
         yield f, img

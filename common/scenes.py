@@ -328,8 +328,9 @@ def _paths(out: str, n_train: int, n_test: int, generated: bool) -> ScenePaths:
 
 def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int = 0, *, max_items: int = 4,
                 scale: Tuple[float, float] = (0.3, 0.65), min_visible: float = 0.6, border: int = 0,
-                source: Optional[str] = None, log=print) -> ScenePaths:
-    """Write the scene set under ``out`` (see the module docstring); a no-op if it is already there."""
+                source: Optional[str] = None, log=print, replace: bool = False) -> ScenePaths:
+    """Write the scene set under ``out`` (see the module docstring); a no-op if it is already there. A
+    set of other parameters there is an error unless ``replace``."""
     if n_train < 1 or n_test < 1:
         raise UserError(f"--train {n_train} / --test {n_test}: both splits need at least one scene",
                         "pass positive counts")
@@ -337,6 +338,9 @@ def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int 
         raise UserError(f"--size {size} is too small", "use a canvas of at least 32 pixels")
     if border not in (0, 1):
         raise UserError(f"border={border}", "use 0 (no ignore band) or 1 (VOC's 1-pixel 255 band)")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise UserError(f"--scale {scale[0]:g} {scale[1]:g}: the item sizes must satisfy 0 < MIN <= MAX <= 1 "
+                        "(fractions of the canvas side)", "pass e.g. --scale 0.3 0.65")
     params = _params(n_train, n_test, size, seed, max_items, scale, min_visible, border)
     stamp = os.path.join(out, STAMP)
     if os.path.isfile(stamp):
@@ -347,6 +351,10 @@ def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int 
             old = None
         if old == params and os.path.isdir(os.path.join(out, "VOCdevkit", "VOC2007", "JPEGImages")):
             return _paths(out, n_train, n_test, False)
+        if isinstance(old, dict) and old != params and not replace:
+            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items() if old.get(k) != v)
+            raise UserError(f"{out} holds a scene set of other parameters ({diff})",
+                            "pass --fresh to replace it, or another --out")
     elif os.path.exists(os.path.join(out, "VOCdevkit")) or os.path.exists(os.path.join(out, "coco")):
         raise UserError(f"{out} already holds a VOCdevkit/ or coco/ folder that this generator did not write "
                         f"(no {STAMP})", "choose another --out folder")
@@ -436,11 +444,12 @@ def main(argv: Optional[Sequence[str]] = None):
                    help="item side as a fraction of the canvas (default 0.3 0.65)")
     p.add_argument("--border", type=int, default=0, choices=(0, 1),
                    help="1: VOC's 1-pixel 255 ignore band around items in the segmentation PNGs (default 0)")
+    p.add_argument("--fresh", action="store_true", help="replace a scene set of other parameters in --out")
     a = p.parse_args(argv)
     if a.max_items < 1:
         raise UserError(f"--max-items {a.max_items}", "use at least 1")
     r = make_scenes(a.out, a.train, a.test, a.size, a.seed, max_items=a.max_items, scale=tuple(a.scale),
-                    border=a.border)
+                    border=a.border, replace=a.fresh)
     if not r.generated:
         print(f"[scenes] {a.out} already holds this scene set (same parameters in {STAMP}); nothing to do")
 

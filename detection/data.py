@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import UserError
-from common.loaders import ShardSampler, classes_file_near, load_coco_api
+from common.loaders import ShardSampler, classes_file_near, load_coco_api, open_rgb
 from common.logger import log
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -270,16 +270,9 @@ def eval_transform(size: int):
 
 
 def read_image(path: str) -> torch.Tensor:
-    """``uint8 [3, H, W]`` RGB (PIL); a file that does not decode is a :class:`UserError`."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"image {path} could not be decoded ({msg[:120]})",
-                        "replace the file, or remove its id from the image list") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    """``uint8 [3, H, W]`` RGB; a file that does not decode is a :class:`UserError`."""
+    img = open_rgb(path, "replace the file, or remove its id from the image list")
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 class DetectionDataset(Dataset):

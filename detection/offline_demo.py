@@ -125,7 +125,7 @@ def main(argv=None):
     from common.stages import StageClock
     steps = StageClock(_plan(args))
     sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed,
-                            max_items=args.max_items, scale=tuple(args.scale))
+                            max_items=args.max_items, scale=tuple(args.scale), replace=True)
     weights = os.path.join(out, "weights")
     data = ["-d", "voc", "-v", "yolov2_tiny", "-root", sc.root, "--classes", sc.classes,
             "--num_workers", str(args.workers), "--no-progress"]

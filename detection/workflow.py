@@ -114,9 +114,13 @@ def _check_size(flag: str, v: Optional[int]):
 
 def _check_read_args(args, spike: bool):
     """The flags of the scripts that read a trained checkpoint, before anything is loaded."""
-    runs.check_positive(args, "batch_size", "max_iters", "score_batches", "num_epochs")
+    runs.check_positive(args, "batch_size", "max_iters", "score_batches", "num_epochs", "max_det")
     runs.check_non_negative(args, "workers", "lr", "momentum", "weight_decay")
     _check_size("-size", args.input_size)
+    for flag in ("conf_thresh", "nms_thresh", "vis_thresh"):
+        v = getattr(args, flag, None)
+        if v is not None and not 0 <= v <= 1:
+            raise UserError(f"--{flag} {v} is not in [0, 1]", f"pass a score / IoU between 0 and 1 (e.g. --{flag} 0.5)")
     if getattr(args, "unsigned", False) and not spike:
         raise UserError("-u/--unsigned only applies to the SNN", "add --spike")
     if spike and args.bit == 32:
@@ -126,6 +130,15 @@ def _check_read_args(args, spike: bool):
         pipeline.check_method_args(args)
 
 
+def _auto_count(spec: str) -> int:
+    """K of ``--anchors auto`` (5) / ``auto:K``."""
+    k = spec[5:] if spec.startswith("auto:") else ("5" if spec == "auto" else "")
+    if not k.isdigit() or int(k) < 1:
+        raise UserError(f"--anchors {spec}: not auto or auto:K with a positive whole number K",
+                        "use e.g. --anchors auto:5")
+    return int(k)
+
+
 def parse_anchors(spec: Optional[str], dataset: str, train_ds=None, size: int = 416) -> List[List[float]]:
     """``voc`` / ``coco`` / ``auto`` (k-means of the training boxes at ``size``) / ``"w,h w,h ..."``."""
     if not spec:
@@ -133,7 +146,7 @@ def parse_anchors(spec: Optional[str], dataset: str, train_ds=None, size: int = 
     if spec in ("voc", "coco"):
         return default_anchors(spec)
     if spec.startswith("auto"):
-        k = int(spec.split(":")[1]) if ":" in spec else 5
+        k = _auto_count(spec)
         wh = D.train_box_sizes(train_ds) * (size / STRIDE)
         try:
             return kmeans_anchors(wh, k)
@@ -327,7 +340,9 @@ def _check_train_args(args):
         _check_size(f"--{n}", getattr(args, n))
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 1e-3")
-    if args.anchors and not args.anchors.startswith(("auto", "voc", "coco")):
+    if args.anchors and args.anchors.startswith("auto"):
+        _auto_count(args.anchors)
+    elif args.anchors:
         parse_anchors(args.anchors, args.dataset)
     if args.width is not None and not args.width > 0:
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.5")
@@ -545,7 +560,8 @@ TASK = runner.Task(
     score_text=lambda args: f"the mAP of {args.score_batches} training batches",
     ft_meta=lambda args, data, model, res: {**_meta(model, data, args), "best_map": res["map"]},
     e2e_losses=lambda model: {"yolo": e2e_yolo_loss(model.anchors)},
-    flatten=lambda res: {**res, "per_step_map_all_point": None}, inputs=D.inputs, device=_device_arg,
+    flatten=lambda res: {**res, "ap": (res.get("snn") or {}).get("ap", res.get("ap")), "per_step_map_all_point": None},
+    inputs=D.inputs, device=_device_arg,
     ann_result=_ann_result)
 
 
@@ -577,7 +593,8 @@ def demo(args) -> List[str]:
             boxes = det["boxes"].cpu() * torch.tensor([w, h, w, h])
             labels = [f"{classes[int(l)]} {float(s):.2f}" for l, s in zip(det["labels"], det["scores"])]
             colors = [_colour(int(l)) for l in det["labels"]]
-            drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150)))
+            drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150))) \
+                if len(labels) else img  # (torchvision warns on an empty box list)
             dst = os.path.join(args.out, os.path.splitext(os.path.basename(f))[0] + ".png")
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(dst)
             log(f"{f}: {len(labels)} boxes -> {dst}" + (f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
 from common import dist
-from common.loaders import ShardSampler, load_coco_api, seed_worker
+from common.loaders import ShardSampler, load_coco_api, open_rgb, seed_worker
 from common.logger import log
 
 IGNORE = 255
@@ -82,16 +82,8 @@ def voc_palette() -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- file reading
 def read_image(path: str) -> np.ndarray:
-    """RGB ``uint8 [H, W, 3]``; a file that does not decode is a user error."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise UserError(f"image {path} does not exist", "check the data root and the split list") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"image {path} cannot be decoded ({type(e).__name__})",
-                        "replace or remove the file (and its line in the split list)") from None
+    """RGB ``uint8 [H, W, 3]``; a file that is missing or does not decode is a user error."""
+    return np.asarray(open_rgb(path, "replace or remove the file (and its line in the split list)"))
 
 
 def read_mask(path: str) -> np.ndarray:

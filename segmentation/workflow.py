@@ -148,7 +148,8 @@ def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
 def check_args(args, model_name: Optional[str] = None):
     """The flags, before any data or checkpoint is read (a model left to the checkpoint is checked
     against the default model's stride here and against its own in :func:`settle_from_checkpoint`)."""
-    stride = OUTPUT_STRIDE[model_name or args.model or DEFAULT_MODEL]
+    name = model_name or args.model or DEFAULT_MODEL
+    stride = OUTPUT_STRIDE[name]
     runs.check_positive(args, "batch_size", "test_batch_size", "max_iters", "num_epochs", "score_batches", "epochs",
                         "eval_epoch")
     runs.check_non_negative(args, "workers")
@@ -164,7 +165,7 @@ def check_args(args, model_name: Optional[str] = None):
             continue
         if v < stride + 1 or (v - 1) % stride:
             k = max(1, round((v - 1) / stride))
-            raise UserError(f"{flag} {v} does not fit {args.model} (output stride {stride}: the logits are "
+            raise UserError(f"{flag} {v} does not fit {name} (output stride {stride}: the logits are "
                             f"upsampled to in * {stride} - {stride - 1})",
                             f"use k * {stride} + 1, e.g. {k * stride + 1}")
     for name in ("lr", "weight_decay", "momentum"):
@@ -382,6 +383,7 @@ def train(args) -> Dict:
         data = build_data(args, train=True, ctx=ctx)
         runner.hint_small_data(TASK_NAME, len(data.train), bool(args.init or rckpt))
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)
+        generators = runs.loader_generators(tr_loader)
         model = build_model(args, data.num_classes, ctx.device)
         iters = len(tr_loader) if args.max_iters is None else min(len(tr_loader), args.max_iters)
         total_iters = max(1, args.epochs * iters)
@@ -397,7 +399,7 @@ def train(args) -> Dict:
             if rckpt.get("sampler_seed") is not None and hasattr(tr_loader.sampler, "seed"):
                 tr_loader.sampler.seed = int(rckpt["sampler_seed"])
             start, best, history = runner.resume(rckpt, resume, ctx, model, optimizer, best_name="best_miou",
-                                                 label="mIoU", what=args.model)
+                                                 label="mIoU", what=args.model, generators=generators)
         elif args.init:
             init_info = init_weights(model, args, data.num_classes, init_ckpt)
         model = runner.sync_bn(model, ctx, args.sybn)
@@ -421,7 +423,7 @@ def train(args) -> Dict:
             return dict(meta, epoch=done, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), args=plain_args(args),
                         history=history, init=init_info, sampler_seed=getattr(tr_loader.sampler, "seed", None),
-                        rng_state=runner.rng_states(ctx))
+                        rng_state=runner.rng_states(ctx, generators))
         return runner.train(
             args, ctx, out_dir, start=start, best=best, history=history, key="val_miou", best_name="best_miou",
             train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"model": args.model, "bit": args.bit},

@@ -444,3 +444,21 @@ def test_demo_seeds(tmp_path, monkeypatch, fake_fmnist_system, capsys):
     assert "| 2 | 3 | 72.0 ± 2.0 (70.0–74.0) | 10.0 ± 0.0 (10.0–10.0) | – | 62.0 ± 2.0 (60.0–64.0) |" in md
     with pytest.raises(Exception):
         demo_seeds.main(["--out", str(tmp_path), "--", "--seed", "3"])
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image_in_a_folder_dataset(fake_folder, tmp_path, capsys, workers):
+    """A file of an ImageFolder tree that does not decode: one line naming it (also from a loader worker)."""
+    data = tmp_path / "d"
+    shutil.copytree(fake_folder, data)
+    victim = sorted(p for p in (data / "train").rglob("*") if p.is_file())[0]
+    victim.write_bytes(b"not an image")
+    argv = _base(str(data), tmp_path / "o", "-a", "resnet20", "--bit", "2", "--dataset", "folder", "-j", workers,
+                 "--train-subset", "12", "--max-iters", "3")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_script.main, argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("warning:")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in lines[0], err
+    assert lines[0].startswith(f"error: image {victim} cannot be decoded"), lines[0]

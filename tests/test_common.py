@@ -280,3 +280,34 @@ def test_tensorboard_writes_on_main_only(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     with TensorBoard(None) as tb:  # disabled: no-op
         tb.scalars(1, a=1.0)
+
+
+@pytest.mark.parametrize("make", ["folder_over_file", "file_in_file"])
+def test_output_path_blocked_by_a_file_is_one_line_error(make, tmp_path, capsys):
+    """An output folder where a file stands (``--out``, ``--save_folder``, ``--metrics-out``): one line."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+
+    def main(argv):
+        os.makedirs(str(blocker) if make == "folder_over_file" else str(blocker / "sub"))
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and str(blocker) in err
+
+
+def test_user_error_from_a_loader_worker_is_its_own_line(tmp_path, capsys):
+    """PyTorch re-raises a worker's UserError with the worker's traceback as its text: one line, its own."""
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise UserError(f"item {i} is broken", "fix it")
+
+    def main(argv):
+        next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1)))
+    with pytest.raises(SystemExit):
+        run_cli(main, [])
+    err = capsys.readouterr().err.strip()
+    assert err == "error: item 0 is broken — fix it", err

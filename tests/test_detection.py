@@ -413,6 +413,20 @@ def test_train_resume_auto(trained):
     assert rec["epochs"] == 2 and [h["epoch"] for h in rec["history"]] == [1, 2]
 
 
+def test_snn_ft_fresh_into_a_used_folder_under_torchrun(trained, scene_root, tmp_path):
+    """--fresh with two processes: the old run moves aside once, both processes go on (none waits alone)."""
+    ft = ["-d", "voc", "-v", "yolov2_tiny", "--bit", "2", "--init", trained["best2"], "-root", scene_root.root,
+          "--classes", scene_root.classes, "--num_workers", "0", "--no-progress", "--save_folder", str(tmp_path),
+          "--max-iters", "1", "--force", "--no-eval-before", "--no-tensorboard", "-bs", "2"]
+    from detection import snn_ft as F
+    F.main(ft)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "snn_ft.py"] + ft + ["--fresh"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = os.path.join(str(tmp_path), "voc", "yolov2_tiny_2bit_ft")
+    import glob
+    assert len(glob.glob(run_dir + ".replaced-*")) == 1 and os.path.isfile(os.path.join(run_dir, "model_best.pth.tar"))
+
+
 def test_eval_spike_seed_command_under_torchrun(trained, scene_root, tmp_path):
     out = str(tmp_path / "snn.json")
     r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "eval.py", "-d", "voc", "--cuda",
@@ -425,7 +439,7 @@ def test_eval_spike_seed_command_under_torchrun(trained, scene_root, tmp_path):
     for k in ("map", "ann_map", "per_step_map", "T", "neuron", "layers", "sops", "checkpoint"):
         assert k in rec, k
     assert rec["T"] == 3 and rec["neuron"] == "signed" and len(rec["per_step_map"]) == 3
-    assert rec["snn"]["images"] == 4 and rec["checkpoint"] == trained["best2"]
+    assert rec["snn"]["images"] == 4 and rec["checkpoint"] == trained["best2"] and rec["ap"] == rec["snn"]["ap"]
     assert rec["layers"][0]["agreement"] == 1.0
     assert os.path.isfile(str(tmp_path / "snn_map_vs_t.png"))
     # unsigned, in-process, and the ANN alone
@@ -523,7 +537,7 @@ def test_bad_input_one_line_errors(trained, scene_root, tmp_path, capsys):
     (ann / "000009.xml").write_text(orig)
     (bad / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000010.jpg").unlink()
     (bad / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000010.jpg").write_bytes(b"not a jpeg at all")
-    check(E.main, argv, "could not be decoded", "000010.jpg")
+    check(E.main, argv, "cannot be decoded", "000010.jpg")
     check(T.main, ["-d", "voc", "-root", str(bad), "--classes", scene_root.classes, "--train_size", "100"],
           "not a multiple of 32")
 

@@ -181,7 +181,7 @@ def test_pretrain_resumes_a_killed_run_and_returns_a_finished_one(tmp_path):
     assert again["history"] == two["history"]
     ck3 = torch.load(os.path.join(save, "voc", "deeplabv1_vgg9_pretrain", "checkpoint.pth.tar"), weights_only=True)
     assert torch.equal(ck2["state_dict"]["fc.weight"], ck3["state_dict"]["fc.weight"])
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(UserError, match=r"of other settings \(width 0.125 -> 0.25\)"):
         SP.main(_seg_argv(data, save, "--epochs", "3")[:-2] + ["--save_folder", save, "--width", "0.25"])
     fresh = SP.main(_seg_argv(data, save, "--epochs", "1", "--fresh", "--resume", ""))
     assert len(fresh["history"]) == 1

@@ -121,7 +121,9 @@ def test_deterministic_and_idempotent(scene_set, tmp_path):
     stamp = json.load(open(tmp_path / "a" / "scenes.json"))
     assert stamp["seed"] == 3 and stamp["train"] == 6
     # another seed gives other scenes; the same seed with more scenes starts with the same ones
-    b = scenes.make_scenes(str(tmp_path / "a"), 7, 4, size=96, seed=4, log=None)
+    with pytest.raises(UserError, match="holds a scene set of other parameters"):  # nothing replaced unasked
+        scenes.make_scenes(str(tmp_path / "a"), 7, 4, size=96, seed=4, log=None)
+    b = scenes.make_scenes(str(tmp_path / "a"), 7, 4, size=96, seed=4, log=None, replace=True)
     assert b.generated
     assert open(os.path.join(b.voc2007, files[0]), "rb").read() != open(os.path.join(scene_set.voc2007, files[0]), "rb").read()
     c = scenes.make_scenes(str(tmp_path / "c"), 8, 4, size=96, seed=3, log=None)
@@ -151,3 +153,6 @@ def test_cli_and_bad_input(tmp_path):
         scenes.make_scenes(str(tmp_path / "foreign"), 2, 1, size=64, log=None)
     with pytest.raises(UserError, match="not found"):
         scenes.make_scenes(str(tmp_path / "x"), 2, 1, size=64, source=str(tmp_path), log=None)
+    for scale in ((0.9, 0.2), (0.0, 0.5), (0.5, 1.5)):
+        with pytest.raises(UserError, match="--scale"):
+            scenes.make_scenes(str(tmp_path / "y"), 2, 1, size=64, scale=scale, log=None)

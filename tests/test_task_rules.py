@@ -77,6 +77,11 @@ def test_detection_fresh_run_into_a_used_folder(det):
     shutil.copytree(det["out"] + "_copy", det["out"] + "_fresh")
     fresh_dir = os.path.join(det["out"] + "_fresh", "voc", "yolov2_tiny_2bit")
     old = digest(os.path.join(fresh_dir, "model_best.pth.tar"))
+    # a --fresh command that fails on its inputs leaves the old run where it was
+    bad = det["common"] + ["--bit", "2", "--fresh", "--save_folder", det["out"] + "_fresh"]
+    one_line_error(run("detection/train.py", bad + ["--init", det["out"] + "_none.pth"], ok=False), "_none.pth")
+    one_line_error(run("detection/train.py", bad + ["--anchors", "auto:0"], ok=False), "auto:0")
+    assert not glob.glob(fresh_dir + ".replaced-*") and digest(os.path.join(fresh_dir, "model_best.pth.tar")) == old
     run("detection/train.py", det["common"] + ["--bit", "2", "--fresh", "--save_folder", det["out"] + "_fresh"])
     aside = glob.glob(fresh_dir + ".replaced-*")
     assert len(aside) == 1 and digest(os.path.join(aside[0], "model_best.pth.tar")) == old
