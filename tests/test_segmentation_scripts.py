@@ -171,7 +171,8 @@ def test_resume_auto_continues(chain, tmp_path, monkeypatch):
     ck = torch.load(os.path.join(tmp_path, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
                     map_location="cpu", weights_only=True)
     assert ck["epoch"] == 2 and [h["epoch"] for h in ck["history"]] == [1, 2] and rec["epochs"] == 2
-    # one process, seeded: a run killed after its first epoch and resumed equals the uninterrupted one
+    # one process, seeded: a run killed after its first epoch and resumed equals the uninterrupted one,
+    # with the data loaded in the process and by a worker (whose seed comes from the loader's generator)
     from common import checkpoint
     real = checkpoint.save_checkpoint
 
@@ -179,18 +180,20 @@ def test_resume_auto_continues(chain, tmp_path, monkeypatch):
         real(state, *a, **kw)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
-    killed = chain["flags"] + ["--save_folder", str(tmp_path / "killed"), "--bit", "32", "--lr", "0.02", "--epochs", "2"]
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(killed)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
-    train.main(killed + ["--resume", "auto"])
-    train.main(chain["flags"] + ["--save_folder", str(tmp_path / "straight"), "--bit", "32", "--lr", "0.02", "--epochs", "2"])
-    a, b = (torch.load(os.path.join(tmp_path, d, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"), weights_only=True)
-            for d in ("killed", "straight"))
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for j in ("0", "1"):
+        run = chain["flags"] + ["--bit", "32", "--lr", "0.02", "--epochs", "2", "-j", j]
+        killed = run + ["--save_folder", str(tmp_path / f"killed{j}")]
+        monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(killed)
+        monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+        train.main(killed + ["--resume", "auto"])
+        train.main(run + ["--save_folder", str(tmp_path / f"straight{j}")])
+        a, b = (torch.load(os.path.join(tmp_path, d + j, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
+                           weights_only=True) for d in ("killed", "straight"))
+        assert a["epoch"] == b["epoch"] == 2
+        for k in a["state_dict"]:
+            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), (j, k)
     # a finished run rerun with --resume auto (a restarted chain) trains nothing and keeps its results
     again = train.main(flags + ["--epochs", "2", "--resume", "auto"])
     assert again["miou"] == rec["miou"] and again["epochs"] == 2
