@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from common.errors import UserError
 from quant import randomize_bn as random_bn  # re-exported for the benchmarks
 
 
@@ -165,3 +166,24 @@ def fmt_table(rows: List[dict], cols: List[tuple]) -> str:
     for b in body:
         out.append("| " + " | ".join(x.rjust(w) for x, w in zip(b, widths)) + " |")
     return "\n".join(out)
+
+
+def check_args(args, out_flag: str = "json"):
+    """The flags the benchmarks share, checked before any work (one-line errors): ``--repeats`` /
+    ``--threads`` / ``--batch`` (ints) >= 1, ``--warmup`` >= 0, ``--device`` that exists here, and the
+    folder of the output file."""
+    for flag in ("repeats", "threads", "batch"):
+        v = getattr(args, flag, None)
+        if isinstance(v, int) and v < 1:
+            raise UserError(f"--{flag} {v} must be at least 1", f"pass --{flag} N with N >= 1")
+    if getattr(args, "warmup", 0) < 0:
+        raise UserError(f"--warmup {args.warmup} must not be negative", "pass --warmup 0 or more")
+    dev = getattr(args, "device", "cpu")
+    if dev not in ("cpu", "cuda"):
+        raise UserError(f"--device {dev!r} is not cpu or cuda", "pass --device cpu or --device cuda")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here", "run it on a GPU machine, or --device cpu")
+    out = getattr(args, out_flag, None)
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"--{out_flag} {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist",
+                        "create it first, or pass another path")

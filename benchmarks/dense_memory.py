@@ -115,7 +115,7 @@ def main(argv=None):
     print(f"head peak growth ratio {report['peak_growth_ratio']:.1f}x, upsampled logits "
           f"{report['after_classifier_ratio']:.0f}x (T = {a.T})")
     if a.out:
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
         print(f"-> {a.out}")

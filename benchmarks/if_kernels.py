@@ -20,7 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import fmt_table, interleaved, machine, write_json  # noqa: E402
+from _util import check_args, fmt_table, interleaved, machine, write_json  # noqa: E402
+from common.errors import UserError, run_cli  # noqa: E402
 
 from snn import kernels  # noqa: E402
 
@@ -38,11 +39,22 @@ def main(argv=None):
     ap.add_argument("--stat", choices=("median", "min"), default="median")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    check_args(args)
     backends = [b for b in args.backends.split(",") if b]
+    bad = [b for b in backends if b not in kernels.CONCRETE]
+    if bad or not backends:
+        raise UserError(f"--backends {args.backends!r}: {', '.join(bad) or 'none given'}",
+                        f"a comma list of {', '.join(kernels.CONCRETE)}")
+    try:
+        Ts = [int(t) for t in args.T.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--T {args.T!r} is not a comma list of integers", "e.g. --T 3,7,15") from None
+    if not Ts or min(Ts) < 1:
+        raise UserError(f"--T {args.T}: every T must be at least 1", "e.g. --T 3,7,15")
+    torch.set_num_threads(args.threads)
     theta = torch.tensor(0.8)
     records = []
-    for T in [int(t) for t in args.T.split(",")]:
+    for T in Ts:
         B = args.batch
         cl = torch.channels_last
         bufs = {}
@@ -90,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

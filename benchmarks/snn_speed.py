@@ -68,7 +68,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # the repository root, when run as a script from anywhere
-from _util import QUIET, fmt_table, interleaved, machine, peak_extra_mb, random_bn, write_json  # noqa: E402
+from _util import QUIET, check_args, fmt_table, interleaved, machine, peak_extra_mb, random_bn, write_json  # noqa: E402
 
 import snn  # noqa: E402
 from classification.models import get_model  # noqa: E402
@@ -554,7 +554,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet20,vgg11,alex,alexnet", help="comma list of " + ", ".join(ARCHS))
     ap.add_argument("--T", default="3,7,15", help="comma list of time steps (2**bit - 1)")
-    ap.add_argument("--neurons", default="signed,unsigned")
+    ap.add_argument("--neurons", default="signed,unsigned", help="comma list of signed, unsigned (default both)")
     ap.add_argument("--batch", default=None,
                     help="comma list of batch sizes, for every arch (default: 64 CIFAR, --imagenet-batch ImageNet, "
                          "1,4 for the dense models)")
@@ -597,13 +597,14 @@ def main(argv=None):
     if args.quick:
         args.arch, args.T = "resnet20", "3,7"
     args.profile_T = [int(t) for t in args.profile_T.split(",")]
+    check_args(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     malloc_tuned = tune_malloc() if args.malloc_tune else False
     archs = [a for a in args.arch.split(",") if a]
     for a in archs:
         if a not in ARCHS:
-            raise UserError(f"unknown arch {a!r}", f"choose from {', '.join(ARCHS)}")
+            raise UserError(f"unknown arch {a!r}", f"choose from {', '.join(ARCHS)}, or a torchvision model name")
     Ts = _int_list(args.T, "--T")
     for T in Ts:
         if T < 1 or 2 ** int(round(math.log2(T + 1))) - 1 != T:
@@ -618,6 +619,9 @@ def main(argv=None):
     for a in archs:
         input_size(a, args.size)  # a --size too small for a model: the error before any work
     neurons = [n for n in args.neurons.split(",") if n]
+    bad = [n for n in neurons if n not in ("signed", "unsigned")]
+    if bad or not neurons:
+        raise UserError(f"--neurons {args.neurons!r}: {', '.join(bad) or 'none given'}", "a comma list of signed, unsigned")
     meta = machine()
     meta.update({"command": " ".join(sys.argv), "batch": args.batch, "imagenet_batch": args.imagenet_batch,
                  "size": args.size, "width": args.width,

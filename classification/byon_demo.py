@@ -72,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise UserError(f"{flag} {v} must be at least 1", f"pass {flag} N with N >= 1")
     if not args.width > 0:
         raise UserError(f"--width {args.width} must be > 0", "pass e.g. --width 0.5")
+    for flag, v in (("--lr", args.lr), ("--wd", args.wd), ("-j/--workers", args.workers)):
+        if v < 0:
+            raise UserError(f"{flag} {v} must not be negative", f"pass {flag} 0 or more")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads} must be at least 1", "pass --threads N with N >= 1")

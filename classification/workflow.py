@@ -376,8 +376,8 @@ def _resume_or_init(args, model, optimizer, scheduler, out_dir, milestones, data
         _set_lr(optimizer, scheduler, milestones, done[0])
         return done
     if args.init:
-        ck = load_weights(model, args.init, args, hint="train that stage first, or check the path", data=data,
-                          ckpt=init_ckpt)
+        ck = load_weights(model, args.init, args, what=getattr(args, "init_flag", "--init"), data=data,
+                          hint="train that stage first, or check the path", ckpt=init_ckpt)
         if ck.get("dataset") not in (None, data.name):
             log(f"--init {args.init} was trained on {ck['dataset']}; this run trains on {data.name}")
         log(f"initialised from {args.init}")

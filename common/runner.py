@@ -333,6 +333,7 @@ def finetune(task: Task, args) -> Dict:
 
 def _finetune(task, args, ctx, data, model, net, init_path, out_dir, train_loader, val_loader) -> Dict:
     key = task.key
+    layers = select_layers(net, args.ft_layers)  # a pattern that matches nothing: the error before any work
     runs.start_run(out_dir)
     bn_mode = args.ft_bn or getattr(model, "ft_bn_mode", "recalibrate")
     wd = args.weight_decay if args.weight_decay is not None else getattr(model, "ft_weight_decay", 1e-4)
@@ -350,7 +351,7 @@ def _finetune(task, args, ctx, data, model, net, init_path, out_dir, train_loade
     with TensorBoard(os.path.join(out_dir, "tb") if args.tensorboard else None) as tb:
         history = pipeline.finetune(model, net, loader, score=score, inputs=task.inputs, epochs=args.num_epochs,
                                     lr=args.lr, momentum=args.momentum, weight_decay=wd, bn_mode=bn_mode,
-                                    max_batches=args.max_iters, layers=select_layers(net, args.ft_layers),
+                                    max_batches=args.max_iters, layers=layers,
                                     cache=FT_CACHE[args.ft_cache], cache_mb=args.ft_cache_mb, progress=args.progress,
                                     log=log, tb=tb, device=ctx.device, method=args.method,
                                     method_options=pipeline.finetune_options(args, task.e2e_losses(model)))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -424,6 +425,41 @@ def _percentile(x: torch.Tensor, q: float, generator: torch.Generator) -> float:
     return float(torch.quantile(v.float(), q / 100.0))
 
 
+# ops whose output has the scale of their input: a BN behind them still sees a quantized-weight layer's scale
+_KEEP_SCALE = {torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.chunk, torch.split,
+               torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.flatten, torch.Tensor.contiguous,
+               torch.Tensor.clone, torch.Tensor.permute, torch.Tensor.transpose, torch.Tensor.__getitem__,
+               torch.Tensor.chunk, torch.Tensor.split, F.pad, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d,
+               getattr(F, "_max_pool2d", F.max_pool2d), F.interpolate, F.dropout}
+
+
+class _ScaleTracker(torch.overrides.TorchFunctionMode):
+    """Marks the outputs of :data:`_KEEP_SCALE` ops applied to a marked tensor (``marked``: id -> weakref)."""
+
+    def __init__(self, marked: dict):
+        super().__init__()
+        self.marked = marked
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _KEEP_SCALE:
+            from torch.utils._pytree import tree_flatten
+            if any(_is_marked(self.marked, t) for t in tree_flatten((args, kwargs or {}))[0]):
+                for t in tree_flatten(out)[0]:
+                    _mark(self.marked, t)
+        return out
+
+
+def _mark(marked: dict, t):
+    if isinstance(t, torch.Tensor):
+        marked[id(t)] = weakref.ref(t)
+
+
+def _is_marked(marked: dict, t) -> bool:
+    r = marked.get(id(t)) if isinstance(t, torch.Tensor) else None
+    return r is not None and r() is t
+
+
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable, *, percentile: float = CALIBRATION_PERCENTILE,
               bn="auto", seed: int = 0) -> Dict[str, float]:
@@ -435,9 +471,10 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, percentile: float = CALIB
     a layer whose input is never positive keeps its clip.
 
     ``bn``: also re-estimate BatchNorm running statistics (averaged over the batches, set before the BN
-    runs). ``"auto"`` (default): only the BNs fed directly by a conv / linear with quantized weights -- the
-    weight quantizer standardises the weights (``quant.functional.weight_quant``), which changes the
-    layer's output scale, so the float model's statistics no longer fit; ``True``: every BN; ``False``: none.
+    runs). ``"auto"`` (default): only the BNs fed by a conv / linear with quantized weights, directly or
+    through ops that keep its scale (concatenation as in DenseNet, reshapes, pooling) -- the weight
+    quantizer standardises the weights (``quant.functional.weight_quant``), which changes the layer's
+    output scale, so the float model's statistics no longer fit; ``True``: every BN; ``False``: none.
 
     The model runs in eval mode (its mode is restored). ``batches``: tensors or ``(input, ...)`` tuples /
     lists (the first element is the input). Returns ``{QuantAct path: alpha}``.
@@ -453,7 +490,7 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, percentile: float = CALIB
     sums: Dict[str, float] = {p: 0.0 for p in acts}
     counts: Dict[str, int] = {p: 0 for p in acts}
     g = torch.Generator().manual_seed(seed)
-    quantized_out: set = set()  # ids of the outputs of quantized-weight layers in this forward pass
+    quantized_out: dict = {}  # outputs of quantized-weight layers in this forward pass, and their scale-kept views
     bn_seen: Dict[nn.Module, int] = {}
 
     def act_hook(path):
@@ -467,11 +504,11 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, percentile: float = CALIB
         return hook
 
     def weight_hook(mod, inp, out):
-        quantized_out.add(id(out))
+        _mark(quantized_out, out)
 
     def bn_hook(mod, inp):
         x = inp[0]
-        if not mod.track_running_stats or (bn == "auto" and id(x) not in quantized_out):
+        if not mod.track_running_stats or (bn == "auto" and not _is_marked(quantized_out, x)):
             return
         dims = [d for d in range(x.dim()) if d != 1]
         per = x.numel() // max(x.shape[1], 1)
@@ -495,7 +532,11 @@ def calibrate(qmodel: nn.Module, batches: Iterable, *, percentile: float = CALIB
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             quantized_out.clear()
-            qmodel(x)
+            if bn == "auto":
+                with _ScaleTracker(quantized_out):
+                    qmodel(x)
+            else:
+                qmodel(x)
             n += 1
     finally:
         for h in hooks:

@@ -32,6 +32,7 @@ layer bit-exact.
 from __future__ import annotations
 
 import copy
+import numbers
 import operator
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -965,10 +966,13 @@ def convert(ann: nn.Module, T: Optional[int] = None, signed: bool = True, chunk:
         if len(bits) > 1:
             raise ConversionError(f"activations use several bit-widths {sorted(bits)}: pass T explicitly")
         T = num_levels(next(iter(bits)))
-    if int(T) < 1:
-        raise ConversionError(f"T={T} must be >= 1")
-    if chunk is not None and int(chunk) < 1:
-        raise ConversionError(f"chunk={chunk} must be >= 1 (or None: all steps at once)")
+    def whole(v) -> bool:  # an int (numpy / torch integers too), not a bool, float or string
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+    if not whole(T) or int(T) < 1:
+        raise ConversionError(f"T={T!r} must be a whole number >= 1")
+    if chunk is not None and (not whole(chunk) or int(chunk) < 1):
+        raise ConversionError(f"chunk={chunk!r} must be a whole number >= 1 (or None: all steps at once)")
+    T = int(T)
 
     model = copy.deepcopy(ann).eval()
     gm = _trace(model)

@@ -60,6 +60,9 @@ def test_snn_speed_dense_models_write_the_records(tmp_path):
     (["--arch", "yolov2_tiny", "--T", "4"], "2**bit - 1"),
     (["--arch", "yolov2_tiny", "--batch", "1,x"], "comma list"),
     (["--arch", "yolov2_tiny", "--width", "0"], "--width"),
+    (["--quick", "--repeats", "0"], "--repeats 0"),
+    (["--quick", "--threads", "0"], "--threads 0"),
+    (["--quick", "--neurons", "Signed"], "signed, unsigned"),
 ])
 def test_snn_speed_bad_flags_one_line(tmp_path, flags, words):
     p = _run(flags + ["--no-sj", "--json", str(tmp_path / "x.json")], tmp_path, timeout=120)
@@ -67,6 +70,22 @@ def test_snn_speed_bad_flags_one_line(tmp_path, flags, words):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and words in lines[0], p.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_snn_speed_output_folder_checked_first(tmp_path):
+    p = _run(["--quick", "--no-sj", "--json", str(tmp_path / "no" / "x.json")], tmp_path, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("flags, words", [(["--backends", "foo"], "--backends"), (["--T", "0"], "--T 0"),
+                                          (["--repeats", "0"], "--repeats 0"), (["--batch", "0"], "--batch 0")])
+def test_if_kernels_bad_flags_one_line(tmp_path, flags, words):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "if_kernels.py")] + flags, cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and words in lines[0], p.stderr
 
 
 def test_ann_buffers_writes_both_variants(tmp_path):

@@ -442,3 +442,19 @@ def test_byon_demo_runs_end_to_end(tmp_path, fake_fmnist_system, monkeypatch, ca
         assert json.load(f)["snn_top1"] == rec["snn_top1"]
     assert os.path.isfile(out / "model.pth")
     assert "--epochs 0" in _user_error(byon_demo.main, ["--out", str(out), "--epochs", "0"], capsys)
+
+
+def test_calibrate_auto_reaches_batchnorms_behind_a_concatenation():
+    """DenseNet: a BN fed by torch.cat of quantized-weight convolutions is re-estimated by bn="auto" (its float
+    statistics no longer fit); one fed only by activations (the first layer's cat of the stem) is not."""
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=4).eval()
+    with pytest.warns(UserWarning, match="max-pool"):
+        q = quant.quantize(m, 2, maxpool="avg")
+    bns = {n: b for n, b in q.named_modules() if isinstance(b, nn.BatchNorm2d)}
+    before = {n: b.running_mean.clone() for n, b in bns.items()}
+    quant.calibrate(q, [torch.randn(2, 3, 32, 32) for _ in range(2)])
+    moved = {n for n, b in bns.items() if not torch.equal(b.running_mean, before[n])}
+    assert "features.denseblock1.denselayer2.norm1" in moved and "features.transition1.norm" in moved
+    assert "features.denseblock1.denselayer1.norm1" not in moved  # the stem's activations only

@@ -563,3 +563,10 @@ def test_finetune_unknown_layer():
     net = snn.convert(_randomise_bn(TinyResNet()))
     with pytest.raises(ValueError, match="unknown layers"):
         snn.finetune(TinyResNet(2).eval(), net, [], layers=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("kw", [{"T": 2.5}, {"T": "3"}, {"T": True}, {"T": 0}, {"chunk": 2.5}, {"chunk": 0}])
+def test_convert_refuses_a_window_that_is_not_a_whole_number(kw):
+    from classification.models import get_model
+    with pytest.raises(snn.ConversionError, match="whole number"):
+        snn.convert(get_model("resnet20", bit=2).eval(), **kw)

@@ -297,7 +297,7 @@ def _resolve_pretrained(args):
         if not os.path.isfile(src):
             raise UserError(f"--pretrained {src} does not exist", "pass a state-dict file, or --pretrained "
                                                                  "alone for torchvision's weights (resnet18 / resnet34)")
-        args.init = src
+        args.init, args.init_flag = src, "--pretrained"
         log(f"--pretrained: weights from {src}")
         return
     if is_torchvision_arch(args.arch, IMAGENET_ARCHS):  # a torchvision-built model: its own weights
