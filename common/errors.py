@@ -71,14 +71,21 @@ def user_error_types() -> Tuple[Type[BaseException], ...]:
     return tuple(types)
 
 
+def worker_message(msg: str) -> str:
+    """The message of an error raised in a ``DataLoader`` worker, which PyTorch re-raises with the worker's
+    traceback as its text (``Caught X in DataLoader worker process N. Original Traceback ... X: <message>``);
+    any other text as it is."""
+    if "Original Traceback" not in msg:
+        return msg
+    last = msg.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1].strip() if ": " in last else last.strip()
+
+
 def format_error(e: BaseException) -> str:
     """The one-line ``error: ...`` message for a user error (one raised in a ``DataLoader`` worker, which
     PyTorch re-raises with the worker's traceback as its text: that error's own message)."""
     if isinstance(e, UserError):
-        msg = str(e)
-        if msg.startswith("Caught ") and "Original Traceback" in msg:
-            last = msg.rstrip().splitlines()[-1]
-            msg = last.split(": ", 1)[1] if ": " in last else last
+        msg = worker_message(str(e))
     elif isinstance(e, OSError) and e.filename:
         msg = f"{e.strerror or 'not found'}: {e.filename}"
     else:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import UserError
 from common import dist
+from common.errors import worker_message
 from common.loaders import ShardSampler, load_coco_api, open_rgb, seed_worker
 from common.logger import log
 
@@ -458,10 +459,8 @@ class UnwrapWorkerErrors:
             except StopIteration:
                 return
             except UserError as e:
-                msg = str(e)
-                if "Traceback" in msg:
-                    last = [ln for ln in msg.strip().splitlines() if "UserError:" in ln]
-                    msg = last[-1].split("UserError:", 1)[1].strip() if last else msg.strip().splitlines()[-1]
+                msg = worker_message(str(e))
+                if msg != str(e):
                     raise UserError(msg) from None
                 raise
             yield batch

@@ -966,7 +966,7 @@ def convert(ann: nn.Module, T: Optional[int] = None, signed: bool = True, chunk:
         if len(bits) > 1:
             raise ConversionError(f"activations use several bit-widths {sorted(bits)}: pass T explicitly")
         T = num_levels(next(iter(bits)))
-    def whole(v) -> bool:  # an int (numpy / torch integers too), not a bool, float or string
+    def whole(v) -> bool:  # an int (numpy's too), not a bool, float or string
         return not isinstance(v, bool) and isinstance(v, numbers.Integral)
     if not whole(T) or int(T) < 1:
         raise ConversionError(f"T={T!r} must be a whole number >= 1")
