@@ -1335,3 +1335,17 @@ def test_pooled_conv_only_where_it_pays(monkeypatch):
             assert len(m.out_pool._bufs) == 1 and y.is_contiguous(memory_format=torch.channels_last) == cl
         else:
             assert m.out_pool._bufs == [] and torch.equal(y, nn.Conv2d.forward(m, x))
+
+
+def test_kernel_build_folder_differs_per_checkout(tmp_path, monkeypatch):
+    """Two checkouts of the same source never share a build folder: ninja's build file names the source's
+    path, so a shared folder would be rebuilt by each checkout in turn."""
+    import shutil
+
+    from snn.kernels import cpp as kcpp
+    here = kcpp.build_dir()
+    other = tmp_path / "checkout" / "snn" / "csrc" / "fastsnn_ops.cpp"
+    other.parent.mkdir(parents=True)
+    shutil.copyfile(kcpp.SOURCE, other)
+    monkeypatch.setattr(kcpp, "SOURCE", str(other))
+    assert kcpp.build_dir() != here

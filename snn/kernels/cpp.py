@@ -8,7 +8,7 @@ itself runs on OpenMP (``torch._C.has_openmp``): ``at::parallel_for`` is a heade
 *serially* in code compiled without it. Nothing is linked: the OpenMP calls resolve to the runtime
 PyTorch already loaded, so ``torch.set_num_threads`` governs the kernels too. The build goes into
 ``$FASTSNN_CACHE/torch_extensions/<id>`` (default ``~/.cache/fast_snn``; the id hashes the machine, the
-flags and the source, so checkouts of other versions never rebuild each other's; ~15 s once per version).
+flags, the source and its path, so two checkouts never rebuild each other's; ~15 s once per checkout).
 This module adds what the dispatcher needs from Python: a fake (meta) implementation of every op, so
 ``torch.compile`` / ``torch.export`` can trace them, and the autograd formula of the IF op.
 
@@ -62,11 +62,12 @@ def _host_id() -> str:
     except OSError:
         pass
     parts.append(" ".join(CFLAGS))  # a build with other flags (FASTSNN_EXTRA_CFLAGS) gets its own directory
-    try:  # and one of other sources (another checkout or version): two never rebuild each other's
-        with open(SOURCE, "rb") as f:
+    try:  # and one of other sources or another checkout (ninja's build file names the source's path):
+        with open(SOURCE, "rb") as f:  # two never rebuild each other's
             parts.append(hashlib.sha256(f.read()).hexdigest())
     except OSError:
         pass
+    parts.append(os.path.realpath(SOURCE))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
