@@ -6,9 +6,12 @@
 #
 # usage: bash scripts/detection_chain.sh [VERSION] [extra args passed to every script, e.g. -root DIR]
 #        VERSION: yolov2_tiny (default) or yolov2_r34
+#        -d / --dataset among the extra args (voc | coco) sets the dataset of every step and run folder
+#        (eval.py gets coco-val for coco); it overrides DATASET
 # env:   DATASET (voc | coco, default voc), EPOCHS (per stage, default 250), BS (per process, default 4),
 #        NPROC (processes, default 1; >1 runs torch.distributed.run like the README's 4-GPU launch),
-#        TRAIN_FLAGS (default "-ms --ema --sybn"), FT_BITS (default "3 2"), FT_EPOCHS (snn_ft -n, default 1),
+#        TRAIN_FLAGS (default "-ms --ema --sybn"; set but empty: none), FT_BITS (default "3 2"; set but
+#        empty: no fine-tuning), FT_EPOCHS (snn_ft -n, default 1),
 #        OUT (save folder, default weights/), PYTHON (default .venv/bin/python),
 #        TRAIN_ARGS / EVAL_ARGS / FT_ARGS: extra flags for train.py / eval.py / snn_ft.py only
 #        (e.g. TRAIN_ARGS="--train_size 320 --val_size 320 --width 0.5" EVAL_ARGS="-size 320"),
@@ -19,16 +22,23 @@
 # Every training stage uses --resume auto, and an evaluation or fine-tuning whose output exists is skipped:
 # rerunning the chain after a crash continues where it stopped (scripts/lib/chain.sh).
 set -euo pipefail
-VERSION=${1:-yolov2_tiny}
-[ $# -gt 0 ] && shift
+VERSION=yolov2_tiny
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VERSION=$1; shift; fi   # a first argument that is a flag: the default version
 cd "$(dirname "$0")/.."
 . scripts/lib/chain.sh
-DATASET=${DATASET:-voc}
+chain_take "-d --dataset" "$@"
+DATASET=${CHAIN_TAKEN:-${DATASET:-voc}}
+set -- ${CHAIN_REST[@]+"${CHAIN_REST[@]}"}
+case "$DATASET" in
+  voc | coco) ;;
+  *) echo "detection_chain.sh: unknown dataset '$DATASET' -- use -d voc or -d coco (or DATASET=voc / coco)" >&2
+     exit 2 ;;
+esac
 EPOCHS=${EPOCHS:-250}
 BS=${BS:-4}
 NPROC=${NPROC:-1}
-TRAIN_FLAGS=${TRAIN_FLAGS:--ms --ema --sybn}
-FT_BITS=${FT_BITS:-3 2}
+TRAIN_FLAGS=${TRAIN_FLAGS--ms --ema --sybn}  # an empty TRAIN_FLAGS / FT_BITS means none
+FT_BITS=${FT_BITS-3 2}
 FT_EPOCHS=${FT_EPOCHS:-1}
 OUT=${OUT:-weights}
 D=detection
@@ -66,4 +76,5 @@ for BIT in $FT_BITS; do
   chain_step "$(rdir "$BIT" _ft)/model_best.pth.tar" $(chain_launcher) $D/snn_ft.py -d "$DATASET" -v "$VERSION" --bit "$BIT" \
     -n "$FT_EPOCHS" --init "$(best "$BIT")" --save_folder "$OUT" ${FT_ARGS:-} "$@"
 done
-chain_done "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/ and ${VERSION}_{${FT_BITS// /,}}bit_ft/"
+FT_DIRS=""; [ -n "${FT_BITS// /}" ] && FT_DIRS=" and ${VERSION}_{${FT_BITS// /,}}bit_ft/"
+chain_done "chain done: metrics JSONs in $OUT/$DATASET/${VERSION}_{32,4,3,2}bit/$FT_DIRS"

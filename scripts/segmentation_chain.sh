@@ -7,7 +7,7 @@
 # usage: bash scripts/segmentation_chain.sh MODEL [extra args for every script, e.g. -d coco --data_root DIR -id 0]
 #        MODEL: deeplabv1_vgg9 | deeplabv3_r34
 # env:   EPOCHS (ANN epochs per stage, default 50), FT_EPOCHS (snn_ft -n, default 1), FT_ARGS (extra snn_ft
-#        flags, default --force), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
+#        flags, default --force; set but empty: none), INIT32 (--init of the 32-bit stage: a backbone file or 'torchvision';
 #        default none), PRETRAIN=1 (first pretrain the backbone on the objects of the masks,
 #        segmentation/pretrain.py, and start the 32-bit stage --init from it instead of INIT32; PRETRAIN_ARGS:
 #        its extra flags, e.g. "--epochs 20"; it gets the data / --width / --seed / workers flags of the extra
@@ -22,18 +22,15 @@ cd "$(dirname "$0")/.."
 . scripts/lib/chain.sh
 EPOCHS=${EPOCHS:-50}
 FT_EPOCHS=${FT_EPOCHS:-1}
-FT_ARGS=${FT_ARGS:---force}
+FT_ARGS=${FT_ARGS---force}  # an empty FT_ARGS means no extra flags
 SAVE=${SAVE:-weights}
 NPROC=${NPROC:-1}
 INIT32=${INIT32:-}
 S=segmentation
-# the dataset (for the run folders): -d / --dataset among the extra args, default voc
-DS=voc
-prev=""
-for a in "$@"; do
-  if [ "$prev" = "-d" ] || [ "$prev" = "--dataset" ]; then DS=$a; fi
-  prev=$a
-done
+# the dataset (for the run folders): -d / --dataset among the extra args (any form: -d X, -dX, --dataset=X),
+# default voc; the steps get it from the extra args
+chain_take "-d --dataset" "$@"
+DS=${CHAIN_TAKEN:-voc}
 
 # shellcheck disable=SC2046  # the launcher is split into words on purpose
 run() { chain_run $(chain_launcher) "$@"; }

@@ -30,9 +30,9 @@ CHAINS = {
 }
 
 
-def _run(name, tmp_path, **env):
+def _run(name, tmp_path, extra=(), check=True, **env):
     args, base_env, _, _ = CHAINS[name]
-    args = [a.format(tmp=tmp_path) for a in args]
+    args = [a.format(tmp=tmp_path) for a in args] + list(extra)
     log = tmp_path / "calls"
     stub = tmp_path / "py"
     stub.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
@@ -42,6 +42,8 @@ def _run(name, tmp_path, **env):
                 **env)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", f"{name}_chain.sh"), *args], cwd=tmp_path,
                        capture_output=True, text=True, env=full, timeout=60)
+    if not check:
+        return r, [], []
     assert r.returncode == 0, r.stderr
     calls = log.read_text().splitlines() if log.exists() else []
     printed = [line for line in r.stderr.splitlines() if line.startswith("+ ")]
@@ -79,3 +81,48 @@ def test_finished_steps_are_skipped(name, tmp_path):
     (tmp_path / "calls").unlink()
     r, calls, printed = _run(name, tmp_path, DRY="1")
     assert calls == [] and len(printed) == n - len(done) and r.stderr.count("skip (done): ") == len(done)
+
+
+@pytest.mark.parametrize("name,var,default", [("detection", "TRAIN_FLAGS", "-ms --ema --sybn"),
+                                              ("segmentation", "FT_ARGS", "--force")])
+def test_an_empty_flags_variable_means_no_flags(name, var, default, tmp_path):
+    _, _, printed = _run(name, tmp_path, DRY="1")
+    assert any(default in p for p in printed)
+    _, _, printed = _run(name, tmp_path, DRY="1", **{var: ""})
+    assert not any(default.split()[0] in p.split() for p in printed), printed
+    if name == "detection":               # FT_BITS="" : no fine-tuning step
+        _, _, printed = _run(name, tmp_path, DRY="1", FT_BITS="")
+        assert len(printed) == CHAINS[name][2] - 2 and not any("snn_ft" in p for p in printed)
+
+
+@pytest.mark.parametrize("how", [["-d", "coco"], ["--dataset=coco"], ["-dcoco"], "env"])
+def test_detection_dataset_reaches_every_step_and_folder(how, tmp_path):
+    extra, env = (["-root", "R"], {"DATASET": "coco"}) if how == "env" else (["-root", "R", *how], {})
+    _, _, printed = _run("detection", tmp_path, extra, DRY="1", PRETRAIN="1", **env)
+    assert len(printed) == CHAINS["detection"][2] + 1 and "detection.pretrain" in printed[0]
+    for p in printed:
+        words = p.split()
+        assert words.count("-d") == 1 and "--dataset=coco" not in words and "-dcoco" not in words, p
+        assert words[words.index("-d") + 1] == ("coco-val" if "eval.py" in p else "coco"), p
+        assert f"{tmp_path}/w/voc" not in p, p
+    assert f"--init {tmp_path}/w/coco/yolov2_tiny_pretrain/model_best.pth.tar" in printed[1]
+    r, _, _ = _run("detection", tmp_path, ["-d", "imagenet"], check=False, DRY="1")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "detection_chain.sh: unknown dataset 'imagenet' -- use -d voc or -d coco (or DATASET=voc / coco)"]
+
+
+@pytest.mark.parametrize("name", ["detection", "segmentation"])
+@pytest.mark.parametrize("workers", [["-j", "0"], ["-j0"], ["--workers", "0"], ["--workers=0"]])
+def test_pretraining_gets_the_workers_flag_in_every_form(name, workers, tmp_path):
+    _, _, printed = _run(name, tmp_path, ["-x", "1", *workers], DRY="1", PRETRAIN="1")
+    assert "pretrain" in printed[0] and printed[0].endswith(" ".join(workers)), printed[0]
+    assert " -x " not in printed[0]
+    assert all(p.endswith(" ".join(["-x", "1", *workers])) for p in printed[1:])
+
+
+@pytest.mark.parametrize("how", [["-d", "coco"], ["--dataset=coco"], ["-dcoco"]])
+def test_segmentation_run_folders_follow_the_dataset_in_any_form(how, tmp_path):
+    _, _, printed = _run("segmentation", tmp_path, how, DRY="1", PRETRAIN="1")
+    assert all(f"{tmp_path}/w/voc" not in p for p in printed)
+    assert f"--init {tmp_path}/w/coco/deeplabv1_vgg9_pretrain/model_best.pth.tar" in printed[1]
+    assert all(p.endswith(" ".join(how)) for p in printed)

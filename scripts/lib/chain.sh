@@ -7,6 +7,10 @@
 #                       the step is then reported as "skip (done): OUT"
 #   chain_pick FLAGS ARGS  keep the pairs of ARGS whose flag is in FLAGS (in CHAIN_PICKED): the extra args a
 #                       chain passes to every script, cut to those a script with fewer flags takes
+#   chain_take FLAGS ARGS  the value of the last of FLAGS in ARGS (CHAIN_TAKEN, empty if none) and ARGS
+#                       without those flags (CHAIN_REST): e.g. the dataset, which a chain passes on itself
+#   A flag is read in every form argparse takes: "FLAG VALUE", "FLAG=VALUE", and "-xVALUE" for a one-letter
+#   flag (-j0).
 #   chain_pretrain DIR FLAGS CMD... -- ARGS
 #                       with PRETRAIN=1: run CMD + the FLAGS pairs of ARGS + $PRETRAIN_ARGS unless
 #                       DIR/metrics_pretrain.json exists (a backbone pretraining writes it when it ends), and set
@@ -46,17 +50,37 @@ chain_launcher() {  # the interpreter, or torch.distributed.run with NPROC proce
   if [ "${NPROC:-1}" -gt 1 ]; then echo "$PY -m torch.distributed.run --nproc_per_node=$NPROC"; else echo "$PY"; fi
 }
 
-chain_pick() {  # "FLAG FLAG ..." ARGS...: CHAIN_PICKED = the "FLAG VALUE" / "FLAG=VALUE" pairs of ARGS with these flags
-  local flags=" $1 " a
+_chain_match() {  # "FLAG ..." ARG [NEXT]: CHAIN_N = words of a flag among FLAGS (0: none), CHAIN_V = its value
+  local flags=" $1 " a=$2
+  CHAIN_N=0
+  CHAIN_V=""
+  if [[ "$a" == -*=* ]]; then
+    if [[ "$flags" == *" ${a%%=*} "* ]]; then CHAIN_N=1; CHAIN_V=${a#*=}; fi
+  elif [[ "$flags" == *" $a "* ]]; then
+    if [ $# -gt 2 ]; then CHAIN_N=2; CHAIN_V=$3; fi
+  elif [[ "$a" == -[!-]?* ]] && [[ "$flags" == *" ${a:0:2} "* ]]; then
+    CHAIN_N=1; CHAIN_V=${a:2}
+  fi
+}
+
+chain_pick() {  # "FLAG FLAG ..." ARGS...: CHAIN_PICKED = the flags of ARGS among these, with their values
+  local flags=$1
   shift
   CHAIN_PICKED=()
   while [ $# -gt 0 ]; do
-    a=$1
-    shift
-    case "$a" in
-      --*=*) if [[ "$flags" == *" ${a%%=*} "* ]]; then CHAIN_PICKED+=("$a"); fi ;;
-      *) if [[ "$flags" == *" $a "* ]] && [ $# -gt 0 ]; then CHAIN_PICKED+=("$a" "$1"); shift; fi ;;
-    esac
+    _chain_match "$flags" "$@"
+    if [ "$CHAIN_N" -gt 0 ]; then CHAIN_PICKED+=("${@:1:$CHAIN_N}"); shift "$CHAIN_N"; else shift; fi
+  done
+}
+
+chain_take() {  # "FLAG ..." ARGS...: CHAIN_TAKEN = the last of these flags' value, CHAIN_REST = ARGS without them
+  local flags=$1
+  shift
+  CHAIN_TAKEN=""
+  CHAIN_REST=()
+  while [ $# -gt 0 ]; do
+    _chain_match "$flags" "$@"
+    if [ "$CHAIN_N" -gt 0 ]; then CHAIN_TAKEN=$CHAIN_V; shift "$CHAIN_N"; else CHAIN_REST+=("$1"); shift; fi
   done
 }
 
