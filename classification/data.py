@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import UserError
+from common.logger import log
 from common.dist import Context
 from common.loaders import ShardSampler, open_rgb  # noqa: F401 (ShardSampler: part of this module's interface)
 
@@ -274,8 +275,11 @@ def image_folder(root: str) -> DataSpec:
 
 
 # ---------------------------------------------------------------------------------------- entry points
-def subset(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
-    """A fixed random subset of ``n`` samples (``None`` or ``n >= len``: the whole set)."""
+def subset(ds: Dataset, n: Optional[int], seed: int = 0, flag: str = "--val-subset") -> Dataset:
+    """A fixed random subset of ``n`` samples (``None`` or ``n >= len``: the whole set, said in one line
+    when ``n`` exceeds it)."""
+    if n is not None and n > len(ds):
+        log(f"{flag} {n}: the set has {len(ds)} samples, all used")
     if n is None or n >= len(ds):
         return ds
     if n < 1:
@@ -295,7 +299,7 @@ def build_datasets(name: str, root: str, train_subset: Optional[int] = None, val
     else:
         spec = image_folder(root)
     spec.info.update(train_size=len(spec.train), val_size=len(spec.val))
-    spec.train, spec.val = subset(spec.train, train_subset), subset(spec.val, val_subset)
+    spec.train, spec.val = subset(spec.train, train_subset, flag="--train-subset"), subset(spec.val, val_subset)
     return spec
 
 

@@ -133,6 +133,39 @@ def parse_method(spec: str):
     return name.strip(), kw
 
 
+#: the option keys a ``--methods`` entry may carry: snn.finetune's (its method stages' settings) and this
+#: script's own; a value of the wrong kind or name is refused before the chain trains
+_OPTIONS = {"epochs": int, "lr": float, "batches": int, "score_batches": int, "bias_iters": int, "e2e_epochs": int,
+            "e2e_batches": int, "e2e_lr": float, "local_batches": int, "min_steps": int,
+            "score": ("reshuffled", "fixed", "none"), "e2e_loss": ("auto", "mse", "kl", "ce"),
+            "accept": ("score", "local"), "schedule": ("constant", "cosine")}
+
+
+def check_methods(specs: List[str]):
+    """One-line errors for a ``--methods`` entry that is not a method or carries an unknown / ill-typed
+    option -- at the start, not after the chain has trained."""
+    from common import UserError
+    from common.pipeline import check_method
+    for spec in specs:
+        try:
+            name, kw = parse_method(spec)
+        except ValueError as e:
+            raise UserError(f"--methods: {e}", "write name:key=value,key=value") from None
+        check_method(name, "--methods")
+        for k, v in kw.items():
+            kind = _OPTIONS.get(k)
+            if kind is None:
+                raise UserError(f"--methods {spec!r}: unknown option {k!r}", f"use one of {', '.join(sorted(_OPTIONS))}")
+            if isinstance(kind, tuple):
+                ok, want = v in kind, " | ".join(kind)
+            elif kind is int:   # counts of epochs / batches / steps: at least 1
+                ok, want = isinstance(v, int) and v >= 1, "a whole number >= 1"
+            else:
+                ok, want = isinstance(v, (int, float)) and v >= 0, "a number >= 0"
+            if not ok:
+                raise UserError(f"--methods {spec!r}: {k}={v} is not {want}", f"pass {k}=<{want}>")
+
+
 def _ft_seed(args) -> int:
     return args.seed if args.ft_seed is None else args.ft_seed
 
@@ -254,9 +287,10 @@ def main(argv=None) -> Dict:
         args.ft_subset = args.ft_subset and min(args.ft_subset, 48)
         args.ft_batch_size = args.ft_batch_size and min(args.ft_batch_size, 16)
         args.settle_max = 2 if args.settle_max is None else args.settle_max
+    methods = [m for m in args.methods.split(";" if ":" in args.methods else ",") if m.strip()]
+    check_methods(methods)
     args.data = args.data or os.path.join(args.out, "data")
     path = train_chain(args)
-    methods = [m for m in args.methods.split(";" if ":" in args.methods else ",") if m.strip()]
     fa = _ft_args(args, path)
     out: Dict = {"arch": args.arch, "dataset": args.dataset, "bit": args.bit, "train_subset": args.train_subset,
                  "ft_subset": args.ft_subset or args.train_subset, "ft_batch_size": args.ft_batch_size or args.batch_size,

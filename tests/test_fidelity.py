@@ -218,3 +218,15 @@ def test_fidelity_lr_scale_scales_every_stage_and_keeps_its_own_folder(tmp_path,
     scaled = fidelity.train_chain(fidelity.get_parser().parse_args(base + ["--lr-scale", "0.1"]))
     assert [a[a.index("--lr") + 1] for a in calls] == ["0.01", "0.004", "0.004", "0.004"]
     assert scaled != plain and "_lr0.1" in scaled
+
+
+@pytest.mark.parametrize("spec, what", [("fastsnn+e2e:e2e_los=ce", "unknown option"),
+                                        ("fastsnn+e2e:e2e_epochs=abc", "is not a whole number >= 1"),
+                                        ("fastsnn:min_steps=0", "is not a whole number >= 1"),
+                                        ("fastsnn+foo", "is not a method"), ("bias:bias_iters", "key=value")])
+def test_a_bad_methods_entry_is_refused_before_the_chain_trains(tmp_path, spec, what):
+    from classification import fidelity
+    from common import UserError
+    with pytest.raises(UserError, match=what):
+        fidelity.main(["--quick", "--out", str(tmp_path / "fid"), "--no-settle", "--methods", spec])
+    assert not (tmp_path / "fid").exists() or not any((tmp_path / "fid").rglob("*.pth.tar"))
