@@ -28,9 +28,10 @@ import shutil
 import time
 from typing import Dict
 
-from common import UserError, run_cli
+from common import run_cli
 from common.cli import ArgumentParser
 from common.metrics import read_json, write_json
+from common.stages import StageClock, add_scene_args, open_demo
 
 CHAIN_BITS = (32, 4, 3, 2)
 SNN_BITS = {4: 15, 3: 7, 2: 3}
@@ -39,14 +40,10 @@ FT_BIT = 2
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out/detection", help="output folder (default demo_out/detection)")
-    p.add_argument("--train", type=int, default=12000,
-                   help="training scenes (default 12000: more distinct scenes beat more epochs here)")
-    p.add_argument("--test", type=int, default=480,
-                   help="test scenes (default 480: a smaller split moves the mAP by several points between seeds)")
+    add_scene_args(p, out="demo_out/detection", train=12000, test=480, max_items=2,
+                   train_help="more distinct scenes beat more epochs here")
     p.add_argument("--size", type=int, default=96, help="canvas / input size (default 96: a 3 x 3 grid at stride 32)")
     p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
-    p.add_argument("--max-items", type=int, default=2, help="items per scene: 1..N (default 2)")
     p.add_argument("--scale", type=float, nargs=2, default=(0.45, 0.75), help="item size / canvas (default 0.45 0.75)")
     p.add_argument("--pretrain", type=int, default=32000,
                    help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
@@ -67,9 +64,7 @@ def get_parser() -> ArgumentParser:
                    help="initial activation clip of the 4-bit stage (default 3.0, about the 99th percentile of the "
                         "float net's activations here; the usual 6.0 wastes half the levels at this scale)")
     p.add_argument("--ft-iters", type=int, default=6, help="fine-tuning batches per layer (default 6)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
-    p.add_argument("--fresh", action="store_true", help="delete <out> first (default: resume what is there)")
     return p
 
 
@@ -107,22 +102,7 @@ def main(argv=None):
     from detection import pretrain as pretrain_script
     from detection import snn_ft as ft_script
     from detection import train as train_script
-    out = os.path.abspath(args.out)
-    if args.fresh and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    # a resumed run must be the same recipe: its finished stages are reused as they are
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                if k not in ("out", "fresh", "workers")}
-    stamp = os.path.join(out, "demo_args.json")
-    if os.path.isfile(stamp):
-        old = read_json(stamp)
-        changed = sorted(k for k in set(old) | set(settings) if k != "env" and old.get(k) != settings.get(k))
-        if changed:
-            raise UserError(f"{out} holds a demo run with other settings ({', '.join('--' + k.replace('_', '-') for k in changed)})",
-                            "pass --fresh to start over there, or another --out")
-    write_json(stamp, settings, env=False)
-    from common.stages import StageClock
+    out = os.path.abspath(open_demo(args, ignore=("workers",)))
     steps = StageClock(_plan(args))
     sc = scenes.make_scenes(os.path.join(out, "data", "scenes"), args.train, args.test, args.size, args.seed,
                             max_items=args.max_items, scale=tuple(args.scale), replace=True)
@@ -174,24 +154,15 @@ def main(argv=None):
         for unsigned in (False, True):
             neuron = "unsigned" if unsigned else "signed"
             path = os.path.join(out, "metrics", f"snn_{bit}bit_{neuron}_T{T}.json")
-            if os.path.isfile(path):
-                steps.skip(f"SNN {bit}-bit {neuron} T={T}", path)
-                snn[(bit, neuron)] = read_json(path)
-                continue
-            snn[(bit, neuron)] = steps.run(f"SNN {bit}-bit {neuron} T={T}", "detection/eval.py", eval_script.main,
-                                           ev + ["--bit", str(bit), "--spike", "--init", best[bit], "--metrics-out", path]
-                                           + (["-u"] if unsigned else []))
+            snn[(bit, neuron)] = steps.once(f"SNN {bit}-bit {neuron} T={T}", path, "detection/eval.py",
+                                            eval_script.main, ev + ["--bit", str(bit), "--spike", "--init", best[bit],
+                                                                    "--metrics-out", path] + (["-u"] if unsigned else []))
     ft_path = os.path.join(weights, "voc", f"yolov2_tiny_{FT_BIT}bit_ft", "model_best.pth.tar")
     ft_json = os.path.join(out, "metrics", f"snn_ft_{FT_BIT}bit_signed.json")
-    if os.path.isfile(ft_path) and os.path.isfile(ft_json):
-        steps.skip(f"fine-tune {FT_BIT}-bit SNN", ft_json)
-        ft_rec = read_json(ft_json)
-    else:
-        ft_rec = steps.run(f"fine-tune {FT_BIT}-bit SNN", "detection/snn_ft.py", ft_script.main,
-                           ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters",
-                                 str(args.ft_iters), "--score-batches", "4", "--aug", "flip", "--save_folder", weights,
-                                 "--seed", str(args.seed), "--no-eval-before", "--no-tfboard", "--fresh",
-                                 "--metrics-out", ft_json])
+    ft_rec = steps.once(f"fine-tune {FT_BIT}-bit SNN", ft_json, "detection/snn_ft.py", ft_script.main,
+                        ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters", str(args.ft_iters),
+                              "--score-batches", "4", "--aug", "flip", "--save_folder", weights, "--seed", str(args.seed),
+                              "--no-eval-before", "--no-tfboard", "--fresh", "--metrics-out", ft_json], also=ft_path)
     imgs = os.path.join(out, "data", "demo_images")
     os.makedirs(imgs, exist_ok=True)
     for i in sc.test_ids[:4]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from typing import Dict, List, Optional
 
-from common import UserError, run_cli
+from common import run_cli
 from common.cli import ArgumentParser
-from common.metrics import read_json, write_json
+from common.metrics import write_json
+from common.stages import StageClock, add_scene_args, open_demo
 
 CHAIN = (32, 4, 3, 2)
 SNN_BITS = (4, 3, 2)
@@ -38,15 +38,11 @@ FT_BIT = 2
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description="Fast-SNN segmentation demo on the offline scene set (CPU)")
-    p.add_argument("--out", default="demo_out/segmentation", help="output folder (default demo_out/segmentation)")
+    add_scene_args(p, out="demo_out/segmentation", train=2000, test=400, max_items=3,
+                   train_help="more objects for the pretraining, more scenes per step")
     p.add_argument("-m", "--model", default="deeplabv1_vgg9", choices=("deeplabv1_vgg9", "deeplabv3_r34"))
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25)")
-    p.add_argument("--train", type=int, default=2000,
-                   help="training scenes (default 2000: more objects for the pretraining, more scenes per step)")
-    p.add_argument("--test", type=int, default=400,
-                   help="test scenes (default 400: a smaller split moves the mIoU by several points between seeds)")
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
-    p.add_argument("--max-items", type=int, default=3, help="items per scene: 1..N (default 3)")
     p.add_argument("--item-scale", type=float, nargs=2, default=(0.45, 0.8), metavar=("MIN", "MAX"),
                    help="item side as a fraction of the canvas (default 0.45 0.8: fewer background pixels)")
     p.add_argument("--crop", type=int, default=65, help="training crop (default 65 = 8 * 8 + 1)")
@@ -74,11 +70,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--ft-batches", type=int, default=8, help="fine-tuning batches per layer (default 8)")
     p.add_argument("--score-batches", type=int, default=2,
                    help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete <out> first (default: continue the run there, which must have the same settings)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
 
@@ -150,35 +143,15 @@ def _plan(args) -> Dict[str, float]:
     return plan
 
 
-def _settings(args, out: str) -> None:
-    """A continued demo must be the same recipe (its finished stages are reused as they are)."""
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                if k not in ("out", "fresh", "workers", "progress")}
-    stamp = os.path.join(out, "demo_args.json")
-    if os.path.isfile(stamp):
-        old = read_json(stamp)
-        changed = sorted(k for k in set(old) | set(settings) if k != "env" and old.get(k) != settings.get(k))
-        if changed:
-            raise UserError(f"{out} holds a demo run with other settings "
-                            f"({', '.join('--' + k.replace('_', '-') for k in changed)})",
-                            "pass --fresh to start over there, or another --out")
-    write_json(stamp, settings, env=False)
-
-
 def main(argv=None) -> Dict:
     args = get_parser().parse_args(argv)
     if args.quick:
         args.train, args.test, args.size, args.crop, args.test_size = 24, 8, 48, 33, 49
         args.epochs_fp, args.epochs_q, args.width, args.ft_batches, args.batch_size = 1, 1, 0.125, 1, 8
         args.pretrain_epochs, args.pretrain_size = min(args.pretrain_epochs, 1), 16
-    out = args.out
-    if args.fresh and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    _settings(args, out)
+    out = open_demo(args, ignore=("workers", "progress"))
     runs = os.path.join(out, "runs")
     from common.scenes import make_scenes
-    from common.stages import StageClock
     clock = StageClock(_plan(args))
     data_dir = os.path.join(out, "data")
     make_scenes(data_dir, args.train, args.test, args.size, args.seed, max_items=args.max_items,
@@ -224,22 +197,14 @@ def main(argv=None) -> Dict:
             argv = common + ["--bit", str(bit), "--spike", "--init", best, "--metrics-out", js, "--plot"]
             if not signed:
                 argv.append("-u")
-            if os.path.isfile(js):
-                clock.skip(name, js)
-                snn[(bit, neuron)] = read_json(js)
-            else:
-                snn[(bit, neuron)] = clock.run(name, "segmentation/eval.py", seg_eval.main, argv)
+            snn[(bit, neuron)] = clock.once(name, js, "segmentation/eval.py", seg_eval.main, argv)
     best2 = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
     ft_js = os.path.join(out, f"metrics_snn_ft_{FT_BIT}bit_signed.json")
     ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
     argv = common + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches), "--score-batches",
                      str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot", "--fresh"]
-    name = f"fine-tune the {FT_BIT}-bit signed SNN"
-    if os.path.isfile(ft_js) and os.path.isfile(ft_path):
-        clock.skip(name, ft_js)
-        ft = read_json(ft_js)
-    else:
-        ft = clock.run(name, "segmentation/snn_ft.py", snn_ft.main, argv)
+    ft = clock.once(f"fine-tune the {FT_BIT}-bit signed SNN", ft_js, "segmentation/snn_ft.py", snn_ft.main, argv,
+                    also=ft_path)
     steps = clock.steps
     t_start = clock.t0
 
