@@ -191,6 +191,26 @@ def load_checkpoint(path: str, what: str = "checkpoint", hint: Optional[str] = N
                     "pass a model_best.pth.tar / checkpoint.pth.tar written by these scripts or a state dict")
 
 
+def check_class_names(recorded, names, what: str, path: str):
+    """A one-line error when a checkpoint's recorded class names (``recorded``; ``None``: not recorded)
+    differ from the data's ``names`` (:func:`common.loaders.same_names`: spelling variants such as
+    ``potted plant`` / ``pottedplant`` are one name) -- same count but other names or another order would
+    silently permute the labels."""
+    if not recorded or names is None:
+        return
+    from .loaders import name_key, same_names
+    if same_names(recorded, names):
+        return
+    recorded, names = list(recorded), list(names)
+    n = min(len(recorded), len(names))
+    i = next((k for k, (a, b) in enumerate(zip(recorded, names)) if name_key(a) != name_key(b)), n)
+    at = (f"class {i} is {recorded[i]!r} there and {names[i]!r} here" if i < n
+          else f"{len(recorded)} classes there, {len(names)} here")
+    raise UserError(f"{what} {path} was trained on other class names than this data's ({at})",
+                    "pass the --classes file it was trained with (same names, same order), or a checkpoint of "
+                    "these classes")
+
+
 def plain_scheduler_state(scheduler) -> dict:
     """A scheduler's state dict with plain types (``Counter`` milestones -> ``dict``)."""
     return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in scheduler.state_dict().items()}

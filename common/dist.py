@@ -51,9 +51,20 @@ _seed: Optional[int] = None   # the last seed_all() seed (recorded in the metric
 _set_up = False               # setup() has run in this process
 
 
+def device_ids(text: str) -> Optional[str]:
+    """``-id``'s value: ``cpu`` or GPU ids (``2``, ``0,1``; empty: the default); anything else is refused
+    when parsed."""
+    t = text.strip().lower()
+    if not t:
+        return None
+    if t == "cpu" or all(part.strip().isdigit() for part in t.split(",")):
+        return t.replace(" ", "")
+    raise argparse.ArgumentTypeError(f"-id {text!r} is not 'cpu' or GPU ids (e.g. 2 or 0,1)")
+
+
 def add_dist_args(parser, device_default: Optional[str] = None):
     """``-id/--device`` and the launcher's ``--local-rank`` / ``--local_rank``."""
-    parser.add_argument("-id", "--device", default=device_default, metavar="IDS",
+    parser.add_argument("-id", "--device", default=device_default, metavar="IDS", type=device_ids,
                         help="GPU ids, sets CUDA_VISIBLE_DEVICES (e.g. '2' or '0,1'); 'cpu' forces the CPU "
                              "(default: all visible GPUs, else the CPU)")
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,

@@ -227,7 +227,7 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
     if len(train) < 2 or train.labels.unique().numel() < 2:
         raise UserError(f"the training split has {len(train)} object(s) of {train.labels.unique().numel()} "
                         "class(es): nothing to pretrain on", "check --data_root / --classes (the annotated objects)")
-    resume = runs.resume_path(args.resume, run_dir)
+    resume = runs.resume_path(args.resume, run_dir, getattr(args, "fresh", False))
     runs.claim_run_folder(run_dir, args, resuming=bool(resume))
     params = [p for n, p in clf.model.named_parameters() if n.startswith(tuple(prefixes))] + list(clf.fc.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)

@@ -110,7 +110,7 @@ def open_run(args, out_dir: str, root_flag: str = "--save_folder") -> Tuple[str,
     checkpoint)``. A folder holding another run is refused unless resumed or ``--fresh``
     (:func:`common.runs.claim_run_folder`); ``--resume`` must hold a training state; ``--init`` is not read
     when the run resumes (nor when it names a source that is not a file, e.g. ``torchvision``)."""
-    resume = runs.resume_path(args.resume, out_dir)
+    resume = runs.resume_path(args.resume, out_dir, getattr(args, "fresh", False))
     runs.claim_run_folder(out_dir, args, resuming=bool(resume), root_flag=root_flag)
     rckpt = ickpt = None
     if resume:
@@ -195,6 +195,9 @@ def epochs(args, ctx, out_dir: str, *, start: int, best: Optional[float], histor
     rank 0 as checkpoint.pth.tar, and as model_best.pth.tar when best (``state=None``: nothing saved).
     Returns ``(best, history)``."""
     history = list(history)
+    if start > 0 and start >= args.epochs:
+        log(f"the run has trained {start} epochs already (--epochs {args.epochs}): nothing to train; a larger "
+            "--epochs continues it")
     for epoch in range(start, args.epochs):
         rec = {"epoch": epoch + 1, **train_epoch(epoch)}
         is_best = False
@@ -271,10 +274,19 @@ def convert(task: Task, args, model, ckpt, ctx):
     return pipeline.convert_trained(model, ckpt, args, f"{name} {args.bit}-bit", ctx.device)
 
 
+def data_tag(data, ckpt) -> str:
+    """``_<dataset>`` when the evaluated data is not the dataset the checkpoint was trained on (e.g. a VOC
+    model scored on a COCO root of the same classes): two datasets' evaluations never share a file."""
+    trained, now = ckpt.get("dataset"), getattr(data, "name", None)
+    if not trained or not now or str(trained).split("-")[0] == str(now).split("-")[0]:
+        return ""
+    return "_" + str(now).split("-")[0]
+
+
 def snn_eval(task: Task, args, ctx, data, model, ckpt, path: str, *, script: str, loader=None,
              folder: Optional[str] = None) -> Dict:
     """Convert the trained ``model`` and evaluate its SNN; the record goes beside the checkpoint
-    (``metrics_snn_<neuron>_T<T>[_settle<K>].json``, or ``--metrics-out``). Returns the record."""
+    (``metrics_snn_<neuron>_T<T>[_settle<K>][_<dataset>].json``, or ``--metrics-out``). Returns the record."""
     net = convert(task, args, model, ckpt, ctx)
     if loader is None:
         loader = task.loaders(args, data, ctx)[1]
@@ -283,7 +295,8 @@ def snn_eval(task: Task, args, ctx, data, model, ckpt, path: str, *, script: str
     finetuned = bool(ckpt.get("snn_finetuned"))
     rec = task.record(args, data, model, res, script=script, checkpoint=path, finetuned=finetuned)
     folder = folder or runs.eval_dir(path, task.run_dir(args, "_ft" if finetuned else ""))
-    out = runs.write_metrics(args, rec, os.path.join(folder, runs.metrics_name(res)), task.plot)
+    name = runs.metrics_name(res)
+    out = runs.write_metrics(args, rec, os.path.join(folder, name[:-5] + data_tag(data, ckpt) + ".json"), task.plot)
     rec["path"] = out
     return rec
 
@@ -294,6 +307,8 @@ def evaluate(task: Task, args, ctx, data, model, ckpt, path: str, *, script: str
     if args.spike:
         pipeline.tune_malloc_if_asked(args, log)
         return snn_eval(task, args, ctx, data, model, ckpt, path, script=script, loader=loader)
+    if getattr(args, "plot", False):
+        dist.warn_once("--plot draws the SNN's figures (metric vs t, per-layer statistics): add --spike for them")
     full = pipeline.evaluate(model, loader, task.make_metric(args, data, model), inputs=task.inputs,
                              device=ctx.device, progress=args.progress, max_batches=args.max_iters)
     return write_ann_eval(task, args, data, model, ckpt, path, task.ann_result(args, data, model, full),
@@ -306,7 +321,8 @@ def write_ann_eval(task: Task, args, data, model, ckpt, path: str, res: Dict, *,
     finetuned = bool(ckpt.get("snn_finetuned"))
     rec = task.record(args, data, model, res, script=script, checkpoint=path, finetuned=finetuned, **extra)
     folder = runs.eval_dir(path, task.run_dir(args, "_ft" if finetuned else ""))
-    rec["path"] = runs.write_metrics(args, rec, os.path.join(folder, "metrics_ann_eval.json"), task.plot)
+    rec["path"] = runs.write_metrics(args, rec, os.path.join(folder, f"metrics_ann_eval{data_tag(data, ckpt)}.json"),
+                                     task.plot)
     return rec
 
 
@@ -322,12 +338,14 @@ def finetune(task: Task, args) -> Dict:
         dist.seed_all(args.seed, ctx.rank)
         data, model, ckpt, path = task.open(args, ctx, True)
         out_dir = task.run_dir(args, runs.ft_suffix(args.method, task.ft_method))
+        evaluate_only = getattr(args, "evaluate", False)
+        if not evaluate_only:  # a used folder is refused before the loaders and the conversion
+            runs.claim_run_folder(out_dir, args, can_resume=False, root_flag=task.root_flag)
         train_loader, val_loader = task.loaders(args, data, ctx)
-        if getattr(args, "evaluate", False):  # the SNN on the test set (the original evaluated the ANN on the train set)
+        if evaluate_only:  # the SNN on the test set (the original evaluated the ANN on the train set)
             return snn_eval(task, args, ctx, data, model, ckpt, path, script="snn_ft.py -e", loader=val_loader,
                             folder=runs.eval_dir(path, out_dir))
         net = convert(task, args, model, ckpt, ctx).to(ctx.device)
-        runs.claim_run_folder(out_dir, args, can_resume=False, root_flag=task.root_flag)
         return _finetune(task, args, ctx, data, model, net, path, out_dir, train_loader, val_loader)
 
 
@@ -380,12 +398,47 @@ def _finetune(task, args, ctx, data, model, net, init_path, out_dir, train_loade
 
 
 # ---------------------------------------------------------------------------------------- drawing
-def predict(files: Sequence[str], read: Callable[[str], Any], draw: Callable[[str, Any], List[str]],
-            out_dir: str, show_progress: bool = True) -> List[str]:
-    """Draw a folder's predictions: ``draw(path, image)`` returns the files it wrote for one image; an
-    image that cannot be read is skipped with a warning (:func:`common.runs.read_each`)."""
+def output_paths(files: Sequence[str], out_dir: str, suffixes: Sequence[str], flag: str) -> List[List[str]]:
+    """Per input image, the files its drawings go to: ``<out_dir>/<stem><suffix>``, one name per input (the
+    extension joins a stem two inputs share: ``x.jpg``, ``x.png`` -> ``x_jpg``, ``x_png``; a name still
+    taken gets ``_2``, ``_3``, ...). Refused: a drawing that would replace an input, the folder of several
+    inputs as the output folder (the drawings would mix with them and be read as inputs next time), and a
+    single image drawn into its own folder over a file that exists there."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    shared = {s for s in stems if stems.count(s) > 1}
+    taken, out = set(), []
+    for f, s in zip(files, stems):
+        name = os.path.basename(f).replace(".", "_") if s in shared else s
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        out.append([os.path.join(out_dir, name + suffix) for suffix in suffixes])
+    inputs = {os.path.realpath(f) for f in files}
+    out_real = os.path.realpath(out_dir)
+    clash = next((f for f, paths in zip(files, out) if any(os.path.realpath(p) in inputs for p in paths)), None)
+    if clash is None and len(files) > 1:
+        clash = next((f for f in files if os.path.dirname(os.path.realpath(f)) == out_real), None)
+    if clash is not None:
+        raise UserError(f"{flag} {out_dir} holds the input images ({os.path.basename(clash)}, ...): the drawings "
+                        "would replace or mix with them", f"pass another {flag} folder")
+    if any(os.path.dirname(os.path.realpath(f)) == out_real for f in files):   # one image, into its own folder
+        existing = next((p for paths in out for p in paths if os.path.exists(p)), None)
+        if existing is not None:
+            raise UserError(f"{flag} {out_dir}: {os.path.basename(existing)} exists beside the input image (another "
+                            "photo, or an earlier drawing)", f"pass another {flag} folder")
+    return out
+
+
+def predict(files: Sequence[str], read: Callable[[str], Any], draw: Callable[[str, Any, List[str]], List[str]],
+            out_dir: str, *, suffixes: Sequence[str], flag: str, show_progress: bool = True) -> List[str]:
+    """Draw a folder's predictions: ``draw(path, image, outputs)`` writes one image's drawings to the paths
+    :func:`output_paths` gives it (one per suffix) and returns them; an image that cannot be read is
+    skipped with a warning (:func:`common.runs.read_each`)."""
+    dst = dict(zip(files, output_paths(files, out_dir, suffixes, flag)))
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
     for path, img in progress(runs.read_each(files, read), "predict", show_progress, total=len(files)):
-        written += draw(path, img)
+        written += draw(path, img, dst[path])
     return written

@@ -56,8 +56,8 @@ def add_workers_arg(p, *names: str, dest: str = "workers", cap: int = 4):
 
 def add_fresh_arg(p):
     p.add_argument("--fresh", action="store_true",
-                   help="start a new run in a folder that holds one (its files are kept aside in "
-                        "<folder>.replaced-<time>/)")
+                   help="start a new run in a folder that holds one, also where a run would resume (its files are "
+                        "kept aside in <folder>.replaced-<time>/)")
 
 
 def check_positive(args, *names: str, flag: Callable[[str], str] = None):
@@ -205,9 +205,15 @@ def start_run(folder: str):
     dist.barrier()
 
 
-def resume_path(resume: str, folder: str) -> str:
+def resume_path(resume: str, folder: str, fresh: bool = False) -> str:
     """``--resume`` as a path: ``auto`` is the run folder's checkpoint when there is one, else ``""``
-    (a new run)."""
+    (a new run). ``fresh`` (``--fresh``) starts over whatever ``auto`` finds; with a named checkpoint it is
+    a contradiction."""
+    if fresh:
+        if resume not in ("", "auto", None):
+            raise UserError(f"--fresh and --resume {resume} contradict each other",
+                            "drop one: --resume continues that run, --fresh starts a new one")
+        return ""
     if resume != "auto":
         return resume or ""
     path = os.path.join(folder, CHECKPOINT)

@@ -10,6 +10,8 @@ left out of training and marked for evaluation (neither true nor false positives
 ``-d coco``: ``DIR/coco`` or ``DIR`` with ``annotations/instances_{train,val}2017.json`` and the image
 folders ``train2017/ val2017/`` (``test2017/`` with ``image_info_test-dev2017.json`` for coco-test).
 Crowd boxes are not trained on (COCOeval handles them). The 80 categories map to labels 0..79.
+Image ids must be integers (pycocotools indexes by them); an annotation without ``area`` (which
+COCOeval reads) gets its segmentation's area, else its box's.
 
 The scene set (``python -m common.scenes --out data/scenes``) is a VOC root and a COCO root at once:
 ``-d voc -root data/scenes --classes data/scenes/classes.txt`` or ``-d coco -root data/scenes``.
@@ -34,8 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import UserError
-from common.loaders import ShardSampler, classes_file_near, load_coco_api, open_rgb
+from common import UserError, dist
+from common.loaders import (BACKGROUND, ShardSampler, check_unique, classes_file_near, image_finder, load_coco_api,
+                            open_rgb, read_names, unique_ids)
 from common.logger import log
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -43,7 +46,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "tvmonitor")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-_SKIP_FIRST = ("background", "_background_", "__background__", "__ignore__")
+_SKIP_FIRST = BACKGROUND + ("__ignore__",)
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 ROOT_HINT = ("pass -root/--data_root DIR holding VOCdevkit/ (VOC) or coco/ (COCO); for an offline set run "
              "python -m common.scenes --out data/scenes and pass -root data/scenes --classes data/scenes/classes.txt")
@@ -63,17 +66,12 @@ class Record:
 
 # ---------------------------------------------------------------------------------------- classes
 def read_classes(path: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise UserError(f"--classes {path} does not exist", "pass a text file with one class name per line")
-    with open(path, encoding="utf-8") as f:
-        names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    names = read_names(path, "pass a text file with one class name per line")
     while names and names[0].lower() in _SKIP_FIRST:
         names = names[1:]
     if not names:
         raise UserError(f"--classes {path} lists no class names", "put one class name per line")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"--classes {path} lists {', '.join(dup)} more than once", "list every class once")
+    check_unique(names, path)
     return names
 
 
@@ -148,6 +146,22 @@ def voc_year_dirs(root: str) -> Dict[str, str]:
                     "JPEGImages/)", ROOT_HINT)
 
 
+def _warn_outside(records: Sequence[Record]):
+    """One warning naming the records whose boxes are empty or lie wholly outside the annotated image size:
+    the dataset leaves such boxes out (in the main process, not once per loader worker)."""
+    bad = []
+    for r in records:
+        h, w = r.size
+        if len(r.boxes) and h > 0 and w > 0:
+            b = r.boxes
+            if ((b[:, 2] <= np.maximum(b[:, 0], 0)) | (b[:, 3] <= np.maximum(b[:, 1], 0)) | (b[:, 0] >= w)
+                    | (b[:, 1] >= h)).any():
+                bad.append(os.path.basename(r.image))
+    if bad:
+        dist.warn_once(f"{len(bad)} image(s) have boxes that are empty or lie outside the image ({', '.join(bad[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''}): those boxes are left out")
+
+
 def voc_records(root: str, split: str, classes: Sequence[str], classes_from: str = "the 20 VOC classes",
                 keep_difficult: bool = True) -> List[Record]:
     """Records of the VOC ``train`` (trainval of every year) or ``test`` (VOC2007 test) split."""
@@ -164,27 +178,36 @@ def voc_records(root: str, split: str, classes: Sequence[str], classes_from: str
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for year_dir, list_name in chosen:
+        find_image = image_finder(os.path.join(year_dir, "JPEGImages"))
         lst = os.path.join(year_dir, "ImageSets", "Main", f"{list_name}.txt")
-        if not os.path.isfile(lst):
-            if split == "train" and len(chosen) > 1:
-                continue  # e.g. a VOC2012 folder holding only the segmentation lists
+        ann_dir = os.path.join(year_dir, "Annotations")
+        if not os.path.isfile(lst) and len(chosen) == 1 and not os.path.isdir(os.path.dirname(lst)) \
+                and os.path.isdir(ann_dir):
+            # no ImageSets/Main at all (labelme's VOC export): every annotated image, for both splits
+            ids = sorted(f[:-4] for f in os.listdir(ann_dir) if f.endswith(".xml"))
+            dist.warn_once(f"{year_dir} has no ImageSets/Main: all {len(ids)} annotated images are used for "
+                           "training and for testing")
+            lst = ann_dir
+        elif not os.path.isfile(lst):
+            if split == "train" and len(chosen) > 1:  # e.g. a VOC2012 folder holding only the segmentation lists
+                dist.warn_once(f"{year_dir} has no ImageSets/Main/{list_name}.txt: not used for training")
+                continue
             raise UserError(f"image list {lst} does not exist",
                             f"create it (one image id per line) -- VOC keeps ImageSets/Main/{list_name}.txt")
-        with open(lst) as f:
-            ids = [ln.split()[0] for ln in f if ln.strip()]
+        else:
+            with open(lst) as f:
+                ids = unique_ids([ln.split()[0] for ln in f if ln.strip()], lst)
         for i in ids:
             boxes, labels, diff, hw = parse_voc_xml(os.path.join(year_dir, "Annotations", f"{i}.xml"), index,
                                                     classes_from)
             if not keep_difficult:
                 boxes, labels, diff = boxes[~diff], labels[~diff], diff[~diff]
-            img = os.path.join(year_dir, "JPEGImages", f"{i}.jpg")
-            if not os.path.isfile(img):
-                alt = [os.path.join(year_dir, "JPEGImages", f"{i}{e}") for e in (".jpeg", ".png", ".JPG")]
-                img = next((a for a in alt if os.path.isfile(a)), img)
+            img = find_image(i)
             if not os.path.isfile(img):
                 raise UserError(f"image {img} (listed in {lst}) does not exist",
                                 "add the image or remove its id from the list")
             records.append(Record(img, boxes, labels, diff, i, hw))
+    _warn_outside(records)
     if not records:
         raise UserError(f"the VOC {split} lists under {root} are empty", "put image ids into ImageSets/Main/*.txt")
     return records
@@ -216,7 +239,8 @@ def coco_paths(root: str, split: str):
 
 
 def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
-    """``(records, class names, CocoInfo)`` of a COCO-format JSON (any category ids)."""
+    """``(records, class names, CocoInfo)`` of a COCO-format JSON (any category ids). Image ids must
+    be integers; annotations without ``area`` get one (both: ``common.loaders.load_coco_api``)."""
     coco = load_coco_api(ann_file, "re-create or re-download it")
     # a "_background_" category (labelme's COCO export) is not an object class
     cat_ids = sorted(c for c in coco.getCatIds() if coco.loadCats(c)[0]["name"].lower() not in _SKIP_FIRST)
@@ -241,6 +265,7 @@ def load_coco(image_dir: str, ann_file: str, with_boxes: bool = True):
         labels = np.asarray(labels, np.int64)[~crowd]
         records.append(Record(os.path.join(image_dir, info["file_name"]), boxes, labels,
                               np.zeros(len(labels), bool), img_id, (int(info.get("height", 0)), int(info.get("width", 0)))))
+    _warn_outside(records)
     return records, names, CocoInfo(coco, cat_ids, ann_file)
 
 
@@ -310,16 +335,19 @@ class DetectionDataset(Dataset):
         gt = torch.from_numpy(rec.boxes).clone()
         gt[:, 0::2] = gt[:, 0::2].clamp(0, w)
         gt[:, 1::2] = gt[:, 1::2].clamp(0, h)
+        # a box empty or wholly outside the decoded image (a wrong <size>, a rotated photo) is no object there;
+        # named once, when the records are read: _warn_outside
+        keep = (gt[:, 2] > gt[:, 0]) & (gt[:, 3] > gt[:, 1])
+        gt, labels, difficult = gt[keep], torch.from_numpy(rec.labels)[keep], torch.from_numpy(rec.difficult)[keep]
         target = {"boxes": tv_tensors.BoundingBoxes(gt.clone(), format="XYXY", canvas_size=(h, w)),
-                  "labels": torch.from_numpy(rec.labels).clone()}
-        tf = self._tf if len(rec.labels) else self._tf_empty
+                  "labels": labels.clone()}
+        tf = self._tf if len(labels) else self._tf_empty
         image, target = tf(tv_tensors.Image(img), target)
         H, W = image.shape[-2:]
         boxes = target["boxes"].as_subclass(torch.Tensor).float() / torch.tensor([W, H, W, H], dtype=torch.float32)
         return {"image": image.as_subclass(torch.Tensor), "boxes": boxes, "labels": target["labels"],
-                "gt_boxes": gt, "gt_labels": torch.from_numpy(rec.labels).clone(),
-                "difficult": torch.from_numpy(rec.difficult).clone(), "orig_size": (int(h), int(w)),
-                "id": rec.id, "index": i}
+                "gt_boxes": gt, "gt_labels": labels.clone(), "difficult": difficult.clone(),
+                "orig_size": (int(h), int(w)), "id": rec.id, "index": i}
 
 
 def collate(items: List[dict]) -> dict:
@@ -360,12 +388,12 @@ def build_datasets(dataset: str, root: str, *, train_size: int, val_size: int, c
                    classes: Optional[Sequence[str]] = None, need_train: bool = True, need_val: bool = True,
                    aug: str = "ssd") -> Data:
     """``dataset``: ``voc`` | ``coco`` | ``coco-val`` | ``coco-test``. VOC classes: ``classes_file``, else
-    ``classes`` (a checkpoint's), else a ``classes.txt`` of the data root (:func:`classes_file_near`),
-    else the 20 VOC classes."""
+    a ``classes.txt`` / ``class_names.txt`` of the data root (:func:`classes_file_near`; the data's own
+    names, which a checkpoint's must then match), else ``classes`` (a checkpoint's), else the 20 VOC classes."""
     root = os.path.expanduser(root)
     if dataset == "voc":
-        if not classes_file and not classes:
-            classes_file = classes_file_near(root, ("classes.txt",)) or ""
+        if not classes_file:
+            classes_file = classes_file_near(root, ("classes.txt", "class_names.txt")) or ""
             if classes_file:
                 log(f"classes: {classes_file} (beside the data)")
         if classes_file:

@@ -15,6 +15,9 @@ original size and stores them with the ground truth; ``compute()`` gathers every
     {"map": VOC07 11-point mAP@0.5 (COCO datasets: AP@[.5:.95]), "map_voc07", "map_all_point",
      "ap": {class: 11-point AP}, "ap_all_point": {...}, "images", "detections",
      "coco": {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl} (COCO only), "map50"}
+
+When no class has non-difficult ground truth the VOC mAP is undefined: a warning, and it is reported as 0
+(the trainer compares and prints it as a number).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from common import dist
 
 from .boxes import postprocess
 
@@ -101,7 +106,8 @@ def average_precision(dets, gts, iou_thresh: float = 0.5, points: int = 11) -> O
 
 def voc_map(images: Dict[object, dict], num_classes: int, iou_thresh: float = 0.5, points: int = 11):
     """``images``: key -> ``{"boxes", "scores", "labels", "gt_boxes", "gt_labels", "difficult"}``
-    (numpy, pixels). Returns ``(mAP over classes with ground truth, per-class AP list with None)``."""
+    (numpy, pixels). Returns ``(mAP over classes with ground truth, per-class AP list with None)``; the
+    mAP is None when no class has non-difficult ground truth (e.g. every test object is difficult)."""
     aps = []
     for c in range(num_classes):
         dets, gts = [], {}
@@ -112,7 +118,7 @@ def voc_map(images: Dict[object, dict], num_classes: int, iou_thresh: float = 0.
                 dets.append((key, float(s), b))
         aps.append(average_precision(dets, gts, iou_thresh, points))
     valid = [a for a in aps if a is not None]
-    return (float(np.mean(valid)) if valid else 0.0), aps
+    return (float(np.mean(valid)) if valid else None), aps
 
 
 def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
@@ -184,6 +190,12 @@ class DetectionMetric:
         images = self._gathered()
         m07, ap07 = voc_map(images, self.num_classes, 0.5, 11)
         mall, apall = voc_map(images, self.num_classes, 0.5, 0)
+        if m07 is None:
+            # the trainer compares / prints "map" as a number, so an undefined mAP is reported as 0
+            if self.coco is None and images:
+                dist.warn_once("no evaluated image has a non-difficult box of any class, so the mAP is undefined "
+                               "(reported as 0.00); mark some test objects <difficult>0</difficult> or test on other images")
+            m07 = mall = 0.0
         res = {"map_voc07": 100 * m07, "map_all_point": 100 * mall,
                "ap": {c: (None if a is None else 100 * a) for c, a in zip(self.classes, ap07)},
                "ap_all_point": {c: (None if a is None else 100 * a) for c, a in zip(self.classes, apall)},

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError, dist, pipeline, runner, runs
-from common.checkpoint import BEST, load_checkpoint
+from common.checkpoint import BEST, check_class_names, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import log, progress
 from common.metrics import write_json
@@ -60,8 +60,8 @@ def add_data_args(p: ArgumentParser, datasets, default_dataset: str):
     p.add_argument("-root", "--root", "--data_root", "--data-root", dest="data_root", default=D.DEFAULT_ROOT,
                    metavar="DIR", help="folder holding VOCdevkit/ or coco/ (default: the repository's data/)")
     p.add_argument("--classes", default="", metavar="FILE",
-                   help="class names, one per line, for a VOC-format root with other classes (default: the "
-                        "checkpoint's, else a classes.txt beside the data, else the 20 VOC ones)")
+                   help="class names, one per line, for a VOC-format root with other classes (default: a "
+                        "classes.txt / class_names.txt beside the data, else the checkpoint's, else the 20 VOC ones)")
     runs.add_workers_arg(p, "--num_workers", "--num-workers")
 
 
@@ -172,7 +172,9 @@ def _meta(model, data: D.Data, args) -> dict:
             "val_size": getattr(args, "val_size", None) or getattr(args, "input_size", None)}
 
 
-def check_meta(ckpt: dict, path: str, version: str, num_classes: Optional[int], what: str):
+def check_meta(ckpt: dict, path: str, version: str, num_classes: Optional[int], what: str,
+               classes: Optional[List[str]] = None):
+    """One-line errors for a checkpoint of another version, class count or class names."""
     v = ckpt.get("version")
     if v is not None and v != version:
         raise UserError(f"{what} {path} holds a {v} model, not -v {version}", f"pass -v {v}, or a {version} checkpoint")
@@ -180,6 +182,7 @@ def check_meta(ckpt: dict, path: str, version: str, num_classes: Optional[int], 
     if n is not None and num_classes is not None and int(n) != int(num_classes):
         raise UserError(f"{what} {path} was trained for {n} classes but this dataset has {num_classes}",
                         "pass the matching -d / --classes, or a checkpoint trained on this dataset")
+    check_class_names(ckpt.get("classes"), classes, what, path)
 
 
 def _is_detector_state(sd: dict) -> bool:
@@ -208,7 +211,8 @@ def open_trained(args, what: str = "--init"):
     return ckpt, path
 
 
-def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: str = "--init"):
+def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: str = "--init",
+                 classes: Optional[List[str]] = None):
     """Rebuild the detector a checkpoint holds (version / width / anchors from the checkpoint) and load
     it exactly (same activation bits). Returns ``(model, ckpt, path)``."""
     import quant
@@ -216,7 +220,7 @@ def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: st
     if not _is_detector_state(sd):
         raise UserError(f"{what} {path} is not a detector checkpoint (no prediction layer 'pred')",
                         "pass a model_best.pth.tar written by detection/train.py or snn_ft.py")
-    check_meta(ckpt, path, args.version, num_classes, what)
+    check_meta(ckpt, path, args.version, num_classes, what, classes)
     bit = ckpt.get("bit")
     has_clips = any(k.endswith("act_alpha") for k in sd)
     if bit is not None and int(bit) != args.bit:
@@ -243,13 +247,13 @@ def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: st
     return model.to(device).eval(), ckpt, path
 
 
-def _init_model(model, ckpt: dict, path: str, args, num_classes: int):
+def _init_model(model, ckpt: dict, path: str, args, num_classes: int, classes: Optional[List[str]] = None):
     """``--init`` for training: a detector checkpoint of the same version (the bit chain: missing clips
     start at their defaults), or a backbone (ImageNet ResNet-34 of classification/ or torchvision)."""
     import quant
     sd = quant.strip_prefix(ckpt["state_dict"])
     if _is_detector_state(sd) or ckpt.get("version"):
-        check_meta(ckpt, path, args.version, num_classes, "--init")
+        check_meta(ckpt, path, args.version, num_classes, "--init", classes)
         try:
             report = quant.load_init(model, sd)
         except quant.CheckpointMismatchError as e:
@@ -312,9 +316,11 @@ def _data(args, need_train: bool, need_val: bool, train_size: int, val_size: int
                             need_train=need_train, need_val=need_val, aug=getattr(args, "aug", "ssd"))
 
 
-def make_metric_fn(model, data: D.Data, args):
+def make_metric_fn(model, data: D.Data, args, on_val: bool = True):
+    """The metric factory: COCO's AP through COCOeval on the COCO val set, else (and for other images, e.g.
+    the fine-tuning score's training batches: ``on_val=False``) the VOC mAP."""
     nms = args.nms_thresh if getattr(args, "nms_thresh", None) is not None else NMS_THRESH[model.version]
-    coco = data.val.coco if data.val is not None else None
+    coco = data.val.coco if on_val and data.val is not None else None
 
     def make():
         return DetectionMetric(data.num_classes, model.anchors, data.classes, getattr(args, "conf_thresh", CONF_THRESH),
@@ -373,7 +379,7 @@ def train(args) -> dict:
         data = _data(args, True, True, args.train_size, args.val_size)
         runner.hint_small_data("detection", len(data.train), bool(args.init or rckpt))
         if rckpt is not None:
-            check_meta(rckpt, resume, args.version, data.num_classes, "--resume")
+            check_meta(rckpt, resume, args.version, data.num_classes, "--resume", data.classes)
             if int(rckpt.get("bit", args.bit)) != args.bit:
                 raise UserError(f"--resume {resume} holds a {rckpt['bit']}-bit run but --bit {args.bit} was given",
                                 f"pass --bit {rckpt['bit']}")
@@ -388,7 +394,7 @@ def train(args) -> dict:
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, anchors {anchors}, "
             f"{ctx.world_size} process(es) on {ctx.device}")
         if args.init and rckpt is None:
-            _init_model(model, ickpt, args.init, args, data.num_classes)
+            _init_model(model, ickpt, args.init, args, data.num_classes, data.classes)
         if getattr(args, "optimizer", "sgd") == "adam":
             optimizer = _adam(model.parameters(), args.lr, args.weight_decay)
         else:
@@ -491,7 +497,7 @@ def _open(args, ctx, *, train: bool):
     """The checkpoint, the data of its classes and the model it holds."""
     ckpt, path = open_trained(args)
     data = _data(args, train, True, args.input_size, args.input_size)
-    model, ckpt, path = load_trained(args, data.num_classes, ctx.device, ckpt, path)
+    model, ckpt, path = load_trained(args, data.num_classes, ctx.device, ckpt, path, classes=data.classes)
     return data, model, ckpt, path
 
 
@@ -545,7 +551,7 @@ def _score(args, data, ctx, model, loader):
     augmentation."""
     plain = D.DetectionDataset(data.train.records, args.input_size, False, data.classes, data.name)
     score_loader = D.make_loader(plain, ctx, args.batch_size, args.workers, False)
-    make_metric = make_metric_fn(model, data, args)
+    make_metric = make_metric_fn(model, data, args, on_val=False)   # training images: not in the val COCO set
     return lambda net: pipeline.evaluate(net, score_loader, make_metric, inputs=D.inputs, device=ctx.device,
                                          progress=False, max_batches=args.score_batches)["map"]
 
@@ -591,12 +597,12 @@ def demo(args) -> List[str]:
     with dist.session(_device_arg(args), None) as ctx:
         ckpt, path = open_trained(args)
         classes = D.read_classes(args.classes) if args.classes else (ckpt.get("classes") or list(D.VOC_CLASSES))
-        model, ckpt, path = load_trained(args, len(classes), ctx.device, ckpt, path)
+        model, ckpt, path = load_trained(args, len(classes), ctx.device, ckpt, path, classes=classes)
         fwd = runner.convert(TASK, args, model, ckpt, ctx) if args.spike else model
         nms = args.nms_thresh if args.nms_thresh is not None else NMS_THRESH[model.version]
         tf = D.eval_transform(args.input_size)
 
-        def draw(f, img):
+        def draw(f, img, outputs):
             h, w = img.shape[-2:]
             x = tf(img).unsqueeze(0).to(ctx.device)
             det = postprocess(fwd(x), model.anchors, (args.input_size, args.input_size), args.vis_thresh, nms,
@@ -606,12 +612,13 @@ def demo(args) -> List[str]:
             colors = [_colour(int(l)) for l in det["labels"]]
             drawn = draw_bounding_boxes(img, boxes, labels=labels, colors=colors, width=max(1, round(min(h, w) / 150))) \
                 if len(labels) else img  # (torchvision warns on an empty box list)
-            dst = os.path.join(args.out, os.path.splitext(os.path.basename(f))[0] + ".png")
+            dst = outputs[0]
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(dst)
             log(f"{f}: {len(labels)} boxes -> {dst}" + (f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"
                                                         if labels else ""))
             return [dst]
-        return runner.predict(files, D.read_image, draw, args.out, getattr(args, "progress", True))
+        return runner.predict(files, D.read_image, draw, args.out, suffixes=[".png"], flag="--out",
+                              show_progress=getattr(args, "progress", True))
 
 
 def _colour(k: int):

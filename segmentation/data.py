@@ -4,7 +4,7 @@ joint image + mask transforms (torchvision transforms v2), DDP-aware loaders.
 Samples are ``(image, mask)``: a normalised float image ``[3, H, W]`` and an ``int64`` mask ``[H, W]``
 with class indices ``0 .. num_classes - 1`` (0 = background) and ``255`` = ignore.
 
-* :class:`VOCSegmentation` -- ``<root>/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png,
+* :class:`VOCSegmentation` -- ``<root>/{JPEGImages/<id>.jpg (.jpeg / .png, any case), SegmentationClass/<id>.png,
   ImageSets/Segmentation/{train,val}.txt}``; the training split uses ``SegmentationClassAug`` +
   ``train_aug.txt`` when both exist (the usual "trainaug" set of 10,582 images). ``root`` may be the
   VOC2012 folder itself, its parent ``VOCdevkit`` or the folder above that (``VOC2007`` is taken when
@@ -13,13 +13,16 @@ with class indices ``0 .. num_classes - 1`` (0 = background) and ``255`` = ignor
   splits. A user's own classes: ``--classes FILE`` (one name per line, background first).
 * :class:`CocoSegmentation` -- per-pixel class masks drawn from the COCO instance annotations with
   pycocotools (larger instances first, so smaller ones stay visible on top; crowd regions = 255),
-  written once to a PNG cache and read from there afterwards. The 80 COCO things + background give 81
-  classes; category ids are mapped to 1..K in id order (a category named ``_background_`` /
-  ``background`` is background).
+  written once to a PNG cache and read from there afterwards (one cache subfolder per class mapping and
+  annotation file version). The 80 COCO things + background give 81 classes; category ids are mapped to
+  1..K in id order (a category named ``_background_`` / ``background`` is background); train and val
+  must list the same categories unless ``--classes`` names the classes. Annotations without a
+  segmentation (or with polygons of fewer than 3 points only) are left out with a warning; a file
+  whose objects have none, or whose objects cover no pixel, is refused.
 
 Bad input raises :class:`common.UserError` (one line): a missing root or split file, an image that
 fails to decode, a mask whose size differs from its image, mask values outside ``0 .. classes - 1``
-other than 255.
+other than 255, COCO image ids that are not integers.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from common import UserError
 from common import dist
 from common.errors import worker_message
-from common.loaders import ShardSampler, load_coco_api, open_rgb, seed_worker
+from common.loaders import (BACKGROUND, ShardSampler, check_unique, classes_file_near, image_finder, load_coco_api,
+                            open_rgb, polygon_or_rle, read_names, same_names, seed_worker,
+                            unique_ids)
 from common.logger import log
 
 IGNORE = 255
@@ -48,27 +53,19 @@ DEFAULT_CROP = 513
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
-BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
 MASK_DIRS = ("SegmentationClass", "SegmentationClassPNG")   # VOC / labelme2voc
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 # ---------------------------------------------------------------------------------------- class lists
 def read_classes(path: str) -> List[str]:
     """Class names from a text file, one per line (background first); blank lines and ``#`` comments
     are skipped, and labelme's ``__ignore__`` line (the 255 label) too."""
-    if not os.path.isfile(path):
-        raise UserError(f"--classes {path} does not exist", "pass a text file with one class name per line, "
-                                                            "background first")
-    with open(path, encoding="utf-8") as f:
-        names = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
-    names = [n for n in names if n != "__ignore__"]
+    names = [n for n in read_names(path, "pass a text file with one class name per line, background first")
+             if n != "__ignore__"]
     if len(names) < 2:
         raise UserError(f"--classes {path} lists {len(names)} class(es)",
                         "list the background and at least one class, one per line")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise UserError(f"--classes {path} names {', '.join(dup)} twice", "list every class once")
+    check_unique(names, path)
     if len(names) > IGNORE:
         raise UserError(f"--classes {path} lists {len(names)} classes, more than a PNG mask can hold with 255 "
                         "as the ignore label", "use at most 255 classes")
@@ -273,25 +270,17 @@ def find_voc_root(data_root: str) -> str:
                     "pass --data_root DIR with VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets}")
 
 
-def _image_path(root: str, img_id: str) -> str:
-    for ext in IMAGE_EXTS:
-        p = os.path.join(root, "JPEGImages", img_id + ext)
-        if os.path.exists(p):
-            return p
-    return os.path.join(root, "JPEGImages", img_id + ".jpg")
-
-
 def _read_list(path: str, root: str, mask_dir: str) -> List[Tuple[str, str]]:
     items = []
+    image_path = image_finder(os.path.join(root, "JPEGImages"))
     with open(path) as f:
-        for ln in f:
-            parts = ln.split()
-            if not parts:
-                continue
-            if len(parts) >= 2:  # "/JPEGImages/x.jpg /SegmentationClassAug/x.png" (trainaug lists)
-                items.append((os.path.join(root, parts[0].lstrip("/")), os.path.join(root, parts[1].lstrip("/"))))
-            else:
-                items.append((_image_path(root, parts[0]), os.path.join(root, mask_dir, parts[0] + ".png")))
+        rows = unique_ids([" ".join(ln.split()) for ln in f if ln.split()], path)
+    for row in rows:
+        parts = row.split()
+        if len(parts) >= 2:  # "/JPEGImages/x.jpg /SegmentationClassAug/x.png" (trainaug lists)
+            items.append((os.path.join(root, parts[0].lstrip("/")), os.path.join(root, parts[1].lstrip("/"))))
+        else:
+            items.append((image_path(parts[0]), os.path.join(root, mask_dir, parts[0] + ".png")))
     if not items:
         raise UserError(f"split list {path} is empty", "list one image id per line")
     return items
@@ -320,7 +309,8 @@ def voc_items(root: str, split: str) -> Tuple[List[Tuple[str, str]], str]:
         raise UserError(f"no masks in {os.path.join(root, mask_dir)}", "add <id>.png masks")
     dist.warn_once(f"{root} has no ImageSets/Segmentation: all {len(ids)} masked images are used for training "
                    "and for evaluation")
-    return [(_image_path(root, i), os.path.join(root, mask_dir, i + ".png")) for i in ids], f"all of {mask_dir}"
+    image_path = image_finder(os.path.join(root, "JPEGImages"))
+    return [(image_path(i), os.path.join(root, mask_dir, i + ".png")) for i in ids], f"all of {mask_dir}"
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -340,14 +330,31 @@ class VOCSegmentation(SegmentationDataset):
 def default_voc_classes(data_root: str, root: str) -> List[str]:
     """A classes file next to the data (the scene set's ``classes_seg.txt``, labelme's
     ``class_names.txt``), else the 21 VOC classes."""
-    from common.loaders import classes_file_near
     p = classes_file_near(data_root, ("classes_seg.txt", "class_names.txt"), root)
     return read_classes(p) if p else list(VOC_CLASSES)
 
 
+def coco_cache_key(ann_file: str, cat_to_label: Dict[int, int]) -> str:
+    """A short hash of what decides a drawn mask: the category id -> label mapping and the annotation
+    file's content (not its path or time: a moved or re-extracted root keeps its masks), so masks of
+    other classes or of an edited file are never reused."""
+    import hashlib
+    h = hashlib.sha1(repr(sorted((int(k), int(v)) for k, v in cat_to_label.items())).encode())
+    with open(ann_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _has_objects(mask: np.ndarray) -> bool:
+    return bool(((mask > 0) & (mask != IGNORE)).any())
+
+
 class CocoSegmentation(SegmentationDataset):
     """Class masks drawn from COCO instance annotations (``ann_file``), images in ``image_dir``,
-    masks cached as PNGs in ``cache_dir`` (drawn on first use, atomically written)."""
+    masks cached as PNGs (drawn on first use, atomically written) in a subfolder of ``cache_dir``
+    named by :func:`coco_cache_key`. Annotations without a segmentation are left out (with a warning);
+    a file whose objects have none at all is a user error, not all-background masks."""
 
     def __init__(self, image_dir: str, ann_file: str, cache_dir: str, class_names: Optional[Sequence[str]] = None,
                  transforms: Optional[Callable] = None):
@@ -359,7 +366,7 @@ class CocoSegmentation(SegmentationDataset):
                             "pass --data_root DIR holding train2017/ and val2017/")
         coco = load_coco_api(ann_file, "pass an instances_*.json file")
         cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
-        things = [c for c in cats if c["name"] not in BACKGROUND_NAMES]
+        things = [c for c in cats if c["name"] not in BACKGROUND]
         if class_names is None:
             class_names = ["background"] + [c["name"] for c in things]
             self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(things)}
@@ -370,13 +377,25 @@ class CocoSegmentation(SegmentationDataset):
                 raise UserError(f"--classes names {', '.join(unknown[:5])} that {ann_file} has no category for",
                                 "use the COCO category names (background first)")
             self.cat_to_label = {c["id"]: index[c["name"]] for c in things if c["name"] in index}
-        self.coco, self.image_dir, self.cache_dir, self.ann_file = coco, image_dir, cache_dir, ann_file
+        objects = [a for a in coco.anns.values() if a.get("category_id") in self.cat_to_label]
+        drawable = [a for a in objects if polygon_or_rle(a.get("segmentation")) is not None]
+        if objects and not drawable:
+            raise UserError(f"none of the {len(objects)} objects in {ann_file} has a segmentation (or a polygon "
+                            "of 3 or more points)", "use an instances JSON whose annotations carry segmentation "
+                                                    "polygons or RLE (a boxes-only file gives no masks)")
+        if len(drawable) < len(objects):
+            dist.warn_once(f"{len(objects) - len(drawable)} of the {len(objects)} objects in {ann_file} have no "
+                           "segmentation (or only polygons of fewer than 3 points) and are left out of the masks")
+        self.with_objects = {a["image_id"] for a in drawable if not a.get("iscrowd")}
+        self.coco, self.image_dir, self.ann_file = coco, image_dir, ann_file
+        self.cache_root = cache_dir
+        self.cache_dir = os.path.join(cache_dir, coco_cache_key(ann_file, self.cat_to_label))
         ids = sorted(coco.getImgIds())
         items = [(os.path.join(image_dir, coco.imgs[i]["file_name"]), i) for i in ids]
         if not items:
             raise UserError(f"{ann_file} lists no images", "pass a non-empty annotation file")
         super().__init__(items, class_names, transforms, name="coco")
-        self.source = f"{os.path.basename(ann_file)}, masks cached in {cache_dir}"
+        self.source = f"{os.path.basename(ann_file)}, masks cached in {self.cache_dir}"
 
     def draw(self, img_id: int) -> np.ndarray:
         """The class mask of one image (uint8), drawn from its instances."""
@@ -385,9 +404,18 @@ class CocoSegmentation(SegmentationDataset):
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id], iscrowd=None))
         crowd = []
         for a in sorted(anns, key=lambda a: -float(a.get("area", 0.0))):
-            if a["category_id"] not in self.cat_to_label or not a.get("segmentation"):
+            seg = polygon_or_rle(a.get("segmentation"))
+            if a["category_id"] not in self.cat_to_label or seg is None:
                 continue
-            m = self.coco.annToMask(a).astype(bool)
+            try:
+                m = self.coco.annToMask({**a, "segmentation": seg}).astype(bool)
+            except Exception as e:   # pycocotools: ValueError, TypeError, or a bare Exception
+                raise UserError(f"annotation {a.get('id')} of {self.ann_file} has a segmentation pycocotools cannot "
+                                f"draw ({type(e).__name__}: {e})", "fix or remove the annotation") from None
+            if m.shape != mask.shape:
+                raise UserError(f"annotation {a.get('id')} of {self.ann_file} has an RLE of size "
+                                f"{m.shape[1]}x{m.shape[0]} on image {img_id} of {mask.shape[1]}x{mask.shape[0]}",
+                                "fix the RLE's size or the image's width / height")
             if a.get("iscrowd"):
                 crowd.append(m)
             else:
@@ -425,16 +453,40 @@ class CocoSegmentation(SegmentationDataset):
                             "pass --mask_cache DIR in a writable place") from None
 
     def build_cache(self, show_progress: bool = True):
-        """Draw every missing mask now (rank 0; the others wait)."""
+        """Draw every missing mask now (rank 0; the others wait). Images with objects whose masks all
+        come out without an object pixel are a user error (the masks drawn are removed again): they
+        would train on background only and score a perfect mIoU."""
         from common.logger import progress
+        err = None
         if dist.is_main():
-            todo = [i for i, (_, img_id) in enumerate(self.items) if not os.path.isfile(self._cache_path(img_id))]
-            if todo:
-                log(f"drawing {len(todo)} COCO class masks into {self.cache_dir} (once)")
-            for i in progress(todo, "coco masks", show_progress):
-                img_id = self.items[i][1]
-                self._write(self._cache_path(img_id), self.draw(img_id))
-        dist.barrier()
+            try:
+                self._draw_missing(progress, show_progress)
+            except UserError as e:
+                err = e
+        if dist.any_rank(err is not None):
+            raise err or UserError(f"drawing the COCO masks of {self.ann_file} failed on the first process",
+                                   "see its message")
+
+    def _draw_missing(self, progress, show_progress: bool):
+        todo = [i for i, (_, img_id) in enumerate(self.items) if not os.path.isfile(self._cache_path(img_id))]
+        if todo:
+            log(f"drawing {len(todo)} COCO class masks into {self.cache_dir} (once)")
+        want = [i for i, (_, img_id) in enumerate(self.items) if img_id in self.with_objects]
+        found, written = False, []
+        for i in progress(todo, "coco masks", show_progress):
+            img_id = self.items[i][1]
+            mask = self.draw(img_id)
+            self._write(self._cache_path(img_id), mask)
+            written.append(self._cache_path(img_id))
+            found = found or (img_id in self.with_objects and _has_objects(mask))
+        if want and not found:   # the masks drawn before may hold the objects
+            done = set(todo)
+            found = any(_has_objects(read_mask(self._cache_path(self.items[i][1]))) for i in want if i not in done)
+        if want and not found:
+            for path in written:
+                os.remove(path)
+            raise UserError(f"the objects of {len(want)} image(s) in {self.ann_file} cover no pixel of their "
+                            "masks", "check the segmentation polygons / RLE (they must lie inside the image)")
 
 
 # ---------------------------------------------------------------------------------------- loaders
@@ -512,6 +564,13 @@ def build_datasets(dataset: str, data_root: str, *, crop_size: int, test_size: i
                    check: bool = True) -> SegData:
     """The training (``train=True``) and validation sets of ``dataset`` (``voc`` / ``coco``)."""
     names = read_classes(classes) if classes else (list(class_names) if class_names else None)
+    own = classes_file_near(data_root, ("classes_seg.txt", "class_names.txt"), find_voc_root(data_root)) \
+        if dataset == "voc" and names is not None else None
+    if own and not classes:   # the root's own classes file wins over a checkpoint's names (which must match it)
+        names = None
+    elif own and not same_names(names, read_classes(own)):   # the masks' values follow the root's own file
+        raise UserError(f"--classes {classes} names other classes (or another order) than {own}, which the "
+                        "masks' values follow", f"drop --classes, or pass {own}")
     tr_tf, te_tf = train_transforms(crop_size, scales), test_transforms(test_size)
     if dataset == "voc":
         val = VOCSegmentation(data_root, "val", names, te_tf)
@@ -521,6 +580,9 @@ def build_datasets(dataset: str, data_root: str, *, crop_size: int, test_size: i
         if not data_root or not os.path.isdir(data_root):
             raise UserError(f"data root {data_root!r} does not exist",
                             "pass --data_root DIR holding train2017/, val2017/ and annotations/")
+        if not os.path.isdir(os.path.join(data_root, "annotations")) and \
+                os.path.isdir(os.path.join(data_root, "coco", "annotations")):
+            data_root = os.path.join(data_root, "coco")   # DIR/coco, as detection takes it (the scene set)
         cache = mask_cache or os.path.join(data_root, "seg_masks")
 
         def coco(split, tf, names_):
@@ -528,12 +590,20 @@ def build_datasets(dataset: str, data_root: str, *, crop_size: int, test_size: i
                                     os.path.join(data_root, "annotations", f"instances_{split}2017.json"),
                                     os.path.join(cache, f"{split}2017"), names_, tf)
         val = coco("val", te_tf, names)
-        tr = coco("train", tr_tf, val.class_names) if train else None
+        tr = coco("train", tr_tf, names) if train else None
+        if tr is not None and tr.class_names != val.class_names:
+            only = [f"{w} only: {', '.join(sorted(set(a.class_names) - set(b.class_names))[:5])}"
+                    for w, a, b in (("train", tr, val), ("val", val, tr)) if set(a.class_names) - set(b.class_names)]
+            raise UserError("the COCO train and val annotation files list different categories"
+                            + (f" ({'; '.join(only)})" if only else " (in another order)"),
+                            "use the matching instances_train2017.json / instances_val2017.json")
         info = {"root": data_root, "val": val.source, "train": tr.source if tr else None}
     else:
         raise UserError(f"unknown dataset {dataset!r}", "pass -d voc or -d coco")
-    for ds, n in ((tr, train_subset), (val, val_subset)):
+    for ds, n, flag in ((tr, train_subset, "--train-subset"), (val, val_subset, "--val-subset")):
         if ds is not None and n is not None:
+            if n > len(ds.items):
+                log(f"{flag} {n}: the split has {len(ds.items)} images, all used")
             ds.items = ds.items[:max(1, int(n))]
     if check:
         for ds in (tr, val):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError, dist, pipeline, runner, runs
-from common.checkpoint import BEST, load_checkpoint
+from common.checkpoint import BEST, check_class_names, load_checkpoint
 from common.cli import ArgumentParser, plain_args
 from common.logger import log, progress
 from common.runs import count_macs, sgd_step
@@ -249,8 +249,15 @@ def ckpt_classes(ckpt: dict, model_name: str) -> Optional[int]:
     return int(w.shape[0]) if w is not None else None
 
 
-def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same_bit: bool):
-    """One-line errors for a checkpoint of another model, class count, width or bit-width."""
+def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same_bit: bool,
+               names: Optional[List[str]] = None):
+    """One-line errors for a checkpoint of another task, model, class count or names, width or bit-width
+    (``same_bit``: the checkpoint must be this very model)."""
+    other = ckpt.get("version") or (ckpt.get("arch") if not ckpt.get("model") else None) or \
+        (ckpt.get("task") if ckpt.get("task") not in (None, TASK_NAME) else None)   # a detector, classifier, backbone
+    if same_bit and other:
+        raise UserError(f"{what} {path} is not a segmentation checkpoint (it holds a {other} model)",
+                        "pass a model_best.pth.tar written by segmentation/train.py or snn_ft.py")
     name = ckpt.get("model")
     if name is not None and name != args.model:
         raise UserError(f"{what} {path} holds a {name} model, not --model {args.model}",
@@ -259,6 +266,7 @@ def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same
     if n is not None and n != num_classes:
         raise UserError(f"{what} {path} was trained for {n} classes but the data has {num_classes}",
                         "pass the --dataset / --classes it was trained with, or a checkpoint of these classes")
+    check_class_names(ckpt.get("class_names"), names, what, path)
     if ckpt.get("width") is not None and float(ckpt["width"]) != float(args.width or 1.0):
         raise UserError(f"{what} {path} holds a --width {ckpt['width']} model, not --width {args.width}",
                         f"pass --width {ckpt['width']}")
@@ -278,7 +286,8 @@ def is_own_checkpoint(ckpt: dict, model: nn.Module) -> bool:
     return all(k in sd for k in own)
 
 
-def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] = None):
+def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] = None,
+                 names: Optional[List[str]] = None):
     """``--init``: a segmentation checkpoint of this model loads strictly (``quant.load_init``: only
     quantizer clips may be missing -- the bit chain); anything else (an ImageNet / torchvision
     ResNet-34, a VGG) is a backbone, loaded by ``common.pipeline.load_backbone`` (matching names and
@@ -298,7 +307,7 @@ def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] 
         return {"mode": "backbone", "source": "torchvision resnet34"}
     ckpt = ckpt or load_checkpoint(args.init, "--init", "train that stage first, or check the path")
     if is_own_checkpoint(ckpt, model):
-        check_ckpt(ckpt, args.init, "--init", args, num_classes, same_bit=False)
+        check_ckpt(ckpt, args.init, "--init", args, num_classes, same_bit=False, names=names)
         try:
             rep = quant.load_init(model, ckpt["state_dict"])
         except quant.CheckpointMismatchError as e:
@@ -316,12 +325,13 @@ def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] 
     return {"mode": "backbone", "source": args.init}
 
 
-def load_trained(args, num_classes: int, device, path: str, what: str, hint: str = "", ckpt: Optional[dict] = None):
+def load_trained(args, num_classes: int, device, path: str, what: str, hint: str = "", ckpt: Optional[dict] = None,
+                 names: Optional[List[str]] = None):
     """Build the model of a trained checkpoint and load it exactly (same bit, all clips)."""
     import quant
     ckpt = ckpt or load_checkpoint(path, what, hint)
     settle_from_checkpoint(args, ckpt)
-    check_ckpt(ckpt, path, what, args, num_classes, same_bit=True)
+    check_ckpt(ckpt, path, what, args, num_classes, same_bit=True, names=names)
     model = build_model(args, num_classes, device)
     try:
         rep = quant.load_init(model, ckpt["state_dict"])
@@ -392,7 +402,7 @@ def train(args) -> Dict:
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
         start, best, history, init_info = 0, None, [], None
         if rckpt is not None:
-            check_ckpt(rckpt, resume, "--resume", args, data.num_classes, same_bit=True)
+            check_ckpt(rckpt, resume, "--resume", args, data.num_classes, same_bit=True, names=data.class_names)
             scheduler.load_state_dict(rckpt["scheduler"])
             scheduler.total_iters = total_iters   # this run's --epochs (a longer run continues the poly decay)
             init_info = rckpt.get("init")
@@ -401,7 +411,7 @@ def train(args) -> Dict:
             start, best, history = runner.resume(rckpt, resume, ctx, model, optimizer, best_name="best_miou",
                                                  label="mIoU", what=args.model, generators=generators)
         elif args.init:
-            init_info = init_weights(model, args, data.num_classes, init_ckpt)
+            init_info = init_weights(model, args, data.num_classes, init_ckpt, names=data.class_names)
         model = runner.sync_bn(model, ctx, args.sybn)
         net = dist.wrap_ddp(model, ctx)
         log(f"{args.model} {args.bit}-bit (width {args.width}) on {args.dataset}: "
@@ -467,7 +477,7 @@ def _open(args, ctx, *, train: bool, need_quant: bool):
     if not args.classes and ckpt.get("class_names"):
         args.checkpoint_classes = list(ckpt["class_names"])
     data = build_data(args, train=train, ctx=ctx)
-    model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init", ckpt=ckpt)
+    model, ckpt = load_trained(args, data.num_classes, ctx.device, path, "--init", ckpt=ckpt, names=data.class_names)
     return data, model.eval(), ckpt, path
 
 
@@ -547,18 +557,18 @@ def infer(args) -> List[str]:
     with dist.session(args.device, args.local_rank) as ctx:
         ckpt, path = open_trained(args)
         stride = OUTPUT_STRIDE[args.model]
-        names = ckpt.get("class_names") or (segdata.read_classes(args.classes) if args.classes else None)
+        names = segdata.read_classes(args.classes) if args.classes else ckpt.get("class_names")
         n = ckpt_classes(ckpt, args.model)
         if names is None:
             names = list(segdata.VOC_CLASSES) if n == len(segdata.VOC_CLASSES) else [f"class{i}" for i in range(n)]
-        model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", ckpt=ckpt)
+        model, ckpt = load_trained(args, len(names), ctx.device, path, "--init", ckpt=ckpt, names=names)
         if args.spike and args.bit == 32:
             raise UserError("--spike with --bit 32: a full-precision ANN cannot be converted",
                             "pass --bit 2/3/4/5 and the checkpoint of that bit-width")
         fwd = runner.convert(TASK, args, model.eval(), ckpt, ctx).to(ctx.device) if args.spike else model.eval()
         palette = segdata.voc_palette()
 
-        def draw(p, img):
+        def draw(p, img, outputs):
             h, w = img.shape[:2]
             side = max(h, w, args.test_size)
             side = ((side - 1 + stride - 1) // stride) * stride + 1   # next k * stride + 1
@@ -570,17 +580,16 @@ def infer(args) -> List[str]:
             with torch.no_grad():
                 out = fwd(x.unsqueeze(0).to(ctx.device))
             label = out[0, :, :h, :w].argmax(0).cpu().numpy().astype(np.uint8)
-            stem = os.path.splitext(os.path.basename(p))[0]
-            mask_path = os.path.join(args.output, f"{stem}_mask.png")
+            mask_path, over_path = outputs
             im = Image.fromarray(label, mode="P")
             im.putpalette(palette.reshape(-1).tolist())
             im.save(mask_path)
-            over_path = os.path.join(args.output, f"{stem}_overlay.png")
             Image.fromarray(overlay(img, label, names)).save(over_path)
             present = sorted({int(v) for v in np.unique(label)} - {0})
             log(f"{p}: {', '.join(names[c] for c in present) or 'background only'} -> {mask_path}, {over_path}")
             return [mask_path, over_path]
-        return runner.predict(paths, segdata.read_image, draw, args.output, args.progress)
+        return runner.predict(paths, segdata.read_image, draw, args.output, suffixes=["_mask.png", "_overlay.png"],
+                              flag="--output", show_progress=args.progress)
 
 
 def overlay(img, label, names=None):

@@ -219,6 +219,17 @@ def test_local_rank_flag_spellings():
         assert args.local_rank == 1 and args.device == "0"
 
 
+def test_device_ids_are_checked_when_parsed(capsys):
+    p = ArgumentParser()
+    dist.add_dist_args(p)
+    assert p.parse_args(["-id", "0,1"]).device == "0,1" and p.parse_args(["-id", "CPU"]).device == "cpu"
+    assert p.parse_args(["-id", ""]).device is None       # an empty value: the default device
+    for bad in ("abc", "0,x", ","):
+        with pytest.raises(SystemExit):
+            p.parse_args(["-id", bad])
+        assert "is not 'cpu' or GPU ids" in capsys.readouterr().err
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -311,3 +322,26 @@ def test_user_error_from_a_loader_worker_is_its_own_line(tmp_path, capsys):
         run_cli(main, [])
     err = capsys.readouterr().err.strip()
     assert err == "error: item 0 is broken — fix it", err
+
+
+def test_open_rgb_scales_16_bit_grey_images_and_classes_files_take_a_bom(tmp_path):
+    """A 16-bit grey PNG keeps its picture (PIL's own conversion clips every value to white); a classes
+    file saved with a byte-order mark reads like one without, and a non-UTF-8 one is a one-line error."""
+    import numpy as np
+    from PIL import Image
+
+    from common import UserError
+    from common.loaders import open_rgb
+    from detection.data import read_classes as det_classes
+    from segmentation.data import read_classes as seg_classes
+    g = (np.arange(64 * 48).reshape(48, 64) % 256).astype(np.uint16)
+    Image.fromarray(g * 257).save(tmp_path / "g16.png")
+    a = np.asarray(open_rgb(str(tmp_path / "g16.png")))
+    assert a.shape == (48, 64, 3) and np.array_equal(a[..., 0], g.astype(np.uint8))
+    (tmp_path / "bom.txt").write_bytes("\ufeffbackground\ntshirt\ntrouser\n".encode("utf-8"))
+    assert det_classes(str(tmp_path / "bom.txt")) == ["tshirt", "trouser"]
+    assert seg_classes(str(tmp_path / "bom.txt")) == ["background", "tshirt", "trouser"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\nshirt\n".encode("latin-1"))
+    for read in (det_classes, seg_classes):
+        with pytest.raises(UserError, match="not UTF-8"):
+            read(str(tmp_path / "latin1.txt"))

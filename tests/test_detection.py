@@ -342,6 +342,58 @@ def test_loader_errors(tmp_path):
         D.build_datasets("voc", root, train_size=64, val_size=64, classes_file=os.path.join(root, "classes.txt"))
 
 
+def test_coco_without_area_evaluates_and_string_ids_are_refused(tmp_path):
+    ann = str(tmp_path / "instances.json")
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0,
+             "segmentation": [[2, 2, 12, 2, 12, 12]]},                          # a triangle, no area
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [15, 5, 20, 8]},   # no segmentation, area, iscrowd
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 15, 10, 10], "area": 7.0, "iscrowd": 0}]
+    F.coco_json(ann, images, anns, [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
+    recs, names, info = D.load_coco(str(tmp_path), ann)
+    areas = [a["area"] for a in info.coco.dataset["annotations"]]
+    assert 40 <= areas[0] <= 70 and areas[1] == 160.0 and areas[2] == 7.0     # mask area, w*h, given kept
+    m = DetectionMetric(2, VOC_ANCHORS, names, coco=info)
+    r = recs[0]
+    m.images[0] = {"boxes": r.boxes, "scores": np.ones(len(r.boxes)), "labels": r.labels, "gt_boxes": r.boxes,
+                   "gt_labels": r.labels, "difficult": r.difficult, "id": r.id}
+    assert m.compute()["coco"]["AP"] == pytest.approx(100.0)
+    images[0]["id"] = "img1"
+    for a in anns:
+        a["image_id"] = "img1"
+    F.coco_json(ann, images, anns, [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
+    with pytest.raises(UserError, match=r"instances.json has the image id 'img1', not an integer") as e:
+        D.load_coco(str(tmp_path), ann)
+    assert "\n" not in str(e.value)
+
+
+def test_voc_list_with_a_repeated_id_uses_it_once(tmp_path, capsys, monkeypatch):
+    from common import dist
+    monkeypatch.setattr(dist, "_warned", set())
+    root = F.tiny_voc(str(tmp_path))
+    with open(os.path.join(root, "VOCdevkit", "VOC2007", "ImageSets", "Main", "test.txt"), "a") as f:
+        f.write("000004\n000005 1\n")
+    d = D.build_datasets("voc", root, train_size=64, val_size=64, need_train=False)
+    assert [r.id for r in d.val.records] == ["000004", "000005"]
+    assert "test.txt lists 2 repeated image id(s) (000004, 000005)" in capsys.readouterr().err
+
+
+def test_all_difficult_test_set_has_no_map(capsys, monkeypatch):
+    from common import dist
+    monkeypatch.setattr(dist, "_warned", set())
+    gt = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
+    im = {"boxes": gt, "scores": np.ones(1), "labels": np.array([0]), "gt_boxes": gt, "gt_labels": np.array([0]),
+          "difficult": np.array([True]), "id": "x"}
+    assert voc_map({0: im}, 2) == (None, [None, None])
+    m = DetectionMetric(2, VOC_ANCHORS, ["a", "b"])
+    m.images[0] = im
+    res = m.compute()
+    assert res["map"] == 0.0 and res["ap"] == {"a": None, "b": None}
+    assert "mAP is undefined" in capsys.readouterr().err
+    m.images[0] = {**im, "difficult": np.array([False])}
+    assert m.compute()["map"] == 100.0 and "undefined" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- conversion
 @pytest.mark.parametrize("version", ["yolov2_tiny", "yolov2_r34"])
 def test_conversion_first_layer_bit_exact(version):
@@ -469,6 +521,18 @@ def test_snn_ft_and_demo(trained, scene_root, tmp_path):
     assert len(written) == 12 and all(os.path.isfile(p) for p in written)
 
 
+def test_snn_ft_on_coco_scores_its_training_batches(trained, scene_root, tmp_path):
+    """The accept / revert score runs on training images, which the COCO val set does not hold: it is the
+    VOC-style mAP of their boxes, not COCOeval of the val set."""
+    from detection import snn_ft as S
+    rec = S.main(["-d", "coco", "-v", "yolov2_tiny", "--bit", "2", "--init", trained["best2"], "-root",
+                  scene_root.root, "-size", "64", "--num_workers", "0", "--no-progress", "-bs", "4",
+                  "--save_folder", str(tmp_path), "--max-iters", "1", "--score-batches", "1", "--no-eval-before",
+                  "--no-tfboard", "--method", "fastsnn"])
+    assert rec["finetuned"] and rec["finetune"] and os.path.isfile(os.path.join(str(tmp_path), "coco",
+                                                                                "yolov2_tiny_2bit_ft", "model_best.pth.tar"))
+
+
 def test_snn_ft_methods(trained, scene_root, tmp_path, capsys):
     """--method fastsnn+e2e with the YOLO loss on the labels, --ft-accept local; recorded in JSON and checkpoint."""
     from detection import snn_ft as S
@@ -586,3 +650,33 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     assert "pretrained as a Fashion-MNIST classifier" in open(os.path.join(out, "results.md")).read()
     with pytest.raises(UserError, match="other settings.*--seed"):
         O.main(argv + ["--seed", "1"])       # a resumed run must be the same recipe (--fresh to start over)
+
+
+def test_voc_root_without_image_sets_uses_every_annotation(tmp_path, capsys):
+    """labelme's VOC export (Annotations/, JPEGImages/, class_names.txt with _background_ first, no
+    ImageSets/Main): every annotated image for both splits, with a warning, and its class_names.txt."""
+    import shutil
+    root = F.tiny_voc(str(tmp_path / "src"))
+    year = os.path.join(root, "VOCdevkit", "VOC2007")
+    flat = tmp_path / "data_dataset_voc"
+    for d in ("Annotations", "JPEGImages"):
+        shutil.copytree(os.path.join(year, d), flat / d)
+    (flat / "class_names.txt").write_text("_background_\ncat\ndog\n")
+    data = D.build_datasets("voc", str(flat), train_size=64, val_size=64, aug="none")
+    assert data.classes == ["cat", "dog"] and len(data.train) == len(data.val) == 5
+    assert "no ImageSets/Main" in capsys.readouterr().err
+
+
+def test_a_box_outside_its_image_is_left_out(tmp_path, capsys, monkeypatch):
+    """A box wholly outside the image (a wrong <size>, a rotated photo) is no object there: left out of
+    training and of the VOC metric's ground truth, named in one warning when the records are read."""
+    from common import dist
+    monkeypatch.setattr(dist, "_warned", set())
+    F.write_voc(str(tmp_path), "VOC2007", {
+        "trainval": [("000001", (64, 48), [("cat", (5, 6, 30, 40), 0)])],
+        "test": [("000002", (64, 48), [("cat", (5, 6, 30, 40), 0), ("dog", (70, 2, 90, 20), 0)])]},
+        classes=("cat", "dog"))
+    data = D.build_datasets("voc", str(tmp_path), train_size=64, val_size=64, aug="none")
+    item = data.val[0]
+    assert item["gt_labels"].tolist() == [0] and len(item["gt_boxes"]) == 1 and len(item["difficult"]) == 1
+    assert "1 image(s) have boxes that are empty or lie outside the image (000002.jpg)" in capsys.readouterr().err

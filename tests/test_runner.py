@@ -101,3 +101,42 @@ def test_select_layers_by_glob():
     assert runner.select_layers(net, " layer2.0.act1 , layer1.0.act2") == ["layer1.0.act2", "layer2.0.act1"]
     with pytest.raises(UserError, match="matches none"):
         runner.select_layers(net, "fc*")
+
+
+def test_an_evaluation_on_other_data_than_the_checkpoints_gets_its_own_file():
+    """A VOC model scored on a COCO root of the same classes writes ``..._coco.json``, not over the VOC
+    evaluation; ``coco-val`` of a ``coco`` model (or an unrecorded dataset) keeps the plain name."""
+    from types import SimpleNamespace
+
+    from common.runner import data_tag
+    assert data_tag(SimpleNamespace(name="coco"), {"dataset": "voc"}) == "_coco"
+    assert data_tag(SimpleNamespace(name="voc"), {"dataset": "coco"}) == "_voc"
+    assert data_tag(SimpleNamespace(name="coco-val"), {"dataset": "coco"}) == ""
+    assert data_tag(SimpleNamespace(name="voc"), {"dataset": "voc"}) == ""
+    assert data_tag(SimpleNamespace(name="voc"), {}) == ""
+
+
+def test_drawings_get_one_name_each_and_never_replace_an_input(tmp_path):
+    """``x.jpg`` / ``x.png`` / ``x_jpg.png`` get three names; a single image may be drawn into its own folder
+    (nothing is replaced), a folder of several may not, nor may a drawing replace an input."""
+    from common import UserError
+    from common.runner import output_paths
+    names = output_paths(["/a/x.jpg", "/a/x.png", "/a/x_jpg.png"], "/o", [".png"], "--out")
+    assert [os.path.basename(p[0]) for p in names] == ["x_jpg.png", "x_png.png", "x_jpg_2.png"]
+    d = str(tmp_path)
+    assert output_paths([os.path.join(d, "x.jpg")], d, ["_mask.png"], "--output") == [[os.path.join(d, "x_mask.png")]]
+    for files in ([os.path.join(d, "x.png")], [os.path.join(d, "x.jpg"), os.path.join(d, "y.jpg")]):
+        with pytest.raises(UserError, match="holds the input images"):
+            output_paths(files, d, [".png"], "--out")
+    open(os.path.join(d, "x.png"), "w").close()     # another photo beside x.jpg is never replaced
+    with pytest.raises(UserError, match="x.png exists beside the input image"):
+        output_paths([os.path.join(d, "x.jpg")], d, [".png"], "--out")
+
+
+def test_class_names_check_takes_the_background_spellings_as_one():
+    from common import UserError
+    from common.checkpoint import check_class_names
+    check_class_names(["background", "cat"], ["_background_", "cat"], "--init", "x")
+    check_class_names(["pottedplant", "tvmonitor"], ["potted plant", "tv/monitor"], "--init", "x")   # labelme's VOC
+    with pytest.raises(UserError, match="class 1 is 'cat' there and 'dog' here"):
+        check_class_names(["background", "cat"], ["background", "dog"], "--init", "x")

