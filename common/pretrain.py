@@ -53,7 +53,7 @@ def small_data_hint(task: str, num_images: int, has_init: bool) -> Optional[str]
         recipe, flags = "python -m detection.pretrain", "--optimizer adam --lr 1e-3 --anchors auto"
         folder = "<version>_pretrain"
     elif task == "segmentation":
-        recipe, flags = "python -m segmentation.pretrain", "--lr 0.05"
+        recipe, flags = "python -m segmentation.pretrain", "--optimizer adam --lr 6e-3"
         folder = "<model>_pretrain"
     else:
         raise ValueError(f"task={task!r}: detection or segmentation")

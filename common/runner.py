@@ -161,6 +161,11 @@ def resume(ckpt: dict, path: str, ctx, model, optimizer, *, best_name: str, labe
     state (a file of another model is a one-line error), this rank's RNG states (:func:`restore_rng`).
     Returns ``(epochs done, best, history)``."""
     import quant
+    saved = (ckpt.get("args") or {}).get("optimizer", "sgd")
+    this = "adam" if isinstance(optimizer, torch.optim.Adam) else "sgd"
+    if saved != this:
+        raise UserError(f"--resume {path} was trained with --optimizer {saved}, this run has {this}",
+                        f"resume with --optimizer {saved}, or start a new run in another {root_flag}")
     try:
         model.load_state_dict(quant.strip_prefix(ckpt.get(weights, ckpt["state_dict"])))
         optimizer.load_state_dict(ckpt["optimizer"])

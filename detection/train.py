@@ -15,7 +15,7 @@ from common.cli import ArgumentParser, unshadow_script_dir
 
 unshadow_script_dir(__file__)
 
-from common import run_cli  # noqa: E402
+from common import run_cli, runs  # noqa: E402
 from detection import workflow as W  # noqa: E402
 
 
@@ -27,8 +27,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=int, default=16,
                    help="batch size per process (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
-                   help="sgd (the original's, momentum --momentum) or adam (converges in fewer steps: short CPU runs)")
+    runs.add_optimizer_arg(p)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight_decay", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=250, help="epochs (default 250; LR x0.1 at 60 %% and 80 %%)")

@@ -356,17 +356,6 @@ def _check_train_args(args):
         dist.warn_once("--mosaic is accepted for compatibility and unused (as in the original)")
 
 
-def _adam(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam with PyTorch's fused kernel where the parameters' device has one (CPU, CUDA): the same update,
-    rounded differently, about 7 x faster a step on a CPU than the per-tensor loop (2 against 14 ms for
-    yolov2_tiny at width 0.5)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
 def train(args) -> dict:
     _check_train_args(args)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
@@ -395,11 +384,7 @@ def train(args) -> dict:
             f"{ctx.world_size} process(es) on {ctx.device}")
         if args.init and rckpt is None:
             _init_model(model, ickpt, args.init, args, data.num_classes, data.classes)
-        if getattr(args, "optimizer", "sgd") == "adam":
-            optimizer = _adam(model.parameters(), args.lr, args.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
+        optimizer = runs.make_optimizer(model.parameters(), args.optimizer, args.lr, args.momentum, args.weight_decay)
         ema = ModelEMA(model) if args.ema else None
         start, best, history = args.start_epoch, None, []
         if rckpt is not None:

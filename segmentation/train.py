@@ -17,7 +17,7 @@ from common.cli import ArgumentParser, unshadow_script_dir
 
 unshadow_script_dir(__file__)
 
-from common import run_cli  # noqa: E402
+from common import run_cli, runs  # noqa: E402
 from segmentation import workflow  # noqa: E402
 
 
@@ -29,6 +29,7 @@ def get_parser() -> ArgumentParser:
         "of classification/, a torchvision-named state dict, a VGG; loaded by matching names and shapes), or "
         "'torchvision' (torchvision's ImageNet ResNet-34, online)"))
     p.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
+    runs.add_optimizer_arg(p)
     p.add_argument("--power", type=float, default=0.9, help="poly LR power (default 0.9)")
     p.add_argument("--eval_epoch", "--eval-epoch", dest="eval_epoch", type=int, default=1,
                    help="evaluate val mIoU every N epochs (and after the last; default 1)")

@@ -397,8 +397,7 @@ def train(args) -> Dict:
         model = build_model(args, data.num_classes, ctx.device)
         iters = len(tr_loader) if args.max_iters is None else min(len(tr_loader), args.max_iters)
         total_iters = max(1, args.epochs * iters)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = runs.make_optimizer(model.parameters(), args.optimizer, args.lr, args.momentum, args.weight_decay)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_iters, power=args.power)
         start, best, history, init_info = 0, None, [], None
         if rckpt is not None:

@@ -99,6 +99,7 @@ def test_small_data_hint():
         assert "--init" in line and "_pretrain/model_best.pth.tar" in line
     det = P.small_data_hint("detection", 10, False)
     assert "--optimizer adam" in det and "--anchors auto" in det
+    assert "--optimizer adam --lr 6e-3" in P.small_data_hint("segmentation", 10, False)
     with pytest.raises(ValueError):
         P.small_data_hint("classification", 10, False)
 

@@ -352,3 +352,18 @@ def test_scales_flag_reaches_the_training_transform(chain, tmp_path):
     lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("warning:")]
     assert p.returncode == 2 and len(lines) == 1 and "--scales 0 1: every factor must be in (0, 8]" in lines[0], p.stderr
     assert not os.path.exists(str(tmp_path / "o2"))
+
+
+def test_adam_trains_and_resumes_only_with_adam(chain, tmp_path):
+    """``--optimizer adam`` (the short-run recipe) trains, saves Adam's state and resumes with it; a resume
+    that names the other optimizer is a one-line error, not a state dict that fails later."""
+    from segmentation import train
+    flags = chain["flags"] + ["--save_folder", str(tmp_path), "--bit", "32", "--lr", "1e-3", "--max-iters", "2"]
+    train.main(flags + ["--epochs", "1", "--optimizer", "adam"])
+    ck = torch.load(os.path.join(tmp_path, "voc", "deeplabv1_vgg9_32bit", "checkpoint.pth.tar"),
+                    map_location="cpu", weights_only=True)
+    assert "exp_avg" in next(iter(ck["optimizer"]["state"].values())) and ck["args"]["optimizer"] == "adam"
+    with pytest.raises(UserError, match="trained with --optimizer adam, this run has sgd"):
+        train.main(flags + ["--epochs", "2", "--resume", "auto"])
+    rec = train.main(flags + ["--epochs", "2", "--resume", "auto", "--optimizer", "adam"])
+    assert rec["epochs"] == 2
