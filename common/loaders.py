@@ -69,7 +69,8 @@ def unique_ids(ids: List[str], lst: str) -> List[str]:
     out = list(dict.fromkeys(ids))
     if len(out) < len(ids):
         from . import dist
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+        from collections import Counter
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
         dist.warn_once(f"{lst} lists {len(ids) - len(out)} repeated image id(s) ({', '.join(dup[:5])}"
                        f"{', ...' if len(dup) > 5 else ''}); each image is used once")
     return out
