@@ -13,6 +13,8 @@ SGD (momentum 0.9, wd 1e-4), poly LR (power 0.9) per iteration, cross-entropy ig
 --resume auto continues a killed run; a folder that holds a run is not overwritten (--fresh keeps
 the old files aside and starts over).
 """
+import argparse
+
 from common.cli import ArgumentParser, unshadow_script_dir
 
 unshadow_script_dir(__file__)
@@ -34,6 +36,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--eval_epoch", "--eval-epoch", dest="eval_epoch", type=int, default=1,
                    help="evaluate val mIoU every N epochs (and after the last; default 1)")
     p.add_argument("--sybn", action="store_true", help="SyncBatchNorm across the DDP processes")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last", action=argparse.BooleanOptionalAction,
+                   default=None, help="train in the channels-last memory layout (default: on the CPU, where VGG-9's "
+                                      "training steps run 20-40 %% faster; off on a GPU)")
     p.add_argument("-r", "--resume", default="", metavar="PATH|auto",
                    help="continue a run from its checkpoint ('auto': the run folder's checkpoint.pth.tar, if any)")
     return p

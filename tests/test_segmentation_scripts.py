@@ -367,3 +367,25 @@ def test_adam_trains_and_resumes_only_with_adam(chain, tmp_path):
         train.main(flags + ["--epochs", "2", "--resume", "auto"])
     rec = train.main(flags + ["--epochs", "2", "--resume", "auto", "--optimizer", "adam"])
     assert rec["epochs"] == 2
+
+
+def test_channels_last_training_matches_the_default_layout(chain, tmp_path):
+    """``--channels-last`` (the CPU default) changes the memory layout only: the same seeded run in either
+    layout gives the same losses up to float summation order, and its checkpoint evaluates as usual."""
+    from segmentation import eval as seg_eval
+    from segmentation import train
+    flags = chain["flags"] + ["--bit", "2", "--epochs", "1", "--max-iters", "3", "--lr", "0.01",
+                              "--init", chain["best32"], "--alpha-init", "3"]
+    recs = {}
+    for cl in ("--channels-last", "--no-channels-last"):
+        out = str(tmp_path / cl.strip("-"))
+        train.main(flags[:] + ["--save_folder", out, cl])
+        best = os.path.join(out, "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")
+        h = json.load(open(os.path.join(out, "voc", "deeplabv1_vgg9_2bit", "history.json")))["history"]
+        w = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]["features.2.conv.weight"]
+        assert w.is_contiguous(memory_format=torch.channels_last) == (cl == "--channels-last")
+        recs[cl] = (h[0]["train_loss"], seg_eval.main(["--init", best, "--data_root", chain["data"]["root"],
+                                                        "--classes", chain["data"]["classes"], "--test_size", "49",
+                                                        "-j", "0", "--no-progress"])["miou"])
+    (l_cl, m_cl), (l_nc, m_nc) = recs["--channels-last"], recs["--no-channels-last"]
+    assert l_cl == pytest.approx(l_nc, rel=1e-3) and m_cl == pytest.approx(m_nc, abs=2.0)
