@@ -38,7 +38,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--sybn", action="store_true", help="SyncBatchNorm across the DDP processes")
     p.add_argument("--channels-last", "--channels_last", dest="channels_last", action=argparse.BooleanOptionalAction,
                    default=None, help="train in the channels-last memory layout (default: on the CPU, where VGG-9's "
-                                      "training steps run 20-40 %% faster; off on a GPU)")
+                                      "training steps run 15-40 %% faster; off on a GPU)")
     p.add_argument("-r", "--resume", default="", metavar="PATH|auto",
                    help="continue a run from its checkpoint ('auto': the run folder's checkpoint.pth.tar, if any)")
     return p
