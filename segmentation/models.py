@@ -8,7 +8,9 @@
 
   (convs with bias), the 1x1 classifier ``classifier`` 1024 -> classes (no BN, no activation: the
   SNN's non-spiking accumulator) and the bilinear x8 upsampling of the logits (``align_corners``;
-  output size = in * 8 - 7: 65 -> 513). Output stride 8.
+  output size = in * 8 - 7: 65 -> 513). Output stride 8. ``fov_dilation`` sets the LargeFOV layer's
+  dilation: its taps lie 12 grid cells apart, so on a small input (a 9 x 9 grid at 65 pixels) all but
+  the centre one read the zero padding and the layer acts as a 1 x 1 convolution; 1 or 2 suit such inputs.
 * ``deeplabv3_r34`` -- MYResNet: the ImageNet ResNet-34 of this project (``conv1`` 7x7 stride 4, no
   max-pool, :class:`common.backbones.BasicBlock`) with stage strides [1, 2, 2, 1] (output stride
   16, no dilation in the backbone); ASPP ``aspp.0 .. aspp.4`` (1x1 and 3x3 at dilations 6, 12, 18, 24,
@@ -39,6 +41,8 @@ MODELS = ("deeplabv1_vgg9", "deeplabv3_r34")
 #: output stride of each model: valid crop / test sizes are ``k * stride + 1``
 OUTPUT_STRIDE = {"deeplabv1_vgg9": 8, "deeplabv3_r34": 16}
 ALPHA_INIT = 6.0
+#: dilation of VGG-9's LargeFOV layer ``features.7`` (the paper's, for 513-pixel inputs)
+FOV_DILATION = 12
 
 
 def scaled(channels: int, width: float) -> int:
@@ -95,10 +99,11 @@ class DeepLabV1VGG9(SegmentationModel):
     backbone_prefixes = ("features.",)
 
     def __init__(self, num_classes: int, *, bit: int = FULL_PRECISION, width: float = 1.0,
-                 alpha_init: float = ALPHA_INIT, in_channels: int = 3):
+                 alpha_init: float = ALPHA_INIT, in_channels: int = 3, fov_dilation: int = FOV_DILATION):
         super().__init__()
         layers, cin = [], in_channels
         for i, (c, s, d) in enumerate(self.CFG):
+            d = fov_dilation if i == len(self.CFG) - 1 else d
             cout = scaled(c, width)
             layers.append(ConvBNAct(cin, cout, 3, s, d, bit=bit, alpha_init=alpha_init, bias=True, first=i == 0))
             cin = cout
@@ -164,9 +169,11 @@ assert tuple(_BUILDERS) == MODELS
 
 
 def get_model(name: str, num_classes: int, bit: int = FULL_PRECISION, *, width: float = 1.0,
-              alpha_init: Optional[float] = None, in_channels: int = 3) -> SegmentationModel:
+              alpha_init: Optional[float] = None, in_channels: int = 3,
+              fov_dilation: Optional[int] = None) -> SegmentationModel:
     """Build ``name`` (one of :data:`MODELS`) for ``num_classes`` classes (background included) with
-    ``bit``-bit activations. Raises ``ValueError`` for bad arguments."""
+    ``bit``-bit activations; ``fov_dilation``: VGG-9's LargeFOV dilation (default 12; small inputs want
+    less, see :class:`DeepLabV1VGG9`). Raises ``ValueError`` for bad arguments."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
     bit = check_model_bit(bit, "bit")
@@ -174,10 +181,18 @@ def get_model(name: str, num_classes: int, bit: int = FULL_PRECISION, *, width: 
         raise ValueError(f"num_classes={num_classes!r}: a segmenter needs background and at least one class")
     if not (float(width) > 0):
         raise ValueError(f"width={width!r} must be positive")
+    kw = {}
+    if fov_dilation is not None:
+        if name != "deeplabv1_vgg9":
+            raise ValueError(f"fov_dilation={fov_dilation!r}: only deeplabv1_vgg9 has a LargeFOV layer")
+        if int(fov_dilation) != fov_dilation or int(fov_dilation) < 1:
+            raise ValueError(f"fov_dilation={fov_dilation!r} must be a positive integer")
+        kw["fov_dilation"] = int(fov_dilation)
     model = _BUILDERS[name](int(num_classes), bit=bit, width=float(width),
                             alpha_init=float(ALPHA_INIT if alpha_init is None else alpha_init),
-                            in_channels=int(in_channels))
+                            in_channels=int(in_channels), **kw)
     model.name, model.arch, model.bit, model.num_classes, model.width = name, name, bit, int(num_classes), float(width)
+    model.fov_dilation = kw.get("fov_dilation", FOV_DILATION) if name == "deeplabv1_vgg9" else None
     model.wbit = FULL_PRECISION
     return model
 

@@ -64,6 +64,10 @@ def add_common_args(p: ArgumentParser, *, bit_default: Optional[int] = 32, init_
                    help=f"activation bits: 32 (float ANN), 5, 4, 3, 2 (default {bit_default}{ck})")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier (default 1.0: the paper's nets; with --init: the checkpoint's)")
+    p.add_argument("--fov-dilation", "--fov_dilation", dest="fov_dilation", type=int, default=None, metavar="D",
+                   help="deeplabv1_vgg9: dilation of the LargeFOV layer features.7 (default 12, the paper's, for "
+                        "513-pixel inputs; below about 200 pixels its outer taps read only padding: 1 suits 64-128 px"
+                        + (ck or "; with --init of a segmentation checkpoint: its own") + ")")
     p.add_argument("--init", default="", metavar="PATH", help=init_help or "checkpoint to initialise from")
     p.add_argument("--test_size", "--test-size", dest="test_size", type=int, default=None,
                    help="evaluation images are padded to this square (default 513 VOC / 641 COCO; k * stride + 1)")
@@ -156,6 +160,12 @@ def check_args(args, model_name: Optional[str] = None):
     runs.check_non_negative(args, "workers")
     if args.width is not None and not (args.width > 0):
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.25 for a small net")
+    if args.fov_dilation is not None:
+        if args.fov_dilation < 1:
+            raise UserError(f"--fov-dilation {args.fov_dilation} must be at least 1", "pass e.g. --fov-dilation 1")
+        if name != "deeplabv1_vgg9":
+            raise UserError(f"--fov-dilation with --model {name}: only deeplabv1_vgg9 has a LargeFOV layer",
+                            "drop --fov-dilation or pass -m deeplabv1_vgg9")
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
     if args.scales is not None and not all(0 < s <= 8 for s in args.scales):
@@ -188,6 +198,8 @@ def settle_from_checkpoint(args, ckpt: dict):
         args.bit = int(ckpt.get("bit") or 32)
     if args.width is None and ckpt.get("width") is not None:
         args.width = float(ckpt["width"])
+    if args.fov_dilation is None and ckpt.get("fov_dilation") is not None:
+        args.fov_dilation = int(ckpt["fov_dilation"])
 
 
 def open_trained(args, what: str = "--init"):
@@ -234,7 +246,8 @@ def train_loader(args, data, ctx=None):
 def build_model(args, num_classes: int, device=None, *, bit: Optional[int] = None, width: Optional[float] = None):
     try:
         m = get_model(args.model, num_classes, args.bit if bit is None else bit,
-                      width=(args.width or 1.0) if width is None else width, alpha_init=args.alpha_init)
+                      width=(args.width or 1.0) if width is None else width, alpha_init=args.alpha_init,
+                      fov_dilation=args.fov_dilation)
     except ValueError as e:
         raise UserError(str(e), "see --help for --model / --bit / --width") from None
     return m.to(device) if device is not None else m
@@ -271,6 +284,10 @@ def check_ckpt(ckpt: dict, path: str, what: str, args, num_classes: int, *, same
     if ckpt.get("width") is not None and float(ckpt["width"]) != float(args.width or 1.0):
         raise UserError(f"{what} {path} holds a --width {ckpt['width']} model, not --width {args.width}",
                         f"pass --width {ckpt['width']}")
+    fov = ckpt.get("fov_dilation")
+    if same_bit and fov is not None and args.fov_dilation is not None and int(fov) != args.fov_dilation:
+        raise UserError(f"{what} {path} holds a --fov-dilation {fov} model, not --fov-dilation {args.fov_dilation}",
+                        f"pass --fov-dilation {fov} (or leave it out: the checkpoint's is used)")
     if same_bit and ckpt.get("bit") is not None and int(ckpt["bit"]) != args.bit:
         raise UserError(f"{what} {path} holds a {ckpt['bit']}-bit model but --bit {args.bit} was given",
                         f"pass --bit {ckpt['bit']}, or the {args.bit}-bit checkpoint (train.py --bit {args.bit})")
@@ -348,8 +365,9 @@ def load_trained(args, num_classes: int, device, path: str, what: str, hint: str
 
 def _meta(args, data, model) -> dict:
     return {"task": TASK_NAME, "model": args.model, "arch": args.model, "bit": args.bit, "wbit": 32,
-            "width": args.width, "num_classes": data.num_classes, "class_names": data.class_names,
-            "dataset": args.dataset, "crop_size": args.crop_size, "test_size": args.test_size}
+            "width": args.width, "fov_dilation": getattr(model, "fov_dilation", None), "num_classes": data.num_classes,
+            "class_names": data.class_names, "dataset": args.dataset, "crop_size": args.crop_size,
+            "test_size": args.test_size}
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -391,6 +409,8 @@ def train(args) -> Dict:
         src = rckpt or init_ckpt or {}
         if args.width is None:   # a run of the bit chain keeps its predecessor's width
             args.width = float(src["width"]) if src.get("task") == TASK_NAME and src.get("width") is not None else 1.0
+        if args.fov_dilation is None and src.get("task") == TASK_NAME and src.get("fov_dilation") is not None:
+            args.fov_dilation = int(src["fov_dilation"])   # ... and its LargeFOV dilation
         data = build_data(args, train=True, ctx=ctx)
         runner.hint_small_data(TASK_NAME, len(data.train), bool(args.init or rckpt))
         tr_loader, va_loader = train_loader(args, data, ctx), val_loader(args, data, ctx)

@@ -27,6 +27,29 @@ def test_vgg9_structure_is_spec_6():
     assert type(m.features[0].conv) is nn.Conv2d   # float first layer
 
 
+def test_fov_dilation_changes_only_the_largefov_layer():
+    """``fov_dilation``: the LargeFOV layer's dilation (and padding) only; same weights, same output size.
+    On a 65-pixel input (a 9 x 9 grid) dilation 12 reads the padding with every tap but the centre one,
+    so it equals a 1 x 1 convolution of the centre weights; dilation 1 does not."""
+    torch.manual_seed(0)
+    m12, m1 = get_model("deeplabv1_vgg9", 5, width=0.125), get_model("deeplabv1_vgg9", 5, width=0.125, fov_dilation=1)
+    assert (m12.fov_dilation, m1.fov_dilation) == (12, 1)
+    assert [u.conv.dilation[0] for u in m1.features] == [1, 1, 1, 1, 1, 2, 2, 1] and m1.features[7].conv.padding == (1, 1)
+    m1.load_state_dict(m12.state_dict())
+    m12.eval(), m1.eval()
+    x = torch.randn(2, 3, 65, 65)
+    feat = m12.features[:7](x)
+    conv = m12.features[7].conv
+    centre = torch.nn.functional.conv2d(feat, conv.weight[:, :, 1:2, 1:2], conv.bias)
+    assert torch.allclose(conv(feat), centre, atol=1e-5)
+    assert not torch.allclose(m1.features[7].conv(feat), centre, atol=1e-3)
+    assert m1(x).shape == m12(x).shape == (2, 5, 65, 65)
+    with pytest.raises(ValueError, match="only deeplabv1_vgg9"):
+        get_model("deeplabv3_r34", 5, width=0.125, fov_dilation=1)
+    with pytest.raises(ValueError, match="positive integer"):
+        get_model("deeplabv1_vgg9", 5, fov_dilation=0)
+
+
 def test_r34_aspp_structure_is_spec_6():
     m = get_model("deeplabv3_r34", 81, bit=3)
     assert (m.conv1.kernel_size, m.conv1.stride) == ((7, 7), (4, 4))

@@ -389,3 +389,34 @@ def test_channels_last_training_matches_the_default_layout(chain, tmp_path):
                                                         "-j", "0", "--no-progress"])["miou"])
     (l_cl, m_cl), (l_nc, m_nc) = recs["--channels-last"], recs["--no-channels-last"]
     assert l_cl == pytest.approx(l_nc, rel=1e-3) and m_cl == pytest.approx(m_nc, abs=2.0)
+
+
+def test_fov_dilation_is_kept_by_the_checkpoint(chain, tmp_path):
+    """``--fov-dilation`` is stored in the checkpoint; the next bit of the chain and eval.py take it from
+    there; an evaluation that names another one, a bad value or a ResNet are one-line errors."""
+    from segmentation import eval as seg_eval
+    from segmentation import train
+    flags = common_flags(chain["data"], str(tmp_path)) + ["--epochs", "1", "--max-iters", "1", "--val-subset", "2"]
+    train.main(flags + ["--bit", "32", "--fov-dilation", "1"])
+    best32 = os.path.join(str(tmp_path), "voc", "deeplabv1_vgg9_32bit", "model_best.pth.tar")
+    assert torch.load(best32, map_location="cpu", weights_only=True)["fov_dilation"] == 1
+    train.main(flags + ["--bit", "2", "--init", best32, "--alpha-init", "3"])
+    best2 = os.path.join(str(tmp_path), "voc", "deeplabv1_vgg9_2bit", "model_best.pth.tar")
+    ck = torch.load(best2, map_location="cpu", weights_only=True)
+    assert ck["fov_dilation"] == 1 and ck["init"]["mode"] == "strict"
+    ev = ["--init", best2, "--data_root", chain["data"]["root"], "--classes", chain["data"]["classes"],
+          "--test_size", "49", "-j", "0", "--no-progress", "--val-subset", "2"]
+    rec = seg_eval.main(ev + ["--spike"])
+    assert rec["T"] == 3 and 0.0 <= rec["miou"] <= 100.0
+    from segmentation import workflow
+    a = workflow.parse_args(seg_eval.get_parser(), ev)
+    workflow.check_args(a)
+    ckpt, path = workflow.open_trained(a)
+    model, _ = workflow.load_trained(a, 4, torch.device("cpu"), path, "--init", ckpt=ckpt)
+    assert model.features[7].conv.dilation == (1, 1)        # the checkpoint's, not the default 12
+    with pytest.raises(UserError, match="holds a --fov-dilation 1 model"):
+        seg_eval.main(ev + ["--fov-dilation", "12"])
+    with pytest.raises(UserError, match="must be at least 1"):
+        train.main(flags + ["--bit", "32", "--fov-dilation", "0", "--fresh"])
+    with pytest.raises(UserError, match="only deeplabv1_vgg9 has a LargeFOV layer"):
+        train.main(flags + ["--bit", "32", "-m", "deeplabv3_r34", "--fov-dilation", "1", "--crop_size", "33"])
