@@ -89,6 +89,7 @@ class SegmentationModel(nn.Module):
     ft_weight_decay = 1e-4
     backbone_prefixes: Sequence[str] = ()
     output_stride = 8
+    fov_dilation: Optional[int] = None   # VGG-9's LargeFOV dilation; None: no such layer
 
 
 class DeepLabV1VGG9(SegmentationModel):
@@ -101,6 +102,7 @@ class DeepLabV1VGG9(SegmentationModel):
     def __init__(self, num_classes: int, *, bit: int = FULL_PRECISION, width: float = 1.0,
                  alpha_init: float = ALPHA_INIT, in_channels: int = 3, fov_dilation: int = FOV_DILATION):
         super().__init__()
+        self.fov_dilation = fov_dilation
         layers, cin = [], in_channels
         for i, (c, s, d) in enumerate(self.CFG):
             d = fov_dilation if i == len(self.CFG) - 1 else d
@@ -192,7 +194,6 @@ def get_model(name: str, num_classes: int, bit: int = FULL_PRECISION, *, width: 
                             alpha_init=float(ALPHA_INIT if alpha_init is None else alpha_init),
                             in_channels=int(in_channels), **kw)
     model.name, model.arch, model.bit, model.num_classes, model.width = name, name, bit, int(num_classes), float(width)
-    model.fov_dilation = kw.get("fov_dilation", FOV_DILATION) if name == "deeplabv1_vgg9" else None
     model.wbit = FULL_PRECISION
     return model
 

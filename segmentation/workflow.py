@@ -365,7 +365,7 @@ def load_trained(args, num_classes: int, device, path: str, what: str, hint: str
 
 def _meta(args, data, model) -> dict:
     return {"task": TASK_NAME, "model": args.model, "arch": args.model, "bit": args.bit, "wbit": 32,
-            "width": args.width, "fov_dilation": getattr(model, "fov_dilation", None), "num_classes": data.num_classes,
+            "width": args.width, "fov_dilation": model.fov_dilation, "num_classes": data.num_classes,
             "class_names": data.class_names, "dataset": args.dataset, "crop_size": args.crop_size,
             "test_size": args.test_size}
 
