@@ -230,6 +230,8 @@ def main(argv=None) -> Dict:
                      "first_layer_agreement": s["layers"][0]["agreement"],
                      "sops": s["sops"], "energy": s["energy"]})
     rows[-1]["per_step_finetuned"] = ft["per_step_miou"]
+    for r in rows:                       # the trained ANN's finding vs naming (segmentation.metrics)
+        r.update({f"ann_{k}": ann[r["bit"]].get(k) for k in ("item_iou", "naming_acc", "miou_if_named")})
     accepted = [h.get("layer") for h in ft.get("finetune", []) if h.get("accepted")]
     figures = _figures(args, out, rows, snn, ft, common, runs, ft_path)
     md = table(rows)
@@ -240,7 +242,10 @@ def main(argv=None) -> Dict:
             + f"{args.train} train / {args.test} test scenes of {args.size}x{args.size}, "
             f"crop {args.crop}, test pad {args.test_size}, epochs {args.epochs_fp} (32-bit) + {args.epochs_q} per "
             f"quantized stage, fine-tuning {args.ft_batches} batches per layer (accepted: {len(accepted)} of "
-            f"{len(ft.get('finetune', []))} layers); {elapsed / 60:.1f} min")
+            f"{len(ft.get('finetune', []))} layers); {elapsed / 60:.1f} min"
+            + (f". 32-bit ANN: objects found with IoU {ann[32]['item_iou']:.1f} %, {ann[32]['naming_acc']:.1f} % of their "
+               f"pixels named right (named all right: mIoU {ann[32]['miou_if_named']:.1f} %)"
+               if ann[32].get("naming_acc") is not None else ""))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(md + "\n\n" + note + "\n")
     summary = {"rows": rows, "note": note, "seconds": elapsed, "steps": steps, "figures": figures,

@@ -7,6 +7,13 @@ classes with a defined IoU (equal class weights). A class absent from the ground
 somewhere has IoU 0. Pixel accuracy = trace / total; mean accuracy averages ``conf[c, c] / row_c`` over
 the classes present in the ground truth. All values are percentages.
 
+Class 0 is the background (every dataset of this task has it first), which splits the mIoU into *finding*
+and *naming* the objects: ``item_iou`` is the IoU of objects-vs-background (every class but 0 merged);
+``naming_acc`` the share of the pixels that are objects in both the ground truth and the prediction that
+got the right class; ``miou_if_named`` the mIoU those same pixels would give with their true class, i.e.
+what the found extents alone would score. A net whose ``miou_if_named`` is far above its ``miou`` mostly
+names objects wrong; one near it misses their extent.
+
 :class:`SegMetric` is the pipeline's ``Metric``: ``update(output, batch)`` / ``compute()``.
 """
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 
 
 IGNORE = 255
+DIAGNOSIS = ("item_iou", "naming_acc", "miou_if_named")   # finding vs naming the objects (see the module's text)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -33,6 +41,13 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def _miou(conf: torch.Tensor) -> float:
+    tp = conf.diag()
+    union = conf.sum(1) + conf.sum(0) - tp
+    valid = union > 0
+    return float(100.0 * (tp[valid] / union[valid]).mean()) if bool(valid.any()) else 0.0
+
+
 def scores(conf: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """mIoU, per-class IoU, pixel / mean accuracy (percent) of a confusion matrix."""
     conf = conf.double()
@@ -45,6 +60,10 @@ def scores(conf: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> D
     valid = [v for v in iou if v is not None]
     acc = [float(100.0 * tp[c] / gt[c]) for c in range(conf.shape[0]) if gt[c] > 0]
     total = float(conf.sum())
+    both = float(conf[1:, 1:].sum())                  # objects in the ground truth and in the prediction
+    either = total - float(conf[0, 0])
+    named = conf.clone()
+    named[1:, 1:] = torch.diag(conf[1:, 1:].sum(1))   # each such pixel given its true class
     out = {
         "miou": sum(valid) / len(valid) if valid else 0.0,
         "per_class_iou": iou,
@@ -52,6 +71,10 @@ def scores(conf: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> D
         "mean_acc": sum(acc) / len(acc) if acc else 0.0,
         "pixels": int(total),
         "classes_present": int((gt > 0).sum()),
+        "item_iou": 100.0 * both / either if either > 0 else None,
+        "naming_acc": float(100.0 * tp[1:].sum() / both) if both > 0 else None,
+        "miou_if_named": _miou(named) if conf.shape[0] > 1 else None,
+        "confusion": conf.round().long().tolist(),
     }
     if class_names is not None:
         out["class_names"] = list(class_names)
@@ -122,4 +145,4 @@ def make_metric_factory(num_classes: int, class_names: Optional[Sequence[str]] =
     return make_metric
 
 
-__all__ = ["IGNORE", "confusion_matrix", "scores", "reduce_confusion", "SegMetric", "make_metric_factory"]
+__all__ = ["IGNORE", "DIAGNOSIS", "confusion_matrix", "scores", "reduce_confusion", "SegMetric", "make_metric_factory"]

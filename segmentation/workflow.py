@@ -24,7 +24,7 @@ from common.logger import log, progress
 from common.runs import count_macs, sgd_step
 
 from . import data as segdata
-from .metrics import IGNORE, make_metric_factory
+from .metrics import DIAGNOSIS, IGNORE, make_metric_factory
 from .models import MODELS, OUTPUT_STRIDE, classifier_weight_key, get_model
 from .plots import plot_metrics
 
@@ -449,7 +449,8 @@ def train(args) -> Dict:
         def evaluate(epoch):
             res = pipeline.evaluate(model, va_loader, make_metric_factory(data.num_classes, data.class_names),
                                     device=ctx.device, progress=args.progress, desc=f"val {epoch + 1}")
-            return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"], "val_per_class_iou": res["per_class_iou"]}
+            return {"val_miou": res["miou"], "val_pixel_acc": res["pixel_acc"], "val_per_class_iou": res["per_class_iou"],
+                    **{f"val_{k}": res[k] for k in DIAGNOSIS}}
 
         def state(done, best, history):
             return dict(meta, epoch=done, best_miou=best, state_dict=dist.unwrap(model).state_dict(),
@@ -461,7 +462,8 @@ def train(args) -> Dict:
             train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"model": args.model, "bit": args.bit},
             every=args.eval_epoch, label="val mIoU (%)", title=f"{args.model} {args.bit}-bit",
             result=lambda top: {"miou": top.get("val_miou"), "ann_miou": top.get("val_miou"),
-                                "pixel_acc": top.get("val_pixel_acc"), "per_class_iou": top.get("val_per_class_iou") or []},
+                                "pixel_acc": top.get("val_pixel_acc"), "per_class_iou": top.get("val_per_class_iou") or [],
+                                **{k: top.get(f"val_{k}") for k in DIAGNOSIS}},
             record=lambda res, _: record(args, data, res, script="train.py", checkpoint=os.path.join(out_dir, BEST)))
 
 
@@ -486,6 +488,8 @@ def _snn_result(res: Dict) -> Dict:
     out.update(per_class_iou=snn_m.get("per_class_iou"), pixel_acc=snn_m.get("pixel_acc"),
                mean_acc=snn_m.get("mean_acc"), ann_per_class_iou=ann_m.get("per_class_iou"),
                ann_pixel_acc=ann_m.get("pixel_acc"))
+    for k in DIAGNOSIS + ("confusion",):
+        out[k], out[f"ann_{k}"] = snn_m.get(k), ann_m.get(k)
     return out
 
 
@@ -514,10 +518,18 @@ def evaluate(args) -> Dict:
 
 def _ann_result(args, data, model, res: Dict) -> Dict:
     macs = count_macs(model, args.test_size)
-    log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}")
+    log(f"ANN mIoU {res['miou']:.2f} pixel acc {res['pixel_acc']:.2f}" + _diagnosis(res))
     return {"miou": res["miou"], "ann_miou": res["miou"], "per_class_iou": res["per_class_iou"],
             "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "samples": res.get("samples"),
-            "ann_macs": macs, "energy": runs.ann_energy(macs)}
+            **{k: res.get(k) for k in DIAGNOSIS + ("confusion",)}, "ann_macs": macs, "energy": runs.ann_energy(macs)}
+
+
+def _diagnosis(res: Dict) -> str:
+    """Finding vs naming the objects (segmentation.metrics), for the log line."""
+    if res.get("item_iou") is None or res.get("naming_acc") is None:
+        return ""
+    return (f"; objects found (object IoU) {res['item_iou']:.2f}, named right {res['naming_acc']:.2f} % "
+            f"(mIoU if all were named right {res['miou_if_named']:.2f})")
 
 
 # ---------------------------------------------------------------------------------------- snn_ft.py
@@ -547,8 +559,8 @@ def _score(args, data, ctx, model, loader):
 
 
 def _snn_line(res: Dict) -> str:
-    return (f"SNN mIoU {res['miou']:.2f} (ANN {res['ann_miou']:.2f}) T={res['T']} {res['neuron']}; per step "
-            + " ".join(f"{v:.1f}" for v in res["per_step_miou"]))
+    return (f"SNN mIoU {res['miou']:.2f} (ANN {res['ann_miou']:.2f}) T={res['T']} {res['neuron']}{_diagnosis(res)}; "
+            "per step " + " ".join(f"{v:.1f}" for v in res["per_step_miou"]))
 
 
 TASK = runner.Task(

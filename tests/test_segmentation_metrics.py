@@ -42,6 +42,24 @@ def test_absent_classes():
     assert scores(torch.zeros(3, 3, dtype=torch.long))["miou"] == 0.0  # nothing seen at all
 
 
+def test_finding_and_naming_split_by_hand():
+    # 0 = background; 1, 2 objects. Ground truth / prediction of 8 pixels:
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 0, 1, 2, 0, 1, 2])
+    s = scores(confusion_matrix(pred, target, 3))
+    # objects in truth or prediction: 6 pixels (all but the two 0/0); in both: pixels 3, 4, 6, 7
+    assert s["item_iou"] == pytest.approx(100.0 * 4 / 6)
+    assert s["naming_acc"] == pytest.approx(100.0 * 2 / 4)          # pixels 3 and 7 named right
+    # pixels 4 and 6 given their true class: pred = [0, 1, 0, 1, 1, 0, 2, 2]
+    named = scores(confusion_matrix(torch.tensor([0, 1, 0, 1, 1, 0, 2, 2]), target, 3))["miou"]
+    assert s["miou_if_named"] == pytest.approx(named) and named > s["miou"]
+    assert s["confusion"] == confusion_matrix(pred, target, 3).tolist()
+    perfect = scores(confusion_matrix(target, target, 3))
+    assert perfect["item_iou"] == perfect["naming_acc"] == perfect["miou_if_named"] == pytest.approx(100.0)
+    nothing = scores(confusion_matrix(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 3))
+    assert nothing["item_iou"] is None and nothing["naming_acc"] is None   # no object anywhere
+
+
 def test_bad_targets_rejected():
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 5]), 3)

@@ -91,6 +91,11 @@ def test_eval_ann_and_snn_json(chain, tmp_path):
     assert saved["per_step_miou"][-1] == pytest.approx(saved["miou"])
     assert saved["ann_miou"] == pytest.approx(ann["miou"])
     assert len(saved["per_class_iou"]) == 4 and saved["layers"][0]["agreement"] == 1.0
+    conf = torch.tensor(saved["ann_confusion"], dtype=torch.float64)  # the ANN's pixels, finding vs naming
+    assert conf.shape == (4, 4) and int(conf.sum()) == int(torch.tensor(ann["confusion"]).sum())
+    for k in ("naming_acc", "item_iou"):
+        assert saved[f"ann_{k}"] == (None if ann[k] is None else pytest.approx(ann[k]))
+    assert all(k in saved for k in ("item_iou", "naming_acc", "miou_if_named"))
     assert os.path.isfile(str(tmp_path / "snn_miou_vs_t.png")) and os.path.isfile(str(tmp_path / "snn_layers.png"))
     u = seg_eval.main(flags + ["--bit", "2", "--spike", "-u", "--metrics-out", str(tmp_path / "u.json")])
     assert u["neuron"] == "unsigned" and u["T"] == 3
