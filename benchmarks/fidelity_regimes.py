@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import run_cli  # noqa: E402
 from common.cli import ArgumentParser  # noqa: E402
 from common.metrics import write_json  # noqa: E402
+from common.stages import SNN_T  # noqa: E402
 
 CROPS = "crops"  # the object-crop folder dataset, under --out
 REGIMES: Dict[str, dict] = {
@@ -237,13 +238,13 @@ def detection_chain(args, seed: int) -> dict:
     if not os.path.isfile(os.path.join(out, "summary.json")):
         print("python -m detection.offline_demo " + " ".join(shlex.quote(a) for a in argv), flush=True)
         offline_demo.main(argv)
-    bit, T = offline_demo.FT_BIT, offline_demo.SNN_BITS[offline_demo.FT_BIT]
+    bit, T = offline_demo.FT_BIT, SNN_T[offline_demo.FT_BIT]
     demo = read_json(os.path.join(out, "demo_args.json"))
     scenes = os.path.join(out, "data", "scenes")
     return {"out": out, "checkpoint": os.path.join(out, "weights", "voc", f"yolov2_tiny_{bit}bit", "model_best.pth.tar"),
             "data": ["-d", "voc", "-root", scenes, "--classes", os.path.join(scenes, "classes.txt"), "-size",
                      str(demo["size"]), "-bs", "16", "--num_workers", "1", "--no-progress", "--bit", str(bit)],
-            "ft": ["-n", "1", "--max-iters", str(demo["ft_iters"]), "--score-batches", "4", "--aug", "flip",
+            "ft": ["-n", "1", "--max-iters", str(demo["ft_batches"]), "--score-batches", "4", "--aug", "flip",
                    "--no-eval-before", "--no-tfboard", "--fresh"],
             "snn": read_json(os.path.join(out, "metrics", f"snn_{bit}bit_signed_T{T}.json"))}
 

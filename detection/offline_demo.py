@@ -31,10 +31,9 @@ from typing import Dict
 from common import run_cli
 from common.cli import ArgumentParser
 from common.metrics import read_json, write_json
-from common.stages import StageClock, add_scene_args, open_demo
+from common.stages import (BEST, CHAIN, NEURONS, SNN_T, StageClock, add_chain_args, add_scene_args, chain_figures, chain_rows,
+                           chain_table, open_demo, snn_grid, train_chain)
 
-CHAIN_BITS = (32, 4, 3, 2)
-SNN_BITS = {4: 15, 3: 7, 2: 3}
 FT_BIT = 2
 
 
@@ -48,23 +47,14 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--pretrain", type=int, default=32000,
                    help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
-    p.add_argument("--pretrain-epochs", type=int, default=12, help="passes of the pretraining (default 12)")
-    p.add_argument("--pretrain-lr", type=float, default=1e-2, help="peak Adam lr of the pretraining (default 1e-2)")
-    p.add_argument("--pretrain-size", type=int, default=64, help="canvas side of the pretraining (default 64)")
-    p.add_argument("--epochs-fp", type=int, default=6,
-                   help="epochs of the 32-bit stage (default 6)")
-    p.add_argument("--epochs-q", type=int, default=2, help="epochs of each quantized stage (default 2)")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
-                   help="adam (default: reaches a usable detector in the few hundred steps a CPU affords) or sgd "
-                        "(the original's; needs far more epochs)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the 32-bit stage (default 2e-3)")
-    p.add_argument("--lr-q", type=float, default=1e-4, help="learning rate of the quantized stages (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--alpha-init", type=float, default=3.0,
-                   help="initial activation clip of the 4-bit stage (default 3.0, about the 99th percentile of the "
-                        "float net's activations here; the usual 6.0 wastes half the levels at this scale)")
-    p.add_argument("--ft-iters", type=int, default=6, help="fine-tuning batches per layer (default 6)")
-    p.add_argument("--workers", type=int, default=1, help="data-loading processes (default 1)")
+    add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=64, pretrain_what="canvas", epochs_fp=6,
+                   epochs_fp_help="default 6", epochs_q=2,
+                   optimizer_help="default adam: reaches a usable detector in the few hundred steps a CPU affords; sgd, "
+                                  "the original's, needs far more epochs",
+                   lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4,
+                   alpha_help="default 3.0, about the 99th percentile of the float net's activations here; the usual "
+                              "6.0 wastes half the levels at this scale",
+                   ft_batches=6, workers=1)
     return p
 
 
@@ -74,12 +64,12 @@ def _plan(args) -> Dict[str, float]:
     per_scene = (args.size / 96) ** 2 * (args.width / 0.5) ** 2
     plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 2
             * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
-    for bit in CHAIN_BITS:
+    for bit in CHAIN:
         plan[f"train {bit}-bit"] = 0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
-    for bit, T in SNN_BITS.items():
-        for neuron in ("signed", "unsigned"):
+    for bit, T in SNN_T.items():
+        for neuron in NEURONS:
             plan[f"SNN {bit}-bit {neuron} T={T}"] = 0.0014 * per_scene * args.test * T
-    plan[f"fine-tune {FT_BIT}-bit SNN"] = 0.5 * args.ft_iters
+    plan[f"fine-tune {FT_BIT}-bit SNN"] = 0.5 * args.ft_batches
     return plan
 
 
@@ -109,7 +99,6 @@ def main(argv=None):
     weights = os.path.join(out, "weights")
     data = ["-d", "voc", "-v", "yolov2_tiny", "-root", sc.root, "--classes", sc.classes,
             "--num_workers", str(args.workers), "--no-progress"]
-    best = {b: os.path.join(weights, "voc", f"yolov2_tiny_{b}bit", "model_best.pth.tar") for b in CHAIN_BITS}
     pre = None
     bb_path = os.path.join(weights, "voc", f"yolov2_tiny_backbone_w{args.width:g}.pth.tar")
     if args.pretrain > 0:
@@ -124,43 +113,35 @@ def main(argv=None):
             pre = steps.run("pretrain backbone", "-m detection.pretrain", pretrain_script.main, argv_p)
             pre = {"accuracy": pre["accuracy"], "history": pre["history"], "argv": argv_p}
             write_json(done_p, pre)
-    ann: Dict[int, dict] = {}
-    prev = None
-    for bit in CHAIN_BITS:
+
+    def run_dir(bit):
+        return os.path.join(weights, "voc", f"yolov2_tiny_{bit}bit")
+
+    def chain_argv(bit, init):
         fp = bit == 32
-        argv_t = data + ["--bit", str(bit), "--width", str(args.width), "--train_size", str(args.size),
-                         "--val_size", str(args.size), "--epochs", str(args.epochs_fp if fp else args.epochs_q),
-                         "--eval_epoch", str(args.epochs_fp if fp else args.epochs_q), "-bs", str(args.batch_size),
-                         "--lr", str(args.lr if fp else args.lr_q), "--wp_epoch", "1" if fp else "0",
-                         "--aug", "flip", "--optimizer", args.optimizer,
-                         "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights, "--seed", str(args.seed), "--resume", "auto",
-                         "--no-tfboard"]
+        epochs = args.epochs_fp if fp else args.epochs_q
+        argv = data + ["--bit", str(bit), "--width", str(args.width), "--train_size", str(args.size),
+                       "--val_size", str(args.size), "--epochs", str(epochs), "--eval_epoch", str(epochs),
+                       "-bs", str(args.batch_size), "--lr", str(args.lr_fp if fp else args.lr_q),
+                       "--wp_epoch", "1" if fp else "0", "--aug", "flip", "--optimizer", args.optimizer,
+                       "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights,
+                       "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]
         if fp:
-            argv_t += ["--anchors", "auto"] + (["--init", bb_path] if args.pretrain > 0 else [])
-        else:
-            argv_t += ["--no_warmup", "--init", best[prev], "--alpha-init", str(args.alpha_init)]
-        done = os.path.join(os.path.dirname(best[bit]), "metrics_ann.json")
-        want = args.epochs_fp if fp else args.epochs_q
-        if os.path.isfile(done) and os.path.isfile(best[bit]) and read_json(done).get("epochs") == want:
-            steps.skip(f"train {bit}-bit", done)
-            rec = read_json(done)
-        else:
-            rec = steps.run(f"train {bit}-bit", "detection/train.py", train_script.main, argv_t)
-        ann[bit] = rec
-        prev = bit
+            return argv + ["--anchors", "auto"] + (["--init", init] if init else [])
+        return argv + ["--no_warmup", "--init", init, "--alpha-init", str(args.alpha_init)]
+    ann = train_chain(steps, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
+                      argv=chain_argv, script="detection/train.py", fn=train_script.main,
+                      stage=lambda b: f"train {b}-bit", init=bb_path if args.pretrain > 0 else None)
     ev = data + ["-size", str(args.size), "-bs", "16"]
-    snn: Dict[tuple, dict] = {}
-    for bit, T in SNN_BITS.items():
-        for unsigned in (False, True):
-            neuron = "unsigned" if unsigned else "signed"
-            path = os.path.join(out, "metrics", f"snn_{bit}bit_{neuron}_T{T}.json")
-            snn[(bit, neuron)] = steps.once(f"SNN {bit}-bit {neuron} T={T}", path, "detection/eval.py",
-                                            eval_script.main, ev + ["--bit", str(bit), "--spike", "--init", best[bit],
-                                                                    "--metrics-out", path] + (["-u"] if unsigned else []))
-    ft_path = os.path.join(weights, "voc", f"yolov2_tiny_{FT_BIT}bit_ft", "model_best.pth.tar")
+    snn = snn_grid(steps, path=lambda b, n: os.path.join(out, "metrics", f"snn_{b}bit_{n}_T{SNN_T[b]}.json"),
+                   argv=lambda b, n, js: ev + ["--bit", str(b), "--spike", "--init", os.path.join(run_dir(b), BEST),
+                                               "--metrics-out", js] + (["-u"] if n == "unsigned" else []),
+                   script="detection/eval.py", fn=eval_script.main, stage=lambda b, n: f"SNN {b}-bit {n} T={SNN_T[b]}")
+    best = {b: os.path.join(run_dir(b), BEST) for b in CHAIN}
+    ft_path = os.path.join(run_dir(FT_BIT) + "_ft", BEST)
     ft_json = os.path.join(out, "metrics", f"snn_ft_{FT_BIT}bit_signed.json")
     ft_rec = steps.once(f"fine-tune {FT_BIT}-bit SNN", ft_json, "detection/snn_ft.py", ft_script.main,
-                        ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters", str(args.ft_iters),
+                        ev + ["--bit", str(FT_BIT), "--init", best[FT_BIT], "-n", "1", "--max-iters", str(args.ft_batches),
                               "--score-batches", "4", "--aug", "flip", "--save_folder", weights, "--seed", str(args.seed),
                               "--no-eval-before", "--no-tfboard", "--fresh", "--metrics-out", ft_json], also=ft_path)
     imgs = os.path.join(out, "data", "demo_images")
@@ -182,30 +163,17 @@ def main(argv=None):
 
 
 def report(out: str, args, ann, snn, ft_rec, seconds: float, pre=None) -> dict:
-    from detection.plots import plot_layers, plot_map_vs_t
-    rows = ["| activation bits | T | ANN mAP | SNN signed | SNN unsigned | SNN signed, fine-tuned |",
-            "|---|---|---|---|---|---|",
-            f"| 32 (float) | - | {ann[32]['map']:.2f} | - | - | - |"]
-    for bit, T in SNN_BITS.items():
-        s, u = snn[(bit, "signed")], snn[(bit, "unsigned")]
-        ft = f"{ft_rec['map']:.2f}" if bit == FT_BIT else "-"
-        rows.append(f"| {bit} | {T} | {s['ann_map']:.2f} | {s['map']:.2f} | {u['map']:.2f} | {ft} |")
-    table = "\n".join(rows)
-    curves, refs = {}, {}
-    for bit, T in SNN_BITS.items():
-        for neuron in ("signed", "unsigned"):
-            curves[f"{bit}-bit {neuron} (T={T})"] = snn[(bit, neuron)]["per_step_map"]
-    curves[f"{FT_BIT}-bit signed, fine-tuned (T={SNN_BITS[FT_BIT]})"] = ft_rec["per_step_map"]
-    plot_map_vs_t(curves, os.path.join(out, "map_vs_t.png"), None, "yolov2_tiny on the scene set: SNN mAP@0.5 vs t")
-    for bit in SNN_BITS:
-        refs[f"ANN {bit}-bit"] = snn[(bit, "signed")]["ann_map"]
-    plot_layers({f"{bit}-bit signed T={T}": snn[(bit, "signed")]["layers"] for bit, T in SNN_BITS.items()},
-                os.path.join(out, "layers.png"), "per-layer agreement with the quantized ANN / firing rate")
-    summary = {"table": table, "minutes": seconds / 60, "args": vars(args), "ann_map": {b: ann[b]["map"] for b in ann},
+    rows = chain_rows(ann, snn, ft_rec, "map", FT_BIT)
+    table = chain_table(rows, "map", "mAP")
+    figures = chain_figures(out, rows, snn, ft_rec, key="map", ylabel="mAP@0.5 (%)",
+                            title="yolov2_tiny on the scene set: SNN mAP@0.5 vs t")
+    summary = {"table": table, "rows": rows, "minutes": seconds / 60, "args": vars(args),
+               "ann_map": {b: ann[b]["map"] for b in ann},
                "snn": {f"{b}bit_{n}": {k: r[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron", "sops", "energy")}
                        for (b, n), r in snn.items()},
                "finetuned": {k: ft_rec[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron")},
-               "ann_refs": refs, "pretrain_accuracy": pre["accuracy"] if pre else None}
+               "ann_refs": {f"ANN {r['bit']}-bit": r["ann_map"] for r in rows[1:]}, "figures": figures,
+               "pretrain_accuracy": pre["accuracy"] if pre else None}
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# Detection demo (yolov2_tiny, width {args.width}, {args.size}x{args.size}, {args.train} train / "

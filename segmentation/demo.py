@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from common import run_cli
 from common.cli import ArgumentParser
 from common.metrics import write_json
-from common.stages import StageClock, add_scene_args, open_demo
+from common.stages import (BEST, CHAIN, NEURONS, SNN_T, StageClock, add_chain_args, add_scene_args, chain_figures, chain_rows, chain_table,
+                           open_demo, snn_grid, train_chain)
 
-CHAIN = (32, 4, 3, 2)
-SNN_BITS = (4, 3, 2)
 FT_BIT = 2
 
 
@@ -53,47 +52,23 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", default=(0.75, 1.0, 1.25), metavar="S",
                    help="random rescaling of the training scenes (train.py --scales; default 0.75 1 1.25: the "
                         "paper's 0.5-2.0 shrinks a 64-pixel scene's items below 16 pixels or cuts them off)")
-    p.add_argument("--pretrain-epochs", type=int, default=20,
-                   help="epochs of the backbone pretraining on the objects of the training masks (default 20; 0 = "
-                        "none, the 32-bit stage starts from random weights)")
-    p.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak Adam lr of the pretraining (default 3e-3)")
-    p.add_argument("--pretrain-size", type=int, default=32, help="object crop side of the pretraining (default 32)")
     p.add_argument("--pretrain-canvases", type=int, default=0, metavar="N",
                    help="pretrain on N single-item Fashion-MNIST canvases (segmentation/pretrain.py --canvases) "
                         "instead of the objects of the training masks (default 0: the objects)")
-    p.add_argument("--epochs-fp", type=int, default=96,
-                   help="epochs of the 32-bit stage (default 96: the mIoU still climbs at 48)")
-    p.add_argument("--epochs-q", type=int, default=8, help="epochs of each 4/3/2-bit stage (default 8)")
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
-                   help="optimizer of the 32-bit stage (default adam: 47.9 against 41.5 %% mIoU after 24 epochs; "
-                        "the quantized stages, short runs from a trained net, use SGD, as good there)")
-    p.add_argument("--lr-fp", type=float, default=None,
-                   help="learning rate of the 32-bit stage (default 6e-3 with adam, 0.1 with sgd)")
-    p.add_argument("--lr-q", type=float, default=0.04, help="learning rate of the quantized stages (default 0.04)")
-    p.add_argument("--alpha-init", type=float, default=3.0,
-                   help="initial activation clip of the quantized stages (default 3: a short run barely moves the "
-                        "learned clip, and the models' 6 leaves most levels unused)")
-    p.add_argument("-b", "--batch-size", type=int, default=16, help="training batch (default 16)")
-    p.add_argument("--ft-batches", type=int, default=8, help="fine-tuning batches per layer (default 8)")
+    add_chain_args(p, pretrain_epochs=20, pretrain_lr=3e-3, pretrain_size=32, pretrain_what="object crop",
+                   epochs_fp=96, epochs_fp_help="default 96: the mIoU still climbs at 48", epochs_q=8,
+                   optimizer_help="default adam: 47.9 against 41.5 %% mIoU after 24 epochs; the quantized stages, "
+                                  "short runs from a trained net, use SGD, as good there",
+                   lr_fp=None, lr_fp_help="default 6e-3 with adam, 0.1 with sgd", lr_q=0.04,
+                   alpha_help="default 3: a short run barely moves the learned clip, and the models' 6 leaves most "
+                              "levels unused",
+                   ft_batches=8, workers=0,
+                   pretrain_note="; 0 = none, the 32-bit stage starts from random weights")
     p.add_argument("--score-batches", type=int, default=2,
                    help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
-    p.add_argument("-j", "--workers", type=int, default=0, help="loader processes (default 0: in-process)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def table(rows: List[Dict]) -> str:
-    lines = ["| bits | T | ANN mIoU | SNN signed | SNN unsigned | SNN signed, fine-tuned |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['bit']} | {r.get('T') or '-'} | {_fmt(r.get('ann_miou'))} | {_fmt(r.get('signed'))} | "
-                     f"{_fmt(r.get('unsigned'))} | {_fmt(r.get('finetuned'))} |")
-    return "\n".join(lines)
 
 
 def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
@@ -143,9 +118,9 @@ def _plan(args) -> Dict[str, float]:
         if args.pretrain_epochs > 0 else {}
     for bit in CHAIN:
         plan[f"train the {bit}-bit ANN"] = (1.2 * args.epochs_fp if bit == 32 else 1.45 * args.epochs_q) * fit
-    for bit in SNN_BITS:
-        for neuron in ("signed", "unsigned"):
-            plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 0.25 * ((1 << bit) - 1) * args.test / 80 * net
+    for bit, T in SNN_T.items():
+        for neuron in NEURONS:
+            plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 0.25 * T * args.test / 80 * net
     plan[f"fine-tune the {FT_BIT}-bit signed SNN"] = 0.42 * args.ft_batches * net
     return plan
 
@@ -181,38 +156,30 @@ def main(argv=None) -> Dict:
         if args.pretrain_canvases:
             argv += ["--canvases", str(args.pretrain_canvases)]
         pre = clock.run("pretrain the backbone", "-m segmentation.pretrain", pretrain.main, argv)
-    ann: Dict[int, Dict] = {}
     lr_fp = args.lr_fp if args.lr_fp is not None else (6e-3 if args.optimizer == "adam" else 0.1)
-    prev = pre["checkpoint"] if pre else None
-    for bit in CHAIN:
+
+    def run_dir(bit):
+        return os.path.join(runs, "voc", f"{args.model}_{bit}bit")
+
+    def chain_argv(bit, init):
         fp = bit == 32
         epochs = args.epochs_fp if fp else args.epochs_q
         # one evaluation, after the last epoch: the kept model is the trained one, not the epoch that
         # happened to score best on the test scenes
         argv = common + ["--bit", str(bit), "--epochs", str(epochs), "--eval_epoch", str(epochs),
                          "--lr", str(lr_fp if fp else args.lr_q), "--resume", "auto"]
-        if fp:
-            argv += ["--optimizer", args.optimizer]
-        else:
-            argv += ["--alpha-init", str(args.alpha_init)]
-        if prev is not None:
-            argv += ["--init", prev]
-        ann[bit] = clock.run(f"train the {bit}-bit ANN", "segmentation/train.py", train.main, argv)
-        prev = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
-    snn: Dict[tuple, Dict] = {}
-    for bit in SNN_BITS:
-        best = os.path.join(runs, "voc", f"{args.model}_{bit}bit", "model_best.pth.tar")
-        for signed in (True, False):
-            neuron = "signed" if signed else "unsigned"
-            name = f"SNN of the {bit}-bit ANN, {neuron} IF"
-            js = os.path.join(out, f"metrics_snn_{bit}bit_{neuron}.json")
-            argv = common + ["--bit", str(bit), "--spike", "--init", best, "--metrics-out", js, "--plot"]
-            if not signed:
-                argv.append("-u")
-            snn[(bit, neuron)] = clock.once(name, js, "segmentation/eval.py", seg_eval.main, argv)
-    best2 = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit", "model_best.pth.tar")
+        argv += ["--optimizer", args.optimizer] if fp else ["--alpha-init", str(args.alpha_init)]
+        return argv + (["--init", init] if init is not None else [])
+    ann = train_chain(clock, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
+                      argv=chain_argv, script="segmentation/train.py", fn=train.main,
+                      stage=lambda b: f"train the {b}-bit ANN", init=pre["checkpoint"] if pre else None)
+    snn = snn_grid(clock, path=lambda b, n: os.path.join(out, f"metrics_snn_{b}bit_{n}.json"),
+                   argv=lambda b, n, js: common + ["--bit", str(b), "--spike", "--init", os.path.join(run_dir(b), BEST),
+                                                   "--metrics-out", js, "--plot"] + (["-u"] if n == "unsigned" else []),
+                   script="segmentation/eval.py", fn=seg_eval.main, stage=lambda b, n: f"SNN of the {b}-bit ANN, {n} IF")
+    best2 = os.path.join(run_dir(FT_BIT), BEST)
     ft_js = os.path.join(out, f"metrics_snn_ft_{FT_BIT}bit_signed.json")
-    ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", "model_best.pth.tar")
+    ft_path = os.path.join(runs, "voc", f"{args.model}_{FT_BIT}bit_ft", BEST)
     argv = common + ["--bit", str(FT_BIT), "-n", "1", "--max-iters", str(args.ft_batches), "--score-batches",
                      str(args.score_batches), "--init", best2, "--no-eval-before", "--metrics-out", ft_js, "--plot", "--fresh"]
     ft = clock.once(f"fine-tune the {FT_BIT}-bit signed SNN", ft_js, "segmentation/snn_ft.py", snn_ft.main, argv,
@@ -220,21 +187,14 @@ def main(argv=None) -> Dict:
     steps = clock.steps
     t_start = clock.t0
 
-    rows = [{"bit": 32, "T": None, "ann_miou": ann[32]["miou"]}]
-    for bit in SNN_BITS:
-        s, u = snn[(bit, "signed")], snn[(bit, "unsigned")]
-        rows.append({"bit": bit, "T": s["T"], "ann_miou": s["ann_miou"], "train_best_miou": ann[bit]["miou"],
-                     "signed": s["miou"], "unsigned": u["miou"],
-                     "finetuned": ft["miou"] if bit == FT_BIT else None,
-                     "per_step_signed": s["per_step_miou"], "per_step_unsigned": u["per_step_miou"],
-                     "first_layer_agreement": s["layers"][0]["agreement"],
-                     "sops": s["sops"], "energy": s["energy"]})
-    rows[-1]["per_step_finetuned"] = ft["per_step_miou"]
+    rows = chain_rows(ann, snn, ft, "miou", FT_BIT)
     for r in rows:                       # the trained ANN's finding vs naming (segmentation.metrics)
         r.update({f"ann_{k}": ann[r["bit"]].get(k) for k in ("item_iou", "naming_acc", "miou_if_named")})
     accepted = [h.get("layer") for h in ft.get("finetune", []) if h.get("accepted")]
-    figures = _figures(args, out, rows, snn, ft, common, runs, ft_path)
-    md = table(rows)
+    figures = chain_figures(out, rows, snn, ft, key="miou", ylabel="mIoU (%)",
+                            title=f"{args.model} (width {args.width}) on the scene set: SNN mIoU vs t")
+    figures += _overlays(args, out, common, runs, ft_path)
+    md = chain_table(rows, "miou", "mIoU")
     elapsed = time.time() - t_start
     note = (f"{args.model} width {args.width}, "
             + (f"backbone pretrained on the training masks' objects ({args.pretrain_epochs} epochs, held-out accuracy "
@@ -258,26 +218,13 @@ def main(argv=None) -> Dict:
     return summary
 
 
-def _figures(args, out, rows, snn, ft, common, runs, ft_path) -> List[str]:
-    from common.plots import plot_layers
-    from segmentation.plots import plot_miou_vs_t, plot_overlays
-    figs = []
-    curves, refs = {}, {}
-    for bit in SNN_BITS:
-        s, u = snn[(bit, "signed")], snn[(bit, "unsigned")]
-        curves[f"{bit}-bit T={s['T']} signed"] = s["per_step_miou"]
-        curves[f"{bit}-bit T={u['T']} unsigned"] = u["per_step_miou"]
-    curves[f"{FT_BIT}-bit T=3 signed, fine-tuned"] = ft["per_step_miou"]
-    for bit in SNN_BITS:
-        refs[f"ANN {bit}-bit"] = snn[(bit, "signed")]["ann_miou"]
-    figs.append(plot_miou_vs_t(curves, os.path.join(out, "miou_vs_t.png"), refs,
-                               f"{args.model} (width {args.width}) on the scene set: SNN mIoU vs t"))
-    figs.append(plot_layers({f"{b}-bit signed": snn[(b, 'signed')]["layers"] for b in SNN_BITS}
-                            | {f"{FT_BIT}-bit fine-tuned": ft["layers"]},
-                            os.path.join(out, "layers.png"), "per-layer agreement with the ANN and firing rate"))
+def _overlays(args, out, common, runs, ft_path) -> List[str]:
+    """``overlays.png`` (the first test scenes, one a row) and one ``masks_<i>.png`` a scene: image, ground
+    truth, 2-bit ANN and SNNs side by side."""
+    from segmentation.plots import plot_overlays
     panels, titles = _predictions(args, common, runs, ft_path)
-    figs.append(plot_overlays(panels, titles, os.path.join(out, "overlays.png")))
-    for i, row in enumerate(panels):      # one scene per file: image, ground truth, ANN and SNNs side by side
+    figs = [plot_overlays(panels, titles, os.path.join(out, "overlays.png"))]
+    for i, row in enumerate(panels):
         figs.append(plot_overlays([row], titles, os.path.join(out, f"masks_{i}.png")))
     return figs
 

@@ -52,7 +52,7 @@ def test_segmentation_demo_resumes_and_draws_ann_and_snn_side_by_side(tmp_path, 
     assert first.count("--epochs 1 --eval_epoch 1") == 4                   # each stage: one evaluation, at its end
     again = demo.main(argv)                                                # a rerun reuses the finished stages
     text = capsys.readouterr().out
-    assert text.count("done before") == 7 and again["rows"][1:] == s["rows"][1:]
+    assert text.count("done before") == 11 and again["rows"][1:] == s["rows"][1:]   # 4 trainings, 6 SNNs, the tuning
     with pytest.raises(UserError, match="other settings.*--seed"):
         demo.main(argv + ["--seed", "1"])
     assert demo.main(argv + ["--seed", "1", "--fresh", "--pretrain-epochs", "0"])["pretrain_accuracy"] is None
