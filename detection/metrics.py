@@ -14,7 +14,8 @@ original size and stores them with the ground truth; ``compute()`` gathers every
 
     {"map": VOC07 11-point mAP@0.5 (COCO datasets: AP@[.5:.95]), "map_voc07", "map_all_point",
      "ap": {class: 11-point AP}, "ap_all_point": {...}, "images", "detections",
-     "coco": {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl} (COCO only), "map50"}
+     "coco": {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl} (COCO only), "map50",
+     "map_agnostic", "naming_acc", "confusion"}   (finding vs naming the objects: :func:`finding_and_naming`)
 
 When no class has non-difficult ground truth the VOC mAP is undefined: a warning, and it is reported as 0
 (the trainer compares and prints it as a number).
@@ -121,6 +122,38 @@ def voc_map(images: Dict[object, dict], num_classes: int, iou_thresh: float = 0.
     return (float(np.mean(valid)) if valid else None), aps
 
 
+def finding_and_naming(images: Dict[object, dict], num_classes: int, iou_thresh: float = 0.5) -> Dict[str, object]:
+    """Whether a detector misses objects or names them wrong (percent; the ``images`` of :func:`voc_map`):
+
+    * ``map_agnostic``: VOC07 11-point AP@``iou_thresh`` with every class merged into one, after a
+      class-agnostic NMS at the same IoU (one box per object, whatever its name): how well objects are found;
+    * ``naming_acc``: of the non-difficult ground-truth objects that some detection overlaps by more than
+      ``iou_thresh``, the share whose highest-scoring such detection has the right class;
+    * ``confusion``: ``[C, C + 1]`` counts of those objects, rows their class, columns the class of that
+      detection, the last column the objects no detection overlaps.
+    """
+    from torchvision.ops import nms
+    conf = np.zeros((num_classes, num_classes + 1), np.int64)
+    dets, gts = [], {}
+    for key, im in images.items():
+        gb, gl, diff = np.asarray(im["gt_boxes"], np.float64), im["gt_labels"], im["difficult"]
+        boxes, scores, labels = np.asarray(im["boxes"], np.float64), im["scores"], im["labels"]
+        for b, c, d in zip(gb, gl, diff):
+            if d:
+                continue
+            hit = _iou_one(b, boxes) > iou_thresh if len(boxes) else np.zeros(0, bool)
+            conf[int(c), int(labels[hit][np.argmax(scores[hit])]) if hit.any() else num_classes] += 1
+        if len(boxes):
+            keep = nms(torch.from_numpy(boxes).float(), torch.from_numpy(np.asarray(scores, np.float32)), iou_thresh).numpy()
+            dets += [(key, float(scores[k]), boxes[k]) for k in keep]
+        gts[key] = (gb, np.asarray(diff, bool))
+    ap = average_precision(dets, gts, iou_thresh, 11)
+    found = conf[:, :num_classes].sum()
+    return {"map_agnostic": None if ap is None else 100 * ap,
+            "naming_acc": float(100 * np.trace(conf[:, :num_classes]) / found) if found else None,
+            "confusion": conf.tolist()}
+
+
 def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """pycocotools COCOeval (bbox) of ``results`` (COCO result dicts) -> the 12 stats in percent."""
     from pycocotools.cocoeval import COCOeval
@@ -199,7 +232,8 @@ class DetectionMetric:
         res = {"map_voc07": 100 * m07, "map_all_point": 100 * mall,
                "ap": {c: (None if a is None else 100 * a) for c, a in zip(self.classes, ap07)},
                "ap_all_point": {c: (None if a is None else 100 * a) for c, a in zip(self.classes, apall)},
-               "images": len(images), "detections": int(sum(len(im["scores"]) for im in images.values()))}
+               "images": len(images), "detections": int(sum(len(im["scores"]) for im in images.values())),
+               **finding_and_naming(images, self.num_classes)}
         if self.coco is not None:
             stats = coco_evaluate(self.coco.coco, self.results_coco(images), [im["id"] for im in images.values()])
             res.update(coco=stats, map=stats["AP"], map50=stats["AP50"])

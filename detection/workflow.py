@@ -499,8 +499,24 @@ def evaluate(args) -> dict:
 def _ann_result(args, data, model, full: dict) -> dict:
     res = {**full, "ann_map": full["map"], "per_step_map": []}
     log("\n".join(_ap_lines(res) + [f"mAP {res['map']:.2f} (VOC07 11-point {res['map_voc07']:.2f}, all-point "
-                                     f"{res['map_all_point']:.2f})"]))
+                                     f"{res['map_all_point']:.2f}){_diagnosis(res)}"]))
     return res
+
+
+def _diagnosis(res: dict) -> str:
+    """Finding vs naming the objects (detection.metrics.finding_and_naming), for the log line."""
+    if res.get("map_agnostic") is None or res.get("naming_acc") is None:
+        return ""
+    return f"; objects found (class-agnostic AP50) {res['map_agnostic']:.2f}, named right {res['naming_acc']:.2f} %"
+
+
+def _flatten(res: dict) -> dict:
+    """The SNN record's keys: the SNN's per-class AP and finding / naming figures, the ANN's as ``ann_*``."""
+    snn, ann = res.get("snn") or {}, res.get("ann") or {}
+    out = {**res, "ap": snn.get("ap", res.get("ap")), "per_step_map_all_point": None}
+    for k in ("map_agnostic", "naming_acc", "confusion"):
+        out[k], out[f"ann_{k}"] = snn.get(k), ann.get(k)
+    return out
 
 
 @torch.no_grad()
@@ -549,7 +565,7 @@ def _loaders(args, data, ctx):
 
 def _snn_line(res: dict) -> str:
     return "\n".join(_ap_lines(res.get("snn") or res) + [
-        f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}; per step "
+        f"SNN mAP {res['map']:.2f} (ANN {res['ann_map']:.2f}), {res['neuron']} IF, T={res['T']}{_diagnosis(res)}; per step "
         + " ".join(f"{m:.1f}" for m in res["per_step_map"])])
 
 
@@ -562,7 +578,7 @@ TASK = runner.Task(
     score_text=lambda args: f"the mAP of {args.score_batches} training batches",
     ft_meta=lambda args, data, model, res: {**_meta(model, data, args), "best_map": res["map"]},
     e2e_losses=lambda model: {"yolo": e2e_yolo_loss(model.anchors)},
-    flatten=lambda res: {**res, "ap": (res.get("snn") or {}).get("ap", res.get("ap")), "per_step_map_all_point": None},
+    flatten=_flatten,
     inputs=D.inputs, device=_device_arg,
     ann_result=_ann_result)
 

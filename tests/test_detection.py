@@ -19,7 +19,7 @@ from common import scenes  # noqa: E402
 from detection import data as D  # noqa: E402
 from detection.boxes import decode_boxes, kmeans_anchors, postprocess  # noqa: E402
 from detection.loss import build_targets, yolo_loss  # noqa: E402
-from detection.metrics import DetectionMetric, average_precision, interpolated_ap, voc_map  # noqa: E402
+from detection.metrics import DetectionMetric, average_precision, finding_and_naming, interpolated_ap, voc_map  # noqa: E402
 from detection.models import VOC_ANCHORS, get_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +173,23 @@ def test_ap_hand_computed():
     assert average_precision(dets, {"a": (np.zeros((0, 4)), np.zeros(0, bool))}) is None
     assert average_precision([], gts) == 0.0
     assert interpolated_ap(np.array([0.2, 0.4]), np.array([1.0, 1.0]), 11) == pytest.approx(5 / 11)
+
+
+def test_finding_and_naming_by_hand():
+    # three objects of classes 0, 1, 1 (and a difficult one, left out); detections: the first object found as
+    # class 0 (0.9), the second found twice, best as class 0 (0.8, wrong) and as class 1 (0.6), the third missed
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], float)
+    im = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [20, 20, 30, 31], [80, 80, 90, 90]], float),
+          "scores": np.array([0.9, 0.8, 0.6, 0.7]), "labels": np.array([0, 0, 1, 1]),
+          "gt_boxes": gt, "gt_labels": np.array([0, 1, 1, 0]), "difficult": np.array([False, False, False, True])}
+    r = finding_and_naming({"a": im}, 2)
+    assert r["confusion"] == [[1, 0, 0], [1, 0, 1]]        # rows: true class; columns: named 0, 1, none
+    assert r["naming_acc"] == pytest.approx(50.0)           # of the 2 objects found, 1 named right
+    # class-agnostic: NMS keeps 0.9, 0.8 and 0.7 (the 0.6 duplicate goes): TP, TP, FP over 3 positives, so
+    # recall 1/3, 2/3, 2/3 at precision 1, 1, 2/3: precision 1 up to recall 0.6, nothing beyond (11-point)
+    assert r["map_agnostic"] == pytest.approx(100 * 7 / 11)
+    none = finding_and_naming({"a": {**im, "boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}}, 2)
+    assert none["naming_acc"] is None and none["map_agnostic"] == 0.0 and none["confusion"] == [[0, 0, 1], [0, 0, 2]]
 
 
 def _random_case(seed, n_img=12, C=3):
@@ -492,6 +509,8 @@ def test_eval_spike_seed_command_under_torchrun(trained, scene_root, tmp_path):
         assert k in rec, k
     assert rec["T"] == 3 and rec["neuron"] == "signed" and len(rec["per_step_map"]) == 3
     assert rec["snn"]["images"] == 4 and rec["checkpoint"] == trained["best2"] and rec["ap"] == rec["snn"]["ap"]
+    assert rec["naming_acc"] == rec["snn"]["naming_acc"] and rec["ann_map_agnostic"] == rec["ann"]["map_agnostic"]
+    assert len(rec["confusion"]) == len(rec["classes"]) and len(rec["ann_confusion"][0]) == len(rec["classes"]) + 1
     assert rec["layers"][0]["agreement"] == 1.0
     assert os.path.isfile(str(tmp_path / "snn_map_vs_t.png"))
     # unsigned, in-process, and the ANN alone
