@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from common.plots import plot_layers, plot_metric_vs_t, plot_snn_record  # noqa: F401 (plot_layers: re-export)
+from common.plots import plot_metric_vs_t, plot_snn_record
 
 
 def plot_map_vs_t(curves: Mapping[str, Sequence[float]], path: str, ann: Optional[Mapping[str, float]] = None,
