@@ -169,6 +169,8 @@ def report(out: str, args, ann, snn, ft_rec, seconds: float, pre=None) -> dict:
                             title="yolov2_tiny on the scene set: SNN mAP@0.5 vs t")
     summary = {"table": table, "rows": rows, "minutes": seconds / 60, "args": vars(args),
                "ann_map": {b: ann[b]["map"] for b in ann},
+               "ann_map_agnostic": {b: ann[b].get("map_agnostic") for b in ann},
+               "ann_naming_acc": {b: ann[b].get("naming_acc") for b in ann},
                "snn": {f"{b}bit_{n}": {k: r[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron", "sops", "energy")}
                        for (b, n), r in snn.items()},
                "finetuned": {k: ft_rec[k] for k in ("map", "ann_map", "per_step_map", "T", "neuron")},
@@ -182,6 +184,9 @@ def report(out: str, args, ann, snn, ft_rec, seconds: float, pre=None) -> dict:
                 + (f"Backbone pretrained as a Fashion-MNIST classifier ({args.pretrain} canvases x "
                    f"{args.pretrain_epochs} epochs, held-out accuracy {pre['accuracy']:.1f} %)." if pre else
                    "No backbone pretraining.")
+                + (f" The 32-bit ANN finds the objects with a class-agnostic AP50 of {ann[32]['map_agnostic']:.1f} % and "
+                   f"names {ann[32]['naming_acc']:.1f} % of those it finds right." if ann[32].get("naming_acc") is not None
+                   else "")
                 + f"\n\n{table}\n")
     return summary
 

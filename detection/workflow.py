@@ -451,7 +451,8 @@ def train(args) -> dict:
             res = pipeline.evaluate(ema.ema if ema is not None else model, val_loader, make_metric, inputs=D.inputs,
                                     device=ctx.device, progress=args.progress, desc=f"test {epoch + 1}",
                                     max_batches=args.max_iters)
-            return {"test_map": res["map"], "test_map_all_point": res["map_all_point"]}
+            return {"test_map": res["map"], "test_map_all_point": res["map_all_point"],
+                    "test_map_agnostic": res.get("map_agnostic"), "test_naming_acc": res.get("naming_acc")}
 
         def state(done, best, history):
             return {**_meta(model, data, args), "epoch": done, "best_map": best,
@@ -464,7 +465,8 @@ def train(args) -> dict:
             train_epoch=train_epoch, evaluate=evaluate, state=state, summary={"version": args.version, "bit": args.bit},
             every=args.eval_epoch, label="test mAP (%)", title=f"{args.version} {args.bit}-bit",
             result=lambda top: {"map": top.get("test_map"), "ann_map": top.get("test_map"),
-                                "map_all_point": top.get("test_map_all_point")},
+                                "map_all_point": top.get("test_map_all_point"), "map_agnostic": top.get("test_map_agnostic"),
+                                "naming_acc": top.get("test_naming_acc")},
             record=lambda res, history: _record(args, "train.py", model, data, res, os.path.join(out_dir, BEST),
                                                 history=history))
 

@@ -662,7 +662,8 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
             "--pretrain-epochs", "1", "--pretrain-size", "32", "--epochs-fp", "1", "--epochs-q", "1",
             "--batch-size", "4", "--ft-iters", "1", "--workers", "0"]
     s = O.main(argv)
-    assert s["pretrain_accuracy"] is not None and set(s["ann_map"]) == {32, 4, 3, 2}
+    assert s["pretrain_accuracy"] is not None and set(s["ann_map"]) == set(s["ann_naming_acc"]) == {32, 4, 3, 2}
+    assert all(v is None or 0 <= v <= 100 for v in s["ann_map_agnostic"].values())   # the trainings' finding figure
     assert "| 2 | 3 |" in s["table"] and len(s["snn"]) == 6
     for f in ("results.md", "summary.json", "map_vs_t.png", "layers.png"):
         assert os.path.isfile(os.path.join(out, f)), f
