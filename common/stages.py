@@ -195,12 +195,31 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
                    help=f"data-loading processes (default {workers}{': in-process' if workers == 0 else ''})")
 
 
+def check_demo_args(args):
+    """The scene and chain flags of a demo, before anything is rendered or trained: a one-line error for
+    a count, epoch or batch below 1, a negative pretraining, epoch or worker count, a width, learning rate
+    or clip that is not positive."""
+    from common import UserError
+    from common.runs import check_non_negative, check_positive
+    check_positive(args, "train", "test", "max_items", "pretrain_size", "epochs_fp", "epochs_q", "batch_size",
+                   "ft_batches", "score_batches", "fov_dilation")
+    check_non_negative(args, "pretrain", "pretrain_canvases", "pretrain_epochs", "workers")
+    if getattr(args, "pretrain", 0) and not args.pretrain_epochs:
+        raise UserError(f"--pretrain {args.pretrain} with --pretrain-epochs 0", "pass --pretrain 0 to skip the pretraining")
+    for name in ("width", "lr_fp", "lr_q", "pretrain_lr", "alpha_init"):
+        v = getattr(args, name, None)
+        if v is not None and not v > 0:
+            raise UserError(f"--{name.replace('_', '-')} {v:g} must be positive", "pass a value above 0")
+
+
 def open_demo(args, ignore: Iterable[str] = ()) -> str:
-    """The demo's folder ``args.out`` (emptied first with ``--fresh``); a run continued there must have the
-    same settings, since its finished stages are reused as they are: a one-line error names the flags that
-    differ. ``ignore``: flags besides ``--out`` / ``--fresh`` that may change between runs (workers, bars)."""
+    """The demo's folder ``args.out`` (emptied first with ``--fresh``), once its flags pass
+    :func:`check_demo_args`; a run continued there must have the same settings, since its finished stages
+    are reused as they are: a one-line error names the flags that differ. ``ignore``: flags besides
+    ``--out`` / ``--fresh`` that may change between runs (workers, bars)."""
     from common import UserError
     from common.metrics import read_json, write_json
+    check_demo_args(args)
     out = args.out
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -220,4 +239,4 @@ def open_demo(args, ignore: Iterable[str] = ()) -> str:
 
 
 __all__ = ["CHAIN", "NEURONS", "SNN_T", "StageClock", "add_chain_args", "add_scene_args", "chain_figures", "chain_rows", "chain_table",
-           "command", "finished_training", "open_demo", "snn_grid", "train_chain"]
+           "check_demo_args", "command", "finished_training", "open_demo", "snn_grid", "train_chain"]

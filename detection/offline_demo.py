@@ -87,6 +87,9 @@ def side_by_side(left: str, right: str, dst: str):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    from detection.workflow import check_size
+    check_size("--size", args.size)
+    check_size("--pretrain-size", args.pretrain_size if args.pretrain > 0 else None)
     from common import scenes
     from detection import demo as demo_script
     from detection import eval as eval_script

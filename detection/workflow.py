@@ -107,16 +107,16 @@ def _device_arg(args) -> Optional[str]:
     return args.device
 
 
-def _check_size(flag: str, v: Optional[int]):
+def check_size(flag: str, v: Optional[int]):
     if v is not None and (v < STRIDE or v % STRIDE):
-        raise UserError(f"{flag} {v} is not a multiple of {STRIDE}", f"use a multiple of {STRIDE} (e.g. 416)")
+        raise UserError(f"{flag} {v} is not a multiple of {STRIDE}", f"use a multiple of {STRIDE} (e.g. {max(STRIDE, round(v / STRIDE) * STRIDE)})")
 
 
 def _check_read_args(args, spike: bool):
     """The flags of the scripts that read a trained checkpoint, before anything is loaded."""
     runs.check_positive(args, "batch_size", "max_iters", "score_batches", "num_epochs", "max_det")
     runs.check_non_negative(args, "workers", "lr", "momentum", "weight_decay")
-    _check_size("-size", args.input_size)
+    check_size("-size", args.input_size)
     for flag in ("conf_thresh", "nms_thresh", "vis_thresh"):
         v = getattr(args, flag, None)
         if v is not None and not 0 <= v <= 1:
@@ -205,7 +205,7 @@ def open_trained(args, what: str = "--init"):
                                        "or pass --init PATH")
     if getattr(args, "input_size", 0) is None:
         args.input_size = runs.image_size_from(ckpt, "val_size", "input_size") or 416
-        _check_size(f"{path}'s evaluation size", args.input_size)
+        check_size(f"{path}'s evaluation size", args.input_size)
     if not args.classes and ckpt.get("classes") and getattr(args, "dataset", "voc") == "voc":
         args.checkpoint_classes = list(ckpt["classes"])
     return ckpt, path
@@ -343,7 +343,7 @@ def _check_train_args(args):
     runs.check_positive(args, "epochs", "batch_size", "eval_epoch", "max_iters")
     runs.check_non_negative(args, "workers", "momentum", "weight_decay", "start_epoch", "wp_epoch")
     for n in ("train_size", "val_size"):
-        _check_size(f"--{n}", getattr(args, n))
+        check_size(f"--{n}", getattr(args, n))
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 1e-3")
     if args.anchors and args.anchors.startswith("auto"):

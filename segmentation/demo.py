@@ -131,6 +131,9 @@ def main(argv=None) -> Dict:
         args.train, args.test, args.size, args.crop, args.test_size = 24, 8, 48, 33, 49
         args.epochs_fp, args.epochs_q, args.width, args.ft_batches, args.batch_size = 1, 1, 0.125, 1, 8
         args.pretrain_epochs, args.pretrain_size = min(args.pretrain_epochs, 1), 16
+    from segmentation.workflow import check_fit, check_scales
+    check_fit(args.model, ("--crop", args.crop), ("--test-size", args.test_size))
+    check_scales(args.scales)
     out = open_demo(args, ignore=("workers", "progress"))
     runs = os.path.join(out, "runs")
     from common.scenes import make_scenes

@@ -11,7 +11,7 @@ import argparse
 import copy
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -150,11 +150,27 @@ def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
     return args
 
 
+def check_fit(model: str, *sizes: Tuple[str, Optional[int]]):
+    """One-line error for an input size (flag, value) that ``model``'s output stride does not fit."""
+    stride = OUTPUT_STRIDE[model]
+    for flag, v in sizes:
+        if v is not None and (v < stride + 1 or (v - 1) % stride):
+            k = max(1, round((v - 1) / stride))
+            raise UserError(f"{flag} {v} does not fit {model} (output stride {stride}: the logits are "
+                            f"upsampled to in * {stride} - {stride - 1})",
+                            f"use k * {stride} + 1, e.g. {k * stride + 1}")
+
+
+def check_scales(scales: Optional[List[float]]):
+    if scales is not None and not all(0 < s <= 8 for s in scales):
+        raise UserError(f"--scales {' '.join(f'{s:g}' for s in scales)}: every factor must be in (0, 8]",
+                        "pass e.g. --scales 0.75 1 1.25")
+
+
 def check_args(args, model_name: Optional[str] = None):
     """The flags, before any data or checkpoint is read (a model left to the checkpoint is checked
     against the default model's stride here and against its own in :func:`settle_from_checkpoint`)."""
     name = model_name or args.model or DEFAULT_MODEL
-    stride = OUTPUT_STRIDE[name]
     runs.check_positive(args, "batch_size", "test_batch_size", "max_iters", "num_epochs", "score_batches", "epochs",
                         "eval_epoch")
     runs.check_non_negative(args, "workers")
@@ -168,17 +184,8 @@ def check_args(args, model_name: Optional[str] = None):
                             "drop --fov-dilation or pass -m deeplabv1_vgg9")
     if args.test_size is None:
         args.test_size = segdata.DEFAULT_TEST_SIZE[args.dataset]
-    if args.scales is not None and not all(0 < s <= 8 for s in args.scales):
-        raise UserError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: every factor must be in (0, 8]",
-                        "pass e.g. --scales 0.75 1 1.25")
-    for flag, v in (("--crop_size", args.crop_size), ("--test_size", args.test_size)):
-        if v is None:
-            continue
-        if v < stride + 1 or (v - 1) % stride:
-            k = max(1, round((v - 1) / stride))
-            raise UserError(f"{flag} {v} does not fit {name} (output stride {stride}: the logits are "
-                            f"upsampled to in * {stride} - {stride - 1})",
-                            f"use k * {stride} + 1, e.g. {k * stride + 1}")
+    check_scales(args.scales)
+    check_fit(name, ("--crop_size", args.crop_size), ("--test_size", args.test_size))
     for name in ("lr", "weight_decay", "momentum"):
         v = getattr(args, name, None)
         if v is not None and v < 0:

@@ -76,3 +76,26 @@ def test_detection_demo_resumes_and_draws_ann_and_snn_side_by_side(tmp_path, cap
     capsys.readouterr()
     again = O.main(argv)
     assert capsys.readouterr().out.count("done before") == 12 and again["table"] == s["table"]
+
+
+@pytest.mark.parametrize("task, argv, match", [
+    ("detection", ["--size", "100"], r"--size 100 is not a multiple of 32.*e\.g\. 96"),
+    ("detection", ["--epochs-q", "0"], "--epochs-q 0 must be at least 1"),
+    ("detection", ["--pretrain-size", "80"], r"--pretrain-size 80 is not a multiple of 32.*e\.g\. 64"),
+    ("detection", ["--pretrain-epochs", "0"], "--pretrain 32000 with --pretrain-epochs 0"),
+    ("detection", ["--lr-q", "0"], "--lr-q 0 must be positive"),
+    ("detection", ["--workers", "-1"], "--workers -1 must not be negative"),
+    ("segmentation", ["--crop", "64"], "--crop 64 does not fit deeplabv1_vgg9.*e\\.g\\. 65"),
+    ("segmentation", ["--scales", "0"], "--scales 0: every factor"),
+    ("segmentation", ["--width", "0"], "--width 0 must be positive"),
+    ("segmentation", ["--max-items", "0"], "--max-items 0 must be at least 1"),
+])
+def test_demo_flags_are_checked_before_anything_is_written(tmp_path, task, argv, match):
+    if task == "detection":
+        from detection.offline_demo import main
+    else:
+        from segmentation.demo import main
+    out = tmp_path / "demo"
+    with pytest.raises(UserError, match=match):
+        main(["--out", str(out)] + argv)
+    assert not out.exists()                                # nothing rendered, no settings stamp
