@@ -320,7 +320,7 @@ def init_weights(model: nn.Module, args, num_classes: int, ckpt: Optional[dict] 
     fetches torchvision's ImageNet ResNet-34 weights (online)."""
     import quant
     if args.init == "torchvision":
-        from classification.models import pretrained_state_dict
+        from common.pretrained import pretrained_state_dict
         if args.model != "deeplabv3_r34":
             raise UserError("--init torchvision needs --model deeplabv3_r34 (a ResNet-34 backbone)",
                             "pass a local state-dict file for the VGG-9 (the original used pretrain/vgg9.pth)")

@@ -244,6 +244,38 @@ def test_init_backbone_partial_mode(tmp_path, capsys):
         workflow.init_weights(get_model("deeplabv3_r34", 21, width=0.5), args, 21)
 
 
+
+def test_init_torchvision_loads_the_shared_pretrained_weights(monkeypatch):
+    """``--init torchvision`` takes torchvision's ResNet-34 through ``common.pretrained`` (the fetch is
+    replaced by torchvision's own constructor, offline); a failed fetch is a one-line error; the VGG-9 is
+    refused."""
+    import torchvision
+    import common.pretrained
+    from segmentation import train, workflow
+    from segmentation.models import get_model
+    tv = torchvision.models.resnet34(weights=None)
+    calls = []
+
+    def fake_fetch(arch, source="torchvision", **kw):
+        calls.append((arch, source))
+        return tv.state_dict()
+    monkeypatch.setattr(common.pretrained, "pretrained_state_dict", fake_fetch)
+    seg = get_model("deeplabv3_r34", 21)
+    args = workflow.parse_args(train.get_parser(), ["-m", "deeplabv3_r34", "--init", "torchvision"])
+    info = workflow.init_weights(seg, args, 21)
+    assert calls == [("resnet34", "torchvision")] and info["mode"] == "backbone"
+    assert torch.equal(seg.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+
+    def offline(arch, source="torchvision", **kw):
+        raise RuntimeError("could not fetch torchvision resnet34 IMAGENET1K_V1 weights (URLError: x); pass a file")
+    monkeypatch.setattr(common.pretrained, "pretrained_state_dict", offline)
+    with pytest.raises(UserError, match="could not fetch") as e:
+        workflow.init_weights(get_model("deeplabv3_r34", 21), args, 21)
+    assert "\n" not in str(e.value)
+    args = workflow.parse_args(train.get_parser(), ["--init", "torchvision"])
+    with pytest.raises(UserError, match="deeplabv3_r34"):
+        workflow.init_weights(get_model("deeplabv1_vgg9", 21), args, 21)
+
 def test_bad_input_one_line_errors(chain, tmp_path):
     from segmentation import eval as seg_eval
     from segmentation import train
