@@ -326,21 +326,27 @@ def _paths(out: str, n_train: int, n_test: int, generated: bool) -> ScenePaths:
                       os.path.join(out, "classes_seg.txt"), ids[:n_train], ids[n_train:], generated)
 
 
-def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int = 0, *, max_items: int = 4,
-                scale: Tuple[float, float] = (0.3, 0.65), min_visible: float = 0.6, border: int = 0,
-                source: Optional[str] = None, log=print, replace: bool = False) -> ScenePaths:
-    """Write the scene set under ``out`` (see the module docstring); a no-op if it is already there. A
-    set of other parameters there is an error unless ``replace``."""
+def check_scene_params(n_train: int, n_test: int, size: int, scale: Tuple[float, float], scale_flag: str = "--scale"):
+    """The scene counts, canvas side and item scale of a set (``make_scenes``, the demos before they write
+    anything): a one-line error naming the flag."""
     if n_train < 1 or n_test < 1:
         raise UserError(f"--train {n_train} / --test {n_test}: both splits need at least one scene",
                         "pass positive counts")
     if size < 32:
         raise UserError(f"--size {size} is too small", "use a canvas of at least 32 pixels")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise UserError(f"{scale_flag} {scale[0]:g} {scale[1]:g}: the item sizes must satisfy 0 < MIN <= MAX <= 1 "
+                        "(fractions of the canvas side)", f"pass e.g. {scale_flag} 0.3 0.65")
+
+
+def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int = 0, *, max_items: int = 4,
+                scale: Tuple[float, float] = (0.3, 0.65), min_visible: float = 0.6, border: int = 0,
+                source: Optional[str] = None, log=print, replace: bool = False) -> ScenePaths:
+    """Write the scene set under ``out`` (see the module docstring); a no-op if it is already there. A
+    set of other parameters there is an error unless ``replace``."""
+    check_scene_params(n_train, n_test, size, scale)
     if border not in (0, 1):
         raise UserError(f"border={border}", "use 0 (no ignore band) or 1 (VOC's 1-pixel 255 band)")
-    if not 0 < scale[0] <= scale[1] <= 1:
-        raise UserError(f"--scale {scale[0]:g} {scale[1]:g}: the item sizes must satisfy 0 < MIN <= MAX <= 1 "
-                        "(fractions of the canvas side)", "pass e.g. --scale 0.3 0.65")
     params = _params(n_train, n_test, size, seed, max_items, scale, min_visible, border)
     stamp = os.path.join(out, STAMP)
     if os.path.isfile(stamp):

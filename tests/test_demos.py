@@ -89,6 +89,9 @@ def test_detection_demo_resumes_and_draws_ann_and_snn_side_by_side(tmp_path, cap
     ("segmentation", ["--scales", "0"], "--scales 0: every factor"),
     ("segmentation", ["--width", "0"], "--width 0 must be positive"),
     ("segmentation", ["--max-items", "0"], "--max-items 0 must be at least 1"),
+    ("detection", ["--scale", "0.5", "2"], r"--scale 0\.5 2: the item sizes must satisfy"),
+    ("segmentation", ["--item-scale", "0.9", "0.5"], r"--item-scale 0\.9 0\.5: .*pass e\.g\. --item-scale"),
+    ("segmentation", ["--test", "0"], "--test 0: both splits"),
 ])
 def test_demo_flags_are_checked_before_anything_is_written(tmp_path, task, argv, match):
     if task == "detection":
