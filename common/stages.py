@@ -168,10 +168,10 @@ def add_scene_args(p, *, out: str, train: int, test: int, max_items: int, train_
                    help="delete <out> first (default: continue the run there, which must have the same settings)")
 
 
-def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size: int, pretrain_what: str,
+def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size: Optional[int], pretrain_what: str,
                    epochs_fp: int, epochs_fp_help: str, epochs_q: int, optimizer_help: str, lr_fp: Optional[float],
                    lr_fp_help: str, lr_q: float, alpha_help: str, ft_batches: int, workers: int,
-                   pretrain_note: str = ""):
+                   pretrain_note: str = "", pretrain_size_help: str = ""):
     """The flags of a demo's bit chain, the same names in every task: the backbone pretraining, the epochs,
     optimizer and learning rates of the 32-bit and the quantized stages, the batch, the clips' start, the
     fine-tuning batches, the loader processes."""
@@ -180,7 +180,7 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
     p.add_argument("--pretrain-lr", type=float, default=pretrain_lr,
                    help=f"peak Adam lr of the pretraining (default {pretrain_lr:g})")
     p.add_argument("--pretrain-size", type=int, default=pretrain_size,
-                   help=f"{pretrain_what} side of the pretraining (default {pretrain_size})")
+                   help=f"{pretrain_what} side of the pretraining ({pretrain_size_help or f'default {pretrain_size}'})")
     p.add_argument("--epochs-fp", type=int, default=epochs_fp, help=f"epochs of the 32-bit stage ({epochs_fp_help})")
     p.add_argument("--epochs-q", type=int, default=epochs_q, help=f"epochs of each 4/3/2-bit stage (default {epochs_q})")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help=f"optimizer of the 32-bit stage ({optimizer_help})")

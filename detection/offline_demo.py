@@ -3,8 +3,9 @@
 1. the scene set (``common.scenes``: 12000 training / 480 test scenes of 1-2 tinted Fashion-MNIST items on
    textured 128 x 128 canvases, VOC layout) in ``<out>/data/scenes``;
 2. backbone pretraining (``detection/pretrain.py``, the offline stand-in for the paper's ImageNet
-   backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 64 x 64
-   canvases drawn from Fashion-MNIST's training images (``--pretrain 0`` skips it);
+   backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 96 x 96
+   canvases drawn from Fashion-MNIST's training images, their items the size of the scenes' (58-96 px;
+   ``--pretrain 0`` skips it);
 3. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, the 32-bit stage ``--init``
    from the pretrained backbone, each later stage from the previous best; ``--width 0.5``, input 128 =
    a 4 x 4 grid, anchors by k-means of the training boxes);
@@ -48,7 +49,10 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--pretrain", type=int, default=32000,
                    help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
-    add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=64, pretrain_what="canvas", epochs_fp=6,
+    add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=None, pretrain_what="canvas",
+                   pretrain_size_help="default: the scenes' largest item, --size x the larger --scale, to a multiple "
+                                      "of 32, so that the canvases' items (0.6-1.0 x the side) are the scenes' size: "
+                                      "96 at the default 128 px, 64 at --size 96", epochs_fp=6,
                    epochs_fp_help="default 6", epochs_q=2,
                    optimizer_help="default adam: reaches a usable detector in the few hundred steps a CPU affords; sgd, "
                                   "the original's, needs far more epochs",
@@ -59,11 +63,19 @@ def get_parser() -> ArgumentParser:
     return p
 
 
+def pretrain_size(size: int, scale) -> int:
+    """The pretraining canvas side whose items (0.6-1.0 x the side) match the scenes' largest ones
+    (``size`` x the larger ``scale``), to a multiple of the stride 32: measured, canvases at the items' size
+    name the scenes' items better than smaller ones (docs/detection.md)."""
+    return max(32, 32 * round(size * max(scale) / 32))
+
+
 def _plan(args) -> Dict[str, float]:
     """Planned seconds of each stage (the time-left estimate; only their ratios matter, the clock rescales
     them by the speed of the stages run so far), scaled by the scene / canvas counts, epochs, pixels and width."""
     per_scene = (args.size / 96) ** 2 * (args.width / 0.5) ** 2
-    plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 2
+    # 96-pixel canvases cost about 1.45 x the 64-pixel ones (2.25 x the pixels): hence the 0.9 power
+    plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 0.9
             * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
     for bit in CHAIN:
         plan[f"train {bit}-bit"] = 0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
@@ -89,6 +101,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     from detection.workflow import check_size
     check_size("--size", args.size)
+    if args.pretrain_size is None:
+        args.pretrain_size = pretrain_size(args.size, args.scale)
     check_size("--pretrain-size", args.pretrain_size if args.pretrain > 0 else None)
     from common import scenes
     from detection import demo as demo_script
@@ -185,7 +199,7 @@ def report(out: str, args, ann, snn, ft_rec, seconds: float, pre=None) -> dict:
         f.write(f"# Detection demo (yolov2_tiny, width {args.width}, {args.size}x{args.size}, {args.train} train / "
                 f"{args.test} test scenes, seed {args.seed})\n\nmAP@0.5 (VOC07 11-point, %) on the test scenes; "
                 f"{seconds / 60:.1f} min. "
-                + (f"Backbone pretrained as a Fashion-MNIST classifier ({args.pretrain} canvases x "
+                + (f"Backbone pretrained as a Fashion-MNIST classifier ({args.pretrain} canvases of {args.pretrain_size} px x "
                    f"{args.pretrain_epochs} epochs, held-out accuracy {pre['accuracy']:.1f} %)." if pre else
                    "No backbone pretraining.")
                 + (f" The 32-bit ANN finds the objects with a class-agnostic AP50 of {ann[32]['map_agnostic']:.1f} % and "

@@ -102,3 +102,13 @@ def test_demo_flags_are_checked_before_anything_is_written(tmp_path, task, argv,
     with pytest.raises(UserError, match=match):
         main(["--out", str(out)] + argv)
     assert not out.exists()                                # nothing rendered, no settings stamp
+
+
+def test_detection_pretraining_canvases_follow_the_scene_items():
+    """Without --pretrain-size the canvases' items (0.6-1.0 x the side) match the scenes' largest items:
+    96 at the default 128 px and scale 0.45-0.75, 64 at --size 96 (the 96-px recipe), a multiple of 32."""
+    from detection.offline_demo import get_parser, pretrain_size
+    args = get_parser().parse_args([])
+    assert args.pretrain_size is None and pretrain_size(args.size, args.scale) == 96
+    assert pretrain_size(96, (0.45, 0.75)) == 64 and pretrain_size(256, (0.2, 0.5)) == 128
+    assert pretrain_size(64, (0.1, 0.2)) == 32                          # never below the stride
