@@ -197,14 +197,16 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
 
 def check_demo_args(args):
     """The scene and chain flags of a demo, before anything is rendered or trained: a one-line error for
-    scene counts, a canvas or an item scale ``make_scenes`` would refuse, a count, epoch or batch below 1, a negative pretraining, epoch or worker count, a width, learning rate
-    or clip that is not positive."""
+    scene counts, a canvas or an item scale ``make_scenes`` would refuse, a count, epoch or batch below 1,
+    a negative pretraining, epoch or worker count, a width, learning rate or clip that is not positive."""
     from common import UserError
     from common.runs import check_non_negative, check_positive
     from common.scenes import check_scene_params
-    flag = "--scale" if hasattr(args, "scale") else "--item-scale"
-    check_scene_params(args.train, args.test, args.size, tuple(getattr(args, flag[2:].replace("-", "_"))), flag)
-    check_positive(args, "train", "test", "max_items", "pretrain_size", "epochs_fp", "epochs_q", "batch_size",
+    if hasattr(args, "scale"):                 # detection's flag; segmentation's is --item-scale
+        check_scene_params(args.train, args.test, args.size, tuple(args.scale))
+    else:
+        check_scene_params(args.train, args.test, args.size, tuple(args.item_scale), "--item-scale")
+    check_positive(args, "max_items", "pretrain_size", "epochs_fp", "epochs_q", "batch_size",
                    "ft_batches", "score_batches", "fov_dilation")
     check_non_negative(args, "pretrain", "pretrain_canvases", "pretrain_epochs", "workers")
     if getattr(args, "pretrain", 0) and not args.pretrain_epochs:

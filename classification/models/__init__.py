@@ -25,11 +25,11 @@ from typing import Dict, Optional, Tuple
 import torch.nn as nn
 
 from common.backbones import VALID_BITS, check_model_bit
+from common.pretrained import (TORCHVISION_ARCHS, load_state_dict_file, load_torchvision_weights,
+                               pretrained_state_dict)
 from quant.functional import FULL_PRECISION
 
 from .plain import CifarAlexNet, CifarVGG11, ImageNetAlexNet, ImageNetVGG11, ImageNetVGG16, PlainNet
-from common.pretrained import (TORCHVISION_ARCHS, load_state_dict_file, load_torchvision_weights,
-                         pretrained_state_dict)
 from . import torchvision_models
 from .resnet import BasicBlock, CifarResNet, CifarResNet18, ImageNetResNet, ResNet
 
