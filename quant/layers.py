@@ -86,8 +86,33 @@ class _WeightQuantMixin:
         return f", wbit={self.wbit}" + (f", wmode={self.wmode}" if self.wmode else "")
 
 
+def centre_taps(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor):
+    """``(weight, padding, dilation)`` of the same convolution without the taps that read only padding,
+    or None when every tap can read the input.
+
+    A "same"-padded conv (odd kernel ``k``, zero padding ``d * (k - 1) / 2``) whose dilation ``d`` is at
+    least the input's extent along a dimension reads zeros with every off-centre tap of that dimension:
+    DeepLab's dilation-12 LargeFOV layer on a 9 x 9 grid, ASPP's branches on small inputs. Dropping them
+    gives the same sums with a fraction of the work; the dropped taps' gradients are zero either way.
+    """
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or x.dim() != 4:
+        return None
+    w, pad, dil, cut = weight, list(conv.padding), list(conv.dilation), False
+    for d in (0, 1):
+        k = weight.shape[2 + d]
+        if k > 1 and k % 2 == 1 and pad[d] == dil[d] * (k - 1) // 2 and dil[d] >= x.shape[2 + d]:
+            w = w.narrow(2 + d, k // 2, 1)
+            pad[d], dil[d], cut = 0, 1, True
+    return (w, tuple(pad), tuple(dil)) if cut else None
+
+
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose weight is quantized to ``wbit`` bits (APoT / ternary / uniform)."""
+    """``nn.Conv2d`` whose weight is quantized to ``wbit`` bits (APoT / ternary / uniform).
+
+    While training, taps that read only padding are skipped (:func:`centre_taps`: the same sums, up to
+    the gradients' float rounding); evaluation runs the plain convolution, as the converted SNN and the
+    optimised networks do, so that they round alike.
+    """
 
     def __init__(self, *args, wbit: int = FULL_PRECISION, wmode: str | None = None,
                  wgt_alpha_init: float = DEFAULT_WGT_ALPHA, **kwargs):
@@ -95,7 +120,12 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         self._init_wq(wbit, wmode, wgt_alpha_init)
 
     def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        w = self.quantized_weight()
+        if self.training and torch.is_grad_enabled():
+            cut = centre_taps(self, x, w)
+            if cut is not None:
+                return F.conv2d(x, cut[0], self.bias, self.stride, cut[1], cut[2], self.groups)
+        return self._conv_forward(x, w, self.bias)
 
     def extra_repr(self):
         return super().extra_repr() + self._wq_repr()

@@ -161,6 +161,36 @@ def test_gradcheck_standardisation():
     assert torch.autograd.gradcheck(quant.standardize, (w,))
 
 
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), dh=st.integers(1, 14), dw=st.integers(1, 14),
+       k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), wbit=st.sampled_from([3, 32]), seed=st.integers(0, 99))
+def test_training_conv_skips_padding_only_taps_with_the_same_values(h, w, dh, dw, k, stride, wbit, seed):
+    """A same-padded dilated conv trains through its centre taps where the dilation reaches past the input:
+    the output and every gradient equal the full convolution's (float rounding), the dropped taps' weight
+    gradients are exactly zero, and evaluation runs the full convolution bit for bit."""
+    from quant.layers import centre_taps
+    torch.manual_seed(seed)
+    conv = quant.QuantConv2d(4, 6, k, stride=stride, padding=(dh * (k // 2), dw * (k // 2)), dilation=(dh, dw),
+                             wbit=wbit)
+    x = torch.randn(2, 4, h, w, requires_grad=True)
+    cut = centre_taps(conv, x, conv.weight)
+    assert (cut is not None) == (k > 1 and (dh >= h or dw >= w))
+    full = nn.functional.conv2d(x, conv.quantized_weight(), conv.bias, conv.stride, conv.padding, conv.dilation)
+    g = torch.randn_like(full)
+    ref = torch.autograd.grad(full, [x, conv.weight, conv.bias], g)
+    out = conv.train()(x)
+    assert out.shape == full.shape and torch.allclose(out, full, atol=1e-5)
+    got = torch.autograd.grad(out, [x, conv.weight, conv.bias], g)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-4)
+    if cut is not None and wbit == 32:
+        centre = torch.zeros_like(conv.weight, dtype=torch.bool)
+        centre[:, :, k // 2 if dh >= h else slice(None), k // 2 if dw >= w else slice(None)] = True
+        assert torch.all(got[1][~centre] == 0)
+    with torch.no_grad():
+        assert torch.equal(conv.eval()(x), full)
+
+
 def test_8bit_weights_use_max_abs():
     w = torch.tensor([-4.0, 0.5, 1.0, 2.0])  # max(w) = 2 but max|w| = 4
     wq = quant.weight_quant_8bit(w)
