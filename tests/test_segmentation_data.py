@@ -186,6 +186,7 @@ def test_coco_masks_from_instances_cached_once(tmp_path):
     c = write_coco(str(tmp_path / "coco"))
     cache = str(tmp_path / "cache")
     ds = sd.CocoSegmentation(c["image_dir"], c["ann_file"], cache)
+    ds.memory_bytes = 0                  # every read from disk: this test follows the PNG mask cache
     assert ds.class_names == ["background", "square", "disc", "bar"]  # ids 1, 3, 7 -> 1, 2, 3
     assert [i for _, i in ds.items] == [5, 9, 12]
     m5 = ds.load(0)[1]
@@ -443,3 +444,33 @@ def test_segmentation_list_with_a_repeated_id_uses_it_once(tmp_path, capsys, mon
         f.write(ids[0] + "\n")
     ds = sd.VOCSegmentation(r["root"], "val", sd.read_classes(r["classes"]))
     assert len(ds) == len(ids) and "repeated image id" in capsys.readouterr().err
+
+
+def test_small_split_is_decoded_once_with_the_same_samples(voc, monkeypatch):
+    """A split that fits the memory budget is read from disk once: later epochs give the same transformed
+    samples as a dataset that reads every time, callers cannot alter the kept arrays, and a split over the
+    budget keeps reading the files."""
+    names = sd.read_classes(voc["classes"])
+    kept = sd.VOCSegmentation(voc["root"], "train", names, sd.train_transforms(33))
+    plain = sd.VOCSegmentation(voc["root"], "train", names, sd.train_transforms(33))
+    plain.memory_bytes = 0
+    epochs = []
+    for ds in (kept, plain):
+        torch.manual_seed(0)
+        epochs.append([[ds[i] for i in range(len(ds))] for _ in range(2)])
+    for a, b in zip(sum(epochs[0], []), sum(epochs[1], [])):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].dtype == torch.int64
+    assert len(kept._decoded) == len(kept) and plain._decoded is False
+
+    img, mask = kept.load(0)
+    img[:] = 0
+    mask[:] = 7
+    again = kept.load(0)
+    assert again[0].any() and not (again[1] == 7).any() and again[1].dtype == np.int64
+
+    def no_disk(path):
+        raise AssertionError(f"read {path} again")
+    monkeypatch.setattr(sd, "read_image", no_disk)
+    kept[1]                                     # from memory
+    with pytest.raises(AssertionError, match="again"):
+        plain[1]
