@@ -1051,6 +1051,16 @@ def test_fused_act_quant_training_matches_reference(dtype):
         y2.backward(g)
         assert torch.equal(x1.grad, x2.grad)
         assert torch.allclose(a1.grad, a2.grad, rtol=1e-5, atol=1e-5)
+    # a tensor of several chunks (one per thread), each summed by the vectorised loop
+    x1 = (torch.randn(4, 16, 40, 40, dtype=dtype) * 2).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    a1 = torch.tensor(1.7, dtype=dtype, requires_grad=True)
+    a2 = a1.detach().clone().requires_grad_(True)
+    g = torch.randn_like(x1)
+    fused.act_quant_fused(x1, a1, 3).backward(g)
+    act_quant(x2, a2, 2).backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    assert torch.allclose(a1.grad, a2.grad, rtol=1e-5, atol=1e-4)
     # only the clip needs a gradient; channels-last input; non-contiguous incoming gradient
     act = quant.QuantAct(2, 2.5).to(dtype)
     x = torch.randn(2, 4, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -1067,7 +1077,7 @@ def test_fused_act_quant_training_matches_reference(dtype):
 def test_fused_weight_quant_matches_reference(bit, mode, dtype):
     from quant.functional import weight_quant
     torch.manual_seed(bit)
-    w1 = (torch.randn(64, 32, 3, 3, dtype=dtype) * 0.2).requires_grad_(True)
+    w1 = (torch.randn(128, 64, 3, 3, dtype=dtype) * 0.2).requires_grad_(True)   # several chunks
     w2 = w1.detach().clone().requires_grad_(True)
     a1 = torch.tensor(1.3, dtype=dtype, requires_grad=True)
     a2 = a1.detach().clone().requires_grad_(True)

@@ -782,6 +782,27 @@ std::vector<double> chunk_sums(int64_t N, int k, F body) {
   return tot;
 }
 
+// one chunk of the quantized ReLU's backward: writes gx (WANT_X) and returns the chunk's sum for the clip's
+// gradient. A plain function of values and pointers: inside the dispatch lambda (captures by reference) the
+// loop does not vectorise and runs ~10x slower.
+template <typename R, bool WANT_X>
+double act_bwd_chunk(const R* __restrict xp, const R* __restrict gp, R* __restrict gxp, int64_t i0, int64_t i1,
+                     const R alpha, const R n, const R inv_n) {
+  double s = 0.0;
+_Pragma("omp simd reduction(+ : s)")
+  for (int64_t i = i0; i < i1; i++) {
+    const R xv = xp[i], gv = gp[i];
+    if (WANT_X) gxp[i] = gv * ((xv >= R(0)) & (xv <= alpha) ? R(1) : R(0));
+    R u = xv / alpha;
+    u = u < R(0) ? R(0) : (u > R(1) ? R(1) : u);
+    const R level = std::floor(u * n + R(0.5));
+    // y = max(x, 0); for y <= alpha, y / alpha is the clamped u (same division)
+    const R d = (xv < R(0) ? R(0) : xv) > alpha ? R(1) : level * inv_n - u;
+    s += double(gv * d);
+  }
+  return s;
+}
+
 // backward of the quantized ReLU (straight-through estimator, quant.functional._ActQuant):
 // gx = g * (0 <= x <= alpha); galpha = sum(g * (y > alpha ? 1 : level / n - y / alpha)), y = max(x, 0)
 std::tuple<at::Tensor, at::Tensor> act_quant_bwd(const at::Tensor& x, const at::Tensor& g, double alpha_, double n_,
@@ -810,19 +831,8 @@ _Pragma("omp simd")
       return;
     }
     auto tot = chunk_sums(N, 1, [&](int64_t i0, int64_t i1, double* acc) {
-      double s = 0.0;
-_Pragma("omp simd reduction(+ : s)")
-      for (int64_t i = i0; i < i1; i++) {
-        const R xv = xp[i], gv = gp[i];
-        if (gxp) gxp[i] = gv * ((xv >= R(0)) & (xv <= alpha) ? R(1) : R(0));
-        R u = xv / alpha;
-        u = u < R(0) ? R(0) : (u > R(1) ? R(1) : u);
-        const R level = std::floor(u * n + R(0.5));
-        // y = max(x, 0); for y <= alpha, y / alpha is the clamped u (same division)
-        const R d = (xv < R(0) ? R(0) : xv) > alpha ? R(1) : level * inv_n - u;
-        s += double(gv * d);
-      }
-      acc[0] = s;
+      acc[0] = gxp ? act_bwd_chunk<R, true>(xp, gp, gxp, i0, i1, alpha, n, inv_n)
+                   : act_bwd_chunk<R, false>(xp, gp, gxp, i0, i1, alpha, n, inv_n);
     });
     ga.fill_(tot[0]);
   });
@@ -884,6 +894,30 @@ _Pragma("omp simd")
 // backward: pass 1 sums of gh = g * (inside or pass_outside), of gh * (w - mu), and of the clip's gradient
 // g * (outside ? sign(r) : q - r); pass 2: grad_w = gh / s + k0 + k1 * (w - mu) (standardisation backward:
 // mean and unbiased std). Returns (grad_w or an empty tensor, the three sums as float64).
+// one chunk of the weight quantizer's backward sums (sum gh, sum gh * c, sum g * d), a plain function of values
+// and pointers so that the loop vectorises (see act_bwd_chunk)
+template <typename R, int TRIP>
+void wq_bwd_chunk(const R* __restrict wp, const R* __restrict gp, const R* mi, const R* ma, int L, int64_t i0,
+                  int64_t i1, const R mu, const R s, const R alpha, const int po, double* acc) {
+  double s_g = 0.0, s_gc = 0.0, s_a = 0.0;
+_Pragma("omp simd reduction(+ : s_g, s_gc, s_a)")
+  for (int64_t i = i0; i < i1; i++) {
+    const R c = wp[i] - mu;
+    const R r = (c / s) / alpha;
+    const R q = wq_q<R, TRIP>(r, mi, ma, L);
+    const int outside = (r < R(0) ? -r : r) > R(1);
+    const R gv = gp[i];
+    const R gh = gv * ((po | !outside) ? R(1) : R(0));
+    const R d = outside ? (r > R(0) ? R(1) : R(-1)) : q - r;
+    s_g += double(gh);
+    s_gc += double(gh) * double(c);
+    s_a += double(gv * d);
+  }
+  acc[0] = s_g;
+  acc[1] = s_gc;
+  acc[2] = s_a;
+}
+
 std::tuple<at::Tensor, at::Tensor> wq_bwd(const at::Tensor& w, const at::Tensor& g, double mu_, double s_, double sd,
                                           double alpha_, const at::Tensor& mids, const at::Tensor& mags,
                                           bool pass_outside, bool want_w) {
@@ -903,22 +937,10 @@ std::tuple<at::Tensor, at::Tensor> wq_bwd(const at::Tensor& w, const at::Tensor&
     const R* ma = mags.data_ptr<R>();
     const int po = pass_outside ? 1 : 0;
     auto tot = chunk_sums(N, 3, [&](int64_t i0, int64_t i1, double* acc) {
-      double s_g = 0.0, s_gc = 0.0, s_a = 0.0;
-      for (int64_t i = i0; i < i1; i++) {
-        const R c = wp[i] - mu;
-        const R r = (c / s) / alpha;
-        const R q = L <= 16 ? wq_q<R, 15>(r, mi, ma, L) : wq_q<R, 0>(r, mi, ma, L);
-        const int outside = (r < R(0) ? -r : r) > R(1);
-        const R gv = gp[i];
-        const R gh = gv * ((po | !outside) ? R(1) : R(0));
-        const R d = outside ? (r > R(0) ? R(1) : R(-1)) : q - r;
-        s_g += double(gh);
-        s_gc += double(gh) * double(c);
-        s_a += double(gv * d);
-      }
-      acc[0] = s_g;
-      acc[1] = s_gc;
-      acc[2] = s_a;
+      if (L <= 16)
+        wq_bwd_chunk<R, 15>(wp, gp, mi, ma, L, i0, i1, mu, s, alpha, po, acc);
+      else
+        wq_bwd_chunk<R, 0>(wp, gp, mi, ma, L, i0, i1, mu, s, alpha, po, acc);
     });
     double* sp = sums.data_ptr<double>();
     sp[0] = tot[0];
