@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -76,18 +78,62 @@ def test_train_transform_moves_image_and_mask_together(voc):
     assert total > 100 and good / total > 0.97
 
 
+def _v2_pipeline(crop, scales, flip):
+    """The torchvision v2 class pipeline that :class:`segmentation.data.TrainTransform` reproduces."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    def rescale(image, mask):
+        s = scales[int(torch.randint(len(scales), ()))]
+        h, w = image.shape[-2:]
+        size = [max(1, int(round(h * s))), max(1, int(round(w * s)))]
+        return TF.resize(image, size, antialias=True), TF.resize(mask, size)
+    ops = [rescale, v2.RandomCrop(crop, pad_if_needed=True,
+                                  fill={tv_tensors.Image: list(sd.MEAN_PIXEL), tv_tensors.Mask: sd.IGNORE})]
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops + [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                             v2.Normalize(sd.MEAN, sd.STD)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(3, 90), w=st.integers(3, 90), crop=st.integers(1, 70), flip=st.booleans(),
+       scales=st.lists(st.sampled_from(sd.SCALES), min_size=1, max_size=4), seed=st.integers(0, 2 ** 16),
+       mask_dtype=st.sampled_from([torch.int64, torch.uint8]))
+def test_train_transform_gives_the_v2_pipelines_samples(h, w, crop, flip, scales, seed, mask_dtype):
+    """The same samples, bit for bit, and the same random draws as the v2 pipeline it replaces (so a run
+    reproduces one made with it), for images smaller and larger than the crop."""
+    from torchvision import tv_tensors
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    mask = torch.randint(0, 5, (h, w), generator=g).to(mask_dtype)
+    mask[0, : w // 2] = sd.IGNORE
+    fast, ref = sd.train_transforms(crop, scales, flip), _v2_pipeline(crop, tuple(scales), flip)
+    outs, states = [], []
+    for tf in (fast, ref):
+        torch.manual_seed(seed)
+        x, y = tf(tv_tensors.Image(img.clone()), tv_tensors.Mask(mask.clone()))
+        outs.append((x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)))
+        states.append(torch.get_rng_state())
+    (x1, y1), (x2, y2) = outs
+    assert x1.shape == (3, crop, crop) and y1.shape == (crop, crop) and x1.dtype == torch.float32
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and y1.dtype == y2.dtype
+    assert torch.equal(states[0], states[1])
+    assert torch.equal(img, img.clone()) and fast.scales == tuple(scales)
+
+
 def test_random_scale_uses_the_spec_steps():
     assert sd.SCALES == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-    from torchvision import tv_tensors
-    img = tv_tensors.Image(torch.zeros(3, 20, 40, dtype=torch.uint8))
-    mask = tv_tensors.Mask(torch.zeros(20, 40, dtype=torch.int64))
+    assert sd.train_transforms(33).scales == sd.SCALES
+    tf = sd.train_transforms(200, flip=False)   # a crop larger than any rescaled image: the window holds it all
+    img, mask = torch.zeros(3, 20, 40, dtype=torch.uint8), torch.zeros(20, 40, dtype=torch.int64)
     seen = set()
     torch.manual_seed(0)
     for _ in range(80):
-        a, b = sd.RandomScale()(img, mask)
-        assert a.shape[-2:] == b.shape[-2:]
-        seen.add(a.shape[-1] / 40)
-    assert seen == set(sd.SCALES)
+        x, y = tf(img, mask)
+        seen.add(int((y != sd.IGNORE).sum()))   # the rescaled image's pixels
+    assert seen == {round(20 * s) * round(40 * s) for s in sd.SCALES}
 
 
 def test_trainaug_list_and_folder_are_used_when_present(tmp_path):

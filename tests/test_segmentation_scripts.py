@@ -376,9 +376,8 @@ def test_scales_flag_reaches_the_training_transform(chain, tmp_path):
         args = workflow.parse_args(train.get_parser(), argv)
         workflow.check_args(args)
         data = workflow.build_data(args, train=True)
-        found = [t.scales for t in data.train.transforms.transforms if isinstance(t, segdata.RandomScale)]
-        assert len(found) == 1
-        return found[0]
+        assert isinstance(data.train.transforms, segdata.TrainTransform)
+        return data.train.transforms.scales
 
     assert scales_of(chain["flags"]) == segdata.SCALES
     assert scales_of(chain["flags"] + ["--scales", "0.75", "1", "1.25"]) == (0.75, 1.0, 1.25)
