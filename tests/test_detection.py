@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))
 import detection_fixtures as F  # noqa: E402
@@ -700,3 +702,41 @@ def test_a_box_outside_its_image_is_left_out(tmp_path, capsys, monkeypatch):
     item = data.val[0]
     assert item["gt_labels"].tolist() == [0] and len(item["gt_boxes"]) == 1 and len(item["difficult"]) == 1
     assert "1 image(s) have boxes that are empty or lie outside the image (000002.jpg)" in capsys.readouterr().err
+
+
+def _v2_flip_resize(size, flip, sanitize):
+    """The torchvision v2 class pipeline that :class:`detection.data.FlipResize` reproduces."""
+    from torchvision.transforms import v2
+    ops = ([v2.RandomHorizontalFlip()] if flip else []) + [v2.Resize((size, size), antialias=True)]
+    ops += [v2.SanitizeBoundingBoxes(min_size=1.0)] if sanitize else []
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(D.MEAN, D.STD)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(2, 80), w=st.integers(2, 80), size=st.integers(8, 96), flip=st.booleans(),
+       sanitize=st.booleans(), n=st.integers(0, 5), seed=st.integers(0, 2 ** 16))
+def test_flip_resize_gives_the_v2_pipelines_samples(h, w, size, flip, sanitize, n, seed):
+    """The image, boxes and labels of the v2 pipeline bit for bit, and the same random draws, boxes of
+    every size (those under a pixel after the resize dropped with their labels when sanitising)."""
+    from torchvision import tv_tensors
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * torch.rand(n, 1, generator=g) ** 3
+    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w, h]).float())], 1)
+    labels = torch.randint(0, 7, (n,), generator=g)
+    outs, states = [], []
+    fast = D.FlipResize(size, flip, sanitize)
+    for tf, alone in ((fast, fast), (_v2_flip_resize(size, flip, sanitize), _v2_flip_resize(size, flip, False))):
+        torch.manual_seed(seed)
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
+                  "labels": labels.clone()}
+        x, t = tf(tv_tensors.Image(img.clone()), target)
+        outs.append((x.as_subclass(torch.Tensor), t["boxes"].as_subclass(torch.Tensor), t["labels"]))
+        states.append(torch.get_rng_state())
+        torch.manual_seed(seed)
+        outs.append((alone(tv_tensors.Image(img.clone())).as_subclass(torch.Tensor),))   # the image alone
+    (x1, b1, l1), (y1,), (x2, b2, l2), (y2,) = outs
+    assert x1.shape == (3, size, size) and x1.dtype == torch.float32
+    assert torch.equal(x1, x2) and torch.equal(b1, b2) and torch.equal(l1, l2) and torch.equal(y1, y2)
+    assert torch.equal(y1, x1) and torch.equal(states[0], states[1])
