@@ -230,7 +230,7 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
     resume = runs.resume_path(args.resume, run_dir, getattr(args, "fresh", False))
     runs.claim_run_folder(run_dir, args, resuming=bool(resume))
     params = [p for n, p in clf.model.named_parameters() if n.startswith(tuple(prefixes))] + list(clf.fc.parameters())
-    opt = torch.optim.Adam(params, lr=args.lr)
+    opt = runs.make_optimizer(params, "adam", args.lr, 0.0, 0.0)
     per_epoch = max(1, len(train) // args.batch_size)
     steps = args.epochs * per_epoch
     g = torch.Generator().manual_seed(args.seed)
