@@ -891,9 +891,6 @@ _Pragma("omp simd")
   return out;
 }
 
-// backward: pass 1 sums of gh = g * (inside or pass_outside), of gh * (w - mu), and of the clip's gradient
-// g * (outside ? sign(r) : q - r); pass 2: grad_w = gh / s + k0 + k1 * (w - mu) (standardisation backward:
-// mean and unbiased std). Returns (grad_w or an empty tensor, the three sums as float64).
 // one chunk of the weight quantizer's backward sums (sum gh, sum gh * c, sum g * d), a plain function of values
 // and pointers so that the loop vectorises (see act_bwd_chunk)
 template <typename R, int TRIP>
@@ -918,6 +915,9 @@ _Pragma("omp simd reduction(+ : s_g, s_gc, s_a)")
   acc[2] = s_a;
 }
 
+// backward: pass 1 sums of gh = g * (inside or pass_outside), of gh * (w - mu), and of the clip's gradient
+// g * (outside ? sign(r) : q - r); pass 2: grad_w = gh / s + k0 + k1 * (w - mu) (standardisation backward:
+// mean and unbiased std). Returns (grad_w or an empty tensor, the three sums as float64).
 std::tuple<at::Tensor, at::Tensor> wq_bwd(const at::Tensor& w, const at::Tensor& g, double mu_, double s_, double sd,
                                           double alpha_, const at::Tensor& mids, const at::Tensor& mags,
                                           bool pass_outside, bool want_w) {
