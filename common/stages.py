@@ -170,7 +170,7 @@ def add_scene_args(p, *, out: str, train: int, test: int, max_items: int, train_
 
 def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size: Optional[int], pretrain_what: str,
                    epochs_fp: int, epochs_fp_help: str, epochs_q: int, optimizer_help: str, lr_fp: Optional[float],
-                   lr_fp_help: str, lr_q: float, alpha_help: str, ft_batches: int, workers: int,
+                   lr_fp_help: str, lr_q: float, alpha_help: str, ft_batches: int,
                    pretrain_note: str = "", pretrain_size_help: str = ""):
     """The flags of a demo's bit chain, the same names in every task: the backbone pretraining, the epochs,
     optimizer and learning rates of the 32-bit and the quantized stages, the batch, the clips' start, the
@@ -191,8 +191,9 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
     p.add_argument("--alpha-init", type=float, default=3.0, help=f"initial activation clip of the quantized stages ({alpha_help})")
     p.add_argument("--ft-batches", "--ft-iters", dest="ft_batches", type=int, default=ft_batches,
                    help=f"fine-tuning batches per layer (default {ft_batches})")
-    p.add_argument("-j", "--workers", type=int, default=workers,
-                   help=f"data-loading processes (default {workers}{': in-process' if workers == 0 else ''})")
+    p.add_argument("-j", "--workers", type=int, default=0,
+                   help="data-loading processes (default 0: in-process; on a small CPU a loader process competes "
+                        "with training for the cores)")
 
 
 def check_demo_args(args):

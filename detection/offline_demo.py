@@ -59,7 +59,7 @@ def get_parser() -> ArgumentParser:
                    lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4,
                    alpha_help="default 3.0, about the 99th percentile of the float net's activations here; the usual "
                               "6.0 wastes half the levels at this scale",
-                   ft_batches=6, workers=1)
+                   ft_batches=6)
     return p
 
 

@@ -62,7 +62,7 @@ def get_parser() -> ArgumentParser:
                    lr_fp=None, lr_fp_help="default 6e-3 with adam, 0.1 with sgd", lr_q=0.04,
                    alpha_help="default 3: a short run barely moves the learned clip, and the models' 6 leaves most "
                               "levels unused",
-                   ft_batches=8, workers=0,
+                   ft_batches=8,
                    pretrain_note="; 0 = none, the 32-bit stage starts from random weights")
     p.add_argument("--score-batches", type=int, default=2,
                    help="a tuned layer is kept only if the SNN mIoU on this many training batches improves (default 2)")
