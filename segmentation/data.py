@@ -255,6 +255,8 @@ class SegmentationDataset(Dataset):
         if hit is not None:
             return hit[0].copy(), hit[1].astype(np.int64)
         img = read_image(self.items[i][0])
+        if not img.flags.writeable:
+            img = np.array(img)
         mask = self._mask(i)
         check_mask(mask, self.num_classes, self._mask_name(i), img.shape[:2])
         if self._decoded is None:
@@ -268,7 +270,7 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, i: int):
         from torchvision import tv_tensors
         img, mask = self.load(i)
-        image = tv_tensors.Image(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
+        image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1))
         target = tv_tensors.Mask(torch.from_numpy(mask))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
