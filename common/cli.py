@@ -28,6 +28,14 @@ def unshadow_script_dir(script_file: str):
     sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def plain_args(args) -> dict:
     """``argparse.Namespace`` -> dict of plain (checkpoint- and JSON-safe) values."""
     out = {}

@@ -131,22 +131,39 @@ def render_crops(source: Sequence[ImageObjects], side: int, context: float = 1.2
     return Crops(torch.cat(xs), torch.cat(ys), side)
 
 
-def fashion_canvases(split: str, n: int, size: int, scale: Sequence[float], seed: int) -> Crops:
+def fashion_canvases(split: str, n: int, size: int, scale: Sequence[float], seed: int,
+                     workers: Optional[int] = None) -> Crops:
     """``n`` canvases of ``size`` pixels, each one tinted Fashion-MNIST item on a textured background
     (``common.scenes.render_scene`` with ``max_items=1``, the item's side ``scale`` x the canvas) and its
     class: Fashion-MNIST's training images for ``split="train"`` (as the scene set's training scenes), its
     test images otherwise, so a scene set's test scenes stay unseen. Canvas ``i`` is drawn from
-    ``default_rng([seed, 101 + (split != "train"), i])``."""
+    ``default_rng([seed, 101 + (split != "train"), i])``; ``workers`` processes render them
+    (``common.scenes.map_chunks``: by default one per core for large counts; the same canvases for any count)."""
     from . import scenes
-    images, labels = scenes.load_fashion_mnist(split)
-    x = np.empty((n, size, size, 3), np.uint8)
-    y = np.empty(n, np.int64)
-    k = 0 if split == "train" else 1
-    for i in range(n):
-        sc = scenes.render_scene(np.random.default_rng([seed, 101 + k, i]), images, labels, size, max_items=1,
-                                 scale=tuple(scale))
-        x[i], y[i] = sc.image, sc.labels[0]
+    scenes.fashion(split)   # here: a missing source is a one-line error
+    parts = scenes.map_chunks(_CanvasJob(split, size, tuple(scale), seed), list(range(n)), workers, chunk=256)
+    x = np.stack([p[0] for p in parts]) if parts else np.empty((0, size, size, 3), np.uint8)
+    y = np.array([p[1] for p in parts], np.int64)
     return Crops(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y), size)
+
+
+@dataclass(frozen=True)
+class _CanvasJob:
+    split: str
+    size: int
+    scale: Tuple[float, float]
+    seed: int
+
+    def __call__(self, chunk: Sequence[int]) -> List[Tuple[np.ndarray, int]]:
+        from . import scenes
+        images, labels = scenes.fashion(self.split)
+        k = 0 if self.split == "train" else 1
+        out = []
+        for i in chunk:
+            sc = scenes.render_scene(np.random.default_rng([self.seed, 101 + k, i]), images, labels, self.size,
+                                     max_items=1, scale=self.scale)
+            out.append((sc.image, sc.labels[0]))
+        return out
 
 
 def check_canvas_scale(scale: Sequence[float], flag: str = "--scale"):

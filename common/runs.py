@@ -35,10 +35,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 def default_workers(cap: int = 4) -> int:
     """Loader processes per process: at most ``cap``, and no more than the CPU cores this process may
     use divided by the processes a launcher started on this node."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
+    from .cli import usable_cpus
+    cpus = usable_cpus()
     try:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

@@ -19,7 +19,8 @@ Ground truth, all from the generator (not re-derived from the JPEG):
 
 Train scenes use Fashion-MNIST's training images, test scenes its t10k images. Scene ``i`` of a split
 is drawn from ``numpy.random.default_rng([seed, split, i])``, so a larger set starts with the same
-scenes as a smaller one of the same seed.
+scenes as a smaller one of the same seed, and worker processes (one per core for large sets) write the
+same files as one process.
 
 Layout written under ``out`` (the segmentation task reads it; see ``docs/detection.md``)::
 
@@ -115,9 +116,8 @@ def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
     x0 = np.floor(xs).astype(int).clip(0, w - 2 if w > 1 else 0)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    a = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
-    b = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
-    return a * (1 - fy) + b * fy
+    rows = grid[:, x0] * (1 - fx) + grid[:, x1] * fx    # every grid row along x first: h x size, not size x size
+    return rows[y0] * (1 - fy) + rows[y1] * fy
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -280,20 +280,26 @@ def _link_or_copy(src: str, dst: str):
         shutil.copyfile(src, dst)
 
 
-def _coco_json(split_ids: Sequence[str], scenes: Dict[str, Scene], size: int, ann_start: int) -> dict:
+def _coco_objects(sc: Scene) -> List[dict]:
+    """The COCO annotation fields of each item of a scene (RLE of its visible mask; ids added later)."""
     from pycocotools import mask as mask_utils
+    out = []
+    for k, (lab, (x0, y0, x1, y1)) in enumerate(zip(sc.labels, sc.boxes)):
+        m = np.asfortranarray((sc.instances == k + 1).astype(np.uint8))
+        rle = mask_utils.encode(m)
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append({"category_id": lab + 1, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "area": int(m.sum()),
+                    "iscrowd": 0, "segmentation": rle})
+    return out
+
+
+def _coco_json(split_ids: Sequence[str], objects: Dict[str, List[dict]], size: int, ann_start: int) -> dict:
     images, anns = [], []
     aid = ann_start
     for img_id in split_ids:
-        sc = scenes[img_id]
         images.append({"id": int(img_id), "file_name": f"{img_id}.jpg", "width": size, "height": size})
-        for k, (lab, (x0, y0, x1, y1)) in enumerate(zip(sc.labels, sc.boxes)):
-            m = np.asfortranarray((sc.instances == k + 1).astype(np.uint8))
-            rle = mask_utils.encode(m)
-            rle["counts"] = rle["counts"].decode("ascii")
-            anns.append({"id": aid, "image_id": int(img_id), "category_id": lab + 1,
-                         "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "area": int(m.sum()),
-                         "iscrowd": 0, "segmentation": rle})
+        for o in objects[img_id]:
+            anns.append({"id": aid, "image_id": int(img_id), **o})
             aid += 1
     cats = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASSES)]
     return {"info": {"description": "Fast-SNN Fashion-MNIST scenes"}, "licenses": [],
@@ -339,11 +345,85 @@ def check_scene_params(n_train: int, n_test: int, size: int, scale: Tuple[float,
                         "(fractions of the canvas side)", f"pass e.g. {scale_flag} 0.3 0.65")
 
 
+#: below this many scenes (or canvases) they are rendered in the calling process: a worker's start costs more
+PARALLEL_MIN = 400
+
+
+@dataclass(frozen=True)
+class _SceneJob:
+    """What a worker needs to render and write scene ``i`` of a split (picklable)."""
+    seed: int
+    size: int
+    max_items: int
+    scale: Tuple[float, float]
+    min_visible: float
+    border: int
+    source: Optional[str]
+    dirs: Dict[str, str]
+    coco_train: str
+    coco_test: str
+
+    def __call__(self, chunk: Sequence[Tuple[int, int, str]]) -> List[Tuple[str, List[dict]]]:
+        from PIL import Image
+        palette = voc_colormap()
+        out = []
+        for split_no, i, img_id in chunk:
+            images, labels = fashion(("train", "test")[split_no], self.source)
+            rng = np.random.default_rng([self.seed, split_no, i])
+            sc = render_scene(rng, images, labels, self.size, self.max_items, self.scale, self.min_visible)
+            jpg = os.path.join(self.dirs["JPEGImages"], f"{img_id}.jpg")
+            Image.fromarray(sc.image).save(jpg, quality=95)
+            _link_or_copy(jpg, os.path.join(self.coco_train if split_no == 0 else self.coco_test, f"{img_id}.jpg"))
+            with open(os.path.join(self.dirs["Annotations"], f"{img_id}.xml"), "wb") as f:
+                f.write(_voc_xml(img_id, self.size, sc))
+            cls = np.zeros_like(sc.instances)
+            for k, lab in enumerate(sc.labels):
+                cls[sc.instances == k + 1] = lab + 1
+            obj = sc.instances.copy()
+            if self.border:
+                band = _border(sc.instances)
+                cls[band] = 255
+                obj[band] = 255
+            _save_palette_png(os.path.join(self.dirs["SegmentationClass"], f"{img_id}.png"), cls, palette)
+            _save_palette_png(os.path.join(self.dirs["SegmentationObject"], f"{img_id}.png"), obj, palette)
+            out.append((img_id, _coco_objects(sc)))
+        return out
+
+
+_FASHION: Dict[Tuple[str, Optional[str]], Tuple[np.ndarray, np.ndarray]] = {}
+
+
+def fashion(split: str, source: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`load_fashion_mnist`, read once per process."""
+    key = (split, source)
+    if key not in _FASHION:
+        _FASHION[key] = load_fashion_mnist(split, source)
+    return _FASHION[key]
+
+
+def map_chunks(fn, items: Sequence, workers: Optional[int], chunk: int = 64) -> List:
+    """``fn`` over ``items`` in chunks of ``chunk``, results flattened in order: in ``workers`` forked
+    processes (default one per usable core when there are :data:`PARALLEL_MIN` items or more), else here.
+    Forked like PyTorch's loader workers (a spawned one would re-run an unguarded ``__main__``); ``fn``
+    uses NumPy and Pillow only, never an inherited thread pool. Where fork does not exist: here."""
+    import multiprocessing
+    from .cli import usable_cpus
+    n = (usable_cpus() if len(items) >= PARALLEL_MIN else 0) if workers is None else workers
+    chunks = [items[k:k + chunk] for k in range(0, len(items), chunk)]
+    if n <= 1 or len(chunks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [r for c in chunks for r in fn(c)]
+    with multiprocessing.get_context("fork").Pool(min(n, len(chunks))) as pool:
+        return [r for part in pool.imap(fn, chunks) for r in part]
+
+
 def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int = 0, *, max_items: int = 4,
                 scale: Tuple[float, float] = (0.3, 0.65), min_visible: float = 0.6, border: int = 0,
-                source: Optional[str] = None, log=print, replace: bool = False) -> ScenePaths:
+                source: Optional[str] = None, log=print, replace: bool = False,
+                workers: Optional[int] = None) -> ScenePaths:
     """Write the scene set under ``out`` (see the module docstring); a no-op if it is already there. A
-    set of other parameters there is an error unless ``replace``."""
+    set of other parameters there is an error unless ``replace``. ``workers`` processes render and write
+    the scenes (default: one per usable core for :data:`PARALLEL_MIN` scenes or more, else none); every
+    scene comes from its own seeded generator, so the files are the same for any count."""
     check_scene_params(n_train, n_test, size, scale)
     if border not in (0, 1):
         raise UserError(f"border={border}", "use 0 (no ignore band) or 1 (VOC's 1-pixel 255 band)")
@@ -364,8 +444,9 @@ def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int 
     elif os.path.exists(os.path.join(out, "VOCdevkit")) or os.path.exists(os.path.join(out, "coco")):
         raise UserError(f"{out} already holds a VOCdevkit/ or coco/ folder that this generator did not write "
                         f"(no {STAMP})", "choose another --out folder")
+    for split in ("train", "test"):   # here, so that a missing source is a one-line error, not a worker's
+        fashion(split, source)
     os.makedirs(out, exist_ok=True)
-    from PIL import Image
     tmp = os.path.join(out, f".scenes-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     voc = os.path.join(tmp, "VOCdevkit", "VOC2007")
@@ -376,39 +457,20 @@ def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int 
     coco = os.path.join(tmp, "coco")
     for d in ("train2017", "val2017", "annotations"):
         os.makedirs(os.path.join(coco, d))
-    palette = voc_colormap()
     paths = _paths(out, n_train, n_test, True)
-    scenes: Dict[str, Scene] = {}
-    for split_no, (split, ids) in enumerate((("train", paths.train_ids), ("test", paths.test_ids))):
-        images, labels = load_fashion_mnist(split, source)
-        coco_dir = os.path.join(coco, "train2017" if split == "train" else "val2017")
-        for i, img_id in enumerate(ids):
-            rng = np.random.default_rng([int(seed), split_no, i])
-            sc = render_scene(rng, images, labels, size, max_items, scale, min_visible)
-            scenes[img_id] = sc
-            jpg = os.path.join(dirs["JPEGImages"], f"{img_id}.jpg")
-            Image.fromarray(sc.image).save(jpg, quality=95)
-            _link_or_copy(jpg, os.path.join(coco_dir, f"{img_id}.jpg"))
-            with open(os.path.join(dirs["Annotations"], f"{img_id}.xml"), "wb") as f:
-                f.write(_voc_xml(img_id, size, sc))
-            cls = np.zeros_like(sc.instances)
-            for k, lab in enumerate(sc.labels):
-                cls[sc.instances == k + 1] = lab + 1
-            obj = sc.instances.copy()
-            if border:
-                band = _border(sc.instances)
-                cls[band] = 255
-                obj[band] = 255
-            _save_palette_png(os.path.join(dirs["SegmentationClass"], f"{img_id}.png"), cls, palette)
-            _save_palette_png(os.path.join(dirs["SegmentationObject"], f"{img_id}.png"), obj, palette)
+    job = _SceneJob(int(seed), size, max_items, tuple(scale), min_visible, border, source, dirs,
+                    os.path.join(coco, "train2017"), os.path.join(coco, "val2017"))
+    todo = [(split_no, i, img_id) for split_no, ids in enumerate((paths.train_ids, paths.test_ids))
+            for i, img_id in enumerate(ids)]
+    objects: Dict[str, List[dict]] = dict(map_chunks(job, todo, workers))
     for name, ids in (("Main/trainval.txt", paths.train_ids), ("Main/test.txt", paths.test_ids),
                       ("Segmentation/train.txt", paths.train_ids), ("Segmentation/val.txt", paths.test_ids)):
         with open(os.path.join(voc, "ImageSets", name), "w") as f:
             f.write("".join(i + "\n" for i in ids))
-    train_json = _coco_json(paths.train_ids, scenes, size, 1)
+    train_json = _coco_json(paths.train_ids, objects, size, 1)
     n_ann = len(train_json["annotations"])
     for name, js in (("instances_train2017.json", train_json),
-                     ("instances_val2017.json", _coco_json(paths.test_ids, scenes, size, n_ann + 1))):
+                     ("instances_val2017.json", _coco_json(paths.test_ids, objects, size, n_ann + 1))):
         with open(os.path.join(coco, "annotations", name), "w") as f:
             json.dump(js, f)
     os.symlink("VOC2007", os.path.join(tmp, "VOCdevkit", "VOC2012"))
@@ -430,7 +492,7 @@ def make_scenes(out: str, n_train: int, n_test: int, size: int = 128, seed: int 
     with open(stamp + ".tmp", "w") as f:
         json.dump(params, f, indent=1)
     os.replace(stamp + ".tmp", stamp)
-    n_obj = sum(len(s.labels) for s in scenes.values())
+    n_obj = sum(len(o) for o in objects.values())
     if log:
         log(f"[scenes] wrote {n_train} train + {n_test} test scenes ({size}x{size}, {n_obj} items, seed {seed}) "
             f"to {out}")
@@ -451,11 +513,16 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--border", type=int, default=0, choices=(0, 1),
                    help="1: VOC's 1-pixel 255 ignore band around items in the segmentation PNGs (default 0)")
     p.add_argument("--fresh", action="store_true", help="replace a scene set of other parameters in --out")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help=f"processes that render the scenes (default: one per core from {PARALLEL_MIN} scenes on; "
+                        "the files are the same for any count)")
     a = p.parse_args(argv)
     if a.max_items < 1:
         raise UserError(f"--max-items {a.max_items}", "use at least 1")
+    if a.workers is not None and a.workers < 0:
+        raise UserError(f"--workers {a.workers} is negative", "pass 0 to render here, or a number of processes")
     r = make_scenes(a.out, a.train, a.test, a.size, a.seed, max_items=a.max_items, scale=tuple(a.scale),
-                    border=a.border, replace=a.fresh)
+                    border=a.border, replace=a.fresh, workers=a.workers)
     if not r.generated:
         print(f"[scenes] {a.out} already holds this scene set (same parameters in {STAMP}); nothing to do")
 
