@@ -30,10 +30,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from common.errors import UserError
-from common.loaders import ShardSampler, open_rgb
+from common.loaders import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, open_rgb
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: the original's crop sizes: 224 crops, validation images resized to 256 first
 DEFAULT_INPUT_SIZE = 224
 BACKENDS = ("auto", "dali", "torch")

@@ -11,6 +11,11 @@ from torch.utils.data import Sampler
 
 from .errors import UserError
 
+#: ImageNet's per-channel mean and standard deviation (RGB, pixels in [0, 1]): every task normalises its
+#: images with them, so that an ImageNet-pretrained backbone sees inputs as it was trained on
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def open_rgb(path: str, hint: str = "replace or remove the file"):
     """The image at ``path`` as a loaded RGB ``PIL.Image`` (also torchvision ``ImageFolder``'s

@@ -37,15 +37,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common import UserError, dist
-from common.loaders import (BACKGROUND, ShardSampler, check_unique, classes_file_near, image_finder, load_coco_api,
-                            open_rgb, read_names, unique_ids)
+from common.loaders import (BACKGROUND, IMAGENET_MEAN, IMAGENET_STD, ShardSampler, check_unique, classes_file_near,
+                            image_finder, load_coco_api, open_rgb, read_names, unique_ids)
 from common.logger import log
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 _SKIP_FIRST = BACKGROUND + ("__ignore__",)
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 ROOT_HINT = ("pass -root/--data_root DIR holding VOCdevkit/ (VOC) or coco/ (COCO); for an offline set run "

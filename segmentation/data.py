@@ -37,14 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from common import UserError
 from common import dist
 from common.errors import worker_message
-from common.loaders import (BACKGROUND, ShardSampler, check_unique, classes_file_near, image_finder, load_coco_api,
-                            open_rgb, polygon_or_rle, read_names, same_names, seed_worker,
-                            unique_ids)
+from common.loaders import (BACKGROUND, IMAGENET_MEAN, IMAGENET_STD, ShardSampler, check_unique, classes_file_near,
+                            image_finder, load_coco_api, open_rgb, polygon_or_rle, read_names, same_names,
+                            seed_worker, unique_ids)
 from common.logger import log
 
 IGNORE = 255
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 MEAN_PIXEL = tuple(int(round(255 * m)) for m in MEAN)   # pad value of the image before normalisation
 SCALES = tuple(0.5 + 0.25 * i for i in range(7))        # 0.5 .. 2.0, step 0.25
 MEMORY_CACHE_BYTES = 256 * 2 ** 20   # a split whose decoded images + masks fit is kept in memory once read
