@@ -405,7 +405,8 @@ def map_chunks(fn, items: Sequence, workers: Optional[int], chunk: int = 64) -> 
     """``fn`` over ``items`` in chunks of ``chunk``, results flattened in order: in ``workers`` forked
     processes (default one per usable core when there are :data:`PARALLEL_MIN` items or more), else here.
     Forked like PyTorch's loader workers (a spawned one would re-run an unguarded ``__main__``); ``fn``
-    uses NumPy and Pillow only, never an inherited thread pool. Where fork does not exist: here."""
+    must not use PyTorch (a forked child inherits its thread pool broken); the renderers use NumPy, Pillow and
+    pycocotools only. Where fork does not exist: here."""
     import multiprocessing
     from .cli import usable_cpus
     n = (usable_cpus() if len(items) >= PARALLEL_MIN else 0) if workers is None else workers
