@@ -31,8 +31,9 @@ def _to(batch, device):
 # ---------------------------------------------------------------------------------------- ANN
 def train_one_epoch(model: nn.Module, loader, criterion, optimizer, epoch: int, *, print_freq: int = 100,
                     show_progress: bool = True, tb: Optional[TensorBoard] = None,
-                    max_iters: Optional[int] = None) -> Dict[str, float]:
-    """One epoch of SGD. ``epoch`` is 1-based (for messages). Returns train loss / top-1 / top-5."""
+                    max_iters: Optional[int] = None, amp: bool = False) -> Dict[str, float]:
+    """One epoch of SGD (the forward pass in bfloat16 autocast with ``amp``). ``epoch`` is 1-based (for
+    messages). Returns train loss / top-1 / top-5."""
     ctx = dist.context()
     model.train()
     set_loader_epoch(loader, epoch)
@@ -44,7 +45,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, epoch: int, 
         if i >= n_iter:
             break
         x, y = _to(batch, ctx.device)
-        out, loss = sgd_step(model, x, y, criterion, optimizer, epoch, i + 1)
+        out, loss = sgd_step(model, x, y, criterion, optimizer, epoch, i + 1, amp=amp)
         c1, c5 = correct_topk(out.detach(), y, TOPK)
         n = y.shape[0]
         loss_m.update(loss.item(), n)
@@ -91,7 +92,7 @@ def evaluate(model: nn.Module, loader, criterion=None, *, desc: str = "test", sh
 # ---------------------------------------------------------------------------------------- training driver
 def epoch_steps(net: nn.Module, model: nn.Module, train_loader, val_loader, optimizer, scheduler, *,
                 print_freq: int = 100, show_progress: bool = True,
-                max_iters: Optional[int] = None) -> Tuple[Callable[..., dict], Callable[[int], dict]]:
+                max_iters: Optional[int] = None, amp: bool = False) -> Tuple[Callable[..., dict], Callable[[int], dict]]:
     """``(train_epoch(epoch, tb=None), evaluate(epoch))`` for :func:`common.runner.epochs` /
     :func:`common.runner.train`: an epoch of SGD on ``net`` (the DDP wrapper, if any) and a scheduler
     step; the test loss / top-1 / top-5 of ``model``."""
@@ -100,7 +101,7 @@ def epoch_steps(net: nn.Module, model: nn.Module, train_loader, val_loader, opti
     def train_epoch(epoch: int, tb: Optional[TensorBoard] = None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(net, train_loader, criterion, optimizer, epoch + 1, print_freq=print_freq,
-                             show_progress=show_progress, tb=tb, max_iters=max_iters)
+                             show_progress=show_progress, tb=tb, max_iters=max_iters, amp=amp)
         scheduler.step()
         return {"lr": lr, **tr}
 

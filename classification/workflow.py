@@ -113,6 +113,7 @@ def add_common_args(p: ArgumentParser, task: Task, *, bit_default: int, print_fr
         p.add_argument("--resume", default="", metavar="PATH|auto",
                        help="continue a killed run from its checkpoint (model, optimizer, schedule, RNG states; "
                             "'auto': the run folder's checkpoint.pth.tar, if there is one)")
+        runs.add_amp_arg(p)
     if train or ft:
         runs.add_fresh_arg(p)
     p.add_argument("-e", "--evaluate", action="store_true",
@@ -325,6 +326,7 @@ def train_ann(args, task: Task) -> Dict:
     setup_run(args, task)
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
+        runs.check_amp(args.amp, ctx.device)
         data = task.build_data(args, ctx)
         out_dir = run_dir(args)
         if args.evaluate:
@@ -342,7 +344,7 @@ def train_ann(args, task: Task) -> Dict:
             f"on {ctx.device}; epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones} -> {out_dir}")
         train_epoch, evaluate = engine.epoch_steps(dist.wrap_ddp(model, ctx), model, data.train_loader, data.val_loader,
                                                    optimizer, scheduler, print_freq=args.print_freq,
-                                                   show_progress=args.progress, max_iters=args.max_iters)
+                                                   show_progress=args.progress, max_iters=args.max_iters, amp=args.amp)
 
         def state(done, best_acc1, hist):
             return {"arch": args.arch, "bit": args.bit, "wbit": model.wbit, "num_classes": data.num_classes,

@@ -284,7 +284,9 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
             x = normalise(window(train.images[idx], train.side, g), mean, std)
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(ep * per_epoch + b, steps, args.lr)
-            loss = F.cross_entropy(clf(x), train.labels[idx])
+            with runs.autocast(x.device, args.amp):
+                logits = clf(x)
+            loss = F.cross_entropy(logits.float(), train.labels[idx])
             runs.check_finite(loss, ep + 1, b + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -345,6 +347,7 @@ def add_args(p, *, epochs: int, lr: float, size: int, name: str = "model"):
     p.add_argument("-r", "--resume", default="auto", metavar="PATH|auto",
                    help="continue a killed run (default auto: the run folder's checkpoint.pth.tar, if any; a "
                         "finished run returns at once)")
+    runs.add_amp_arg(p)
     runs.add_fresh_arg(p)
     runs.add_workers_arg(p, "--num_workers", "--num-workers")
 
@@ -358,6 +361,7 @@ def check_args(args):
         raise UserError(f"--context {args.context} must be at least 1", "pass e.g. --context 1.2")
     if not args.lr > 0:
         raise UserError(f"--lr {args.lr} must be positive", "pass e.g. --lr 3e-3")
+    runs.check_amp(args.amp, "cpu")
 
 
 __all__ = ["SMALL_DATASET", "small_data_hint", "box_objects", "mask_objects", "crop_square", "Crops", "render_crops", "fashion_canvases", "check_canvas_scale",

@@ -6,6 +6,7 @@ took on this machine; stages found finished (a resumed demo) leave the plan with
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -171,7 +172,7 @@ def add_scene_args(p, *, out: str, train: int, test: int, max_items: int, train_
 def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size: Optional[int], pretrain_what: str,
                    epochs_fp: int, epochs_fp_help: str, epochs_q: int, optimizer_help: str, lr_fp: Optional[float],
                    lr_fp_help: str, lr_q: float, alpha_help: str, ft_batches: int,
-                   pretrain_note: str = "", pretrain_size_help: str = ""):
+                   pretrain_note: str = "", pretrain_size_help: str = "", amp: Optional[bool] = None):
     """The flags of a demo's bit chain, the same names in every task: the backbone pretraining, the epochs,
     optimizer and learning rates of the 32-bit and the quantized stages, the batch, the clips' start, the
     fine-tuning batches, the loader processes."""
@@ -194,6 +195,10 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
     p.add_argument("-j", "--workers", type=int, default=0,
                    help="data-loading processes (default 0: in-process; on a small CPU a loader process competes "
                         "with training for the cores)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=amp,
+                   help="bfloat16 autocast (train.py / pretrain.py --amp) for the backbone pretraining and the 32-bit "
+                        "stage (" + ("default: on where the device has native bfloat16 kernels, off elsewhere"
+                                     if amp is None else f"default {'on' if amp else 'off'}") + ")")
 
 
 def check_demo_args(args):
@@ -225,7 +230,10 @@ def open_demo(args, ignore: Iterable[str] = ()) -> str:
     ``--out`` / ``--fresh`` that may change between runs (workers, bars)."""
     from common import UserError
     from common.metrics import read_json, write_json
+    from common.runs import amp_default
     check_demo_args(args)
+    if getattr(args, "amp", False) is None:
+        args.amp = amp_default()
     out = args.out
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)

@@ -59,7 +59,7 @@ def get_parser() -> ArgumentParser:
                    lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4,
                    alpha_help="default 3.0, about the 99th percentile of the float net's activations here; the usual "
                               "6.0 wastes half the levels at this scale",
-                   ft_batches=6)
+                   ft_batches=6, amp=False)
     return p
 
 
@@ -122,7 +122,7 @@ def main(argv=None):
     if args.pretrain > 0:
         argv_p = ["--out", bb_path, "--width", str(args.width), "--size", str(args.pretrain_size), "--train",
                   str(args.pretrain), "--epochs", str(args.pretrain_epochs), "--lr", str(args.pretrain_lr),
-                  "--seed", str(args.seed)]
+                  "--seed", str(args.seed)] + (["--amp"] if args.amp else [])
         done_p = bb_path + ".json"
         if os.path.isfile(done_p) and os.path.isfile(bb_path) and read_json(done_p).get("argv") == argv_p:
             steps.skip("pretrain backbone", bb_path)
@@ -145,7 +145,7 @@ def main(argv=None):
                        "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights,
                        "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]
         if fp:
-            return argv + ["--anchors", "auto"] + (["--init", init] if init else [])
+            return argv + ["--anchors", "auto"] + (["--amp"] if args.amp else []) + (["--init", init] if init else [])
         return argv + ["--no_warmup", "--init", init, "--alpha-init", str(args.alpha_init)]
     ann = train_chain(steps, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
                       argv=chain_argv, script="detection/train.py", fn=train_script.main,

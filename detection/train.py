@@ -28,6 +28,7 @@ def get_parser() -> ArgumentParser:
                    help="batch size per process (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
     runs.add_optimizer_arg(p)
+    runs.add_amp_arg(p)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight_decay", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
     p.add_argument("--epochs", type=int, default=250, help="epochs (default 250; LR x0.1 at 60 %% and 80 %%)")

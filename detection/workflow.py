@@ -360,6 +360,7 @@ def train(args) -> dict:
     _check_train_args(args)
     with dist.session(_device_arg(args), args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
+        runs.check_amp(args.amp, ctx.device)
         out_dir = run_dir(args)
         resume, rckpt, ickpt = runner.open_run(args, out_dir)
         meta_src = rckpt or ickpt or {}
@@ -430,7 +431,9 @@ def train(args) -> dict:
                 if images.shape[-1] != size:
                     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
                 targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
-                loss, parts = yolo_loss(ddp(images), targets, model.anchors, (size, size))
+                with runs.autocast(ctx.device, args.amp):
+                    pred = ddp(images)
+                loss, parts = yolo_loss(pred.float(), targets, model.anchors, (size, size))
                 runs.check_finite(loss, epoch + 1, i + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -110,14 +110,15 @@ def _predictions(args, common: List[str], runs: str, ft_path: str, n: int = 4):
 def _plan(args) -> Dict[str, float]:
     """Planned seconds of each stage (the time-left estimate; only their ratios matter, the clock rescales
     them by the speed of the stages run so far), scaled by the scene count, the pixels of a crop and the
-    width (a net's cost grows as width^2)."""
+    width (a net's cost grows as width^2; a bfloat16 step of width 0.5 costs about 0.65 of a float32 one)."""
     net = (args.width / 0.25) ** 2
+    amp = 0.65 if args.amp else 1.0
     fit = args.train / 400 * (args.crop / 65) ** 2 * net
     crops = args.pretrain_canvases or 2 * args.train     # about two objects per training scene
-    plan = {"pretrain the backbone": 1.07 * args.pretrain_epochs * crops / 800 * (args.pretrain_size / 48) ** 2 * net} \
+    plan = {"pretrain the backbone": 1.07 * args.pretrain_epochs * crops / 800 * (args.pretrain_size / 48) ** 2 * net * amp} \
         if args.pretrain_epochs > 0 else {}
     for bit in CHAIN:
-        plan[f"train the {bit}-bit ANN"] = (0.95 * args.epochs_fp if bit == 32 else 1.05 * args.epochs_q) * fit
+        plan[f"train the {bit}-bit ANN"] = (0.95 * args.epochs_fp * amp if bit == 32 else 1.05 * args.epochs_q) * fit
     for bit, T in SNN_T.items():
         for neuron in NEURONS:
             plan[f"SNN of the {bit}-bit ANN, {neuron} IF"] = 0.25 * T * args.test / 80 * net
@@ -158,6 +159,8 @@ def main(argv=None) -> Dict:
                 "--lr", str(args.pretrain_lr), "--size", str(args.pretrain_size)]
         if args.pretrain_canvases:
             argv += ["--canvases", str(args.pretrain_canvases)]
+        if args.amp:
+            argv.append("--amp")
         pre = clock.run("pretrain the backbone", "-m segmentation.pretrain", pretrain.main, argv)
     lr_fp = args.lr_fp if args.lr_fp is not None else (6e-3 if args.optimizer == "adam" else 0.1)
 
@@ -171,7 +174,8 @@ def main(argv=None) -> Dict:
         # happened to score best on the test scenes
         argv = common + ["--bit", str(bit), "--epochs", str(epochs), "--eval_epoch", str(epochs),
                          "--lr", str(lr_fp if fp else args.lr_q), "--resume", "auto"]
-        argv += ["--optimizer", args.optimizer] if fp else ["--alpha-init", str(args.alpha_init)]
+        argv += (["--optimizer", args.optimizer] + (["--amp"] if args.amp else [])) if fp else \
+            ["--alpha-init", str(args.alpha_init)]
         return argv + (["--init", init] if init is not None else [])
     ann = train_chain(clock, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
                       argv=chain_argv, script="segmentation/train.py", fn=train.main,

@@ -32,6 +32,7 @@ def get_parser() -> ArgumentParser:
         "'torchvision' (torchvision's ImageNet ResNet-34, online)"))
     p.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
     runs.add_optimizer_arg(p)
+    runs.add_amp_arg(p)
     p.add_argument("--power", type=float, default=0.9, help="poly LR power (default 0.9)")
     p.add_argument("--eval_epoch", "--eval-epoch", dest="eval_epoch", type=int, default=1,
                    help="evaluate val mIoU every N epochs (and after the last; default 1)")

@@ -122,7 +122,7 @@ SCRIPT_KEYS = {"epochs", "power", "eval_epoch", "sybn", "resume", "max_iters", "
                "output", "tune_malloc", "method", "e2e_batches", "e2e_loss", "e2e_epochs", "e2e_lr", "ft_accept",
                "local_batches", "alpha_init", "crop_size", "scales", "batch_size", "lr", "momentum", "weight_decay",
                "train_subset", "seed", "tensorboard", "fresh", "ft_layers", "ft_cache", "ft_cache_mb", "min_steps",
-               "channels_last"}
+               "channels_last", "amp"}
 
 
 def preset_path(name: str) -> str:
@@ -379,7 +379,7 @@ def _meta(args, data, model) -> dict:
 
 # ---------------------------------------------------------------------------------------- training
 def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, show_progress=True, tb=None,
-                    max_iters=None, start_iter: int = 0) -> Dict[str, float]:
+                    max_iters=None, start_iter: int = 0, amp: bool = False) -> Dict[str, float]:
     model.train()
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -393,7 +393,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, epoch: int, *, device, 
         if i >= n_iter:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, loss = sgd_step(model, x, y, pixel_cross_entropy, optimizer, epoch, i + 1)
+        _, loss = sgd_step(model, x, y, pixel_cross_entropy, optimizer, epoch, i + 1, amp=amp)
         scheduler.step()
         loss_sum += float(loss.detach()) * x.shape[0]
         seen += x.shape[0]
@@ -411,6 +411,7 @@ def train(args) -> Dict:
     check_args(args)
     with dist.session(args.device, args.local_rank) as ctx:
         dist.seed_all(args.seed, ctx.rank)
+        runs.check_amp(args.amp, ctx.device)
         out_dir = run_dir(args)
         resume, rckpt, init_ckpt = runner.open_run(args, out_dir)
         src = rckpt or init_ckpt or {}
@@ -450,7 +451,8 @@ def train(args) -> Dict:
 
         def train_epoch(epoch, tb):
             tr = train_one_epoch(net, tr_loader, optimizer, scheduler, epoch + 1, device=ctx.device,
-                                 show_progress=args.progress, tb=tb, max_iters=args.max_iters, start_iter=epoch * iters)
+                                 show_progress=args.progress, tb=tb, max_iters=args.max_iters, start_iter=epoch * iters,
+                                 amp=args.amp)
             return {"lr": optimizer.param_groups[0]["lr"], **tr}   # the rate at the end of the epoch
 
         def evaluate(epoch):

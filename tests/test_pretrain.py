@@ -135,14 +135,20 @@ def _seg_argv(data, save, *extra):
             "-bs", "8", "-j", "0", "--save_folder", save, *extra]
 
 
-def test_segmentation_pretrain_learns_the_objects_and_train_init_loads_the_backbone(tmp_path):
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "amp"])
+def test_segmentation_pretrain_learns_the_objects_and_train_init_loads_the_backbone(amp, tmp_path, monkeypatch):
     """The three shapes of the fixture differ in colour: the crops are easy to tell apart, so a working
-    pretraining must beat chance (33 %) by far on the held-out masks; its backbone then starts train.py."""
+    pretraining must beat chance (33 %) by far on the held-out masks -- also with ``--amp``, every step in
+    bfloat16 autocast; its (float32) backbone then starts train.py."""
+    from common import runs
     from segmentation import pretrain as SP
     from segmentation import train as ST
+    steps, autocast = [], runs.autocast
+    monkeypatch.setattr(runs, "autocast", lambda device, enabled: steps.append(enabled) or autocast(device, enabled))
     data = SF.write_voc(str(tmp_path / "d"), n_train=24, n_val=8, sizes=(48, 40, 56))
     save = str(tmp_path / "w")
-    rec = SP.main(_seg_argv(data, save, "--epochs", "12", "--lr", "1e-2"))
+    rec = SP.main(_seg_argv(data, save, "--epochs", "12", "--lr", "1e-2", *(["--amp"] if amp else [])))
+    assert steps and set(steps) == {amp}
     run = os.path.join(save, "voc", "deeplabv1_vgg9_pretrain")
     assert rec["checkpoint"] == os.path.join(run, "model_best.pth.tar") and rec["test_crops"] >= 8
     assert rec["accuracy"] >= 75.0, rec["history"]
@@ -151,6 +157,7 @@ def test_segmentation_pretrain_learns_the_objects_and_train_init_loads_the_backb
     assert best["object_classes"] == ["square", "disc", "bar"] and best["width"] == 0.125
     assert best["accuracy"] == rec["accuracy"] and set(best["state_dict"])
     assert all(k.startswith("features.") for k in best["state_dict"])
+    assert all(v.dtype in (torch.float32, torch.int64) for v in best["state_dict"].values())
     out = ST.main(["-d", "voc", "--data_root", data["root"], "--classes", data["classes"], "--width", "0.125",
                    "--bit", "32", "--crop_size", "33", "--test_size", "57", "--epochs", "1", "--max-iters", "1",
                    "-b", "2", "-j", "0", "--save_folder", save, "--no-tensorboard", "--no-progress", "--seed", "0",

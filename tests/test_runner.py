@@ -140,3 +140,38 @@ def test_class_names_check_takes_the_background_spellings_as_one():
     check_class_names(["pottedplant", "tvmonitor"], ["potted plant", "tv/monitor"], "--init", "x")   # labelme's VOC
     with pytest.raises(UserError, match="class 1 is 'cat' there and 'dog' here"):
         check_class_names(["background", "cat"], ["background", "dog"], "--init", "x")
+
+
+def test_amp_step_runs_the_forward_in_bfloat16_and_keeps_float32_state():
+    """``sgd_step(amp=True)``: the convolutions run in bfloat16 autocast, the loss is computed on float32
+    outputs and the parameters, gradients and optimizer state stay float32; the loss is the float32
+    loss up to bfloat16 rounding. Without ``amp`` the forward pass is float32."""
+    import torch.nn as nn
+
+    from common import runs
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, y = torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 3])
+    ref = nn.functional.cross_entropy(net(x), y).item()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    before = net[0].weight.detach().clone()
+    seen.clear()
+    out, loss = runs.sgd_step(net, x, y, nn.functional.cross_entropy, opt, 1, 1, amp=True)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref, rel=2e-2) and loss.item() != ref
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert not torch.equal(net[0].weight, before)
+    seen.clear()
+    runs.sgd_step(net, x, y, nn.functional.cross_entropy, opt, 1, 2)
+    assert seen == [torch.float32]
+
+
+def test_amp_on_a_gpu_without_bfloat16_is_a_user_error(monkeypatch):
+    from common import runs
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(UserError, match="--amp needs bfloat16"):
+        runs.check_amp(True, "cuda")
+    runs.check_amp(False, "cuda")

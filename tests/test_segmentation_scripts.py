@@ -427,6 +427,23 @@ def test_channels_last_training_matches_the_default_layout(chain, tmp_path):
     assert l_cl == pytest.approx(l_nc, rel=1e-3) and m_cl == pytest.approx(m_nc, abs=2.0)
 
 
+def test_amp_training_keeps_a_float32_checkpoint(chain, tmp_path):
+    """``--amp`` (bfloat16 autocast) trains the same seeded run to about the same loss, and what it saves
+    is float32 -- the next bit of the chain, the SNN and eval.py read it as any other checkpoint."""
+    from segmentation import train
+    flags = chain["flags"] + ["--bit", "32", "--epochs", "1", "--max-iters", "3", "--lr", "0.01"]
+    losses = {}
+    for amp in ("--amp", "--no-amp"):
+        out = str(tmp_path / amp.strip("-"))
+        train.main(flags[:] + ["--save_folder", out, amp])
+        run = os.path.join(out, "voc", "deeplabv1_vgg9_32bit")
+        ck = torch.load(os.path.join(run, "model_best.pth.tar"), map_location="cpu", weights_only=True)
+        assert all(v.dtype in (torch.float32, torch.int64) for v in ck["state_dict"].values())
+        assert ck["args"]["amp"] == (amp == "--amp")
+        losses[amp] = json.load(open(os.path.join(run, "history.json")))["history"][0]["train_loss"]
+    assert losses["--amp"] == pytest.approx(losses["--no-amp"], rel=5e-2) and losses["--amp"] != losses["--no-amp"]
+
+
 def test_fov_dilation_is_kept_by_the_checkpoint(chain, tmp_path):
     """``--fov-dilation`` is stored in the checkpoint; the next bit of the chain and eval.py take it from
     there; an evaluation that names another one, a bad value or a ResNet are one-line errors."""

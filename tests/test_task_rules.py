@@ -202,6 +202,30 @@ def test_detection_flags_before_data_and_workers(tmp_path):
     assert "--lr" not in ev and "--epochs" not in ev and "--seed" not in ev
 
 
+def test_detection_and_classification_train_with_amp(det, fake_cifar, tmp_path, monkeypatch):
+    """``--amp`` in the other tasks' train.py: every training step runs in bfloat16 autocast, the run
+    records it in the checkpoint's args and saves float32 weights."""
+    from classification.cifar10 import main as cifar_main
+    from common import runs
+    from detection import train as det_train
+    steps, autocast = [], runs.autocast
+    monkeypatch.setattr(runs, "autocast", lambda device, enabled: steps.append(enabled) or autocast(device, enabled))
+    out = str(tmp_path / "det")
+    det_train.main(det["common"] + ["--bit", "32", "--save_folder", out, "--amp"])
+    assert steps and all(steps)
+    steps.clear()
+    cifar = str(tmp_path / "cifar")
+    cifar_main.main(["--data", fake_cifar, "--out", cifar, "-a", "resnet20", "--bit", "2",
+                     "-b", "4", "--train-subset", "8", "--val-subset", "4", "--epochs", "1", "-j", "0",
+                     "--no-progress", "--no-tensorboard", "--seed", "0", "--max-iters", "2", "--amp"])
+    assert steps == [True, True]
+    for path in (os.path.join(out, "voc", "yolov2_tiny_32bit", "model_best.pth.tar"),
+                 os.path.join(cifar, "resnet20_2bit", "model_best.pth.tar")):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert ck["args"]["amp"] is True, path
+        assert all(v.dtype in (torch.float32, torch.int64) for v in ck["state_dict"].values()), path
+
+
 # ---------------------------------------------------------------------------------------- segmentation
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
