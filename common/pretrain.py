@@ -284,9 +284,7 @@ def train_classifier(clf: BackboneClassifier, prefixes: Sequence[str], train: Cr
             x = normalise(window(train.images[idx], train.side, g), mean, std)
             for grp in opt.param_groups:
                 grp["lr"] = lr_at(ep * per_epoch + b, steps, args.lr)
-            with runs.autocast(x.device, args.amp):
-                logits = clf(x)
-            loss = F.cross_entropy(logits.float(), train.labels[idx])
+            loss = F.cross_entropy(runs.amp_forward(clf, x, args.amp), train.labels[idx])
             runs.check_finite(loss, ep + 1, b + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -350,13 +350,18 @@ def autocast(device, enabled: bool):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(enabled))
 
 
-def sgd_step(model: nn.Module, x, y, loss_fn: Callable, optimizer, epoch: int, it: int, amp: bool = False):
-    """One training step: forward (in bfloat16 autocast with ``amp``; the loss in float32), loss (NaN / inf
-    on any rank stops every rank), backward, update. Returns ``(output, loss)``."""
+def amp_forward(model: nn.Module, x: torch.Tensor, amp: bool) -> torch.Tensor:
+    """``model(x)`` of a training step, in bfloat16 autocast with ``amp`` and returned as float32, so the
+    loss is computed in float32 either way."""
     with autocast(x.device, amp):
         out = model(x)
-    if amp:
-        out = out.float()
+    return out.float() if amp else out
+
+
+def sgd_step(model: nn.Module, x, y, loss_fn: Callable, optimizer, epoch: int, it: int, amp: bool = False):
+    """One training step: forward (:func:`amp_forward`), loss (NaN / inf on any rank stops every rank),
+    backward, update. Returns ``(output, loss)``."""
+    out = amp_forward(model, x, amp)
     loss = loss_fn(out, y)
     check_finite(loss, epoch, it)
     optimizer.zero_grad(set_to_none=True)

@@ -431,9 +431,7 @@ def train(args) -> dict:
                 if images.shape[-1] != size:
                     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
                 targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
-                with runs.autocast(ctx.device, args.amp):
-                    pred = ddp(images)
-                loss, parts = yolo_loss(pred.float(), targets, model.anchors, (size, size))
+                loss, parts = yolo_loss(runs.amp_forward(ddp, images, args.amp), targets, model.anchors, (size, size))
                 runs.check_finite(loss, epoch + 1, i + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
