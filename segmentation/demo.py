@@ -61,7 +61,7 @@ def get_parser() -> ArgumentParser:
                    epochs_fp=12, epochs_fp_help="default 12", epochs_q=1,
                    optimizer_help="default adam: 47.9 against 41.5 %% mIoU after 24 epochs of 2000 scenes; the quantized stages, "
                                   "short runs from a trained net, use SGD, as good there",
-                   lr_fp=None, lr_fp_help="default 6e-3 with adam, 0.1 with sgd", lr_q=0.04,
+                   lr_fp=None, lr_fp_help="default 3e-3 with adam, 0.1 with sgd", lr_q=0.04,
                    alpha_help="default 3: a short run barely moves the learned clip, and the models' 6 leaves most "
                               "levels unused",
                    ft_batches=8,
@@ -164,7 +164,7 @@ def main(argv=None) -> Dict:
         if args.amp:
             argv.append("--amp")
         pre = clock.run("pretrain the backbone", "-m segmentation.pretrain", pretrain.main, argv)
-    lr_fp = args.lr_fp if args.lr_fp is not None else (6e-3 if args.optimizer == "adam" else 0.1)
+    lr_fp = args.lr_fp if args.lr_fp is not None else (3e-3 if args.optimizer == "adam" else 0.1)
 
     def run_dir(bit):
         return os.path.join(runs, "voc", f"{args.model}_{bit}bit")
