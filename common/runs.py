@@ -306,10 +306,11 @@ def make_optimizer(params, name: str, lr: float, momentum: float, weight_decay: 
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def add_amp_arg(p):
-    """``--amp``: the training forward pass in bfloat16 autocast."""
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: run the training forward pass in bfloat16 autocast (weights, gradients, "
+def add_amp_arg(p, default: Optional[bool] = False, help: Optional[str] = None):
+    """``--amp / --no-amp``: the training forward pass in bfloat16 autocast (``default`` None: decided later,
+    by :func:`amp_default`)."""
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=default,
+                   help=help or "mixed precision: run the training forward pass in bfloat16 autocast (weights, gradients, "
                         "optimizer state and checkpoints stay float32; evaluation runs in float32); faster on a GPU "
                         "and on a CPU with bfloat16 instructions (AVX-512 BF16, AMX), slower on other CPUs; default off")
 

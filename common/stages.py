@@ -6,7 +6,6 @@ took on this machine; stages found finished (a resumed demo) leave the plan with
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -195,10 +194,10 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
     p.add_argument("-j", "--workers", type=int, default=0,
                    help="data-loading processes (default 0: in-process; on a small CPU a loader process competes "
                         "with training for the cores)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=amp,
-                   help="bfloat16 autocast (train.py / pretrain.py --amp) for the backbone pretraining and the 32-bit "
-                        "stage (" + ("default: on where the device has native bfloat16 kernels, off elsewhere"
-                                     if amp is None else f"default {'on' if amp else 'off'}") + ")")
+    from common.runs import add_amp_arg
+    add_amp_arg(p, amp, help="bfloat16 autocast (train.py / pretrain.py --amp) for the backbone pretraining and the "
+                             "32-bit stage (" + ("default: on where the device has native bfloat16 kernels, off elsewhere"
+                                                 if amp is None else f"default {'on' if amp else 'off'}") + ")")
 
 
 def check_demo_args(args):
