@@ -21,6 +21,9 @@ Loss (:func:`yolo_loss`), every term summed over boxes and divided by the batch 
 * class: cross-entropy on positives;
 * ``tx, ty``: BCE-with-logits, ``tw, th``: MSE, both weighted by ``2 - w*h``, on positives;
 * IoU: smooth-L1 of the decoded box's IoU against 1, on positives.
+
+Distillation (:func:`distill_loss`, ``train.py --teacher``): the student's prediction against a trained
+teacher's on the same images.
 """
 from __future__ import annotations
 
@@ -103,3 +106,16 @@ def yolo_loss(pred: torch.Tensor, targets: torch.Tensor, anchors, input_hw: Tupl
     parts = {"conf": float(conf_loss.detach()), "cls": float(cls_loss.detach()), "box": float(box_loss.detach()),
              "iou": float(iou_loss.detach())}
     return total, parts
+
+
+def distill_loss(pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Knowledge distillation from a teacher detector's raw prediction of the same images (same grid and
+    anchors): per anchor, the KL divergence of the student's class distribution from the teacher's plus the
+    squared difference of the box outputs ``tx, ty, tw, th``, weighted by the teacher's objectness
+    ``sigmoid(conf)`` (anchors the teacher sees as empty count little), summed and divided by the batch size
+    as :func:`yolo_loss`. Zero where the predictions agree; the teacher gets no gradient."""
+    s, t = pred.float(), teacher.detach().float()
+    kl = F.kl_div(F.log_softmax(s[..., 5:], -1), F.log_softmax(t[..., 5:], -1), reduction="none",
+                  log_target=True).sum(-1)
+    box = ((s[..., 0:4] - t[..., 0:4]) ** 2).sum(-1)
+    return ((kl + box) * torch.sigmoid(t[..., 4])).sum() / s.shape[0]

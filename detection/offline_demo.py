@@ -8,7 +8,8 @@
    ``--pretrain 0`` skips it);
 3. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, the 32-bit stage ``--init``
    from the pretrained backbone, each later stage from the previous best; ``--width 0.5``, input 128 =
-   a 4 x 4 grid, anchors by k-means of the training boxes);
+   a 4 x 4 grid, anchors by k-means of the training boxes; the 2-bit stage also learns from the 32-bit
+   ANN by distillation, ``--teacher``);
 4. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
    unsigned IF neurons (mAP after every step, per-layer statistics);
 5. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
@@ -27,9 +28,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Dict
+from typing import Dict, List
 
-from common import run_cli
+from common import UserError, run_cli
 from common.cli import ArgumentParser
 from common.metrics import read_json, write_json
 from common.stages import (BEST, CHAIN, NEURONS, SNN_T, StageClock, add_chain_args, add_scene_args, chain_figures, chain_rows,
@@ -49,6 +50,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--pretrain", type=int, default=32000,
                    help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
+    p.add_argument("--distill-bits", default="2", metavar="BITS",
+                   help="quantized stages that also learn from the 32-bit ANN (train.py --teacher; comma list of 4, "
+                        "3, 2; default 2; '' none)")
     add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=None, pretrain_what="canvas",
                    pretrain_size_help="default: the scenes' largest item, --size x the larger --scale, to a multiple "
                                       "of 32, so that the canvases' items (0.6-1.0 x the side) are the scenes' size: "
@@ -70,6 +74,18 @@ def pretrain_size(size: int, scale) -> int:
     return max(32, 32 * round(size * max(scale) / 32))
 
 
+def distill_bits(spec: str) -> List[int]:
+    """``--distill-bits``: a comma list of quantized stages (4, 3, 2), or empty."""
+    try:
+        bits = [int(b) for b in spec.replace(",", " ").split()]
+    except ValueError:
+        bits = None
+    if bits is None or any(b not in CHAIN[1:] for b in bits):
+        raise UserError(f"--distill-bits {spec!r} is not a comma list of the quantized stages {', '.join(map(str, CHAIN[1:]))}",
+                        "pass e.g. --distill-bits 2, or '' for none")
+    return bits
+
+
 def _plan(args) -> Dict[str, float]:
     """Planned seconds of each stage (the time-left estimate; only their ratios matter, the clock rescales
     them by the speed of the stages run so far), scaled by the scene / canvas counts, epochs, pixels and width."""
@@ -78,7 +94,8 @@ def _plan(args) -> Dict[str, float]:
     plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 0.9
             * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
     for bit in CHAIN:
-        plan[f"train {bit}-bit"] = 0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
+        plan[f"train {bit}-bit"] = (0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
+                                    * (1.4 if bit in args.distill_bits else 1.0))  # + the teacher's forward
     for bit, T in SNN_T.items():
         for neuron in NEURONS:
             plan[f"SNN {bit}-bit {neuron} T={T}"] = 0.0014 * per_scene * args.test * T
@@ -99,6 +116,7 @@ def side_by_side(left: str, right: str, dst: str):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    args.distill_bits = distill_bits(args.distill_bits)
     from detection.workflow import check_size
     check_size("--size", args.size)
     if args.pretrain_size is None:
@@ -146,7 +164,8 @@ def main(argv=None):
                        "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]
         if fp:
             return argv + ["--anchors", "auto"] + (["--amp"] if args.amp else []) + (["--init", init] if init else [])
-        return argv + ["--no_warmup", "--init", init, "--alpha-init", str(args.alpha_init)]
+        return argv + ["--no_warmup", "--init", init, "--alpha-init", str(args.alpha_init)] + (
+            ["--teacher", os.path.join(run_dir(32), BEST)] if bit in args.distill_bits else [])
     ann = train_chain(steps, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
                       argv=chain_argv, script="detection/train.py", fn=train_script.main,
                       stage=lambda b: f"train {b}-bit", init=bb_path if args.pretrain > 0 else None)

@@ -60,6 +60,12 @@ def get_parser() -> ArgumentParser:
                         "original's; default), flip = horizontal flip only, none")
     p.add_argument("--alpha-init", "--alpha_init", dest="alpha_init", type=float, default=None,
                    help="initial activation clip of the quantizers (default 6.0)")
+    p.add_argument("--teacher", default="", metavar="PATH",
+                   help="knowledge distillation: a trained detector of the same version, classes and anchors (any "
+                        "bits, e.g. the chain's 32-bit model); the student also learns its class distribution and "
+                        "box outputs, weighted by its objectness (default: none)")
+    p.add_argument("--kd-weight", "--kd_weight", dest="kd_weight", type=float, default=1.0,
+                   help="weight of the distillation loss against the detection loss (default 1.0)")
     W.add_post_args(p)
     return p
 

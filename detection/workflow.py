@@ -27,7 +27,7 @@ from common.metrics import write_json
 
 from . import data as D
 from .boxes import kmeans_anchors, postprocess
-from .loss import build_targets, yolo_loss
+from .loss import build_targets, distill_loss, yolo_loss
 from .metrics import DetectionMetric
 from .models import CONF_THRESH, NMS_THRESH, STRIDE, VERSIONS, default_anchors, get_model
 from .plots import plot_snn_metrics
@@ -247,6 +247,20 @@ def load_trained(args, num_classes: int, device, ckpt: dict, path: str, what: st
     return model.to(device).eval(), ckpt, path
 
 
+def load_teacher(args, data: D.Data, model, device) -> nn.Module:
+    """``--teacher``: a trained detector of the same version, classes and anchors as the student (any bits),
+    frozen in eval mode."""
+    ckpt = load_checkpoint(args.teacher, "--teacher", "pass a model_best.pth.tar of train.py (e.g. the chain's 32-bit model)")
+    targs = argparse.Namespace(**{**vars(args), "bit": int(ckpt.get("bit") or 32), "width": None})
+    teacher = load_trained(targs, data.num_classes, device, ckpt, args.teacher, "--teacher", data.classes)[0]
+    if [[float(v) for v in a] for a in teacher.anchors] != [[float(v) for v in a] for a in model.anchors]:
+        raise UserError(f"--teacher {args.teacher} has the anchors {teacher.anchors}, the student {model.anchors}",
+                        "give the student the teacher's anchors (--init a checkpoint of the teacher's chain, no --anchors)")
+    teacher.requires_grad_(False)
+    log(f"distilling from the {targs.bit}-bit {args.teacher} (weight {args.kd_weight})")
+    return teacher
+
+
 def _init_model(model, ckpt: dict, path: str, args, num_classes: int, classes: Optional[List[str]] = None):
     """``--init`` for training: a detector checkpoint of the same version (the bit chain: missing clips
     start at their defaults), or a backbone (ImageNet ResNet-34 of classification/ or torchvision)."""
@@ -354,6 +368,9 @@ def _check_train_args(args):
         raise UserError(f"--width {args.width} must be positive", "pass e.g. --width 0.5")
     if args.mosaic:
         dist.warn_once("--mosaic is accepted for compatibility and unused (as in the original)")
+    runs.check_non_negative(args, "kd_weight")
+    if args.teacher and not os.path.isfile(args.teacher):
+        raise UserError(f"--teacher {args.teacher} does not exist", "pass a model_best.pth.tar of train.py")
 
 
 def train(args) -> dict:
@@ -385,6 +402,7 @@ def train(args) -> dict:
             f"{ctx.world_size} process(es) on {ctx.device}")
         if args.init and rckpt is None:
             _init_model(model, ickpt, args.init, args, data.num_classes, data.classes)
+        teacher = load_teacher(args, data, model, ctx.device) if args.teacher else None
         optimizer = runs.make_optimizer(model.parameters(), args.optimizer, args.lr, args.momentum, args.weight_decay)
         ema = ModelEMA(model) if args.ema else None
         start, best, history = args.start_epoch, None, []
@@ -414,7 +432,7 @@ def train(args) -> dict:
             D.set_epoch(train_loader, epoch)
             ddp.train()
             lr = base_lr(args, epoch)
-            meters = {"loss": 0.0, "conf": 0.0, "cls": 0.0, "box": 0.0, "iou": 0.0}
+            meters = dict.fromkeys(("loss", "conf", "cls", "box", "iou") + (("kd",) if teacher else ()), 0.0)
             n, t0, size = 0, time.time(), args.train_size
             bar = progress(train_loader, f"epoch {epoch + 1}/{args.epochs}", args.progress, total=iters)
             for i, batch in enumerate(bar):
@@ -431,7 +449,14 @@ def train(args) -> dict:
                 if images.shape[-1] != size:
                     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
                 targets = build_targets(batch["boxes"], batch["labels"], model.anchors, (size, size))
-                loss, parts = yolo_loss(runs.amp_forward(ddp, images, args.amp), targets, model.anchors, (size, size))
+                pred = runs.amp_forward(ddp, images, args.amp)
+                loss, parts = yolo_loss(pred, targets, model.anchors, (size, size))
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_pred = runs.amp_forward(teacher, images, args.amp)
+                    kd = distill_loss(pred, teacher_pred)
+                    loss = loss + args.kd_weight * kd
+                    parts["kd"] = float(kd.detach())
                 runs.check_finite(loss, epoch + 1, i + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,6 +1,7 @@
 """Detection task: models, targets / loss, mAP, loaders (fixtures, scene set, labelme-examples' real
 files), conversion with the first spiking layer bit-exact, the scripts (2-process gloo included) and
 their one-line errors."""
+import json
 import math
 import os
 import subprocess
@@ -20,7 +21,7 @@ from common import run_cli  # noqa: E402
 from common import scenes  # noqa: E402
 from detection import data as D  # noqa: E402
 from detection.boxes import decode_boxes, kmeans_anchors, postprocess  # noqa: E402
-from detection.loss import build_targets, yolo_loss  # noqa: E402
+from detection.loss import build_targets, distill_loss, yolo_loss  # noqa: E402
 from detection.metrics import DetectionMetric, average_precision, finding_and_naming, interpolated_ap, voc_map  # noqa: E402
 from detection.models import VOC_ANCHORS, get_model  # noqa: E402
 
@@ -148,6 +149,28 @@ def test_loss_gradients_reach_the_right_outputs():
         q = pred.clone()
         q[0, obj == 0, 4] += 1.0
     assert yolo_loss(q, t, anchors, (128, 128))[0] > loss
+
+
+def test_distill_loss_by_hand():
+    """Zero where the student predicts what the teacher does; per anchor KL(teacher || student) of the
+    class distributions + squared box differences, weighted by the teacher's objectness; no gradient
+    to the objectness logit or to the teacher."""
+    torch.manual_seed(0)
+    t = torch.randn(2, 6, 9)
+    assert float(distill_loss(t.clone(), t)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(2, 6, 9, requires_grad=True)
+    tt = t.clone().requires_grad_(True)
+    loss = distill_loss(s, tt)
+    pt, ps = torch.softmax(t[..., 5:], -1), torch.softmax(s.detach()[..., 5:], -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1)
+    box = ((s.detach()[..., :4] - t[..., :4]) ** 2).sum(-1)
+    assert float(loss) == pytest.approx(float(((kl + box) * torch.sigmoid(t[..., 4])).sum() / 2), rel=1e-5)
+    loss.backward()
+    assert tt.grad is None and (s.grad[..., 4] == 0).all() and (s.grad[..., :4] != 0).all() and (s.grad[..., 5:] != 0).any()
+    # an anchor the teacher sees as empty hardly counts
+    t2 = t.clone()
+    t2[..., 4] = -30.0
+    assert float(distill_loss(s.detach(), t2)) < 1e-9 * float(loss) + 1e-9
 
 
 def test_kmeans_anchors_recovers_clusters():
@@ -484,6 +507,22 @@ def test_train_resume_auto(trained):
     assert rec["epochs"] == 2 and [h["epoch"] for h in rec["history"]] == [1, 2]
 
 
+def test_train_with_a_teacher(trained, tmp_path, capsys):
+    """--teacher: the 2-bit student also learns the 32-bit model's predictions (its loss has a kd part);
+    a missing teacher, a negative weight or a teacher of other anchors is a one-line error."""
+    from detection import train as T
+    argv = ["--bit", "2", "--init", trained["best32"], "--teacher", trained["best32"], "--lr", "1e-4"] + trained["common"]
+    rec = T.main(argv + ["--save_folder", str(tmp_path / "kd")])
+    assert rec["history"][0]["train_kd"] > 0
+    h = rec["history"][0]
+    assert h["train_loss"] == pytest.approx(sum(h[f"train_{k}"] for k in ("conf", "cls", "box", "iou", "kd")), rel=1e-4)
+    for extra, needle in ((["--teacher", str(tmp_path / "none.pth")], "does not exist"),
+                          (["--kd-weight", "-1"], "--kd-weight -1.0 must not be negative"),
+                          (["--anchors", "1,1 2,2 3,3 4,4 5,5"], "has the anchors")):
+        code, err = _cli(T.main, argv + ["--save_folder", str(tmp_path / "bad")] + extra, capsys)
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
 def test_snn_ft_fresh_into_a_used_folder_under_torchrun(trained, scene_root, tmp_path):
     """--fresh with two processes: the old run moves aside once, both processes go on (none waits alone)."""
     ft = ["-d", "voc", "-v", "yolov2_tiny", "--bit", "2", "--init", trained["best2"], "-root", scene_root.root,
@@ -670,6 +709,11 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     for f in ("results.md", "summary.json", "map_vs_t.png", "layers.png"):
         assert os.path.isfile(os.path.join(out, f)), f
     assert "pretrained as a Fashion-MNIST classifier" in open(os.path.join(out, "results.md")).read()
+    hist = {b: json.load(open(os.path.join(out, "weights", "voc", f"yolov2_tiny_{b}bit", "history.json")))["history"][0]
+            for b in (3, 2)}
+    assert "train_kd" in hist[2] and "train_kd" not in hist[3]   # --distill-bits 2: the 2-bit stage distils the 32-bit ANN
+    with pytest.raises(UserError, match="--distill-bits '5'"):
+        O.main(argv + ["--distill-bits", "5"])
     with pytest.raises(UserError, match="other settings.*--seed"):
         O.main(argv + ["--seed", "1"])       # a resumed run must be the same recipe (--fresh to start over)
 
