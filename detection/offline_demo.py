@@ -1,6 +1,6 @@
 """The offline detection demo: the whole Fast-SNN detection pipeline on the Fashion-MNIST scene set, on a CPU.
 
-1. the scene set (``common.scenes``: 12000 training / 480 test scenes of 1-2 tinted Fashion-MNIST items on
+1. the scene set (``common.scenes``: 18000 training / 480 test scenes of 1-2 tinted Fashion-MNIST items on
    textured 128 x 128 canvases, VOC layout) in ``<out>/data/scenes``;
 2. backbone pretraining (``detection/pretrain.py``, the offline stand-in for the paper's ImageNet
    backbone): the detector's own conv stack as a Fashion-MNIST classifier on single-item 96 x 96
@@ -8,8 +8,9 @@
    ``--pretrain 0`` skips it);
 3. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, the 32-bit stage ``--init``
    from the pretrained backbone, each later stage from the previous best; ``--width 0.5``, input 128 =
-   a 4 x 4 grid, anchors by k-means of the training boxes; the 2-bit stage also learns from the 32-bit
-   ANN by distillation, ``--teacher``);
+   a 4 x 4 grid, anchors by k-means of the training boxes; the 32-bit stage 4 epochs over every scene,
+   each quantized stage 2 epochs of 12000 scenes drawn afresh; the 2-bit stage also learns from the
+   32-bit ANN by distillation, ``--teacher``);
 4. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
    unsigned IF neurons (mAP after every step, per-layer statistics);
 5. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
@@ -41,8 +42,11 @@ FT_BIT = 2
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m detection.offline_demo", description=__doc__.split("\n\n")[0])
-    add_scene_args(p, out="demo_out/detection", train=12000, test=480, max_items=2,
+    add_scene_args(p, out="demo_out/detection", train=18000, test=480, max_items=2,
                    train_help="more distinct scenes beat more epochs here")
+    p.add_argument("--train-q", type=int, default=12000, metavar="N",
+                   help="training scenes a quantized stage sees per epoch, drawn afresh from --train each epoch "
+                        "(default 12000; train.py --iters-per-epoch N / --batch-size)")
     p.add_argument("--size", type=int, default=128,
                    help="canvas / input size (default 128: a 4 x 4 grid at stride 32; 96, a 3 x 3 grid, takes about 0.85 x the time and names fewer items right)")
     p.add_argument("--width", type=float, default=0.5, help="yolov2_tiny channel multiplier (default 0.5)")
@@ -56,8 +60,8 @@ def get_parser() -> ArgumentParser:
     add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=None, pretrain_what="canvas",
                    pretrain_size_help="default: the scenes' largest item, --size x the larger --scale, to a multiple "
                                       "of 32, so that the canvases' items (0.6-1.0 x the side) are the scenes' size: "
-                                      "96 at the default 128 px, 64 at --size 96", epochs_fp=6,
-                   epochs_fp_help="default 6", epochs_q=2,
+                                      "96 at the default 128 px, 64 at --size 96", epochs_fp=4,
+                   epochs_fp_help="default 4, without warm-up", epochs_q=2,
                    optimizer_help="default adam: reaches a usable detector in the few hundred steps a CPU affords; sgd, "
                                   "the original's, needs far more epochs",
                    lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4,
@@ -94,7 +98,8 @@ def _plan(args) -> Dict[str, float]:
     plan = {"pretrain backbone": 0.00055 * args.pretrain * args.pretrain_epochs * (args.pretrain_size / 64) ** 0.9
             * (args.width / 0.5) ** 2} if args.pretrain > 0 else {}
     for bit in CHAIN:
-        plan[f"train {bit}-bit"] = (0.0049 * per_scene * args.train * (args.epochs_fp if bit == 32 else args.epochs_q)
+        plan[f"train {bit}-bit"] = (0.0049 * per_scene * (args.epochs_fp * args.train if bit == 32
+                                                           else args.epochs_q * min(args.train, args.train_q))
                                     * (1.4 if bit in args.distill_bits else 1.0))  # + the teacher's forward
     for bit, T in SNN_T.items():
         for neuron in NEURONS:
@@ -159,12 +164,13 @@ def main(argv=None):
         argv = data + ["--bit", str(bit), "--width", str(args.width), "--train_size", str(args.size),
                        "--val_size", str(args.size), "--epochs", str(epochs), "--eval_epoch", str(epochs),
                        "-bs", str(args.batch_size), "--lr", str(args.lr_fp if fp else args.lr_q),
-                       "--wp_epoch", "1" if fp else "0", "--aug", "flip", "--optimizer", args.optimizer,
+                       "--wp_epoch", "0", "--aug", "flip", "--optimizer", args.optimizer,
                        "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights,
                        "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]
         if fp:
             return argv + ["--anchors", "auto"] + (["--amp"] if args.amp else []) + (["--init", init] if init else [])
-        return argv + ["--no_warmup", "--init", init, "--alpha-init", str(args.alpha_init)] + (
+        cap = ["--iters-per-epoch", str(max(1, args.train_q // args.batch_size))] if args.train_q < args.train else []
+        return argv + cap + ["--init", init, "--alpha-init", str(args.alpha_init)] + (
             ["--teacher", os.path.join(run_dir(32), BEST)] if bit in args.distill_bits else [])
     ann = train_chain(steps, run_dir=run_dir, epochs=lambda b: args.epochs_fp if b == 32 else args.epochs_q,
                       argv=chain_argv, script="detection/train.py", fn=train_script.main,

@@ -42,6 +42,9 @@ def get_parser() -> ArgumentParser:
                    help="continue a run ('auto': <save_folder>/<dataset>/<version>_<bit>bit/checkpoint.pth.tar)")
     p.add_argument("-ms", "--multi_scale", "--multi-scale", dest="multi_scale", action="store_true",
                    help="multi-scale training: a random size in 0.5-0.95 x train_size (320-608 for 640) every 10 iterations")
+    p.add_argument("--iters-per-epoch", "--iters_per_epoch", dest="iters_per_epoch", type=int, default=None, metavar="N",
+                   help="training batches per epoch and process (default: the whole training set); the loader "
+                        "reshuffles every epoch, so each epoch draws another N batches")
     p.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights (evaluated and saved)")
     p.add_argument("--sybn", action="store_true", help="SyncBatchNorm across processes (GPUs)")
     p.add_argument("--mosaic", action="store_true", help="accepted for compatibility; unused (as in the original)")

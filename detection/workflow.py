@@ -354,7 +354,7 @@ def _record(args, script: str, model, data: D.Data, res: dict, checkpoint: str, 
 
 # ---------------------------------------------------------------------------------------- train.py
 def _check_train_args(args):
-    runs.check_positive(args, "epochs", "batch_size", "eval_epoch", "max_iters")
+    runs.check_positive(args, "epochs", "batch_size", "eval_epoch", "max_iters", "iters_per_epoch")
     runs.check_non_negative(args, "workers", "momentum", "weight_decay", "start_epoch", "wp_epoch")
     for n in ("train_size", "val_size"):
         check_size(f"--{n}", getattr(args, n))
@@ -418,12 +418,13 @@ def train(args) -> dict:
                                      seed=args.seed or 0, drop_last=True)
         val_loader = D.make_loader(data.val, ctx, args.batch_size, args.workers, False)
         sizes = ms_sizes(args.train_size)
-        iters = len(train_loader) if args.max_iters is None else min(len(train_loader), args.max_iters)
+        iters = min([len(train_loader)] + [n for n in (args.max_iters, args.iters_per_epoch) if n is not None])
         if iters == 0:
             raise UserError(f"the training set ({len(data.train)} images) is smaller than one batch per process",
                             "lower --batch_size or use more images")
         warm = 0 if args.no_warmup else args.wp_epoch * iters
-        log(f"epochs {start}->{args.epochs}, lr {args.lr} x0.1 at {milestones(args.epochs)}, warm-up {warm} iters"
+        log(f"epochs {start}->{args.epochs} of {iters} batch(es), lr {args.lr} x0.1 at {milestones(args.epochs)}, "
+            f"warm-up {warm} iters"
             + (f", multi-scale {sizes[0]}-{sizes[-1]}" if args.multi_scale else f", size {args.train_size}")
             + (", EMA" if ema else ""))
         make_metric = make_metric_fn(model, data, args)

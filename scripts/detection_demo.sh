@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline detection demo: set up, then the whole Fast-SNN detection pipeline on the Fashion-MNIST
-# scene set (yolov2_tiny --width 0.5 at 128x128, 12000 training scenes of 1-2 items; the backbone first pretrained
+# scene set (yolov2_tiny --width 0.5 at 128x128, 18000 training scenes of 1-2 items; the backbone first pretrained
 # as a Fashion-MNIST classifier on single-item 96x96 canvases; 32->4->3->2-bit chain, SNN evaluation at
 # T = 15 / 7 / 3 with signed and unsigned IF neurons, layer-wise fine-tuning of the 2-bit SNN). About 12
 # minutes on an idle 2-core CPU with AVX-512, up to about three times that with AVX2 only (each stage prints the time left); table, JSON,

@@ -523,6 +523,16 @@ def test_train_with_a_teacher(trained, tmp_path, capsys):
         assert code == 2 and needle in err and len(err.splitlines()) == 1, err
 
 
+def test_iters_per_epoch(trained, tmp_path, capsys):
+    """--iters-per-epoch N: N training batches an epoch whatever --max-iters allows; below 1 is a one-line error."""
+    from detection import train as T
+    argv = ["--bit", "32", "--init", trained["best32"]] + trained["common"] + ["--iters-per-epoch", "1"]
+    T.main(argv + ["--save_folder", str(tmp_path / "one")])
+    assert "epochs 0->1 of 1 batch(es)" in capsys.readouterr().out
+    code, err = _cli(T.main, argv + ["--save_folder", str(tmp_path / "bad"), "--iters-per-epoch", "0"], capsys)
+    assert code == 2 and "--iters-per-epoch" in err and len(err.splitlines()) == 1, err
+
+
 def test_snn_ft_fresh_into_a_used_folder_under_torchrun(trained, scene_root, tmp_path):
     """--fresh with two processes: the old run moves aside once, both processes go on (none waits alone)."""
     ft = ["-d", "voc", "-v", "yolov2_tiny", "--bit", "2", "--init", trained["best2"], "-root", scene_root.root,
@@ -701,7 +711,7 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     out = str(tmp_path / "demo")
     argv = ["--out", out, "--train", "8", "--test", "4", "--size", "64", "--width", "0.125", "--pretrain", "32",
             "--pretrain-epochs", "1", "--pretrain-size", "32", "--epochs-fp", "1", "--epochs-q", "1",
-            "--batch-size", "4", "--ft-iters", "1", "--workers", "0"]
+            "--batch-size", "4", "--ft-iters", "1", "--workers", "0", "--train-q", "4"]
     s = O.main(argv)
     assert s["pretrain_accuracy"] is not None and set(s["ann_map"]) == set(s["ann_naming_acc"]) == {32, 4, 3, 2}
     assert all(v is None or 0 <= v <= 100 for v in s["ann_map_agnostic"].values())   # the trainings' finding figure
@@ -712,6 +722,11 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     hist = {b: json.load(open(os.path.join(out, "weights", "voc", f"yolov2_tiny_{b}bit", "history.json")))["history"][0]
             for b in (3, 2)}
     assert "train_kd" in hist[2] and "train_kd" not in hist[3]   # --distill-bits 2: the 2-bit stage distils the 32-bit ANN
+    run_args = {b: json.load(open(os.path.join(out, "weights", "voc", f"yolov2_tiny_{b}bit", "metrics_ann.json")))["args"]
+                for b in (32, 4)}
+    assert run_args[4]["iters_per_epoch"] == 1 and run_args[32]["iters_per_epoch"] is None   # --train-q 4: 1 batch of 4
+    with pytest.raises(UserError, match="--train-q"):
+        O.main(argv + ["--train-q", "0"])
     with pytest.raises(UserError, match="--distill-bits '5'"):
         O.main(argv + ["--distill-bits", "5"])
     with pytest.raises(UserError, match="other settings.*--seed"):
