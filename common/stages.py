@@ -213,7 +213,7 @@ def check_demo_args(args):
         check_scene_params(args.train, args.test, args.size, tuple(args.item_scale), "--item-scale")
     check_positive(args, "max_items", "pretrain_size", "epochs_fp", "epochs_q", "batch_size",
                    "ft_batches", "score_batches", "fov_dilation", "train_q")
-    check_non_negative(args, "pretrain", "pretrain_canvases", "pretrain_epochs", "workers")
+    check_non_negative(args, "pretrain", "pretrain_canvases", "pretrain_epochs", "workers", "warmup_fp")
     if getattr(args, "pretrain", 0) and not args.pretrain_epochs:
         raise UserError(f"--pretrain {args.pretrain} with --pretrain-epochs 0", "pass --pretrain 0 to skip the pretraining")
     for name in ("width", "lr_fp", "lr_q", "pretrain_lr", "alpha_init"):

@@ -54,6 +54,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--pretrain", type=int, default=32000,
                    help="single-item canvases of the backbone pretraining (default 32000; 0 = no pretraining, "
                         "the 32-bit stage starts from random weights)")
+    p.add_argument("--warmup-fp", type=int, default=0, metavar="N",
+                   help="warm-up epochs of the 32-bit stage (train.py --wp_epoch; default 0: the pretrained backbone and "
+                        "Adam need none here)")
     p.add_argument("--distill-bits", default="2", metavar="BITS",
                    help="quantized stages that also learn from the 32-bit ANN (train.py --teacher; comma list of 4, "
                         "3, 2; default 2; '' none)")
@@ -164,7 +167,7 @@ def main(argv=None):
         argv = data + ["--bit", str(bit), "--width", str(args.width), "--train_size", str(args.size),
                        "--val_size", str(args.size), "--epochs", str(epochs), "--eval_epoch", str(epochs),
                        "-bs", str(args.batch_size), "--lr", str(args.lr_fp if fp else args.lr_q),
-                       "--wp_epoch", "0", "--aug", "flip", "--optimizer", args.optimizer,
+                       "--wp_epoch", str(args.warmup_fp if fp else 0), "--aug", "flip", "--optimizer", args.optimizer,
                        "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights,
                        "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]
         if fp:

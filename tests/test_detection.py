@@ -725,8 +725,10 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
     run_args = {b: json.load(open(os.path.join(out, "weights", "voc", f"yolov2_tiny_{b}bit", "metrics_ann.json")))["args"]
                 for b in (32, 4)}
     assert run_args[4]["iters_per_epoch"] == 1 and run_args[32]["iters_per_epoch"] is None   # --train-q 4: 1 batch of 4
-    with pytest.raises(UserError, match="--train-q"):
-        O.main(argv + ["--train-q", "0"])
+    assert run_args[32]["wp_epoch"] == 0                                                       # --warmup-fp 0
+    for bad in (["--train-q", "0"], ["--warmup-fp", "-1"]):
+        with pytest.raises(UserError, match=bad[0]):
+            O.main(argv + bad)
     with pytest.raises(UserError, match="--distill-bits '5'"):
         O.main(argv + ["--distill-bits", "5"])
     with pytest.raises(UserError, match="other settings.*--seed"):
