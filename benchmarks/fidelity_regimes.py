@@ -218,10 +218,12 @@ def _applies(regime: str, label: Optional[str]) -> bool:
 
 
 #: the detection chains of the recorded cells: the demo with 2560 scenes and a 16000-canvas x 6-epoch
-#: pretraining, a 32-bit stage of 6 epochs (one of warm-up), no distillation, evaluated on 96 test scenes
+#: pretraining, a 32-bit stage of 6 epochs (one of warm-up), no distillation, every quantized stage at lr 1e-4,
+#: evaluated on 96 test scenes
 #: (a weaker ANN than the demo's default, which trains on 18000 scenes and tests on 480)
 DETECTION_RECIPE = ("--train", "2560", "--test", "96", "--size", "96", "--pretrain", "16000", "--pretrain-epochs", "6",
-                    "--pretrain-size", "64", "--epochs-fp", "6", "--warmup-fp", "1", "--distill-bits", "")
+                    "--pretrain-size", "64", "--epochs-fp", "6", "--warmup-fp", "1", "--distill-bits", "",
+                    "--lr-2bit", "1e-4")
 
 
 def detection_chain(args, seed: int) -> dict:

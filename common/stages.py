@@ -171,7 +171,8 @@ def add_scene_args(p, *, out: str, train: int, test: int, max_items: int, train_
 def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size: Optional[int], pretrain_what: str,
                    epochs_fp: int, epochs_fp_help: str, epochs_q: int, optimizer_help: str, lr_fp: Optional[float],
                    lr_fp_help: str, lr_q: float, alpha_help: str, ft_batches: int,
-                   pretrain_note: str = "", pretrain_size_help: str = "", amp: Optional[bool] = None):
+                   pretrain_note: str = "", pretrain_size_help: str = "", amp: Optional[bool] = None,
+                   lr_q_what: str = "the quantized stages"):
     """The flags of a demo's bit chain, the same names in every task: the backbone pretraining, the epochs,
     optimizer and learning rates of the 32-bit and the quantized stages, the batch, the clips' start, the
     fine-tuning batches, the loader processes."""
@@ -186,7 +187,7 @@ def add_chain_args(p, *, pretrain_epochs: int, pretrain_lr: float, pretrain_size
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help=f"optimizer of the 32-bit stage ({optimizer_help})")
     p.add_argument("--lr-fp", "--lr", dest="lr_fp", type=float, default=lr_fp,
                    help=f"learning rate of the 32-bit stage ({lr_fp_help})")
-    p.add_argument("--lr-q", type=float, default=lr_q, help=f"learning rate of the quantized stages (default {lr_q:g})")
+    p.add_argument("--lr-q", type=float, default=lr_q, help=f"learning rate of {lr_q_what} (default {lr_q:g})")
     p.add_argument("-b", "--batch-size", type=int, default=16, help="training batch (default 16)")
     p.add_argument("--alpha-init", type=float, default=3.0, help=f"initial activation clip of the quantized stages ({alpha_help})")
     p.add_argument("--ft-batches", "--ft-iters", dest="ft_batches", type=int, default=ft_batches,
@@ -216,7 +217,7 @@ def check_demo_args(args):
     check_non_negative(args, "pretrain", "pretrain_canvases", "pretrain_epochs", "workers", "warmup_fp")
     if getattr(args, "pretrain", 0) and not args.pretrain_epochs:
         raise UserError(f"--pretrain {args.pretrain} with --pretrain-epochs 0", "pass --pretrain 0 to skip the pretraining")
-    for name in ("width", "lr_fp", "lr_q", "pretrain_lr", "alpha_init"):
+    for name in ("width", "lr_fp", "lr_q", "lr_2bit", "pretrain_lr", "alpha_init"):
         v = getattr(args, name, None)
         if v is not None and not v > 0:
             raise UserError(f"--{name.replace('_', '-')} {v:g} must be positive", "pass a value above 0")

@@ -9,8 +9,9 @@
 3. a progressive 32 -> 4 -> 3 -> 2-bit ``yolov2_tiny`` chain (``train.py``, the 32-bit stage ``--init``
    from the pretrained backbone, each later stage from the previous best; ``--width 0.5``, input 128 =
    a 4 x 4 grid, anchors by k-means of the training boxes; the 32-bit stage 4 epochs over every scene,
-   each quantized stage 2 epochs of 12000 scenes drawn afresh; the 2-bit stage also learns from the
-   32-bit ANN by distillation, ``--teacher``);
+   each quantized stage 2 epochs of 12000 scenes drawn afresh; the 2-bit stage, the furthest from its
+   start, at 6 x the 4 / 3-bit stages' learning rate, and also learning from the 32-bit ANN by
+   distillation, ``--teacher``);
 4. SNN evaluation (``eval.py --spike``) of the 4 / 3 / 2-bit detectors at T = 15 / 7 / 3, signed and
    unsigned IF neurons (mAP after every step, per-layer statistics);
 5. layer-wise fine-tuning (``snn_ft.py``) of the 2-bit signed SNN, evaluated again;
@@ -60,6 +61,9 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--distill-bits", default="2", metavar="BITS",
                    help="quantized stages that also learn from the 32-bit ANN (train.py --teacher; comma list of 4, "
                         "3, 2; default 2; '' none)")
+    p.add_argument("--lr-2bit", type=float, default=6e-4, metavar="LR",
+                   help="learning rate of the 2-bit stage (default 6e-4: its activations move furthest from the 3-bit "
+                        "start; --lr-q sets the 4 / 3-bit stages')")
     add_chain_args(p, pretrain_epochs=12, pretrain_lr=1e-2, pretrain_size=None, pretrain_what="canvas",
                    pretrain_size_help="default: the scenes' largest item, --size x the larger --scale, to a multiple "
                                       "of 32, so that the canvases' items (0.6-1.0 x the side) are the scenes' size: "
@@ -67,7 +71,7 @@ def get_parser() -> ArgumentParser:
                    epochs_fp_help="default 4, without warm-up", epochs_q=2,
                    optimizer_help="default adam: reaches a usable detector in the few hundred steps a CPU affords; sgd, "
                                   "the original's, needs far more epochs",
-                   lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4,
+                   lr_fp=2e-3, lr_fp_help="default 2e-3", lr_q=1e-4, lr_q_what="the 4 / 3-bit stages",
                    alpha_help="default 3.0, about the 99th percentile of the float net's activations here; the usual "
                               "6.0 wastes half the levels at this scale",
                    ft_batches=6, amp=False)
@@ -166,7 +170,7 @@ def main(argv=None):
         epochs = args.epochs_fp if fp else args.epochs_q
         argv = data + ["--bit", str(bit), "--width", str(args.width), "--train_size", str(args.size),
                        "--val_size", str(args.size), "--epochs", str(epochs), "--eval_epoch", str(epochs),
-                       "-bs", str(args.batch_size), "--lr", str(args.lr_fp if fp else args.lr_q),
+                       "-bs", str(args.batch_size), "--lr", str(args.lr_fp if fp else args.lr_2bit if bit == 2 else args.lr_q),
                        "--wp_epoch", str(args.warmup_fp if fp else 0), "--aug", "flip", "--optimizer", args.optimizer,
                        "--weight_decay", "0" if args.optimizer == "adam" else "5e-4", "--save_folder", weights,
                        "--seed", str(args.seed), "--resume", "auto", "--no-tfboard"]

@@ -723,10 +723,11 @@ def test_offline_demo_tiny_end_to_end(tmp_path):
             for b in (3, 2)}
     assert "train_kd" in hist[2] and "train_kd" not in hist[3]   # --distill-bits 2: the 2-bit stage distils the 32-bit ANN
     run_args = {b: json.load(open(os.path.join(out, "weights", "voc", f"yolov2_tiny_{b}bit", "metrics_ann.json")))["args"]
-                for b in (32, 4)}
+                for b in (32, 4, 2)}
+    assert run_args[4]["lr"] == 1e-4 and run_args[2]["lr"] == 6e-4                            # --lr-q, --lr-2bit
     assert run_args[4]["iters_per_epoch"] == 1 and run_args[32]["iters_per_epoch"] is None   # --train-q 4: 1 batch of 4
     assert run_args[32]["wp_epoch"] == 0                                                       # --warmup-fp 0
-    for bad in (["--train-q", "0"], ["--warmup-fp", "-1"]):
+    for bad in (["--train-q", "0"], ["--warmup-fp", "-1"], ["--lr-2bit", "0"]):
         with pytest.raises(UserError, match=bad[0]):
             O.main(argv + bad)
     with pytest.raises(UserError, match="--distill-bits '5'"):
